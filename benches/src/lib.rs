@@ -1,0 +1,1 @@
+//! The `halfmq-bench` load-test tool. Filled in by the bench issue.

@@ -1,0 +1,454 @@
+//! Consume queues: per (topic, queue id), an index from queue offset to the
+//! record in the commit log, so that "read queue offset n" is one `pread` of
+//! 20 bytes plus one of the record.
+//!
+//! # On-disk format
+//!
+//! ```text
+//! consumequeue/<topic>/<queue id>/<20-digit queue offset of the file's first entry>
+//!
+//! entry (20 bytes, little-endian), entry n of the queue at byte (n - file base) * 20:
+//!  offset size field
+//!       0    8 physical_offset   u64: where the record (for a commit: the half) starts
+//!       8    4 size              u32: the record's size in bytes; 0 = hole (no entry)
+//!      12    8 tag_hash          u64: [`crate::record::tag_hash`] of the tag
+//! ```
+//!
+//! Files hold `cq_entries_per_file` entries and start at multiples of it. A
+//! consume queue is derived data: the store rebuilds it from the commit log
+//! (entries past the checkpoint are re-dispatched at open; a queue found
+//! shorter than its checkpoint is rebuilt from the whole log). Consume-queue
+//! files are fsynced only at checkpoints, never on the append path.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::commitlog::{segment_file_name, SEGMENT_NAME_DIGITS};
+use crate::error::{Error, Result};
+
+/// Size of one consume-queue entry in bytes.
+pub const CQ_ENTRY_BYTES: u64 = 20;
+
+/// One consume-queue entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CqEntry {
+    /// Physical offset of the record to deliver.
+    pub physical_offset: u64,
+    /// Size of that record in bytes (never 0 for a real entry).
+    pub size: u32,
+    /// Hash of the message's tag.
+    pub tag_hash: u64,
+}
+
+impl CqEntry {
+    fn encode(&self) -> [u8; 20] {
+        let mut b = [0u8; 20];
+        b[0..8].copy_from_slice(&self.physical_offset.to_le_bytes());
+        b[8..12].copy_from_slice(&self.size.to_le_bytes());
+        b[12..20].copy_from_slice(&self.tag_hash.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> Option<CqEntry> {
+        let mut p = [0u8; 8];
+        p.copy_from_slice(&b[0..8]);
+        let mut s = [0u8; 4];
+        s.copy_from_slice(&b[8..12]);
+        let mut t = [0u8; 8];
+        t.copy_from_slice(&b[12..20]);
+        let e = CqEntry {
+            physical_offset: u64::from_le_bytes(p),
+            size: u32::from_le_bytes(s),
+            tag_hash: u64::from_le_bytes(t),
+        };
+        (e.size != 0).then_some(e)
+    }
+}
+
+struct Files {
+    files: BTreeMap<u64, Arc<File>>,
+    dirty: BTreeSet<u64>,
+    /// Visibility: (queue offset one past an entry batch, log end that batch
+    /// needs flushed), oldest first.
+    pending: VecDeque<(u64, u64)>,
+}
+
+/// The consume queue of one (topic, queue id).
+pub struct ConsumeQueue {
+    dir: PathBuf,
+    topic: String,
+    queue_id: u32,
+    entries_per_file: u64,
+    inner: Mutex<Files>,
+    /// Queue offset of the next entry to be written.
+    next: AtomicU64,
+    /// Queue offset one past the last entry consumers may see.
+    visible: AtomicU64,
+}
+
+impl std::fmt::Debug for ConsumeQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsumeQueue")
+            .field("topic", &self.topic)
+            .field("queue_id", &self.queue_id)
+            .field("next", &self.next_offset())
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Poisoning only means another thread panicked; the maps stay valid.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl ConsumeQueue {
+    /// Directory of a queue under the `consumequeue/` root.
+    pub fn queue_dir(root: &Path, topic: &str, queue_id: u32) -> PathBuf {
+        root.join(topic).join(queue_id.to_string())
+    }
+
+    /// Opens the queue's files (none is fine). A trailing partial entry is
+    /// cut off.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn open(
+        root: &Path,
+        topic: &str,
+        queue_id: u32,
+        entries_per_file: u64,
+    ) -> Result<ConsumeQueue> {
+        let dir = Self::queue_dir(root, topic, queue_id);
+        let mut files = BTreeMap::new();
+        let mut next = 0;
+        if dir.exists() {
+            let mut bases = Vec::new();
+            for entry in fs::read_dir(&dir).map_err(|e| Error::io("list", &dir, e))? {
+                let entry = entry.map_err(|e| Error::io("list", &dir, e))?;
+                let name = entry.file_name();
+                let Some(name) = name.to_str() else { continue };
+                if name.len() == SEGMENT_NAME_DIGITS {
+                    if let Ok(b) = name.parse::<u64>() {
+                        bases.push(b);
+                    }
+                }
+            }
+            bases.sort_unstable();
+            for base in bases {
+                let path = dir.join(segment_file_name(base));
+                let f = open_rw(&path, false)?;
+                let len = f.metadata().map_err(|e| Error::io("stat", &path, e))?.len();
+                let whole = len - len % CQ_ENTRY_BYTES;
+                if whole != len {
+                    f.set_len(whole)
+                        .map_err(|e| Error::io("truncate", &path, e))?;
+                }
+                next = next.max(base + whole / CQ_ENTRY_BYTES);
+                files.insert(base, Arc::new(f));
+            }
+        }
+        Ok(ConsumeQueue {
+            dir,
+            topic: topic.to_owned(),
+            queue_id,
+            entries_per_file,
+            inner: Mutex::new(Files {
+                files,
+                dirty: BTreeSet::new(),
+                pending: VecDeque::new(),
+            }),
+            next: AtomicU64::new(next),
+            visible: AtomicU64::new(next),
+        })
+    }
+
+    /// Topic name.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Queue id.
+    pub fn queue_id(&self) -> u32 {
+        self.queue_id
+    }
+
+    /// Queue offset of the next entry to be written (the queue's length).
+    pub fn next_offset(&self) -> u64 {
+        self.next.load(Ordering::Acquire)
+    }
+
+    /// Queue offset of the first file still present (entries below it were
+    /// removed by retention). Holes may still follow it.
+    pub fn min_offset(&self) -> u64 {
+        lock(&self.inner)
+            .files
+            .keys()
+            .next()
+            .copied()
+            .unwrap_or_else(|| self.next_offset())
+    }
+
+    /// Writes `entries` at queue offsets `first..first + len`, overwriting
+    /// what is there. Used by dispatch (in queue-offset order) and recovery.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn put(&self, first: u64, entries: &[CqEntry]) -> Result<()> {
+        let mut inner = lock(&self.inner);
+        let mut qo = first;
+        let mut rest = entries;
+        while !rest.is_empty() {
+            let base = qo - qo % self.entries_per_file;
+            let room = (base + self.entries_per_file - qo) as usize;
+            let (now, later) = rest.split_at(room.min(rest.len()));
+            let file = match inner.files.get(&base) {
+                Some(f) => Arc::clone(f),
+                None => {
+                    fs::create_dir_all(&self.dir)
+                        .map_err(|e| Error::io("create dir", &self.dir, e))?;
+                    let f = Arc::new(open_rw(&self.dir.join(segment_file_name(base)), true)?);
+                    inner.files.insert(base, Arc::clone(&f));
+                    f
+                }
+            };
+            let mut bytes = Vec::with_capacity(now.len() * CQ_ENTRY_BYTES as usize);
+            for e in now {
+                bytes.extend_from_slice(&e.encode());
+            }
+            file.write_all_at(&bytes, (qo - base) * CQ_ENTRY_BYTES)
+                .map_err(|e| Error::io("write consume queue", &self.dir, e))?;
+            inner.dirty.insert(base);
+            qo += now.len() as u64;
+            rest = later;
+        }
+        self.next.fetch_max(qo, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Marks entries below `queue_end` visible once the commit log is flushed
+    /// to `log_end` (see [`ConsumeQueue::visible_offset`]).
+    pub(crate) fn publish(&self, queue_end: u64, log_end: u64, needs_flush: bool) {
+        if needs_flush {
+            lock(&self.inner).pending.push_back((queue_end, log_end));
+        } else {
+            self.visible.fetch_max(queue_end, Ordering::AcqRel);
+        }
+    }
+
+    /// Queue offset one past the last entry consumers may see, given the
+    /// commit log's flushed offset: entries whose records are not yet durable
+    /// (sync mode) stay hidden, so nothing that could be lost is delivered.
+    pub fn visible_offset(&self, flushed: u64) -> u64 {
+        let mut inner = lock(&self.inner);
+        while let Some(&(q, l)) = inner.pending.front() {
+            if l > flushed {
+                break;
+            }
+            self.visible.fetch_max(q, Ordering::AcqRel);
+            inner.pending.pop_front();
+        }
+        self.visible.load(Ordering::Acquire)
+    }
+
+    /// Reads the entry at `queue_offset`; `None` for a hole or outside the queue.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn get(&self, queue_offset: u64) -> Result<Option<CqEntry>> {
+        if queue_offset >= self.next_offset() {
+            return Ok(None);
+        }
+        let base = queue_offset - queue_offset % self.entries_per_file;
+        let Some(file) = lock(&self.inner).files.get(&base).cloned() else {
+            return Ok(None);
+        };
+        let mut b = [0u8; 20];
+        match file.read_exact_at(&mut b, (queue_offset - base) * CQ_ENTRY_BYTES) {
+            Ok(()) => Ok(CqEntry::decode(&b)),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+            Err(e) => Err(Error::io("read consume queue", &self.dir, e)),
+        }
+    }
+
+    /// Drops every entry at or past `len` (recovery back to a checkpoint).
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn truncate(&self, len: u64) -> Result<()> {
+        let mut inner = lock(&self.inner);
+        let bases: Vec<u64> = inner
+            .files
+            .range(len - len % self.entries_per_file..)
+            .map(|(b, _)| *b)
+            .collect();
+        for base in bases {
+            let path = self.dir.join(segment_file_name(base));
+            if base >= len {
+                inner.files.remove(&base);
+                inner.dirty.remove(&base);
+                fs::remove_file(&path).map_err(|e| Error::io("remove", &path, e))?;
+            } else if let Some(f) = inner.files.get(&base) {
+                f.set_len((len - base) * CQ_ENTRY_BYTES)
+                    .map_err(|e| Error::io("truncate", &path, e))?;
+                inner.dirty.insert(base);
+            }
+        }
+        inner.pending.retain(|&(q, _)| q <= len);
+        self.next.store(len, Ordering::Release);
+        self.visible.fetch_min(len, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Deletes whole files whose entries all point below `min_physical`
+    /// (records removed by retention). Never deletes the file being written.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn delete_expired(&self, min_physical: u64) -> Result<usize> {
+        let mut inner = lock(&self.inner);
+        let next = self.next_offset();
+        let mut removed = 0;
+        let bases: Vec<u64> = inner.files.keys().copied().collect();
+        for base in bases {
+            if base + self.entries_per_file > next {
+                break; // the file being written
+            }
+            let f = Arc::clone(&inner.files[&base]);
+            let mut all = vec![0u8; (self.entries_per_file * CQ_ENTRY_BYTES) as usize];
+            let n = read_up_to(&f, &mut all)
+                .map_err(|e| Error::io("read consume queue", &self.dir, e))?;
+            let max_phys = all[..n - n % 20]
+                .chunks_exact(20)
+                .filter_map(CqEntry::decode)
+                .map(|e| e.physical_offset)
+                .max();
+            if max_phys.is_some_and(|m| m >= min_physical) {
+                break;
+            }
+            let path = self.dir.join(segment_file_name(base));
+            inner.files.remove(&base);
+            inner.dirty.remove(&base);
+            fs::remove_file(&path).map_err(|e| Error::io("remove", &path, e))?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    /// Fsyncs the files written since the last call.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn sync(&self) -> Result<()> {
+        let (files, dirty): (Vec<Arc<File>>, BTreeSet<u64>) = {
+            let mut inner = lock(&self.inner);
+            let dirty = std::mem::take(&mut inner.dirty);
+            (
+                dirty
+                    .iter()
+                    .filter_map(|b| inner.files.get(b).cloned())
+                    .collect(),
+                dirty,
+            )
+        };
+        for f in files {
+            if let Err(e) = f.sync_data() {
+                lock(&self.inner).dirty.extend(dirty);
+                return Err(Error::io("fdatasync consume queue", &self.dir, e));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn open_rw(path: &Path, create: bool) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| Error::io("open consume queue", path, e))
+}
+
+fn read_up_to(f: &File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read_at(&mut buf[n..], n as u64)? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(p: u64) -> CqEntry {
+        CqEntry {
+            physical_offset: p,
+            size: 100,
+            tag_hash: p * 7,
+        }
+    }
+
+    #[test]
+    fn put_get_across_files_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let cq = ConsumeQueue::open(dir.path(), "t", 1, 4).unwrap();
+        let entries: Vec<_> = (0..10).map(|i| e(i * 100)).collect();
+        cq.put(0, &entries[..3]).unwrap();
+        cq.put(3, &entries[3..]).unwrap();
+        assert_eq!(cq.next_offset(), 10);
+        for i in 0..10 {
+            assert_eq!(cq.get(i).unwrap(), Some(entries[i as usize]));
+        }
+        assert_eq!(cq.get(10).unwrap(), None);
+        drop(cq);
+        let cq = ConsumeQueue::open(dir.path(), "t", 1, 4).unwrap();
+        assert_eq!(cq.next_offset(), 10);
+        assert_eq!(cq.get(9).unwrap(), Some(entries[9]));
+        cq.truncate(5).unwrap();
+        assert_eq!(cq.next_offset(), 5);
+        assert_eq!(cq.get(5).unwrap(), None);
+        assert_eq!(cq.get(4).unwrap(), Some(entries[4]));
+        drop(cq);
+        let cq = ConsumeQueue::open(dir.path(), "t", 1, 4).unwrap();
+        assert_eq!(cq.next_offset(), 5);
+    }
+
+    #[test]
+    fn holes_read_as_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let cq = ConsumeQueue::open(dir.path(), "t", 0, 100).unwrap();
+        cq.put(5, &[e(1)]).unwrap();
+        assert_eq!(cq.get(2).unwrap(), None);
+        assert_eq!(cq.get(5).unwrap(), Some(e(1)));
+    }
+
+    #[test]
+    fn visibility_waits_for_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let cq = ConsumeQueue::open(dir.path(), "t", 0, 100).unwrap();
+        cq.put(0, &[e(0), e(100)]).unwrap();
+        cq.publish(2, 200, true);
+        assert_eq!(cq.visible_offset(100), 0);
+        assert_eq!(cq.visible_offset(200), 2);
+    }
+
+    #[test]
+    fn delete_expired_keeps_live_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let cq = ConsumeQueue::open(dir.path(), "t", 0, 2).unwrap();
+        cq.put(0, &[e(0), e(100), e(200), e(300), e(400)]).unwrap();
+        assert_eq!(cq.delete_expired(150).unwrap(), 1);
+        assert_eq!(cq.min_offset(), 2);
+        assert_eq!(cq.get(0).unwrap(), None);
+        assert_eq!(cq.get(2).unwrap(), Some(e(200)));
+    }
+}

@@ -1,0 +1,572 @@
+//! The store: commit log + consume queues + metadata, with recovery.
+//!
+//! ```text
+//! <data_dir>/
+//!   commitlog/       segment files (see crate::commitlog)
+//!   consumequeue/    <topic>/<queue id>/<files> (see crate::consume_queue)
+//!   meta/            sled database (see crate::meta)
+//! ```
+//!
+//! # Append path
+//! Under one writer lock: stamp store time, assign queue offsets to the
+//! records that are dispatched (normal messages, transaction commits), append
+//! to the commit log, write the consume-queue entries. Entries become visible
+//! to readers once the commit log is durable up to their records (sync mode)
+//! or at once (async mode): a consumer never sees a message that a power loss
+//! could take back while its producer was told it failed.
+//!
+//! # Checkpoint and recovery
+//! [`Store::checkpoint`] snapshots (log end, every queue's length) under the
+//! writer lock, fdatasyncs the log and the consume queues, then saves the
+//! snapshot in sled. On open, every queue is cut back to its checkpointed
+//! length and the log is re-dispatched from the checkpoint's offset. A queue
+//! shorter than its checkpoint (files lost or damaged), or a missing or
+//! corrupt checkpoint, makes the store rebuild every consume queue from the
+//! whole log.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::commitlog::{CommitLog, LogOptions, RecoveryReport, SegmentInfo};
+use crate::config::{FlushMode, StoreConfig};
+use crate::consume_queue::{ConsumeQueue, CqEntry};
+use crate::error::{Error, Result};
+use crate::meta::{Checkpoint, Meta};
+use crate::record::{tag_hash, Record, RecordKind};
+use crate::retention;
+
+type QueueKey = (String, u32);
+
+/// Where an append put its records.
+#[derive(Debug, Clone, Default)]
+pub struct AppendReceipt {
+    /// Physical offset of each record.
+    pub offsets: Vec<u64>,
+    /// Encoded size in bytes of each record.
+    pub sizes: Vec<u32>,
+    /// Queue offset given to each record (`None` for kinds not dispatched).
+    pub queue_offsets: Vec<Option<u64>>,
+    /// Physical offset one past the last record.
+    pub end: u64,
+}
+
+/// A message read through a consume queue.
+#[derive(Debug, Clone)]
+pub struct QueueMessage {
+    /// The queue offset it was read at.
+    pub queue_offset: u64,
+    /// Physical offset of the record holding the body (for a committed
+    /// transaction: the half message's).
+    pub physical_offset: u64,
+    /// The record (for a committed transaction: the half message).
+    pub record: Record,
+}
+
+/// Opens and recovers a store; see the module docs.
+pub struct Store {
+    cfg: StoreConfig,
+    log: CommitLog,
+    cq_root: PathBuf,
+    queues: RwLock<HashMap<QueueKey, Arc<ConsumeQueue>>>,
+    writer: Mutex<Option<Error>>,
+    checkpoint_lock: Mutex<()>,
+    meta: Meta,
+    recovery: RecoveryReport,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("data_dir", &self.cfg.data_dir)
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic elsewhere while holding the lock leaves plain data intact.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Milliseconds since the Unix epoch by the system clock.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Store {
+    /// Opens the store at `cfg.data_dir`, recovering after any kind of stop.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a bad configuration; I/O, metadata and
+    /// [`Error::Corrupt`] errors as in [`CommitLog::open`].
+    pub fn open(cfg: StoreConfig) -> Result<Store> {
+        cfg.validate()?;
+        let root = cfg.data_dir.clone();
+        std::fs::create_dir_all(&root).map_err(|e| Error::io("create dir", &root, e))?;
+        let meta = Meta::open(&root.join("meta"))?;
+        let cq_root = root.join("consumequeue");
+        let checkpoint = meta.checkpoint()?;
+
+        let mut queues: HashMap<QueueKey, Arc<ConsumeQueue>> = HashMap::new();
+        let mut scan_from = None;
+        if let Some(cp) = &checkpoint {
+            let mut short = None;
+            for (topic, qid, len) in &cp.queues {
+                let cq = ConsumeQueue::open(&cq_root, topic, *qid, cfg.cq_entries_per_file)?;
+                if cq.next_offset() < *len {
+                    short = Some(format!(
+                        "{topic}/{qid} has {} entries, checkpoint says {len}",
+                        cq.next_offset()
+                    ));
+                    break;
+                }
+                cq.truncate(*len)?;
+                queues.insert((topic.clone(), *qid), Arc::new(cq));
+            }
+            match short {
+                Some(why) => {
+                    tracing::warn!(%why, "consume queue behind its checkpoint; rebuilding all from the log");
+                    queues.clear();
+                }
+                None => scan_from = Some(cp.log_offset),
+            }
+        }
+        // Queues on disk the checkpoint does not list are newer than it:
+        // drop their entries, the re-dispatch below writes them again.
+        for (topic, qid) in list_queue_dirs(&cq_root)? {
+            if scan_from.is_none() || !queues.contains_key(&(topic.clone(), qid)) {
+                let cq = ConsumeQueue::open(&cq_root, &topic, qid, cfg.cq_entries_per_file)?;
+                cq.truncate(0)?;
+            }
+        }
+
+        let mut batcher = DispatchBatcher::default();
+        let mut dispatch_err = None;
+        let (log, recovery) = CommitLog::open(
+            LogOptions {
+                dir: root.join("commitlog"),
+                segment_bytes: cfg.segment_bytes,
+                max_record_bytes: cfg.max_record_bytes,
+                flush: cfg.flush,
+            },
+            scan_from,
+            &mut |offset, rec| {
+                if dispatch_err.is_some() {
+                    return;
+                }
+                if let Some((qo, entry)) = dispatch_entry(offset, rec) {
+                    let key = (rec.topic.clone(), rec.queue_id);
+                    if let Err(e) = batcher.push(&cq_root, &cfg, &mut queues, key, qo, entry) {
+                        dispatch_err = Some(e);
+                    }
+                }
+            },
+        )?;
+        if let Some(e) = dispatch_err {
+            return Err(e);
+        }
+        batcher.flush_all(&queues)?;
+        if let Some(cp) = &checkpoint {
+            if scan_from.is_some() && recovery.scanned_from != cp.log_offset {
+                // The checkpoint lay outside the recovered log (its tail was
+                // lost or cut): the whole log was re-dispatched, so each queue
+                // is exactly as long as what that scan saw.
+                tracing::warn!(
+                    checkpoint = cp.log_offset,
+                    "checkpoint beyond the recovered log; consume queues cut to the re-dispatch"
+                );
+                for (key, cq) in &queues {
+                    cq.truncate(batcher.seen.get(key).copied().unwrap_or(0))?;
+                }
+            }
+        }
+        for cq in queues.values() {
+            let n = cq.next_offset();
+            cq.publish(n, 0, false);
+        }
+        Ok(Store {
+            cfg,
+            log,
+            cq_root,
+            queues: RwLock::new(queues),
+            writer: Mutex::new(None),
+            checkpoint_lock: Mutex::new(()),
+            meta,
+            recovery,
+        })
+    }
+
+    /// What recovery did when this store was opened.
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.recovery
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &StoreConfig {
+        &self.cfg
+    }
+
+    /// The metadata store.
+    pub fn meta(&self) -> &Meta {
+        &self.meta
+    }
+
+    /// The commit log.
+    pub fn log(&self) -> &CommitLog {
+        &self.log
+    }
+
+    /// Appends a batch, all or nothing. Store timestamps left at 0 are set to
+    /// the system clock; records of dispatched kinds get the next queue
+    /// offsets of their (topic, queue id), other kinds get none. The records
+    /// are durable once [`Store::wait_durable`]`(receipt.end)` returns.
+    ///
+    /// # Errors
+    /// As [`CommitLog::append`]; [`Error::Poisoned`] after a consume-queue
+    /// write failed (restart to rebuild it).
+    pub fn append(&self, mut records: Vec<Record>) -> Result<AppendReceipt> {
+        let mut w = lock(&self.writer);
+        if let Some(e) = &*w {
+            return Err(Error::Poisoned(e.to_string()));
+        }
+        let now = now_ms();
+        let mut next: HashMap<QueueKey, (Arc<ConsumeQueue>, u64)> = HashMap::new();
+        for r in &mut records {
+            if r.store_timestamp_ms == 0 {
+                r.store_timestamp_ms = now;
+            }
+            r.queue_offset = None;
+            if r.kind.is_dispatched() {
+                let key = (r.topic.clone(), r.queue_id);
+                let slot = match next.get_mut(&key) {
+                    Some(s) => s,
+                    None => {
+                        let cq = self.queue_or_create(&r.topic, r.queue_id)?;
+                        let n = cq.next_offset();
+                        next.entry(key).or_insert((cq, n))
+                    }
+                };
+                r.queue_offset = Some(slot.1);
+                slot.1 += 1;
+            }
+        }
+        let appended = self.log.append(&records)?;
+
+        // Dispatch: entries of one queue in one batch have consecutive offsets.
+        let mut batches: HashMap<QueueKey, (u64, Vec<CqEntry>)> = HashMap::new();
+        let mut queue_offsets = Vec::with_capacity(records.len());
+        for (i, r) in records.iter().enumerate() {
+            queue_offsets.push(r.queue_offset);
+            if let Some((qo, entry)) = dispatch_entry(appended.offsets[i], r) {
+                batches
+                    .entry((r.topic.clone(), r.queue_id))
+                    .or_insert_with(|| (qo, Vec::new()))
+                    .1
+                    .push(entry);
+            }
+        }
+        let needs_flush = self.cfg.flush == FlushMode::Sync;
+        for (key, (first, entries)) in batches {
+            let cq = &next[&key].0;
+            if let Err(e) = cq.put(first, &entries) {
+                let msg = format!("consume queue write failed after the log append: {e}");
+                tracing::error!(%msg, "store poisoned; restart rebuilds the consume queue");
+                *w = Some(Error::Poisoned(msg));
+                return Err(e);
+            }
+            cq.publish(first + entries.len() as u64, appended.end, needs_flush);
+        }
+        Ok(AppendReceipt {
+            offsets: appended.offsets,
+            sizes: appended.sizes,
+            queue_offsets,
+            end: appended.end,
+        })
+    }
+
+    /// Waits until the log is durable up to `end` per the flush mode.
+    ///
+    /// # Errors
+    /// As [`CommitLog::wait_durable`].
+    pub async fn wait_durable(&self, end: u64) -> Result<()> {
+        self.log.wait_durable(end).await
+    }
+
+    /// [`Store::append`] then [`Store::wait_durable`].
+    ///
+    /// # Errors
+    /// As both.
+    pub async fn append_durable(&self, records: Vec<Record>) -> Result<AppendReceipt> {
+        let r = self.append(records)?;
+        self.wait_durable(r.end).await?;
+        Ok(r)
+    }
+
+    fn queue_or_create(&self, topic: &str, queue_id: u32) -> Result<Arc<ConsumeQueue>> {
+        if let Some(q) = self.queue(topic, queue_id) {
+            return Ok(q);
+        }
+        let mut qs = self.queues.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(q) = qs.get(&(topic.to_owned(), queue_id)) {
+            return Ok(Arc::clone(q));
+        }
+        let cq = Arc::new(ConsumeQueue::open(
+            &self.cq_root,
+            topic,
+            queue_id,
+            self.cfg.cq_entries_per_file,
+        )?);
+        qs.insert((topic.to_owned(), queue_id), Arc::clone(&cq));
+        Ok(cq)
+    }
+
+    /// The consume queue of (topic, queue id), if it has ever had an entry.
+    pub fn queue(&self, topic: &str, queue_id: u32) -> Option<Arc<ConsumeQueue>> {
+        let qs = self.queues.read().unwrap_or_else(|e| e.into_inner());
+        qs.get(&(topic.to_owned(), queue_id)).cloned()
+    }
+
+    /// Every (topic, queue id) with a consume queue.
+    pub fn queues(&self) -> Vec<(String, u32)> {
+        let qs = self.queues.read().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = qs.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Queue offset one past the last message consumers may read from
+    /// (topic, queue id); 0 for a queue that has none.
+    pub fn max_queue_offset(&self, topic: &str, queue_id: u32) -> u64 {
+        self.queue(topic, queue_id)
+            .map_or(0, |q| q.visible_offset(self.log.flushed_offset()))
+    }
+
+    /// Reads the message at `queue_offset` of (topic, queue id).
+    ///
+    /// # Errors
+    /// [`Error::QueueOffsetNotFound`] when there is no visible entry there (a
+    /// hole, removed by retention, or not yet written or durable); commit-log
+    /// read errors ([`Error::Corrupt`], [`Error::OffsetOutOfRange`]).
+    pub fn read_queue(
+        &self,
+        topic: &str,
+        queue_id: u32,
+        queue_offset: u64,
+    ) -> Result<QueueMessage> {
+        let not_found = || Error::QueueOffsetNotFound {
+            topic: topic.to_owned(),
+            queue_id,
+            queue_offset,
+        };
+        let cq = self.queue(topic, queue_id).ok_or_else(not_found)?;
+        if queue_offset >= cq.visible_offset(self.log.flushed_offset()) {
+            return Err(not_found());
+        }
+        let entry = cq.get(queue_offset)?.ok_or_else(not_found)?;
+        let record = self.log.read_sized(entry.physical_offset, entry.size)?;
+        Ok(QueueMessage {
+            queue_offset,
+            physical_offset: entry.physical_offset,
+            record,
+        })
+    }
+
+    /// Reads the consume-queue entry at `queue_offset` without reading the
+    /// record (for tag filtering by hash).
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn queue_entry(
+        &self,
+        topic: &str,
+        queue_id: u32,
+        queue_offset: u64,
+    ) -> Result<Option<CqEntry>> {
+        match self.queue(topic, queue_id) {
+            Some(cq) if queue_offset < cq.visible_offset(self.log.flushed_offset()) => {
+                cq.get(queue_offset)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Saves a recovery checkpoint (see the module docs). Call it
+    /// periodically (the broker does, every second) and before shutdown; it
+    /// bounds how much of the log recovery re-reads.
+    ///
+    /// # Errors
+    /// I/O and metadata errors; nothing is saved then.
+    pub fn checkpoint(&self) -> Result<Checkpoint> {
+        let _g = lock(&self.checkpoint_lock);
+        let (log_offset, queues) = {
+            let _w = lock(&self.writer);
+            let qs = self.queues.read().unwrap_or_else(|e| e.into_inner());
+            let mut v: Vec<(String, u32, u64, Arc<ConsumeQueue>)> = qs
+                .iter()
+                .map(|((t, q), cq)| (t.clone(), *q, cq.next_offset(), Arc::clone(cq)))
+                .collect();
+            v.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+            (self.log.written_offset(), v)
+        };
+        self.log.sync_now()?;
+        for (_, _, _, cq) in &queues {
+            cq.sync()?;
+        }
+        let cp = Checkpoint {
+            log_offset,
+            queues: queues.into_iter().map(|(t, q, n, _)| (t, q, n)).collect(),
+        };
+        self.meta.save_checkpoint(&cp)?;
+        Ok(cp)
+    }
+
+    /// Deletes expired sealed segments (see [`retention::plan`]) that
+    /// `can_delete` allows, then consume-queue files that only point into
+    /// deleted segments. Returns the bases of the segments deleted.
+    ///
+    /// # Errors
+    /// I/O errors; what was deleted before the error stays deleted.
+    pub fn apply_retention(
+        &self,
+        now_ms: u64,
+        can_delete: &dyn Fn(&SegmentInfo) -> bool,
+    ) -> Result<Vec<u64>> {
+        let segs = self.log.segments()?;
+        let doomed = retention::plan(
+            &segs,
+            now_ms,
+            self.cfg.retention_ms,
+            self.cfg.retention_bytes,
+            can_delete,
+        );
+        for base in &doomed {
+            tracing::info!(base, "retention: deleting segment");
+            self.log.delete_oldest_segment(*base)?;
+        }
+        if !doomed.is_empty() {
+            let min = self.log.min_offset();
+            let qs: Vec<Arc<ConsumeQueue>> = self
+                .queues
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .cloned()
+                .collect();
+            for cq in qs {
+                cq.delete_expired(min)?;
+            }
+        }
+        Ok(doomed)
+    }
+
+    /// Checkpoints, stops the flusher after a last fdatasync, flushes sled.
+    ///
+    /// # Errors
+    /// The first error met; the others are logged.
+    pub fn close(&self) -> Result<()> {
+        let cp = self.checkpoint();
+        let log = self.log.close();
+        let meta = self.meta.flush();
+        cp.map(|_| ()).and(log).and(meta)
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.cfg.data_dir
+    }
+}
+
+/// The consume-queue entry a record produces, with its queue offset.
+fn dispatch_entry(offset: u64, rec: &Record) -> Option<(u64, CqEntry)> {
+    let qo = rec.queue_offset?;
+    let (physical_offset, size) = match rec.kind {
+        RecordKind::Normal => (offset, rec.encoded_len() as u32),
+        RecordKind::TxCommit => (rec.ref_offset?, rec.ref_size),
+        _ => return None,
+    };
+    Some((
+        qo,
+        CqEntry {
+            physical_offset,
+            size,
+            tag_hash: tag_hash(&rec.tag),
+        },
+    ))
+}
+
+fn list_queue_dirs(root: &Path) -> Result<Vec<(String, u32)>> {
+    let mut out = Vec::new();
+    if !root.exists() {
+        return Ok(out);
+    }
+    for t in std::fs::read_dir(root).map_err(|e| Error::io("list", root, e))? {
+        let t = t.map_err(|e| Error::io("list", root, e))?;
+        let Some(topic) = t.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        let tdir = t.path();
+        if !tdir.is_dir() {
+            continue;
+        }
+        for q in std::fs::read_dir(&tdir).map_err(|e| Error::io("list", &tdir, e))? {
+            let q = q.map_err(|e| Error::io("list", &tdir, e))?;
+            if let Some(qid) = q.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) {
+                out.push((topic.clone(), qid));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Groups recovery's re-dispatch into runs of consecutive queue offsets so
+/// that a rebuild writes each consume queue in large pwrites.
+#[derive(Default)]
+struct DispatchBatcher {
+    runs: HashMap<QueueKey, (u64, Vec<CqEntry>)>,
+    /// Per queue, one past the highest queue offset dispatched.
+    seen: HashMap<QueueKey, u64>,
+}
+
+impl DispatchBatcher {
+    const RUN_MAX: usize = 4096;
+
+    fn push(
+        &mut self,
+        root: &Path,
+        cfg: &StoreConfig,
+        queues: &mut HashMap<QueueKey, Arc<ConsumeQueue>>,
+        key: QueueKey,
+        qo: u64,
+        entry: CqEntry,
+    ) -> Result<()> {
+        if !queues.contains_key(&key) {
+            let cq = ConsumeQueue::open(root, &key.0, key.1, cfg.cq_entries_per_file)?;
+            queues.insert(key.clone(), Arc::new(cq));
+        }
+        let seen = self.seen.entry(key.clone()).or_insert(0);
+        *seen = (*seen).max(qo + 1);
+        let run = self
+            .runs
+            .entry(key.clone())
+            .or_insert_with(|| (qo, Vec::new()));
+        if run.0 + run.1.len() as u64 != qo || run.1.len() >= Self::RUN_MAX {
+            let (first, entries) = std::mem::replace(run, (qo, Vec::new()));
+            if !entries.is_empty() {
+                queues[&key].put(first, &entries)?;
+            }
+        }
+        run.1.push(entry);
+        Ok(())
+    }
+
+    fn flush_all(&mut self, queues: &HashMap<QueueKey, Arc<ConsumeQueue>>) -> Result<()> {
+        for (key, (first, entries)) in self.runs.drain() {
+            if !entries.is_empty() {
+                queues[&key].put(first, &entries)?;
+            }
+        }
+        Ok(())
+    }
+}

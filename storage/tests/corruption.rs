@@ -1,0 +1,160 @@
+//! Corruption tests: a torn or bit-flipped tail is cut off and nothing before
+//! it is lost; damage in a sealed segment is reported and left in place.
+
+mod common;
+
+use common::{body, last_segment, open, rec};
+use halfmq_storage::Error;
+
+/// Writes `n` records (one per append) and returns their physical offsets.
+/// The last one is written after the last checkpoint and the store is
+/// dropped without a clean close, as when the process is killed: a torn
+/// tail always lies past the checkpoint, where recovery scans.
+fn write_records(dir: &std::path::Path, n: usize) -> Vec<u64> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = open(dir);
+    let mut offs: Vec<u64> = (0..n - 1)
+        .map(|i| {
+            rt.block_on(store.append_durable(vec![rec("c", 0, &body(i))]))
+                .unwrap()
+                .offsets[0]
+        })
+        .collect();
+    store.checkpoint().unwrap();
+    offs.push(
+        rt.block_on(store.append_durable(vec![rec("c", 0, &body(n - 1))]))
+            .unwrap()
+            .offsets[0],
+    );
+    drop(store);
+    offs
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let t = to.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &t);
+        } else {
+            std::fs::copy(e.path(), t).unwrap();
+        }
+    }
+}
+
+fn assert_prefix_intact(dir: &std::path::Path, offs: &[u64], keep: usize) {
+    let store = open(dir);
+    for (i, off) in offs.iter().enumerate().take(keep) {
+        let r = store
+            .log()
+            .read(*off)
+            .unwrap_or_else(|e| panic!("record {i} lost: {e}"));
+        assert_eq!(&r.body[..], &body(i)[..], "record {i} changed");
+        let m = store.read_queue("c", 0, i as u64).unwrap();
+        assert_eq!(m.physical_offset, *off);
+    }
+    // Exactly the intact prefix is left, and the queue agrees.
+    assert_eq!(store.log().iter_from(offs[0]).count(), keep);
+    assert_eq!(store.max_queue_offset("c", 0), keep as u64);
+    assert!(matches!(
+        store.read_queue("c", 0, keep as u64),
+        Err(Error::QueueOffsetNotFound { .. })
+    ));
+    // The log is appendable again after recovery.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let r = rt
+        .block_on(store.append_durable(vec![rec("c", 0, b"after")]))
+        .unwrap();
+    assert_eq!(r.queue_offsets[0], Some(keep as u64));
+    store.close().unwrap();
+}
+
+#[test]
+fn truncation_at_every_byte_of_the_last_record() {
+    let pristine = tempfile::tempdir().unwrap();
+    let offs = write_records(pristine.path(), 12);
+    let seg = last_segment(pristine.path());
+    let seg_base: u64 = seg.file_name().unwrap().to_str().unwrap().parse().unwrap();
+    let seg_len = std::fs::metadata(&seg).unwrap().len();
+    let last = *offs.last().unwrap();
+    assert!(last >= seg_base, "last record must be in the last segment");
+    for cut in (last - seg_base)..seg_len {
+        let d = tempfile::tempdir().unwrap();
+        copy_dir(pristine.path(), d.path());
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(last_segment(d.path()))
+            .unwrap();
+        f.set_len(cut).unwrap();
+        drop(f);
+        assert_prefix_intact(d.path(), &offs, offs.len() - 1);
+    }
+}
+
+#[test]
+fn bit_flips_in_the_last_record_drop_only_it() {
+    let pristine = tempfile::tempdir().unwrap();
+    let offs = write_records(pristine.path(), 10);
+    let seg = last_segment(pristine.path());
+    let seg_base: u64 = seg.file_name().unwrap().to_str().unwrap().parse().unwrap();
+    let seg_len = std::fs::metadata(&seg).unwrap().len();
+    let last = *offs.last().unwrap() - seg_base;
+    // Every byte of the record, one bit each (cycling the bit position).
+    for pos in last..seg_len {
+        let d = tempfile::tempdir().unwrap();
+        copy_dir(pristine.path(), d.path());
+        let p = last_segment(d.path());
+        let mut bytes = std::fs::read(&p).unwrap();
+        bytes[pos as usize] ^= 1 << (pos % 8);
+        std::fs::write(&p, &bytes).unwrap();
+        assert_prefix_intact(d.path(), &offs, offs.len() - 1);
+        // The dropped bytes were kept for an operator, not deleted.
+        let q = d.path().join("commitlog/quarantine");
+        let kept: u64 = std::fs::read_dir(&q)
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        assert_eq!(kept, seg_len - last);
+    }
+}
+
+#[test]
+fn corruption_inside_a_sealed_segment_is_reported_and_the_rest_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let offs = write_records(dir.path(), 40);
+    // Flip a body byte of record 3 (in the first, sealed segment).
+    let first = dir.path().join("commitlog").join(format!("{:020}", 0));
+    let mut bytes = std::fs::read(&first).unwrap();
+    let target = (offs[3] + 70) as usize;
+    assert!(target < bytes.len());
+    bytes[target] ^= 0xFF;
+    std::fs::write(&first, &bytes).unwrap();
+    // Force a full scan: remove the checkpoint store.
+    std::fs::remove_dir_all(dir.path().join("meta")).unwrap();
+    let store = open(dir.path());
+    let rep = store.recovery_report().clone();
+    assert_eq!(rep.truncated, None);
+    assert_eq!(rep.corrupt.len(), 1, "{rep:?}");
+    assert_eq!(rep.corrupt[0].start, offs[3]);
+    assert_eq!(rep.corrupt[0].end, offs[4]);
+    // The corrupt record is never served; every other one is.
+    assert!(matches!(
+        store.log().read(offs[3]),
+        Err(Error::Corrupt { .. })
+    ));
+    assert!(store.read_queue("c", 0, 3).is_err());
+    for (i, off) in offs.iter().enumerate().filter(|(i, _)| *i != 3) {
+        assert_eq!(&store.log().read(*off).unwrap().body[..], &body(i)[..]);
+        assert_eq!(
+            store.read_queue("c", 0, i as u64).unwrap().physical_offset,
+            *off
+        );
+    }
+}

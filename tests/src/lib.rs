@@ -1,0 +1,1 @@
+//! Helpers for halfmq's black-box integration tests (under `tests/tests/`).
