@@ -50,7 +50,9 @@ fn codec(c: &mut Criterion) {
             r.encode_into(&mut buf).unwrap()
         })
     });
-    g.bench_function("decode", |b| b.iter(|| Record::decode(enc.clone(), 0).unwrap()));
+    g.bench_function("decode", |b| {
+        b.iter(|| Record::decode(enc.clone(), 0).unwrap())
+    });
     g.finish();
 }
 
@@ -105,7 +107,9 @@ fn append_sync_64(c: &mut Criterion) {
                     let body = body.clone();
                     hs.push(tokio::spawn(async move {
                         for _ in 0..per {
-                            s.append_durable(vec![record(&body, (t % 4) as u32)]).await.unwrap();
+                            s.append_durable(vec![record(&body, (t % 4) as u32)])
+                                .await
+                                .unwrap();
                         }
                     }));
                 }
@@ -139,7 +143,9 @@ fn cq_lookup(c: &mut Criterion) {
     let body = body_1k();
     let n = 100_000u64;
     for _ in 0..n / 100 {
-        store.append((0..100).map(|_| record(&body, 0)).collect()).unwrap();
+        store
+            .append((0..100).map(|_| record(&body, 0)).collect())
+            .unwrap();
     }
     let mut g = c.benchmark_group("consume_queue");
     let mut i = 0u64;
@@ -174,7 +180,11 @@ fn recovery(c: &mut Criterion) {
         let total = mb * 1024 * 1024 / per;
         for b in 0..total / 256 {
             store
-                .append((0..256).map(|i| record(&body, ((b * 256 + i) % 4) as u32)).collect())
+                .append(
+                    (0..256)
+                        .map(|i| record(&body, ((b * 256 + i) % 4) as u32))
+                        .collect(),
+                )
                 .unwrap();
         }
         store.close().unwrap();
@@ -200,5 +210,12 @@ fn recovery(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, codec, append_async, append_sync_64, cq_lookup, recovery);
+criterion_group!(
+    benches,
+    codec,
+    append_async,
+    append_sync_64,
+    cq_lookup,
+    recovery
+);
 criterion_main!(benches);
