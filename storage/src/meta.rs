@@ -79,16 +79,29 @@ const CHECKPOINT_TREE: &str = "checkpoint";
 const CONSUMER_OFFSETS_TREE: &str = "consumer_offsets";
 
 impl Meta {
-    /// Opens (or creates) the sled database in `dir`.
+    /// Opens (or creates) the sled database in `dir`. sled's own background
+    /// flusher is off: the store flushes sled at every checkpoint (and
+    /// [`Meta::flush`] does on demand), so no extra thread keeps the database
+    /// open after the store is dropped. A lock still held by a just-dropped
+    /// instance in this process is waited for, up to 3 s.
     ///
     /// # Errors
-    /// [`Error::Meta`] when sled cannot open it.
+    /// [`Error::Meta`] when sled cannot open it (including another process
+    /// holding it).
     pub fn open(dir: &std::path::Path) -> Result<Meta> {
-        let db = sled::Config::new()
-            .path(dir)
-            .flush_every_ms(Some(1000))
-            .open()?;
-        Ok(Meta { db })
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        loop {
+            match sled::Config::new().path(dir).flush_every_ms(None).open() {
+                Ok(db) => return Ok(Meta { db }),
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// The last saved checkpoint; `None` when there is none or it fails its CRC
