@@ -1,2 +1,26 @@
-//! The halfmq broker: the only crate that opens sockets and owns background
-//! tasks. Filled in by the broker/client issue.
+//! The halfmq broker: the only crate that opens listening sockets and owns
+//! background tasks.
+//!
+//! # Layout
+//! - [`config`]: [`BrokerConfig`], defaults, TOML, validation.
+//! - [`names`]: topic/group name rules, tag expressions, fixed field limits.
+//! - [`delivery`]: pure state machine of one consumer group on one queue
+//!   (leases, invisible deadlines, acks, consumer offset).
+//! - [`broker`]: [`Broker`]: topics, send, receive (long polling), ack, nack,
+//!   progress persistence, stats, background checkpoint and retention.
+//! - [`service`]: gRPC services; wire types convert to domain types here.
+//! - [`server`]: listener, connection limit, graceful shutdown.
+//! - [`error`]: the crate error type, [`BrokerError`].
+
+pub mod broker;
+pub mod config;
+pub mod delivery;
+pub mod error;
+pub mod names;
+pub mod server;
+pub mod service;
+
+pub use broker::{Broker, Clock, SystemClock};
+pub use config::{BrokerConfig, ConfigError, FlushSetting};
+pub use error::BrokerError;
+pub use server::{serve, start, start_with_clock, RunningBroker};

@@ -1,2 +1,872 @@
-//! Rust client for halfmq. Depends on `halfmq-proto` only, never on storage or
-//! broker. Filled in by the broker/client issue.
+//! Rust client for the halfmq broker. Depends on `halfmq-proto` only.
+//!
+//! # Layout
+//! - [`Client`]: one connection (HTTP/2, many concurrent requests), connect
+//!   and request timeouts, reconnect on the next request after a failure,
+//!   retries with exponential backoff for calls that are safe to repeat.
+//! - [`Producer`]: `send` and `send_batch`; concurrent `send`s are coalesced
+//!   into batch requests (auto-batch) unless turned off.
+//! - [`Consumer`]: explicit `receive` / `ack` / `nack` /
+//!   `change_invisible_duration`, and a handler loop [`Consumer::run`].
+//! - [`Admin`]: topics and stats.
+//!
+//! # Example
+//! ```no_run
+//! # async fn demo() -> Result<(), halfmq_client::ClientError> {
+//! use halfmq_client::{Client, Consumer, ConsumeResult, Message, Producer};
+//! let client = Client::connect("127.0.0.1:8081").await?;
+//! let producer = Producer::new(client.clone());
+//! let receipt = producer.send(Message::new("orders", "order 42 created").with_tag("created")).await?;
+//! println!("stored as {}", receipt.message_id);
+//!
+//! let consumer = Consumer::new(client, "billing", "orders");
+//! for m in consumer.receive(16, std::time::Duration::from_secs(5)).await? {
+//!     println!("{}: {:?}", m.message_id, m.body);
+//!     consumer.ack(&m).await?;
+//! }
+//! # Ok(()) }
+//! ```
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use halfmq_proto::v1 as pb;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tonic::transport::{Channel, Endpoint};
+
+pub use halfmq_proto::v1::Code;
+
+/// Errors of the client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The broker refused or failed the request; `code` is the stable status
+    /// code (README, "Status codes").
+    #[error("broker: {code:?} ({}): {message}", *code as i32)]
+    Broker {
+        /// Status code.
+        code: Code,
+        /// The broker's message.
+        message: String,
+    },
+    /// The request did not reach the broker, or its answer did not come back
+    /// (connection refused, timeout...). A send may or may not have been stored.
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::Status),
+    /// Could not set up the connection (bad address).
+    #[error("connect: {0}")]
+    Connect(String),
+}
+
+impl ClientError {
+    /// A copy for every waiter of a failed coalesced request.
+    fn duplicate(&self) -> ClientError {
+        match self {
+            ClientError::Broker { code, message } => ClientError::Broker {
+                code: *code,
+                message: message.clone(),
+            },
+            ClientError::Transport(s) => {
+                ClientError::Transport(tonic::Status::new(s.code(), s.message()))
+            }
+            ClientError::Connect(m) => ClientError::Connect(m.clone()),
+        }
+    }
+
+    /// The broker's status code, if the broker answered.
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            ClientError::Broker { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+fn check(status: Option<pb::Status>) -> Result<(), ClientError> {
+    let s = status.unwrap_or_default();
+    let code = Code::try_from(s.code).unwrap_or(Code::Unspecified);
+    if code == Code::Ok {
+        Ok(())
+    } else {
+        Err(ClientError::Broker {
+            code,
+            message: s.message,
+        })
+    }
+}
+
+/// Connection settings.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Timeout to establish the connection. Default 3 s.
+    pub connect_timeout: Duration,
+    /// Timeout of one request, long polls excluded (they add their wait).
+    /// Default 10 s.
+    pub request_timeout: Duration,
+    /// Attempts for calls safe to repeat (receive, ack, admin). Default 5.
+    pub max_attempts: u32,
+    /// First retry backoff; doubles each attempt up to 2 s. Default 50 ms.
+    pub initial_backoff: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            connect_timeout: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(10),
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(50),
+        }
+    }
+}
+
+/// A connection to a broker. Cheap to clone; clones share the connection.
+#[derive(Debug, Clone)]
+pub struct Client {
+    channel: Channel,
+    opts: Arc<ClientOptions>,
+}
+
+impl Client {
+    /// Connects lazily to `addr` (`host:port`, or a full `http://` URL) with
+    /// default options. The first request opens the connection; after a
+    /// failure the next request reconnects.
+    ///
+    /// # Errors
+    /// [`ClientError::Connect`] for an unusable address.
+    pub async fn connect(addr: &str) -> Result<Client, ClientError> {
+        Self::connect_with(addr, ClientOptions::default()).await
+    }
+
+    /// [`Client::connect`] with options.
+    ///
+    /// # Errors
+    /// [`ClientError::Connect`] for an unusable address.
+    pub async fn connect_with(addr: &str, opts: ClientOptions) -> Result<Client, ClientError> {
+        let url = if addr.contains("://") {
+            addr.to_owned()
+        } else {
+            format!("http://{addr}")
+        };
+        let ep = Endpoint::from_shared(url)
+            .map_err(|e| ClientError::Connect(format!("{addr}: {e}")))?
+            .connect_timeout(opts.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_while_idle(true);
+        Ok(Client {
+            channel: ep.connect_lazy(),
+            opts: Arc::new(opts),
+        })
+    }
+
+    fn producer(&self) -> pb::producer_client::ProducerClient<Channel> {
+        pb::producer_client::ProducerClient::new(self.channel.clone())
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX)
+    }
+
+    fn consumer(&self) -> pb::consumer_client::ConsumerClient<Channel> {
+        pb::consumer_client::ConsumerClient::new(self.channel.clone())
+            .max_decoding_message_size(usize::MAX)
+    }
+
+    fn admin(&self) -> pb::admin_client::AdminClient<Channel> {
+        pb::admin_client::AdminClient::new(self.channel.clone())
+    }
+
+    fn request<T>(&self, msg: T, extra: Duration) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.set_timeout(self.opts.request_timeout + extra);
+        r
+    }
+
+    /// Runs `call` until it succeeds, returns a broker status, or fails
+    /// with a transport error `max_attempts` times; backs off between tries.
+    async fn retry<T, F, Fut>(&self, mut call: F) -> Result<T, ClientError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, ClientError>>,
+    {
+        let mut backoff = self.opts.initial_backoff;
+        let mut attempt = 1;
+        loop {
+            match call().await {
+                Err(ClientError::Transport(s))
+                    if attempt < self.opts.max_attempts && retryable(&s) =>
+                {
+                    tracing::debug!(attempt, error = %s, "retrying after transport error");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+fn retryable(s: &tonic::Status) -> bool {
+    matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown)
+}
+
+/// How a message picks its queue.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum QueueSelector {
+    /// Round robin (the broker chooses).
+    #[default]
+    RoundRobin,
+    /// This queue id.
+    Id(u32),
+    /// A key hashed onto the queues: messages with the same key share a queue.
+    ShardingKey(String),
+}
+
+/// A message to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// Topic.
+    pub topic: String,
+    /// Queue choice.
+    pub queue: QueueSelector,
+    /// Tag for filtering; empty for none.
+    pub tag: String,
+    /// Business keys.
+    pub keys: Vec<String>,
+    /// User properties.
+    pub properties: HashMap<String, String>,
+    /// Body.
+    pub body: Bytes,
+}
+
+impl Message {
+    /// A message to `topic` with `body`.
+    pub fn new(topic: impl Into<String>, body: impl Into<Bytes>) -> Self {
+        Message {
+            topic: topic.into(),
+            queue: QueueSelector::RoundRobin,
+            tag: String::new(),
+            keys: Vec::new(),
+            properties: HashMap::new(),
+            body: body.into(),
+        }
+    }
+
+    /// Sets the tag.
+    pub fn with_tag(mut self, tag: impl Into<String>) -> Self {
+        self.tag = tag.into();
+        self
+    }
+
+    /// Adds a key.
+    pub fn with_key(mut self, key: impl Into<String>) -> Self {
+        self.keys.push(key.into());
+        self
+    }
+
+    /// Adds a user property.
+    pub fn with_property(mut self, k: impl Into<String>, v: impl Into<String>) -> Self {
+        self.properties.insert(k.into(), v.into());
+        self
+    }
+
+    /// Routes by a sharding key.
+    pub fn with_sharding_key(mut self, key: impl Into<String>) -> Self {
+        self.queue = QueueSelector::ShardingKey(key.into());
+        self
+    }
+
+    /// Routes to a queue id.
+    pub fn with_queue_id(mut self, queue_id: u32) -> Self {
+        self.queue = QueueSelector::Id(queue_id);
+        self
+    }
+
+    fn into_wire(self) -> pb::Message {
+        pb::Message {
+            topic: self.topic,
+            queue: match self.queue {
+                QueueSelector::RoundRobin => None,
+                QueueSelector::Id(q) => Some(pb::message::Queue::QueueId(q)),
+                QueueSelector::ShardingKey(k) => Some(pb::message::Queue::ShardingKey(k)),
+            },
+            tag: self.tag,
+            keys: self.keys,
+            properties: self.properties,
+            body: self.body,
+        }
+    }
+}
+
+/// Where a sent message was stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendReceipt {
+    /// Message id (32 hex digits).
+    pub message_id: String,
+    /// Queue id.
+    pub queue_id: u32,
+    /// Queue offset.
+    pub queue_offset: u64,
+}
+
+/// Producer options.
+#[derive(Debug, Clone)]
+pub struct ProducerOptions {
+    /// Coalesce concurrent `send`s into batch requests. Default true.
+    pub auto_batch: bool,
+    /// Most messages in one coalesced request. Default 256 (the broker's
+    /// `max_batch_messages` must be at least this).
+    pub max_batch_messages: usize,
+    /// Most body bytes in one coalesced request. Default 4 MiB.
+    pub max_batch_bytes: usize,
+    /// Coalesced requests in flight at once. Default 4.
+    pub max_inflight_batches: usize,
+}
+
+impl Default for ProducerOptions {
+    fn default() -> Self {
+        ProducerOptions {
+            auto_batch: true,
+            max_batch_messages: 256,
+            max_batch_bytes: 4 << 20,
+            max_inflight_batches: 4,
+        }
+    }
+}
+
+type Pending = (
+    pb::Message,
+    oneshot::Sender<Result<SendReceipt, ClientError>>,
+);
+
+/// Sends messages. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Producer {
+    client: Client,
+    batcher: Option<mpsc::Sender<Pending>>,
+}
+
+impl Producer {
+    /// A producer with default options (auto-batch on).
+    pub fn new(client: Client) -> Self {
+        Self::with_options(client, ProducerOptions::default())
+    }
+
+    /// A producer with options. With auto-batch, a background task (ended
+    /// when the last clone is dropped) gathers the `send`s queued while
+    /// earlier requests are in flight into one request.
+    pub fn with_options(client: Client, opts: ProducerOptions) -> Self {
+        let batcher = opts.auto_batch.then(|| {
+            let (tx, rx) = mpsc::channel::<Pending>(
+                opts.max_batch_messages * opts.max_inflight_batches.max(1),
+            );
+            tokio::spawn(batch_loop(client.clone(), opts, rx));
+            tx
+        });
+        Producer { client, batcher }
+    }
+
+    /// Sends one message; returns once the broker has stored it durably per
+    /// its flush policy.
+    ///
+    /// # Errors
+    /// [`ClientError::Broker`] with the refusal (nothing stored);
+    /// [`ClientError::Transport`] when the outcome is unknown.
+    pub async fn send(&self, msg: Message) -> Result<SendReceipt, ClientError> {
+        match &self.batcher {
+            Some(tx) => {
+                let (otx, orx) = oneshot::channel();
+                tx.send((msg.into_wire(), otx))
+                    .await
+                    .map_err(|_| ClientError::Connect("producer batcher stopped".into()))?;
+                orx.await
+                    .map_err(|_| ClientError::Connect("producer batcher stopped".into()))?
+            }
+            None => {
+                let mut v = send_wire(&self.client, vec![msg.into_wire()]).await?;
+                v.pop()
+                    .ok_or_else(|| ClientError::Connect("broker returned no receipt".into()))
+            }
+        }
+    }
+
+    /// Sends a batch, stored all or nothing, in one request.
+    ///
+    /// # Errors
+    /// As [`Producer::send`].
+    pub async fn send_batch(&self, msgs: Vec<Message>) -> Result<Vec<SendReceipt>, ClientError> {
+        send_wire(
+            &self.client,
+            msgs.into_iter().map(Message::into_wire).collect(),
+        )
+        .await
+    }
+}
+
+async fn send_wire(
+    client: &Client,
+    msgs: Vec<pb::Message>,
+) -> Result<Vec<SendReceipt>, ClientError> {
+    let n = msgs.len();
+    let resp = client
+        .producer()
+        .send(client.request(pb::SendRequest { messages: msgs }, Duration::ZERO))
+        .await?
+        .into_inner();
+    check(resp.status)?;
+    if resp.receipts.len() != n {
+        return Err(ClientError::Connect(format!(
+            "broker returned {} receipts for {n} messages",
+            resp.receipts.len()
+        )));
+    }
+    Ok(resp
+        .receipts
+        .into_iter()
+        .map(|r| SendReceipt {
+            message_id: r.message_id,
+            queue_id: r.queue_id,
+            queue_offset: r.queue_offset,
+        })
+        .collect())
+}
+
+/// Refusals that concern one message of a batch; nothing was stored, so the
+/// batch is resent message by message to fail only the culprit.
+fn per_message_refusal(code: Code) -> bool {
+    matches!(
+        code,
+        Code::BadRequest
+            | Code::InvalidTopic
+            | Code::InvalidQueueId
+            | Code::ReservedName
+            | Code::TopicNotFound
+            | Code::MessageTooLarge
+            | Code::BatchTooLarge
+    )
+}
+
+async fn batch_loop(client: Client, opts: ProducerOptions, mut rx: mpsc::Receiver<Pending>) {
+    let slots = Arc::new(Semaphore::new(opts.max_inflight_batches.max(1)));
+    while let Some(first) = rx.recv().await {
+        let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        let mut bytes = batch[0].0.body.len();
+        while batch.len() < opts.max_batch_messages {
+            match rx.try_recv() {
+                Ok(p) => {
+                    bytes += p.0.body.len();
+                    batch.push(p);
+                    if bytes >= opts.max_batch_bytes {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        let client = client.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let (msgs, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+            match send_wire(&client, msgs.clone()).await {
+                Ok(receipts) => {
+                    for (w, r) in waiters.into_iter().zip(receipts) {
+                        let _ = w.send(Ok(r));
+                    }
+                }
+                Err(ClientError::Broker { code, .. })
+                    if msgs.len() > 1 && per_message_refusal(code) =>
+                {
+                    for (m, w) in msgs.into_iter().zip(waiters) {
+                        let r = send_wire(&client, vec![m]).await.and_then(|mut v| {
+                            v.pop()
+                                .ok_or_else(|| ClientError::Connect("no receipt".into()))
+                        });
+                        let _ = w.send(r);
+                    }
+                }
+                Err(e) => {
+                    for w in waiters {
+                        let _ = w.send(Err(e.duplicate()));
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// A message received by a consumer.
+#[derive(Debug, Clone)]
+pub struct ReceivedMessage {
+    /// Message id, stable across redeliveries.
+    pub message_id: String,
+    /// Topic.
+    pub topic: String,
+    /// Queue id.
+    pub queue_id: u32,
+    /// Queue offset.
+    pub queue_offset: u64,
+    /// Tag.
+    pub tag: String,
+    /// Keys.
+    pub keys: Vec<String>,
+    /// User properties.
+    pub properties: HashMap<String, String>,
+    /// Body.
+    pub body: Bytes,
+    /// Failed deliveries to this group before this one.
+    pub reconsume_times: u32,
+    /// Receipt handle for ack / nack.
+    pub receipt_handle: String,
+    /// Broker clock when stored, ms since the epoch.
+    pub store_timestamp_ms: u64,
+    /// When it becomes visible again unless acked, ms since the epoch.
+    pub invisible_until_ms: u64,
+}
+
+/// What a handler of [`Consumer::run`] decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsumeResult {
+    /// Done: ack it.
+    Success,
+    /// Failed: redeliver later (reconsume times + 1).
+    Retry {
+        /// Delay before redelivery; `None` lets the broker decide.
+        delay: Option<Duration>,
+        /// Why, kept with the message.
+        reason: String,
+    },
+}
+
+/// Receives from one topic as one consumer group. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Consumer {
+    client: Client,
+    group: String,
+    topic: String,
+    tag_expression: String,
+    invisible_duration: Option<Duration>,
+}
+
+impl Consumer {
+    /// A consumer of `topic` in `group`, all tags.
+    pub fn new(client: Client, group: impl Into<String>, topic: impl Into<String>) -> Self {
+        Consumer {
+            client,
+            group: group.into(),
+            topic: topic.into(),
+            tag_expression: "*".into(),
+            invisible_duration: None,
+        }
+    }
+
+    /// Filters by tag: `*` or `a||b`.
+    pub fn with_tag_expression(mut self, expr: impl Into<String>) -> Self {
+        self.tag_expression = expr.into();
+        self
+    }
+
+    /// Invisible duration of received messages (default: the broker's, 30 s).
+    pub fn with_invisible_duration(mut self, d: Duration) -> Self {
+        self.invisible_duration = Some(d);
+        self
+    }
+
+    /// Receives up to `max` messages, waiting up to `wait` when none is ready
+    /// (long polling; no busy loop). Retried with backoff on transport errors.
+    ///
+    /// # Errors
+    /// Broker refusals (unknown topic, bad names), transport errors.
+    pub async fn receive(
+        &self,
+        max: u32,
+        wait: Duration,
+    ) -> Result<Vec<ReceivedMessage>, ClientError> {
+        let req = pb::ReceiveRequest {
+            group: self.group.clone(),
+            topic: self.topic.clone(),
+            tag_expression: self.tag_expression.clone(),
+            max_messages: max,
+            invisible_duration_ms: self.invisible_duration.map_or(0, |d| d.as_millis() as u64),
+            wait_ms: wait.as_millis() as u64,
+        };
+        let resp = self
+            .client
+            .retry(|| async {
+                Ok(self
+                    .client
+                    .consumer()
+                    .receive(self.client.request(req.clone(), wait))
+                    .await?
+                    .into_inner())
+            })
+            .await?;
+        check(resp.status)?;
+        Ok(resp
+            .messages
+            .into_iter()
+            .map(|m| ReceivedMessage {
+                message_id: m.message_id,
+                topic: m.topic,
+                queue_id: m.queue_id,
+                queue_offset: m.queue_offset,
+                tag: m.tag,
+                keys: m.keys,
+                properties: m.properties,
+                body: m.body,
+                reconsume_times: m.reconsume_times,
+                receipt_handle: m.receipt_handle,
+                store_timestamp_ms: m.store_timestamp_ms,
+                invisible_until_ms: m.invisible_until_ms,
+            })
+            .collect())
+    }
+
+    /// Acks a message.
+    ///
+    /// # Errors
+    /// [`Code::ReceiptNotFound`] when the receipt is stale (acked already, or
+    /// redelivered since); transport errors.
+    pub async fn ack(&self, msg: &ReceivedMessage) -> Result<(), ClientError> {
+        self.ack_handle(&msg.receipt_handle).await
+    }
+
+    /// Acks by receipt handle.
+    ///
+    /// # Errors
+    /// As [`Consumer::ack`].
+    pub async fn ack_handle(&self, handle: &str) -> Result<(), ClientError> {
+        let req = pb::AckRequest {
+            group: self.group.clone(),
+            receipt_handles: vec![handle.to_owned()],
+        };
+        let resp = self
+            .client
+            .retry(|| async {
+                Ok(self
+                    .client
+                    .consumer()
+                    .ack(self.client.request(req.clone(), Duration::ZERO))
+                    .await?
+                    .into_inner())
+            })
+            .await?;
+        check(resp.status)?;
+        check(resp.results.into_iter().next())
+    }
+
+    /// Asks for a redelivery after `delay` (reconsume times + 1), with a reason.
+    ///
+    /// # Errors
+    /// As [`Consumer::ack`].
+    pub async fn nack(
+        &self,
+        msg: &ReceivedMessage,
+        reason: &str,
+        delay: Duration,
+    ) -> Result<(), ClientError> {
+        let req = pb::NackRequest {
+            group: self.group.clone(),
+            receipt_handle: msg.receipt_handle.clone(),
+            reason: reason.to_owned(),
+            delay_ms: delay.as_millis() as u64,
+        };
+        let resp = self
+            .client
+            .retry(|| async {
+                Ok(self
+                    .client
+                    .consumer()
+                    .nack(self.client.request(req.clone(), Duration::ZERO))
+                    .await?
+                    .into_inner())
+            })
+            .await?;
+        check(resp.status)
+    }
+
+    /// Extends (or shortens) how long `msg` stays invisible, from now. Updates
+    /// `msg`'s receipt handle and deadline.
+    ///
+    /// # Errors
+    /// As [`Consumer::ack`].
+    pub async fn change_invisible_duration(
+        &self,
+        msg: &mut ReceivedMessage,
+        d: Duration,
+    ) -> Result<(), ClientError> {
+        let req = pb::ChangeInvisibleDurationRequest {
+            group: self.group.clone(),
+            receipt_handle: msg.receipt_handle.clone(),
+            invisible_duration_ms: d.as_millis() as u64,
+        };
+        let resp = self
+            .client
+            .consumer()
+            .change_invisible_duration(self.client.request(req, Duration::ZERO))
+            .await?
+            .into_inner();
+        check(resp.status)?;
+        msg.receipt_handle = resp.receipt_handle;
+        msg.invisible_until_ms = resp.invisible_until_ms;
+        Ok(())
+    }
+
+    /// Runs `handler` on every message until `shutdown` completes, with at
+    /// most `concurrency` handlers at once; acks on [`ConsumeResult::Success`],
+    /// nacks on [`ConsumeResult::Retry`]. Waits for running handlers before
+    /// returning. Receive errors are logged and retried after a pause.
+    pub async fn run<F, Fut>(
+        &self,
+        concurrency: usize,
+        handler: F,
+        shutdown: impl Future<Output = ()>,
+    ) where
+        F: Fn(ReceivedMessage) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ConsumeResult> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        let slots = Arc::new(Semaphore::new(concurrency.max(1)));
+        tokio::pin!(shutdown);
+        loop {
+            let free = slots.available_permits().max(1) as u32;
+            let received = tokio::select! {
+                _ = &mut shutdown => break,
+                r = self.receive(free, Duration::from_secs(5)) => r,
+            };
+            let msgs = match received {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "receive failed; retrying");
+                    tokio::select! {
+                        _ = &mut shutdown => break,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                    }
+                }
+            };
+            for m in msgs {
+                let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+                    break;
+                };
+                let handler = Arc::clone(&handler);
+                let me = self.clone();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let result = handler(m.clone()).await;
+                    let outcome = match result {
+                        ConsumeResult::Success => me.ack(&m).await,
+                        ConsumeResult::Retry { delay, reason } => {
+                            me.nack(&m, &reason, delay.unwrap_or(Duration::ZERO)).await
+                        }
+                    };
+                    if let Err(e) = outcome {
+                        tracing::warn!(message_id = %m.message_id, error = %e, "ack/nack failed");
+                    }
+                });
+            }
+        }
+        let _ = slots.acquire_many(concurrency.max(1) as u32).await;
+    }
+}
+
+/// A topic as listed by [`Admin::list_topics`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicInfo {
+    /// Name.
+    pub name: String,
+    /// Queues.
+    pub queues: u32,
+    /// Visible messages, summed over queues.
+    pub messages: u64,
+}
+
+/// Administration calls.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    client: Client,
+}
+
+impl Admin {
+    /// Admin calls over `client`.
+    pub fn new(client: Client) -> Self {
+        Admin { client }
+    }
+
+    /// Creates a topic with `queues` queues (0 = the broker's default).
+    ///
+    /// # Errors
+    /// [`Code::TopicExists`], [`Code::InvalidTopic`], transport errors.
+    pub async fn create_topic(&self, name: &str, queues: u32) -> Result<(), ClientError> {
+        let req = pb::CreateTopicRequest {
+            name: name.to_owned(),
+            queues,
+        };
+        let resp = self
+            .client
+            .retry(|| async {
+                Ok(self
+                    .client
+                    .admin()
+                    .create_topic(self.client.request(req.clone(), Duration::ZERO))
+                    .await?
+                    .into_inner())
+            })
+            .await?;
+        check(resp.status)
+    }
+
+    /// Lists topics.
+    ///
+    /// # Errors
+    /// Transport errors.
+    pub async fn list_topics(&self) -> Result<Vec<TopicInfo>, ClientError> {
+        let resp = self
+            .client
+            .retry(|| async {
+                Ok(self
+                    .client
+                    .admin()
+                    .list_topics(
+                        self.client
+                            .request(pb::ListTopicsRequest {}, Duration::ZERO),
+                    )
+                    .await?
+                    .into_inner())
+            })
+            .await?;
+        check(resp.status)?;
+        Ok(resp
+            .topics
+            .into_iter()
+            .map(|t| TopicInfo {
+                name: t.name,
+                queues: t.queues,
+                messages: t.messages,
+            })
+            .collect())
+    }
+
+    /// The broker's counters (wire form: see `StatsResponse` in the proto).
+    ///
+    /// # Errors
+    /// Transport errors.
+    pub async fn stats(&self) -> Result<pb::StatsResponse, ClientError> {
+        let resp = self
+            .client
+            .retry(|| async {
+                Ok(self
+                    .client
+                    .admin()
+                    .stats(self.client.request(pb::StatsRequest {}, Duration::ZERO))
+                    .await?
+                    .into_inner())
+            })
+            .await?;
+        check(resp.status.clone())?;
+        Ok(resp)
+    }
+}

@@ -1,0 +1,1068 @@
+//! The broker's core: topics, sends, consumer-group deliveries, progress
+//! persistence, stats and background tasks. Domain types only; `service.rs`
+//! converts to and from the wire.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use halfmq_storage::{MessageId, Record, RecordKind, Store};
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+
+use crate::config::BrokerConfig;
+use crate::delivery::{LeaseError, QueueProgress};
+use crate::error::BrokerError;
+use crate::names::{check_group, check_message_fields, check_topic, TagFilter};
+
+/// The broker's clock, injected so time-driven logic can be tested.
+pub trait Clock: Send + Sync + 'static {
+    /// Milliseconds since the Unix epoch.
+    fn now_ms(&self) -> u64;
+}
+
+/// The system clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        halfmq_storage::now_ms()
+    }
+}
+
+/// How a message picks its queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueueChoice {
+    /// Round robin over the topic's queues.
+    RoundRobin,
+    /// This queue id.
+    Id(u32),
+    /// Hash of this key onto the queues (same key, same queue).
+    Key(String),
+}
+
+/// A message to send, in domain form.
+#[derive(Debug, Clone)]
+pub struct OutgoingMessage {
+    /// Topic.
+    pub topic: String,
+    /// Queue choice.
+    pub queue: QueueChoice,
+    /// Tag; empty for none.
+    pub tag: String,
+    /// Business keys.
+    pub keys: Vec<String>,
+    /// User properties.
+    pub properties: Vec<(String, String)>,
+    /// Body.
+    pub body: Bytes,
+}
+
+/// Where a sent message went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendReceipt {
+    /// Broker-assigned message id.
+    pub message_id: MessageId,
+    /// Queue id.
+    pub queue_id: u32,
+    /// Queue offset.
+    pub queue_offset: u64,
+}
+
+/// Identifies one delivery; encoded as the wire's receipt handle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    /// Topic.
+    pub topic: String,
+    /// Queue id.
+    pub queue_id: u32,
+    /// Queue offset.
+    pub queue_offset: u64,
+    /// Lease sequence number.
+    pub seq: u64,
+}
+
+impl Receipt {
+    /// `<queue id>.<queue offset>.<seq>.<topic>` (topics contain no '.').
+    pub fn encode(&self) -> String {
+        format!(
+            "{}.{}.{}.{}",
+            self.queue_id, self.queue_offset, self.seq, self.topic
+        )
+    }
+
+    /// Parses [`Receipt::encode`]'s form.
+    ///
+    /// # Errors
+    /// [`BrokerError::InvalidReceiptHandle`].
+    pub fn decode(s: &str) -> Result<Receipt, BrokerError> {
+        let bad = || BrokerError::InvalidReceiptHandle(s.to_owned());
+        let mut it = s.splitn(4, '.');
+        let queue_id = it.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
+        let queue_offset = it.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
+        let seq = it.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
+        let topic = it
+            .next()
+            .filter(|t| !t.is_empty())
+            .ok_or_else(bad)?
+            .to_owned();
+        Ok(Receipt {
+            topic,
+            queue_id,
+            queue_offset,
+            seq,
+        })
+    }
+}
+
+/// A message delivered to a consumer.
+#[derive(Debug, Clone)]
+pub struct DeliveredMessage {
+    /// Message id.
+    pub message_id: MessageId,
+    /// Topic.
+    pub topic: String,
+    /// Queue id.
+    pub queue_id: u32,
+    /// Queue offset.
+    pub queue_offset: u64,
+    /// Tag.
+    pub tag: String,
+    /// Keys.
+    pub keys: Vec<String>,
+    /// User properties.
+    pub properties: Vec<(String, String)>,
+    /// Body.
+    pub body: Bytes,
+    /// Failed deliveries to this group before this one.
+    pub reconsume_times: u32,
+    /// Receipt for ack / nack / change invisible duration.
+    pub receipt: Receipt,
+    /// Broker clock when stored, ms since the epoch.
+    pub store_timestamp_ms: u64,
+    /// When it becomes visible again unless acked, ms since the epoch.
+    pub invisible_until_ms: u64,
+}
+
+/// A receive request, in domain form.
+#[derive(Debug, Clone)]
+pub struct ReceiveRequest {
+    /// Consumer group.
+    pub group: String,
+    /// Topic.
+    pub topic: String,
+    /// Tag expression (`*`, empty, or `a||b`).
+    pub tag_expression: String,
+    /// At most this many messages (0 = 1).
+    pub max_messages: u32,
+    /// Invisible duration, ms (0 = the configured default).
+    pub invisible_duration_ms: u64,
+    /// Long-poll wait, ms.
+    pub wait_ms: u64,
+}
+
+/// Counters for `stats`.
+#[derive(Debug, Default)]
+struct Counters {
+    messages_in: AtomicU64,
+    bytes_in: AtomicU64,
+    messages_out: AtomicU64,
+    bytes_out: AtomicU64,
+    acks: AtomicU64,
+    redeliveries: AtomicU64,
+}
+
+/// Per-group figures for `stats`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupStats {
+    /// Consumer group.
+    pub group: String,
+    /// Topic.
+    pub topic: String,
+    /// Messages in flight.
+    pub inflight: u64,
+    /// Visible messages not yet acked.
+    pub lag: u64,
+    /// Messages acked (consumer offsets summed plus acked above them).
+    pub acked: u64,
+}
+
+/// A snapshot of the broker's counters.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    /// Messages stored by sends.
+    pub messages_in: u64,
+    /// Body bytes stored by sends.
+    pub bytes_in: u64,
+    /// Messages delivered (redeliveries included).
+    pub messages_out: u64,
+    /// Body bytes delivered.
+    pub bytes_out: u64,
+    /// Acks accepted.
+    pub acks: u64,
+    /// Redeliveries (expired or nacked leases delivered again).
+    pub redeliveries: u64,
+    /// Per (group, topic).
+    pub groups: Vec<GroupStats>,
+    /// Bytes in the commit log.
+    pub commit_log_bytes: u64,
+    /// Since start, ms.
+    pub uptime_ms: u64,
+}
+
+/// A topic's configuration and runtime state.
+#[derive(Debug)]
+pub struct TopicState {
+    /// Number of queues.
+    pub queues: u32,
+    notify: Notify,
+    round_robin: AtomicU32,
+}
+
+/// A topic for listings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicInfo {
+    /// Name.
+    pub name: String,
+    /// Queues.
+    pub queues: u32,
+    /// Visible messages, summed over queues.
+    pub messages: u64,
+}
+
+#[derive(Debug, Default)]
+struct GroupTopic {
+    queues: Vec<QueueProgress>,
+    round_robin: usize,
+    dirty: bool,
+}
+
+type GroupKey = (String, String);
+
+const TOPICS_SPACE: &str = "topics";
+const GROUPS_SPACE: &str = "groups";
+
+/// The broker.
+pub struct Broker {
+    cfg: BrokerConfig,
+    store: Arc<Store>,
+    clock: Arc<dyn Clock>,
+    topics: RwLock<HashMap<String, Arc<TopicState>>>,
+    groups: Mutex<HashMap<GroupKey, Arc<Mutex<GroupTopic>>>>,
+    counters: Counters,
+    id_prefix: u64,
+    id_counter: AtomicU64,
+    started: Instant,
+    shutting_down: AtomicBool,
+    shutdown_tx: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("data_dir", &self.cfg.data_dir)
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding the lock leaves bookkeeping that is still
+    // consistent (every mutation is a few field writes); carry on.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Broker {
+    /// Opens the store (recovering it), loads topics and consumer progress.
+    /// Call [`Broker::start_background`] inside a tokio runtime afterwards.
+    ///
+    /// # Errors
+    /// Configuration and storage errors.
+    pub fn open(cfg: BrokerConfig, clock: Arc<dyn Clock>) -> Result<Arc<Broker>, BrokerError> {
+        cfg.validate()?;
+        let store = Arc::new(Store::open(cfg.store_config())?);
+        let mut topics = HashMap::new();
+        for (k, v) in store.meta().scan_prefix(TOPICS_SPACE, b"")? {
+            let (Ok(name), Ok(q)) = (String::from_utf8(k), <[u8; 4]>::try_from(v.as_slice()))
+            else {
+                tracing::error!("unreadable topic entry in metadata; skipped");
+                continue;
+            };
+            topics.insert(name, Arc::new(TopicState::new(u32::from_le_bytes(q))));
+        }
+        let groups = load_groups(&store)?;
+        let (shutdown_tx, _) = watch::channel(false);
+        let id_prefix = rand::random::<u64>();
+        Ok(Arc::new(Broker {
+            cfg,
+            store,
+            clock,
+            topics: RwLock::new(topics),
+            groups: Mutex::new(groups),
+            counters: Counters::default(),
+            id_prefix,
+            id_counter: AtomicU64::new(0),
+            started: Instant::now(),
+            shutting_down: AtomicBool::new(false),
+            shutdown_tx,
+            tasks: Mutex::new(Vec::new()),
+        }))
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &BrokerConfig {
+        &self.cfg
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Starts the periodic checkpoint and retention tasks.
+    pub fn start_background(self: &Arc<Self>) {
+        let mut tasks = lock(&self.tasks);
+        let b = Arc::clone(self);
+        let mut stop = self.shutdown_tx.subscribe();
+        tasks.push(tokio::spawn(async move {
+            let mut tick =
+                tokio::time::interval(Duration::from_millis(b.cfg.checkpoint_interval_ms));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.changed() => return,
+                }
+                let b2 = Arc::clone(&b);
+                let res = tokio::task::spawn_blocking(move || b2.save_state()).await;
+                match res {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::error!(error = %e, "checkpoint failed"),
+                    Err(e) => tracing::error!(error = %e, "checkpoint task panicked"),
+                }
+            }
+        }));
+        let b = Arc::clone(self);
+        let mut stop = self.shutdown_tx.subscribe();
+        tasks.push(tokio::spawn(async move {
+            let mut tick =
+                tokio::time::interval(Duration::from_millis(b.cfg.retention_check_interval_ms));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.changed() => return,
+                }
+                let b2 = Arc::clone(&b);
+                let now = b.clock.now_ms();
+                let res =
+                    tokio::task::spawn_blocking(move || b2.store.apply_retention(now, &|_| true))
+                        .await;
+                if let Ok(Err(e)) = res {
+                    tracing::error!(error = %e, "retention failed");
+                }
+            }
+        }));
+    }
+
+    /// Saves the store checkpoint and every changed consumer progress.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn save_state(&self) -> Result<(), BrokerError> {
+        let groups: Vec<(GroupKey, Arc<Mutex<GroupTopic>>)> = lock(&self.groups)
+            .iter()
+            .map(|(k, v)| (k.clone(), Arc::clone(v)))
+            .collect();
+        for ((group, topic), gt) in groups {
+            let mut g = lock(&gt);
+            if !g.dirty {
+                continue;
+            }
+            for (qid, p) in g.queues.iter().enumerate() {
+                self.store.meta().put(
+                    GROUPS_SPACE,
+                    &group_key(&group, &topic, qid as u32),
+                    &encode_progress(p),
+                )?;
+            }
+            g.dirty = false;
+        }
+        self.store.checkpoint()?;
+        Ok(())
+    }
+
+    /// Stops background tasks, wakes long polls, saves state, closes the
+    /// store (last checkpoint and fdatasync).
+    ///
+    /// # Errors
+    /// Storage errors from the last save.
+    pub async fn shutdown(&self) -> Result<(), BrokerError> {
+        self.begin_shutdown();
+        let tasks: Vec<_> = std::mem::take(&mut *lock(&self.tasks));
+        for t in tasks {
+            let _ = t.await;
+        }
+        let saved = self.save_state();
+        let closed = self.store.close().map_err(BrokerError::from);
+        saved.and(closed)
+    }
+
+    /// Refuses new work from now on and wakes every long poll, so that
+    /// in-flight requests drain quickly.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        self.shutdown_tx.send_replace(true);
+        for t in self
+            .topics
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            t.notify.notify_waiters();
+        }
+    }
+
+    fn check_running(&self) -> Result<(), BrokerError> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            Err(BrokerError::ShuttingDown)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Creates a topic with `queues` queues (0 = `default_queues`).
+    ///
+    /// # Errors
+    /// Invalid name, reserved name, exists already, too many queues or topics.
+    pub fn create_topic(&self, name: &str, queues: u32) -> Result<Arc<TopicState>, BrokerError> {
+        check_topic(name)?;
+        self.create_topic_unchecked(name, queues, true)
+    }
+
+    fn create_topic_unchecked(
+        &self,
+        name: &str,
+        queues: u32,
+        fail_if_exists: bool,
+    ) -> Result<Arc<TopicState>, BrokerError> {
+        let queues = if queues == 0 {
+            self.cfg.default_queues
+        } else {
+            queues
+        };
+        if queues > self.cfg.max_queues {
+            return Err(BrokerError::BadRequest(format!(
+                "{queues} queues exceeds max_queues {}",
+                self.cfg.max_queues
+            )));
+        }
+        let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = topics.get(name) {
+            return if fail_if_exists {
+                Err(BrokerError::TopicExists(name.to_owned()))
+            } else {
+                Ok(Arc::clone(t))
+            };
+        }
+        if topics.len() >= self.cfg.max_topics as usize {
+            return Err(BrokerError::TooManyRequests(format!(
+                "max_topics {} reached",
+                self.cfg.max_topics
+            )));
+        }
+        self.store
+            .meta()
+            .put(TOPICS_SPACE, name.as_bytes(), &queues.to_le_bytes())?;
+        self.store.meta().flush()?;
+        let t = Arc::new(TopicState::new(queues));
+        topics.insert(name.to_owned(), Arc::clone(&t));
+        tracing::info!(topic = name, queues, "topic created");
+        Ok(t)
+    }
+
+    /// The topic, if it exists.
+    pub fn topic(&self, name: &str) -> Option<Arc<TopicState>> {
+        self.topics
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// Every topic with its visible message count, by name.
+    pub fn list_topics(&self) -> Vec<TopicInfo> {
+        let topics = self.topics.read().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<TopicInfo> = topics
+            .iter()
+            .map(|(name, t)| TopicInfo {
+                name: name.clone(),
+                queues: t.queues,
+                messages: (0..t.queues)
+                    .map(|q| self.store.max_queue_offset(name, q))
+                    .sum(),
+            })
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    fn next_message_id(&self) -> MessageId {
+        let n = self.id_counter.fetch_add(1, Ordering::Relaxed);
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&self.id_prefix.to_be_bytes());
+        id[8..].copy_from_slice(&n.to_be_bytes());
+        MessageId(id)
+    }
+
+    /// Validates a batch and turns it into records (no I/O but topic creation).
+    fn build_records(
+        &self,
+        msgs: Vec<OutgoingMessage>,
+        kind: RecordKind,
+    ) -> Result<Vec<Record>, BrokerError> {
+        if msgs.is_empty() {
+            return Err(BrokerError::BadRequest("no messages".into()));
+        }
+        if msgs.len() > self.cfg.max_batch_messages as usize {
+            return Err(BrokerError::BatchTooLarge(format!(
+                "{} messages exceeds max_batch_messages {}",
+                msgs.len(),
+                self.cfg.max_batch_messages
+            )));
+        }
+        let total: u64 = msgs.iter().map(|m| m.body.len() as u64).sum();
+        if total > self.cfg.max_batch_bytes {
+            return Err(BrokerError::BatchTooLarge(format!(
+                "{total} body bytes exceeds max_batch_bytes {}",
+                self.cfg.max_batch_bytes
+            )));
+        }
+        let now = self.clock.now_ms();
+        let mut records = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            check_topic(&m.topic)?;
+            if m.body.len() as u64 > self.cfg.max_message_bytes {
+                return Err(BrokerError::MessageTooLarge {
+                    size_bytes: m.body.len() as u64,
+                    limit_bytes: self.cfg.max_message_bytes,
+                });
+            }
+            check_message_fields(&m.tag, &m.keys, &m.properties)?;
+            let topic = match self.topic(&m.topic) {
+                Some(t) => t,
+                None if self.cfg.auto_create_topics => {
+                    self.create_topic_unchecked(&m.topic, 0, false)?
+                }
+                None => return Err(BrokerError::TopicNotFound(m.topic)),
+            };
+            let queue_id = match &m.queue {
+                QueueChoice::Id(q) if *q < topic.queues => *q,
+                QueueChoice::Id(q) => {
+                    return Err(BrokerError::InvalidQueueId {
+                        topic: m.topic,
+                        queue_id: *q,
+                        queues: topic.queues,
+                    })
+                }
+                QueueChoice::Key(k) => {
+                    (halfmq_storage::tag_hash(k) % u64::from(topic.queues)) as u32
+                }
+                QueueChoice::RoundRobin => {
+                    topic.round_robin.fetch_add(1, Ordering::Relaxed) % topic.queues
+                }
+            };
+            records.push(Record {
+                kind,
+                queue_id,
+                store_timestamp_ms: now,
+                message_id: self.next_message_id(),
+                topic: m.topic,
+                tag: m.tag,
+                keys: m.keys,
+                properties: m.properties,
+                body: m.body,
+                ..Record::default()
+            });
+        }
+        Ok(records)
+    }
+
+    /// Stores a batch of messages, all or nothing, and returns once they are
+    /// durable per the flush policy.
+    ///
+    /// # Errors
+    /// Validation errors (nothing stored), storage errors.
+    pub async fn send(&self, msgs: Vec<OutgoingMessage>) -> Result<Vec<SendReceipt>, BrokerError> {
+        self.check_running()?;
+        let records = self.build_records(msgs, RecordKind::Normal)?;
+        let bytes: u64 = records.iter().map(|r| r.body.len() as u64).sum();
+        let ids: Vec<(MessageId, u32, String)> = records
+            .iter()
+            .map(|r| (r.message_id, r.queue_id, r.topic.clone()))
+            .collect();
+        let receipt = self.store.append(records)?;
+        self.store.wait_durable(receipt.end).await?;
+        self.counters
+            .messages_in
+            .fetch_add(ids.len() as u64, Ordering::Relaxed);
+        self.counters.bytes_in.fetch_add(bytes, Ordering::Relaxed);
+        let mut out = Vec::with_capacity(ids.len());
+        let mut last_topic: Option<&str> = None;
+        for (i, (id, qid, topic)) in ids.iter().enumerate() {
+            if last_topic != Some(topic.as_str()) {
+                if let Some(t) = self.topic(topic) {
+                    t.notify.notify_waiters();
+                }
+                last_topic = Some(topic.as_str());
+            }
+            out.push(SendReceipt {
+                message_id: *id,
+                queue_id: *qid,
+                queue_offset: receipt.queue_offsets[i].ok_or_else(|| {
+                    BrokerError::Internal("a normal message got no queue offset".into())
+                })?,
+            });
+        }
+        Ok(out)
+    }
+
+    fn group_topic(&self, group: &str, topic: &str, queues: u32) -> Arc<Mutex<GroupTopic>> {
+        let mut groups = lock(&self.groups);
+        let gt = groups
+            .entry((group.to_owned(), topic.to_owned()))
+            .or_insert_with(|| Arc::new(Mutex::new(GroupTopic::default())));
+        let gt = Arc::clone(gt);
+        drop(groups);
+        {
+            let mut g = lock(&gt);
+            // A new group starts at the earliest retained message of each queue.
+            while g.queues.len() < queues as usize {
+                let qid = g.queues.len() as u32;
+                let start = self.store.queue(topic, qid).map_or(0, |q| q.min_offset());
+                g.queues.push(QueueProgress::starting_at(start));
+                g.dirty = true;
+            }
+        }
+        gt
+    }
+
+    /// Receives up to `max_messages` messages for a consumer group, waiting up
+    /// to `wait_ms` (capped by `max_receive_wait_ms`) when none is ready.
+    ///
+    /// # Errors
+    /// Invalid names or expression, unknown topic, shutting down.
+    pub async fn receive(&self, req: ReceiveRequest) -> Result<Vec<DeliveredMessage>, BrokerError> {
+        self.check_running()?;
+        check_group(&req.group)?;
+        check_topic(&req.topic)?;
+        let filter = TagFilter::parse(&req.tag_expression)?;
+        let topic = self
+            .topic(&req.topic)
+            .ok_or_else(|| BrokerError::TopicNotFound(req.topic.clone()))?;
+        let invisible_ms = match req.invisible_duration_ms {
+            0 => self.cfg.default_invisible_duration_ms,
+            d => d.min(self.cfg.max_invisible_duration_ms),
+        };
+        let max = req.max_messages.clamp(1, self.cfg.max_receive_messages) as usize;
+        let wait = Duration::from_millis(req.wait_ms.min(self.cfg.max_receive_wait_ms));
+        let deadline = tokio::time::Instant::now() + wait;
+        let gt = self.group_topic(&req.group, &req.topic, topic.queues);
+        loop {
+            let notified = topic.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let (msgs, next_deadline_ms) =
+                self.try_receive(&req, &topic, &gt, &filter, invisible_ms, max)?;
+            if !msgs.is_empty() || tokio::time::Instant::now() >= deadline {
+                return Ok(msgs);
+            }
+            self.check_running()?;
+            let mut wake = deadline;
+            if let Some(d) = next_deadline_ms {
+                let in_ms = d.saturating_sub(self.clock.now_ms());
+                wake = wake.min(tokio::time::Instant::now() + Duration::from_millis(in_ms));
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+
+    /// One pass over the topic's queues. Returns the messages and the
+    /// earliest lease deadline (for the long poll's next look).
+    fn try_receive(
+        &self,
+        req: &ReceiveRequest,
+        topic: &TopicState,
+        gt: &Mutex<GroupTopic>,
+        filter: &TagFilter,
+        invisible_ms: u64,
+        max: usize,
+    ) -> Result<(Vec<DeliveredMessage>, Option<u64>), BrokerError> {
+        let mut out = Vec::new();
+        // Bounded: each round either delivers, skips (filtered/unreadable) or stops.
+        for _round in 0..64 {
+            let now = self.clock.now_ms();
+            let mut picked = Vec::new();
+            {
+                let mut g = lock(gt);
+                let n = g.queues.len();
+                let start = g.round_robin;
+                g.round_robin = (start + 1) % n.max(1);
+                for i in 0..n {
+                    let qid = (start + i) % n;
+                    let max_visible = self.store.max_queue_offset(&req.topic, qid as u32);
+                    let min = self
+                        .store
+                        .queue(&req.topic, qid as u32)
+                        .map_or(0, |q| q.min_offset());
+                    let p = &mut g.queues[qid];
+                    p.skip_to(min);
+                    while out.len() + picked.len() < max {
+                        match p.next_delivery(
+                            now,
+                            invisible_ms,
+                            max_visible,
+                            self.cfg.max_inflight_per_queue as usize,
+                            self.cfg.max_unacked_window,
+                        ) {
+                            Some(d) => picked.push((qid as u32, d)),
+                            None => break,
+                        }
+                    }
+                }
+                if !picked.is_empty() {
+                    g.dirty = true;
+                }
+            }
+            if picked.is_empty() {
+                let g = lock(gt);
+                return Ok((
+                    out,
+                    g.queues
+                        .iter()
+                        .filter_map(QueueProgress::next_deadline_ms)
+                        .min(),
+                ));
+            }
+            let mut skipped = Vec::new();
+            for (qid, d) in picked {
+                match self.store.read_queue(&req.topic, qid, d.queue_offset) {
+                    Ok(m) if filter.matches(&m.record.tag) => {
+                        if d.lease.reconsume_times > 0 {
+                            self.counters.redeliveries.fetch_add(1, Ordering::Relaxed);
+                        }
+                        self.counters.messages_out.fetch_add(1, Ordering::Relaxed);
+                        self.counters
+                            .bytes_out
+                            .fetch_add(m.record.body.len() as u64, Ordering::Relaxed);
+                        let r = m.record;
+                        out.push(DeliveredMessage {
+                            message_id: r.message_id,
+                            topic: req.topic.clone(),
+                            queue_id: qid,
+                            queue_offset: d.queue_offset,
+                            tag: r.tag,
+                            keys: r.keys,
+                            properties: r.properties,
+                            body: r.body,
+                            reconsume_times: d.lease.reconsume_times,
+                            receipt: Receipt {
+                                topic: req.topic.clone(),
+                                queue_id: qid,
+                                queue_offset: d.queue_offset,
+                                seq: d.lease.seq,
+                            },
+                            store_timestamp_ms: r.store_timestamp_ms,
+                            invisible_until_ms: d.lease.invisible_until_ms,
+                        });
+                    }
+                    Ok(_) => skipped.push((qid, d.queue_offset)),
+                    Err(e) => {
+                        tracing::error!(
+                            topic = %req.topic, queue_id = qid, queue_offset = d.queue_offset, error = %e,
+                            "unreadable message skipped for this group"
+                        );
+                        skipped.push((qid, d.queue_offset));
+                    }
+                }
+            }
+            if !skipped.is_empty() {
+                let mut g = lock(gt);
+                for (qid, qo) in skipped {
+                    g.queues[qid as usize].skip(qo);
+                }
+            }
+            if out.len() >= max {
+                break;
+            }
+        }
+        let _ = topic;
+        Ok((out, None))
+    }
+
+    fn with_lease<T>(
+        &self,
+        group: &str,
+        receipt: &Receipt,
+        f: impl FnOnce(&mut QueueProgress) -> Result<T, LeaseError>,
+    ) -> Result<T, BrokerError> {
+        check_group(group)?;
+        let gt = lock(&self.groups)
+            .get(&(group.to_owned(), receipt.topic.clone()))
+            .cloned()
+            .ok_or(BrokerError::ReceiptNotFound)?;
+        let mut g = lock(&gt);
+        let p = g
+            .queues
+            .get_mut(receipt.queue_id as usize)
+            .ok_or(BrokerError::ReceiptNotFound)?;
+        let r = f(p).map_err(|LeaseError::NotFound| BrokerError::ReceiptNotFound)?;
+        g.dirty = true;
+        Ok(r)
+    }
+
+    /// Acks one delivery.
+    ///
+    /// # Errors
+    /// [`BrokerError::ReceiptNotFound`] for a stale receipt.
+    pub fn ack(&self, group: &str, receipt: &Receipt) -> Result<(), BrokerError> {
+        self.with_lease(group, receipt, |p| p.ack(receipt.queue_offset, receipt.seq))?;
+        self.counters.acks.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Asks for a redelivery after `delay_ms` (reconsume times + 1).
+    ///
+    /// # Errors
+    /// [`BrokerError::ReceiptNotFound`] for a stale receipt.
+    pub fn nack(
+        &self,
+        group: &str,
+        receipt: &Receipt,
+        reason: &str,
+        delay_ms: u64,
+    ) -> Result<(), BrokerError> {
+        let now = self.clock.now_ms();
+        let delay = delay_ms.min(self.cfg.max_invisible_duration_ms);
+        self.with_lease(group, receipt, |p| {
+            p.change_invisible(receipt.queue_offset, receipt.seq, now, delay)
+        })?;
+        tracing::debug!(group, receipt = %receipt.encode(), reason, delay_ms = delay, "nack");
+        if delay == 0 {
+            if let Some(t) = self.topic(&receipt.topic) {
+                t.notify.notify_waiters();
+            }
+        }
+        Ok(())
+    }
+
+    /// Changes the invisible duration of a delivery; returns the new receipt
+    /// and deadline.
+    ///
+    /// # Errors
+    /// [`BrokerError::ReceiptNotFound`] for a stale receipt.
+    pub fn change_invisible_duration(
+        &self,
+        group: &str,
+        receipt: &Receipt,
+        invisible_ms: u64,
+    ) -> Result<(Receipt, u64), BrokerError> {
+        let now = self.clock.now_ms();
+        let d = invisible_ms.min(self.cfg.max_invisible_duration_ms);
+        let lease = self.with_lease(group, receipt, |p| {
+            p.change_invisible(receipt.queue_offset, receipt.seq, now, d)
+        })?;
+        Ok((
+            Receipt {
+                seq: lease.seq,
+                ..receipt.clone()
+            },
+            lease.invisible_until_ms,
+        ))
+    }
+
+    /// Counters and per-group figures.
+    pub fn stats(&self) -> Stats {
+        let c = &self.counters;
+        let groups: Vec<(GroupKey, Arc<Mutex<GroupTopic>>)> = lock(&self.groups)
+            .iter()
+            .map(|(k, v)| (k.clone(), Arc::clone(v)))
+            .collect();
+        let mut gs: Vec<GroupStats> = groups
+            .into_iter()
+            .map(|((group, topic), gt)| {
+                let g = lock(&gt);
+                let mut s = GroupStats {
+                    group,
+                    topic: topic.clone(),
+                    inflight: 0,
+                    lag: 0,
+                    acked: 0,
+                };
+                for (qid, p) in g.queues.iter().enumerate() {
+                    let max = self.store.max_queue_offset(&topic, qid as u32);
+                    s.inflight += p.inflight() as u64;
+                    let acked = p.ack_offset() + p.acked_count() as u64;
+                    s.acked += acked;
+                    s.lag += max.saturating_sub(acked);
+                }
+                s
+            })
+            .collect();
+        gs.sort_by(|a, b| (&a.group, &a.topic).cmp(&(&b.group, &b.topic)));
+        let log_bytes = self.store.log().written_offset() - self.store.log().min_offset();
+        Stats {
+            messages_in: c.messages_in.load(Ordering::Relaxed),
+            bytes_in: c.bytes_in.load(Ordering::Relaxed),
+            messages_out: c.messages_out.load(Ordering::Relaxed),
+            bytes_out: c.bytes_out.load(Ordering::Relaxed),
+            acks: c.acks.load(Ordering::Relaxed),
+            redeliveries: c.redeliveries.load(Ordering::Relaxed),
+            groups: gs,
+            commit_log_bytes: log_bytes,
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+        }
+    }
+}
+
+impl TopicState {
+    fn new(queues: u32) -> Self {
+        TopicState {
+            queues,
+            notify: Notify::new(),
+            round_robin: AtomicU32::new(0),
+        }
+    }
+}
+
+fn group_key(group: &str, topic: &str, queue_id: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(group.len() + topic.len() + 6);
+    k.extend_from_slice(group.as_bytes());
+    k.push(0);
+    k.extend_from_slice(topic.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&queue_id.to_be_bytes());
+    k
+}
+
+/// Snapshot of one queue's progress (little-endian):
+/// `ack_offset u64 | acked_count u32 | acked u64* | lease_count u32 |
+///  (queue_offset u64, invisible_until_ms u64, reconsume_times u32)*`.
+fn encode_progress(p: &QueueProgress) -> Vec<u8> {
+    let acked: Vec<u64> = p.acked().collect();
+    let leases: Vec<_> = p.leases().collect();
+    let mut v = Vec::with_capacity(16 + acked.len() * 8 + leases.len() * 20);
+    v.extend_from_slice(&p.ack_offset().to_le_bytes());
+    v.extend_from_slice(&(acked.len() as u32).to_le_bytes());
+    for a in acked {
+        v.extend_from_slice(&a.to_le_bytes());
+    }
+    v.extend_from_slice(&(leases.len() as u32).to_le_bytes());
+    for (qo, l) in leases {
+        v.extend_from_slice(&qo.to_le_bytes());
+        v.extend_from_slice(&l.invisible_until_ms.to_le_bytes());
+        v.extend_from_slice(&l.reconsume_times.to_le_bytes());
+    }
+    v
+}
+
+fn decode_progress(b: &[u8]) -> Option<QueueProgress> {
+    let mut p = 0usize;
+    let mut take = |n: usize| -> Option<&[u8]> {
+        let s = b.get(p..p + n)?;
+        p += n;
+        Some(s)
+    };
+    let u64_ = |s: &[u8]| u64::from_le_bytes(s.try_into().unwrap_or([0; 8]));
+    let u32_ = |s: &[u8]| u32::from_le_bytes(s.try_into().unwrap_or([0; 4]));
+    let mut q = QueueProgress::starting_at(u64_(take(8)?));
+    let n = u32_(take(4)?);
+    let mut acked = Vec::new();
+    for _ in 0..n {
+        acked.push(u64_(take(8)?));
+    }
+    let n = u32_(take(4)?);
+    for _ in 0..n {
+        let qo = u64_(take(8)?);
+        let until = u64_(take(8)?);
+        let rt = u32_(take(4)?);
+        q.restore_lease(qo, until, rt);
+    }
+    for a in acked {
+        q.restore_acked(a);
+    }
+    Some(q)
+}
+
+fn load_groups(store: &Store) -> Result<HashMap<GroupKey, Arc<Mutex<GroupTopic>>>, BrokerError> {
+    let mut map: HashMap<GroupKey, GroupTopic> = HashMap::new();
+    for (k, v) in store.meta().scan_prefix(GROUPS_SPACE, b"")? {
+        let parts: Vec<&[u8]> = k.splitn(3, |b| *b == 0).collect();
+        let (Some(g), Some(t), Some(q)) = (parts.first(), parts.get(1), parts.get(2)) else {
+            continue;
+        };
+        let (Ok(g), Ok(t), Ok(q)) = (
+            std::str::from_utf8(g),
+            std::str::from_utf8(t),
+            <[u8; 4]>::try_from(*q).map(u32::from_be_bytes),
+        ) else {
+            continue;
+        };
+        let Some(progress) = decode_progress(&v) else {
+            tracing::error!(
+                group = g,
+                topic = t,
+                queue_id = q,
+                "unreadable consumer progress; starting over"
+            );
+            continue;
+        };
+        let gt = map.entry((g.to_owned(), t.to_owned())).or_default();
+        while gt.queues.len() <= q as usize {
+            gt.queues.push(QueueProgress::starting_at(0));
+        }
+        gt.queues[q as usize] = progress;
+    }
+    Ok(map
+        .into_iter()
+        .map(|(k, v)| (k, Arc::new(Mutex::new(v))))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn receipt_round_trip() {
+        let r = Receipt {
+            topic: "a-b_c".into(),
+            queue_id: 3,
+            queue_offset: 99,
+            seq: 7,
+        };
+        assert_eq!(Receipt::decode(&r.encode()).unwrap(), r);
+        assert!(Receipt::decode("x.1.2.t").is_err());
+        assert!(Receipt::decode("1.2.3.").is_err());
+    }
+
+    #[test]
+    fn progress_snapshot_round_trip() {
+        let mut p = QueueProgress::starting_at(10);
+        let a = p.next_delivery(0, 100, 20, 100, 100).unwrap();
+        let b = p.next_delivery(0, 100, 20, 100, 100).unwrap();
+        p.ack(b.queue_offset, b.lease.seq).unwrap();
+        let q = decode_progress(&encode_progress(&p)).unwrap();
+        assert_eq!(q.ack_offset(), 10);
+        assert_eq!(q.inflight(), 1);
+        assert_eq!(q.acked().collect::<Vec<_>>(), vec![11]);
+        assert_eq!(q.leases().next().unwrap().0, a.queue_offset);
+        assert!(decode_progress(&[1, 2, 3]).is_none());
+    }
+}

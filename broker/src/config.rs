@@ -1,0 +1,271 @@
+//! The broker's one configuration struct: defaults, TOML, validation.
+//!
+//! Every key, with its default and unit, is listed in README.md
+//! ("Broker configuration"). Command-line flags override TOML keys (see
+//! `main.rs`); [`BrokerConfig::validate`] runs before anything starts.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Flush policy as configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlushSetting {
+    /// A send is acknowledged after an fdatasync covers it (group commit).
+    Sync,
+    /// A send is acknowledged after the write; fdatasync every `flush_interval_ms`.
+    Async,
+}
+
+/// Broker configuration. Field docs give defaults and units.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// Address to listen on. Default `127.0.0.1:8081`.
+    pub listen: SocketAddr,
+    /// Data directory. Default `./halfmq-data`.
+    pub data_dir: PathBuf,
+    /// Flush policy. Default `sync`.
+    pub flush: FlushSetting,
+    /// Async flush interval, ms. Default 500 (RocketMQ's flushIntervalCommitLog).
+    pub flush_interval_ms: u64,
+    /// Commit-log segment size, bytes. Default 1 GiB (RocketMQ's mappedFileSizeCommitLog).
+    pub segment_bytes: u64,
+    /// Largest message body, bytes. Default 4 MiB (RocketMQ's maxMessageSize).
+    pub max_message_bytes: u64,
+    /// Most messages in one send request. Default 1024.
+    pub max_batch_messages: u32,
+    /// Most body bytes in one send request. Default 16 MiB.
+    pub max_batch_bytes: u64,
+    /// Create a topic on first send to it. Default true.
+    pub auto_create_topics: bool,
+    /// Queues of a topic created without a count. Default 4.
+    pub default_queues: u32,
+    /// Most queues per topic. Default 256.
+    pub max_queues: u32,
+    /// Most topics. Default 10,000.
+    pub max_topics: u32,
+    /// Invisible duration of a received message when the receive names none, ms.
+    /// Default 30,000.
+    pub default_invisible_duration_ms: u64,
+    /// Longest invisible duration a consumer may ask for, ms. Default 12 h.
+    pub max_invisible_duration_ms: u64,
+    /// Most messages one receive returns. Default 256.
+    pub max_receive_messages: u32,
+    /// Longest long-poll wait of a receive, ms. Default 30,000.
+    pub max_receive_wait_ms: u64,
+    /// Most messages in flight (delivered, not acked) per consumer group and
+    /// queue. Default 4,096.
+    pub max_inflight_per_queue: u32,
+    /// Most queue offsets between a group's consumer offset and its next fresh
+    /// delivery, per queue. Default 65,536.
+    pub max_unacked_window: u64,
+    /// Most client connections at once. Default 1,024.
+    pub max_connections: u32,
+    /// Most concurrent requests per connection. Default 1,024.
+    pub max_requests_per_connection: u32,
+    /// How often the store checkpoint and consumer progress are saved, ms.
+    /// Default 1,000. Bounds recovery work and what kill -9 can redeliver.
+    pub checkpoint_interval_ms: u64,
+    /// Delete sealed commit-log segments older than this, ms. Default 72 h
+    /// (RocketMQ's fileReservedTime).
+    pub retention_ms: u64,
+    /// Delete the oldest sealed segments while the log exceeds this, bytes;
+    /// 0 = no size budget. Default 0.
+    pub retention_bytes: u64,
+    /// How often retention runs, ms. Default 60,000.
+    pub retention_check_interval_ms: u64,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            data_dir: PathBuf::from("./halfmq-data"),
+            flush: FlushSetting::Sync,
+            flush_interval_ms: 500,
+            segment_bytes: 1 << 30,
+            max_message_bytes: 4 << 20,
+            max_batch_messages: 1024,
+            max_batch_bytes: 16 << 20,
+            auto_create_topics: true,
+            default_queues: 4,
+            max_queues: 256,
+            max_topics: 10_000,
+            default_invisible_duration_ms: 30_000,
+            max_invisible_duration_ms: 12 * 3600 * 1000,
+            max_receive_messages: 256,
+            max_receive_wait_ms: 30_000,
+            max_inflight_per_queue: 4096,
+            max_unacked_window: 65_536,
+            max_connections: 1024,
+            max_requests_per_connection: 1024,
+            checkpoint_interval_ms: 1000,
+            retention_ms: 72 * 3600 * 1000,
+            retention_bytes: 0,
+            retention_check_interval_ms: 60_000,
+        }
+    }
+}
+
+/// A configuration key with a bad value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration `{key}`: {reason}")]
+pub struct ConfigError {
+    /// The key at fault.
+    pub key: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// Extra bytes a record needs beyond its body (headers, topic, tag, keys,
+/// properties are capped separately); used to derive the storage record limit.
+pub const RECORD_OVERHEAD_BYTES: u64 = 64 * 1024;
+
+impl BrokerConfig {
+    /// Parses TOML text (unknown keys are errors).
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the key when possible.
+    pub fn from_toml(text: &str) -> Result<BrokerConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError {
+            key: e
+                .message()
+                .split('`')
+                .nth(1)
+                .map_or_else(|| "toml".to_owned(), str::to_owned),
+            reason: e.to_string().trim().to_owned(),
+        })
+    }
+
+    /// Checks every key.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the first bad key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, reason: String| {
+            Err(ConfigError {
+                key: key.to_owned(),
+                reason,
+            })
+        };
+        let at_least = |key: &str, v: u64, min: u64| {
+            if v < min {
+                bad(key, format!("{v} is below the minimum {min}"))
+            } else {
+                Ok(())
+            }
+        };
+        at_least("flush_interval_ms", self.flush_interval_ms, 1)?;
+        at_least("segment_bytes", self.segment_bytes, 64 * 1024)?;
+        at_least("max_message_bytes", self.max_message_bytes, 1)?;
+        if self.max_message_bytes + RECORD_OVERHEAD_BYTES > self.segment_bytes {
+            return bad(
+                "max_message_bytes",
+                format!(
+                    "{} plus {RECORD_OVERHEAD_BYTES} bytes of headers must fit in segment_bytes {}",
+                    self.max_message_bytes, self.segment_bytes
+                ),
+            );
+        }
+        if self.max_message_bytes + RECORD_OVERHEAD_BYTES > u64::from(u32::MAX) {
+            return bad("max_message_bytes", "must be below 4 GiB".into());
+        }
+        at_least("max_batch_messages", u64::from(self.max_batch_messages), 1)?;
+        at_least(
+            "max_batch_bytes",
+            self.max_batch_bytes,
+            self.max_message_bytes,
+        )?;
+        at_least("default_queues", u64::from(self.default_queues), 1)?;
+        at_least(
+            "max_queues",
+            u64::from(self.max_queues),
+            u64::from(self.default_queues),
+        )?;
+        at_least("max_topics", u64::from(self.max_topics), 1)?;
+        at_least(
+            "default_invisible_duration_ms",
+            self.default_invisible_duration_ms,
+            1,
+        )?;
+        at_least(
+            "max_invisible_duration_ms",
+            self.max_invisible_duration_ms,
+            self.default_invisible_duration_ms,
+        )?;
+        at_least(
+            "max_receive_messages",
+            u64::from(self.max_receive_messages),
+            1,
+        )?;
+        at_least(
+            "max_inflight_per_queue",
+            u64::from(self.max_inflight_per_queue),
+            1,
+        )?;
+        at_least("max_unacked_window", self.max_unacked_window, 1)?;
+        at_least("max_connections", u64::from(self.max_connections), 1)?;
+        at_least(
+            "max_requests_per_connection",
+            u64::from(self.max_requests_per_connection),
+            1,
+        )?;
+        at_least("checkpoint_interval_ms", self.checkpoint_interval_ms, 10)?;
+        at_least("retention_ms", self.retention_ms, 1)?;
+        at_least(
+            "retention_check_interval_ms",
+            self.retention_check_interval_ms,
+            10,
+        )?;
+        Ok(())
+    }
+
+    /// The storage configuration this broker configuration implies.
+    pub fn store_config(&self) -> halfmq_storage::StoreConfig {
+        let mut s = halfmq_storage::StoreConfig::new(&self.data_dir);
+        s.segment_bytes = self.segment_bytes;
+        s.max_record_bytes = (self.max_message_bytes + RECORD_OVERHEAD_BYTES) as usize;
+        s.flush = match self.flush {
+            FlushSetting::Sync => halfmq_storage::FlushMode::Sync,
+            FlushSetting::Async => halfmq_storage::FlushMode::Async {
+                interval_ms: self.flush_interval_ms,
+            },
+        };
+        s.retention_ms = self.retention_ms;
+        s.retention_bytes = if self.retention_bytes == 0 {
+            u64::MAX
+        } else {
+            self.retention_bytes
+        };
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_toml_overrides() {
+        BrokerConfig::default().validate().unwrap();
+        let c =
+            BrokerConfig::from_toml("listen = \"127.0.0.1:9999\"\nflush = \"async\"\n").unwrap();
+        assert_eq!(c.listen.port(), 9999);
+        assert_eq!(c.flush, FlushSetting::Async);
+        assert_eq!(c.default_queues, 4);
+    }
+
+    #[test]
+    fn unknown_and_bad_keys_are_named() {
+        let e = BrokerConfig::from_toml("no_such_key = 1").unwrap_err();
+        assert_eq!(e.key, "no_such_key");
+        let c = BrokerConfig {
+            default_queues: 0,
+            ..BrokerConfig::default()
+        };
+        assert_eq!(c.validate().unwrap_err().key, "default_queues");
+    }
+}

@@ -1,0 +1,70 @@
+//! The broker's error type. Each variant maps to one stable wire status code
+//! (see `service.rs` and README "Status codes").
+
+/// Everything a broker operation can refuse or fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// Malformed request.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// Bad topic name.
+    #[error("{0}")]
+    InvalidTopic(String),
+    /// Bad group name.
+    #[error("{0}")]
+    InvalidGroup(String),
+    /// Bad tag expression.
+    #[error("invalid tag expression {0}")]
+    InvalidTagExpression(String),
+    /// Queue id out of range.
+    #[error("queue id {queue_id} is not below the {queues} queues of topic {topic}")]
+    InvalidQueueId {
+        /// Topic.
+        topic: String,
+        /// Asked for.
+        queue_id: u32,
+        /// The topic's queue count.
+        queues: u32,
+    },
+    /// A receipt handle that cannot be parsed.
+    #[error("invalid receipt handle {0:?}")]
+    InvalidReceiptHandle(String),
+    /// A `%`-prefixed name used by a client.
+    #[error("{0}")]
+    ReservedName(String),
+    /// Unknown topic.
+    #[error("topic {0} does not exist")]
+    TopicNotFound(String),
+    /// Stale or unknown receipt.
+    #[error("receipt handle is stale: the message was acked or redelivered since")]
+    ReceiptNotFound,
+    /// Topic exists already.
+    #[error("topic {0} exists already")]
+    TopicExists(String),
+    /// A body over `max_message_bytes`.
+    #[error("message body of {size_bytes} bytes exceeds max_message_bytes {limit_bytes}")]
+    MessageTooLarge {
+        /// Body size, bytes.
+        size_bytes: u64,
+        /// The limit, bytes.
+        limit_bytes: u64,
+    },
+    /// A batch over a batch limit.
+    #[error("{0}")]
+    BatchTooLarge(String),
+    /// A limit reached.
+    #[error("{0}")]
+    TooManyRequests(String),
+    /// The storage engine failed.
+    #[error("storage: {0}")]
+    Storage(#[from] halfmq_storage::Error),
+    /// The configuration was rejected.
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+    /// A broker bug.
+    #[error("internal: {0}")]
+    Internal(String),
+    /// The broker is stopping.
+    #[error("broker is shutting down")]
+    ShuttingDown,
+}

@@ -1,0 +1,233 @@
+//! `halfmq-broker`: runs the broker. With no arguments: data in
+//! `./halfmq-data`, listening on `127.0.0.1:8081`, sync flush. `--config FILE`
+//! reads TOML; every flag overrides its key. Invalid configuration exits 2.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use halfmq_broker::{BrokerConfig, FlushSetting};
+
+fn duration_ms(s: &str) -> Result<u64, String> {
+    humantime::parse_duration(s)
+        .map(|d| d.as_millis() as u64)
+        .map_err(|e| format!("{e} (examples: 500ms, 30s, 2m, 72h)"))
+}
+
+/// halfmq broker. Flags override the TOML file's keys; durations take units
+/// (500ms, 30s, 72h). Every key is documented in README.md.
+#[derive(Debug, Parser)]
+#[command(name = "halfmq-broker", version)]
+struct Args {
+    /// TOML configuration file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// `listen`: address to listen on.
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// `data_dir`: data directory.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// `flush`: sync or async.
+    #[arg(long, value_parser = ["sync", "async"])]
+    flush: Option<String>,
+    /// `flush_interval_ms`, as a duration.
+    #[arg(long, value_parser = duration_ms)]
+    flush_interval: Option<u64>,
+    /// `segment_bytes`.
+    #[arg(long)]
+    segment_bytes: Option<u64>,
+    /// `max_message_bytes`.
+    #[arg(long)]
+    max_message_bytes: Option<u64>,
+    /// `max_batch_messages`.
+    #[arg(long)]
+    max_batch_messages: Option<u32>,
+    /// `max_batch_bytes`.
+    #[arg(long)]
+    max_batch_bytes: Option<u64>,
+    /// `auto_create_topics`: true or false.
+    #[arg(long)]
+    auto_create_topics: Option<bool>,
+    /// `default_queues`.
+    #[arg(long)]
+    default_queues: Option<u32>,
+    /// `max_queues`.
+    #[arg(long)]
+    max_queues: Option<u32>,
+    /// `max_topics`.
+    #[arg(long)]
+    max_topics: Option<u32>,
+    /// `default_invisible_duration_ms`, as a duration.
+    #[arg(long, value_parser = duration_ms)]
+    default_invisible_duration: Option<u64>,
+    /// `max_invisible_duration_ms`, as a duration.
+    #[arg(long, value_parser = duration_ms)]
+    max_invisible_duration: Option<u64>,
+    /// `max_receive_messages`.
+    #[arg(long)]
+    max_receive_messages: Option<u32>,
+    /// `max_receive_wait_ms`, as a duration.
+    #[arg(long, value_parser = duration_ms)]
+    max_receive_wait: Option<u64>,
+    /// `max_inflight_per_queue`.
+    #[arg(long)]
+    max_inflight_per_queue: Option<u32>,
+    /// `max_unacked_window`.
+    #[arg(long)]
+    max_unacked_window: Option<u64>,
+    /// `max_connections`.
+    #[arg(long)]
+    max_connections: Option<u32>,
+    /// `max_requests_per_connection`.
+    #[arg(long)]
+    max_requests_per_connection: Option<u32>,
+    /// `checkpoint_interval_ms`, as a duration.
+    #[arg(long, value_parser = duration_ms)]
+    checkpoint_interval: Option<u64>,
+    /// `retention_ms`, as a duration.
+    #[arg(long, value_parser = duration_ms)]
+    retention: Option<u64>,
+    /// `retention_bytes` (0 = no size budget).
+    #[arg(long)]
+    retention_bytes: Option<u64>,
+    /// `retention_check_interval_ms`, as a duration.
+    #[arg(long, value_parser = duration_ms)]
+    retention_check_interval: Option<u64>,
+}
+
+macro_rules! apply {
+    ($cfg:ident, $args:ident, $($flag:ident => $key:ident),* $(,)?) => {
+        $( if let Some(v) = $args.$flag.clone() { $cfg.$key = v; } )*
+    };
+}
+
+fn load_config(args: &Args) -> anyhow::Result<BrokerConfig> {
+    let mut cfg = match &args.config {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            BrokerConfig::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?
+        }
+        None => BrokerConfig::default(),
+    };
+    apply!(cfg, args,
+        listen => listen, data_dir => data_dir, flush_interval => flush_interval_ms,
+        segment_bytes => segment_bytes, max_message_bytes => max_message_bytes,
+        max_batch_messages => max_batch_messages, max_batch_bytes => max_batch_bytes,
+        auto_create_topics => auto_create_topics, default_queues => default_queues,
+        max_queues => max_queues, max_topics => max_topics,
+        default_invisible_duration => default_invisible_duration_ms,
+        max_invisible_duration => max_invisible_duration_ms,
+        max_receive_messages => max_receive_messages, max_receive_wait => max_receive_wait_ms,
+        max_inflight_per_queue => max_inflight_per_queue, max_unacked_window => max_unacked_window,
+        max_connections => max_connections, max_requests_per_connection => max_requests_per_connection,
+        checkpoint_interval => checkpoint_interval_ms, retention => retention_ms,
+        retention_bytes => retention_bytes, retention_check_interval => retention_check_interval_ms,
+    );
+    if let Some(f) = &args.flush {
+        cfg.flush = if f == "async" {
+            FlushSetting::Async
+        } else {
+            FlushSetting::Sync
+        };
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let cfg = match load_config(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("halfmq-broker: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    if args.print_config {
+        match toml::to_string(&cfg) {
+            Ok(t) => {
+                print!("{t}");
+                return std::process::ExitCode::SUCCESS;
+            }
+            Err(e) => {
+                eprintln!("halfmq-broker: {e}");
+                return std::process::ExitCode::FAILURE;
+            }
+        }
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("halfmq-broker: runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let res: anyhow::Result<()> = rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("binding {}", cfg.listen))?;
+        let addr = listener.local_addr()?;
+        let started = std::time::Instant::now();
+        let broker = tokio::task::spawn_blocking(move || {
+            halfmq_broker::Broker::open(cfg, std::sync::Arc::new(halfmq_broker::SystemClock))
+        })
+        .await??;
+        broker.start_background();
+        let rep = broker.store().recovery_report();
+        tracing::info!(
+            %addr,
+            recovered_records = rep.records,
+            recovery_ms = started.elapsed().as_millis() as u64,
+            "halfmq broker listening"
+        );
+        // Printed on stdout for scripts and tests that start the broker on port 0.
+        println!("listening on {addr}");
+        halfmq_broker::serve(broker, listener, shutdown_signal()).await?;
+        Ok(())
+    });
+    rt.shutdown_timeout(Duration::from_secs(5));
+    match res {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("halfmq-broker: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

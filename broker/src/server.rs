@@ -1,0 +1,204 @@
+//! The network edge: binds the listener, bounds connections, serves the gRPC
+//! services, and shuts down gracefully (stop accepting, wake long polls, drain
+//! in-flight requests, save consumer progress, checkpoint, fdatasync).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use halfmq_proto::v1 as pb;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tonic::transport::server::{Connected, TcpConnectInfo};
+
+use crate::broker::{Broker, Clock, SystemClock};
+use crate::config::BrokerConfig;
+use crate::error::BrokerError;
+use crate::service::Services;
+
+/// A connection holding one of the `max_connections` permits.
+struct LimitedConn {
+    io: TcpStream,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Connected for LimitedConn {
+    type ConnectInfo = TcpConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+impl AsyncRead for LimitedConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for LimitedConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// Serves `broker` on `listener` until `shutdown` completes, then drains and
+/// shuts the broker down.
+///
+/// # Errors
+/// Transport errors, and the broker's last save.
+pub async fn serve(
+    broker: Arc<Broker>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), BrokerError> {
+    let cfg = broker.config().clone();
+    let permits = Arc::new(Semaphore::new(cfg.max_connections as usize));
+    let (conn_tx, conn_rx) = tokio::sync::mpsc::channel::<std::io::Result<LimitedConn>>(64);
+    let (stop_accept_tx, mut stop_accept_rx) = oneshot::channel::<()>();
+    let accept = tokio::spawn(async move {
+        loop {
+            let (io, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                        continue;
+                    }
+                },
+                _ = &mut stop_accept_rx => return,
+            };
+            let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+                tracing::warn!(%peer, max_connections = cfg.max_connections, "connection refused: limit reached");
+                drop(io);
+                continue;
+            };
+            let _ = io.set_nodelay(true);
+            if conn_tx
+                .send(Ok(LimitedConn {
+                    io,
+                    _permit: permit,
+                }))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let b = Arc::clone(&broker);
+    let signal = async move {
+        shutdown.await;
+        tracing::info!("shutting down: refusing new work, draining requests");
+        let _ = stop_accept_tx.send(());
+        b.begin_shutdown();
+    };
+    let svc = Services::new(Arc::clone(&broker));
+    let result = tonic::transport::Server::builder()
+        .concurrency_limit_per_connection(cfg.max_requests_per_connection as usize)
+        .add_service(pb::producer_server::ProducerServer::new(svc.clone()))
+        .add_service(pb::consumer_server::ConsumerServer::new(svc.clone()))
+        .add_service(pb::admin_server::AdminServer::new(svc))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(conn_rx), signal)
+        .await;
+    accept.abort();
+    let closed = broker.shutdown().await;
+    tracing::info!("broker stopped");
+    result.map_err(|e| BrokerError::Internal(format!("transport: {e}")))?;
+    closed
+}
+
+/// A broker running in this process (tests, the bench's embedded mode).
+#[derive(Debug)]
+pub struct RunningBroker {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// The broker.
+    pub broker: Arc<Broker>,
+    stop: Option<oneshot::Sender<()>>,
+    join: Option<JoinHandle<Result<(), BrokerError>>>,
+}
+
+impl RunningBroker {
+    /// Shuts down gracefully and waits until the store is closed.
+    ///
+    /// # Errors
+    /// As [`serve`].
+    pub async fn shutdown(mut self) -> Result<(), BrokerError> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        match self.join.take() {
+            Some(j) => j.await.map_err(|e| BrokerError::Internal(e.to_string()))?,
+            None => Ok(()),
+        }
+    }
+}
+
+/// Opens the broker and serves it on `cfg.listen` (port 0 picks a free port)
+/// with the system clock, in the background of the current runtime.
+///
+/// # Errors
+/// Configuration, storage and bind errors.
+pub async fn start(cfg: BrokerConfig) -> Result<RunningBroker, BrokerError> {
+    start_with_clock(cfg, Arc::new(SystemClock)).await
+}
+
+/// [`start`] with an injected clock.
+///
+/// # Errors
+/// As [`start`].
+pub async fn start_with_clock(
+    cfg: BrokerConfig,
+    clock: Arc<dyn Clock>,
+) -> Result<RunningBroker, BrokerError> {
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| BrokerError::Internal(format!("bind {}: {e}", cfg.listen)))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| BrokerError::Internal(format!("local_addr: {e}")))?;
+    let broker = tokio::task::spawn_blocking(move || Broker::open(cfg, clock))
+        .await
+        .map_err(|e| BrokerError::Internal(e.to_string()))??;
+    broker.start_background();
+    tracing::info!(%addr, "halfmq broker listening");
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let join = tokio::spawn(serve(Arc::clone(&broker), listener, async move {
+        let _ = stop_rx.await;
+    }));
+    Ok(RunningBroker {
+        addr,
+        broker,
+        stop: Some(stop_tx),
+        join: Some(join),
+    })
+}

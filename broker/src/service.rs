@@ -1,0 +1,280 @@
+//! The gRPC services: convert wire types to domain types, call the broker,
+//! convert back. Every broker decision is a `Status` in the response; gRPC
+//! errors are left to transport failures.
+
+use std::sync::Arc;
+
+use halfmq_proto::v1 as pb;
+use tonic::{Request, Response};
+
+use crate::broker::{Broker, OutgoingMessage, QueueChoice, Receipt, ReceiveRequest};
+use crate::error::BrokerError;
+
+/// The wire status code of an error. Stable: see README "Status codes".
+pub fn code_of(e: &BrokerError) -> pb::Code {
+    use pb::Code;
+    match e {
+        BrokerError::BadRequest(_) | BrokerError::Config(_) => Code::BadRequest,
+        BrokerError::InvalidTopic(_) => Code::InvalidTopic,
+        BrokerError::InvalidGroup(_) => Code::InvalidGroup,
+        BrokerError::InvalidTagExpression(_) => Code::InvalidTagExpression,
+        BrokerError::InvalidQueueId { .. } => Code::InvalidQueueId,
+        BrokerError::InvalidReceiptHandle(_) => Code::InvalidReceiptHandle,
+        BrokerError::ReservedName(_) => Code::ReservedName,
+        BrokerError::TopicNotFound(_) => Code::TopicNotFound,
+        BrokerError::ReceiptNotFound => Code::ReceiptNotFound,
+        BrokerError::TopicExists(_) => Code::TopicExists,
+        BrokerError::MessageTooLarge { .. } => Code::MessageTooLarge,
+        BrokerError::BatchTooLarge(_) => Code::BatchTooLarge,
+        BrokerError::TooManyRequests(_) => Code::TooManyRequests,
+        BrokerError::Storage(halfmq_storage::Error::RecordTooLarge { .. }) => Code::MessageTooLarge,
+        BrokerError::Storage(_) => Code::StorageError,
+        BrokerError::Internal(_) => Code::Internal,
+        BrokerError::ShuttingDown => Code::ShuttingDown,
+    }
+}
+
+fn ok() -> Option<pb::Status> {
+    Some(pb::Status {
+        code: pb::Code::Ok as i32,
+        message: String::new(),
+    })
+}
+
+fn status(e: &BrokerError) -> Option<pb::Status> {
+    let code = code_of(e);
+    if code == pb::Code::Internal || code == pb::Code::StorageError {
+        tracing::error!(error = %e, "request failed");
+    } else {
+        tracing::debug!(error = %e, "request refused");
+    }
+    Some(pb::Status {
+        code: code as i32,
+        message: e.to_string(),
+    })
+}
+
+fn outgoing(m: pb::Message) -> OutgoingMessage {
+    let queue = match m.queue {
+        Some(pb::message::Queue::QueueId(q)) => QueueChoice::Id(q),
+        Some(pb::message::Queue::ShardingKey(k)) => QueueChoice::Key(k),
+        None => QueueChoice::RoundRobin,
+    };
+    let mut properties: Vec<(String, String)> = m.properties.into_iter().collect();
+    properties.sort();
+    OutgoingMessage {
+        topic: m.topic,
+        queue,
+        tag: m.tag,
+        keys: m.keys,
+        properties,
+        body: m.body,
+    }
+}
+
+/// Implements the `Producer`, `Consumer` and `Admin` services over a broker.
+#[derive(Debug, Clone)]
+pub struct Services {
+    broker: Arc<Broker>,
+}
+
+impl Services {
+    /// Services over `broker`.
+    pub fn new(broker: Arc<Broker>) -> Self {
+        Services { broker }
+    }
+}
+
+type Rpc<T> = Result<Response<T>, tonic::Status>;
+
+#[tonic::async_trait]
+impl pb::producer_server::Producer for Services {
+    #[tracing::instrument(skip_all, fields(messages = req.get_ref().messages.len()))]
+    async fn send(&self, req: Request<pb::SendRequest>) -> Rpc<pb::SendResponse> {
+        let msgs = req
+            .into_inner()
+            .messages
+            .into_iter()
+            .map(outgoing)
+            .collect();
+        Ok(Response::new(match self.broker.send(msgs).await {
+            Ok(receipts) => pb::SendResponse {
+                status: ok(),
+                receipts: receipts
+                    .into_iter()
+                    .map(|r| pb::SendReceipt {
+                        message_id: r.message_id.to_string(),
+                        queue_id: r.queue_id,
+                        queue_offset: r.queue_offset,
+                    })
+                    .collect(),
+            },
+            Err(e) => pb::SendResponse {
+                status: status(&e),
+                receipts: vec![],
+            },
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::consumer_server::Consumer for Services {
+    #[tracing::instrument(skip_all, fields(group = %req.get_ref().group, topic = %req.get_ref().topic))]
+    async fn receive(&self, req: Request<pb::ReceiveRequest>) -> Rpc<pb::ReceiveResponse> {
+        let r = req.into_inner();
+        let res = self
+            .broker
+            .receive(ReceiveRequest {
+                group: r.group,
+                topic: r.topic,
+                tag_expression: r.tag_expression,
+                max_messages: r.max_messages,
+                invisible_duration_ms: r.invisible_duration_ms,
+                wait_ms: r.wait_ms,
+            })
+            .await;
+        Ok(Response::new(match res {
+            Ok(msgs) => pb::ReceiveResponse {
+                status: ok(),
+                messages: msgs
+                    .into_iter()
+                    .map(|m| pb::ReceivedMessage {
+                        message_id: m.message_id.to_string(),
+                        topic: m.topic,
+                        queue_id: m.queue_id,
+                        queue_offset: m.queue_offset,
+                        tag: m.tag,
+                        keys: m.keys,
+                        properties: m.properties.into_iter().collect(),
+                        body: m.body,
+                        reconsume_times: m.reconsume_times,
+                        receipt_handle: m.receipt.encode(),
+                        store_timestamp_ms: m.store_timestamp_ms,
+                        invisible_until_ms: m.invisible_until_ms,
+                    })
+                    .collect(),
+            },
+            Err(e) => pb::ReceiveResponse {
+                status: status(&e),
+                messages: vec![],
+            },
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(group = %req.get_ref().group, handles = req.get_ref().receipt_handles.len()))]
+    async fn ack(&self, req: Request<pb::AckRequest>) -> Rpc<pb::AckResponse> {
+        let r = req.into_inner();
+        let results = r
+            .receipt_handles
+            .iter()
+            .map(
+                |h| match Receipt::decode(h).and_then(|rc| self.broker.ack(&r.group, &rc)) {
+                    Ok(()) => ok().unwrap_or_default(),
+                    Err(e) => status(&e).unwrap_or_default(),
+                },
+            )
+            .collect();
+        Ok(Response::new(pb::AckResponse {
+            status: ok(),
+            results,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(group = %req.get_ref().group))]
+    async fn nack(&self, req: Request<pb::NackRequest>) -> Rpc<pb::NackResponse> {
+        let r = req.into_inner();
+        let res = Receipt::decode(&r.receipt_handle)
+            .and_then(|rc| self.broker.nack(&r.group, &rc, &r.reason, r.delay_ms));
+        Ok(Response::new(pb::NackResponse {
+            status: match res {
+                Ok(()) => ok(),
+                Err(e) => status(&e),
+            },
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(group = %req.get_ref().group))]
+    async fn change_invisible_duration(
+        &self,
+        req: Request<pb::ChangeInvisibleDurationRequest>,
+    ) -> Rpc<pb::ChangeInvisibleDurationResponse> {
+        let r = req.into_inner();
+        let res = Receipt::decode(&r.receipt_handle).and_then(|rc| {
+            self.broker
+                .change_invisible_duration(&r.group, &rc, r.invisible_duration_ms)
+        });
+        Ok(Response::new(match res {
+            Ok((rc, until)) => pb::ChangeInvisibleDurationResponse {
+                status: ok(),
+                receipt_handle: rc.encode(),
+                invisible_until_ms: until,
+            },
+            Err(e) => pb::ChangeInvisibleDurationResponse {
+                status: status(&e),
+                ..Default::default()
+            },
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for Services {
+    #[tracing::instrument(skip_all, fields(topic = %req.get_ref().name))]
+    async fn create_topic(
+        &self,
+        req: Request<pb::CreateTopicRequest>,
+    ) -> Rpc<pb::CreateTopicResponse> {
+        let r = req.into_inner();
+        Ok(Response::new(pb::CreateTopicResponse {
+            status: match self.broker.create_topic(&r.name, r.queues) {
+                Ok(_) => ok(),
+                Err(e) => status(&e),
+            },
+        }))
+    }
+
+    async fn list_topics(
+        &self,
+        _req: Request<pb::ListTopicsRequest>,
+    ) -> Rpc<pb::ListTopicsResponse> {
+        Ok(Response::new(pb::ListTopicsResponse {
+            status: ok(),
+            topics: self
+                .broker
+                .list_topics()
+                .into_iter()
+                .map(|t| pb::TopicInfo {
+                    name: t.name,
+                    queues: t.queues,
+                    messages: t.messages,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn stats(&self, _req: Request<pb::StatsRequest>) -> Rpc<pb::StatsResponse> {
+        let s = self.broker.stats();
+        Ok(Response::new(pb::StatsResponse {
+            status: ok(),
+            messages_in: s.messages_in,
+            bytes_in: s.bytes_in,
+            messages_out: s.messages_out,
+            bytes_out: s.bytes_out,
+            acks: s.acks,
+            redeliveries: s.redeliveries,
+            groups: s
+                .groups
+                .into_iter()
+                .map(|g| pb::GroupStats {
+                    group: g.group,
+                    topic: g.topic,
+                    inflight: g.inflight,
+                    lag: g.lag,
+                    acked: g.acked,
+                })
+                .collect(),
+            commit_log_bytes: s.commit_log_bytes,
+            uptime_ms: s.uptime_ms,
+        }))
+    }
+}

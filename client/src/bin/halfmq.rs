@@ -1,0 +1,295 @@
+//! `halfmq`: the command-line tool for people and scripts.
+//!
+//! `--broker ADDR` (env `HALFMQ_BROKER`, default `127.0.0.1:8081`); `--json`
+//! prints one JSON object per line where listed. Exit status is non-zero when
+//! an operation fails.
+
+use std::io::Read;
+use std::time::Duration;
+
+use anyhow::Context;
+use base64::Engine;
+use clap::{Parser, Subcommand};
+use halfmq_client::{Admin, Client, Consumer, Message, Producer, ProducerOptions};
+use serde_json::json;
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 10s, 2m)"))
+}
+
+/// Command-line tool for the halfmq broker.
+#[derive(Debug, Parser)]
+#[command(name = "halfmq", version)]
+struct Cli {
+    /// Broker address.
+    #[arg(
+        long,
+        global = true,
+        env = "HALFMQ_BROKER",
+        default_value = "127.0.0.1:8081"
+    )]
+    broker: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Topics: create, list.
+    Topic {
+        #[command(subcommand)]
+        cmd: TopicCmd,
+    },
+    /// Sends BODY (or standard input when BODY is absent) COUNT times; prints
+    /// each message id as soon as its send is acknowledged.
+    Send {
+        /// Topic.
+        topic: String,
+        /// Body; read from standard input when absent.
+        body: Option<String>,
+        /// Tag.
+        #[arg(long)]
+        tag: Option<String>,
+        /// Key (repeatable).
+        #[arg(long = "key")]
+        keys: Vec<String>,
+        /// How many times to send it.
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+        /// One JSON object per line: message_id, queue_id, queue_offset.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Receives up to COUNT messages, or until TIMEOUT passes with none;
+    /// acks each (or, with --nack, asks for a redelivery).
+    Consume {
+        /// Topic.
+        topic: String,
+        /// Consumer group.
+        #[arg(long)]
+        group: String,
+        /// Tag expression: '*' or 'a||b'.
+        #[arg(long, default_value = "*")]
+        tag: String,
+        /// Stop after this many messages (default: no limit).
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop when no message arrives for this long.
+        #[arg(long, default_value = "10s", value_parser = duration)]
+        timeout: Duration,
+        /// Nack instead of ack (the message is redelivered, reconsume times + 1).
+        #[arg(long)]
+        nack: bool,
+        /// Reason given with --nack.
+        #[arg(long, default_value = "nacked by halfmq consume")]
+        reason: String,
+        /// Delay before the redelivery asked by --nack.
+        #[arg(long, default_value = "0s", value_parser = duration)]
+        nack_delay: Duration,
+        /// Invisible duration of received messages (default: the broker's).
+        #[arg(long, value_parser = duration)]
+        invisible: Option<Duration>,
+        /// One JSON object per line (body as UTF-8, or base64 when it is not:
+        /// see body_encoding).
+        #[arg(long)]
+        json: bool,
+    },
+    /// The broker's counters.
+    Stats {
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TopicCmd {
+    /// Creates a topic.
+    Create {
+        /// Name.
+        name: String,
+        /// Queues (default: the broker's default_queues).
+        #[arg(long, default_value_t = 0)]
+        queues: u32,
+    },
+    /// Lists topics.
+    List {
+        /// One JSON object per line: name, queues, messages.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("halfmq: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let client = Client::connect(&cli.broker).await?;
+    match cli.cmd {
+        Cmd::Topic {
+            cmd: TopicCmd::Create { name, queues },
+        } => {
+            Admin::new(client).create_topic(&name, queues).await?;
+            println!("created topic {name}");
+        }
+        Cmd::Topic {
+            cmd: TopicCmd::List { json },
+        } => {
+            for t in Admin::new(client).list_topics().await? {
+                if json {
+                    println!(
+                        "{}",
+                        json!({"name": t.name, "queues": t.queues, "messages": t.messages})
+                    );
+                } else {
+                    println!("{}\tqueues={}\tmessages={}", t.name, t.queues, t.messages);
+                }
+            }
+        }
+        Cmd::Send {
+            topic,
+            body,
+            tag,
+            keys,
+            count,
+            json,
+        } => {
+            let body = match body {
+                Some(b) => b.into_bytes(),
+                None => {
+                    let mut v = Vec::new();
+                    std::io::stdin()
+                        .read_to_end(&mut v)
+                        .context("reading the body from standard input")?;
+                    v
+                }
+            };
+            let producer = Producer::with_options(
+                client,
+                ProducerOptions {
+                    auto_batch: false,
+                    ..ProducerOptions::default()
+                },
+            );
+            for _ in 0..count {
+                let mut m = Message::new(topic.clone(), body.clone());
+                if let Some(t) = &tag {
+                    m = m.with_tag(t.clone());
+                }
+                for k in &keys {
+                    m = m.with_key(k.clone());
+                }
+                let r = producer.send(m).await?;
+                if json {
+                    println!(
+                        "{}",
+                        json!({"message_id": r.message_id, "topic": topic, "queue_id": r.queue_id, "queue_offset": r.queue_offset})
+                    );
+                } else {
+                    println!("{}", r.message_id);
+                }
+            }
+        }
+        Cmd::Consume {
+            topic,
+            group,
+            tag,
+            count,
+            timeout,
+            nack,
+            reason,
+            nack_delay,
+            invisible,
+            json,
+        } => {
+            let mut consumer = Consumer::new(client, group, topic).with_tag_expression(tag);
+            if let Some(d) = invisible {
+                consumer = consumer.with_invisible_duration(d);
+            }
+            let mut got = 0u64;
+            while count.is_none_or(|c| got < c) {
+                let want = count.map_or(32, |c| (c - got).min(32)) as u32;
+                let msgs = consumer.receive(want, timeout).await?;
+                if msgs.is_empty() {
+                    break;
+                }
+                for m in msgs {
+                    print_message(&m, json);
+                    if nack {
+                        consumer.nack(&m, &reason, nack_delay).await?;
+                    } else {
+                        consumer.ack(&m).await?;
+                    }
+                    got += 1;
+                }
+            }
+            if let Some(c) = count {
+                if got < c {
+                    eprintln!("halfmq: received {got} of {c} messages before the timeout");
+                }
+            }
+        }
+        Cmd::Stats { json } => {
+            let s = Admin::new(client).stats().await?;
+            let groups: Vec<_> = s
+                .groups
+                .iter()
+                .map(|g| json!({"group": g.group, "topic": g.topic, "inflight": g.inflight, "lag": g.lag, "acked": g.acked}))
+                .collect();
+            let v = json!({
+                "messages_in": s.messages_in, "bytes_in": s.bytes_in,
+                "messages_out": s.messages_out, "bytes_out": s.bytes_out,
+                "acks": s.acks, "redeliveries": s.redeliveries,
+                "commit_log_bytes": s.commit_log_bytes, "uptime_ms": s.uptime_ms,
+                "groups": groups,
+            });
+            if json {
+                println!("{v}");
+            } else {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_message(m: &halfmq_client::ReceivedMessage, json: bool) {
+    let (body, encoding) = match std::str::from_utf8(&m.body) {
+        Ok(s) => (s.to_owned(), "utf8"),
+        Err(_) => (
+            base64::engine::general_purpose::STANDARD.encode(&m.body),
+            "base64",
+        ),
+    };
+    if json {
+        println!(
+            "{}",
+            json!({
+                "message_id": m.message_id, "topic": m.topic, "queue_id": m.queue_id,
+                "queue_offset": m.queue_offset, "tag": m.tag, "keys": m.keys,
+                "reconsume_times": m.reconsume_times, "body": body, "body_encoding": encoding,
+                "properties": m.properties, "store_timestamp_ms": m.store_timestamp_ms,
+            })
+        );
+    } else {
+        println!(
+            "{} {}/{}@{} tag={:?} reconsume_times={} body={}",
+            m.message_id, m.topic, m.queue_id, m.queue_offset, m.tag, m.reconsume_times, body
+        );
+    }
+}
