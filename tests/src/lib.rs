@@ -1,1 +1,118 @@
-//! Helpers for halfmq's black-box integration tests (under `tests/tests/`).
+//! Helpers for halfmq's black-box integration tests (under `tests/tests/`):
+//! an in-process broker on an ephemeral port, and the real binaries.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use halfmq_broker::{BrokerConfig, RunningBroker};
+
+/// A configuration for tests: ephemeral port, data in `dir`, small segments.
+pub fn test_config(dir: &Path) -> BrokerConfig {
+    BrokerConfig {
+        listen: "127.0.0.1:0".parse().expect("literal address"),
+        data_dir: dir.to_path_buf(),
+        segment_bytes: 8 << 20,
+        max_message_bytes: 64 * 1024,
+        checkpoint_interval_ms: 200,
+        ..BrokerConfig::default()
+    }
+}
+
+/// Starts an in-process broker.
+///
+/// # Panics
+/// When the broker cannot start (a test failure).
+pub async fn start(cfg: BrokerConfig) -> RunningBroker {
+    halfmq_broker::start(cfg).await.expect("start broker")
+}
+
+/// The path of a workspace binary (`halfmq-broker`, `halfmq`), built by
+/// `cargo test --workspace`; built on demand when missing.
+///
+/// # Panics
+/// When it cannot be found or built.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--bin", name])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "cargo build --bin {name} failed");
+    }
+    path
+}
+
+/// A `halfmq-broker` child process.
+#[derive(Debug)]
+pub struct BrokerProcess {
+    /// The child.
+    pub child: Child,
+    /// Address it listens on.
+    pub addr: String,
+}
+
+impl BrokerProcess {
+    /// Starts `halfmq-broker --listen 127.0.0.1:0 --data-dir DIR` plus `extra`
+    /// flags and waits for its "listening on" line.
+    ///
+    /// # Panics
+    /// When it does not start within 20 s.
+    pub fn start(dir: &Path, extra: &[&str]) -> BrokerProcess {
+        let mut child = Command::new(binary("halfmq-broker"))
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn halfmq-broker");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(a) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(a.to_owned());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("broker printed its address");
+        BrokerProcess { child, addr }
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, and wait for a clean exit; returns the exit status.
+    ///
+    /// # Panics
+    /// When `kill` cannot be run.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+        self.child.wait().expect("wait broker")
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

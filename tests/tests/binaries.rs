@@ -1,0 +1,176 @@
+//! The real binaries: `halfmq-broker` (config errors, SIGTERM, SIGKILL) and
+//! the `halfmq` CLI.
+
+use std::collections::HashSet;
+use std::process::Command;
+use std::time::Duration;
+
+use halfmq_client::{Client, Consumer, Message, Producer};
+use halfmq_tests::{binary, BrokerProcess};
+
+#[test]
+fn invalid_config_exits_2_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(binary("halfmq-broker"))
+        .args(["--data-dir"])
+        .arg(dir.path())
+        .args(["--default-queues", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("default_queues"), "{err}");
+    let toml = dir.path().join("bad.toml");
+    std::fs::write(&toml, "flush = \"sometimes\"\n").unwrap();
+    let out = Command::new(binary("halfmq-broker"))
+        .arg("--config")
+        .arg(&toml)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("flush"));
+}
+
+#[test]
+fn cli_send_and_consume_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = BrokerProcess::start(dir.path(), &[]);
+    let cli = |args: &[&str]| {
+        let out = Command::new(binary("halfmq"))
+            .args(["--broker", &b.addr])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = cli(&["topic", "create", "cli", "--queues", "2"]);
+    assert!(ok, "{err}");
+    let (ok, out2, err) = cli(&[
+        "send", "cli", "héllo", "--tag", "t", "--key", "k", "--count", "3", "--json",
+    ]);
+    assert!(ok, "{err}");
+    let sent: Vec<serde_json::Value> = out2
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(sent.len(), 3);
+    let (ok, out3, err) = cli(&[
+        "consume",
+        "cli",
+        "--group",
+        "g",
+        "--count",
+        "3",
+        "--timeout",
+        "2s",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let got: Vec<serde_json::Value> = out3
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(got.len(), 3, "{out3}");
+    let sent_ids: HashSet<_> = sent
+        .iter()
+        .map(|v| v["message_id"].as_str().unwrap().to_owned())
+        .collect();
+    for g in &got {
+        assert!(sent_ids.contains(g["message_id"].as_str().unwrap()));
+        assert_eq!(g["body"], "héllo");
+        assert_eq!(g["body_encoding"], "utf8");
+        assert_eq!(g["tag"], "t");
+        assert_eq!(g["keys"][0], "k");
+        assert_eq!(g["reconsume_times"], 0);
+        for k in ["topic", "queue_id", "queue_offset"] {
+            assert!(g.get(k).is_some(), "missing {k}");
+        }
+    }
+    let (ok, out4, _) = cli(&["topic", "list", "--json"]);
+    assert!(ok && out4.contains("\"name\":\"cli\""), "{out4} {out}");
+    let (ok, out5, _) = cli(&["stats", "--json"]);
+    assert!(ok);
+    let s: serde_json::Value = serde_json::from_str(out5.trim()).unwrap();
+    assert_eq!(s["messages_in"], 3);
+    // A failing send exits non-zero.
+    let (ok, _, err) = cli(&["send", "%nope", "x"]);
+    assert!(!ok && err.contains("reserved"), "{err}");
+    assert!(b.terminate().success(), "clean exit on SIGTERM");
+}
+
+#[test]
+fn sigkill_loses_no_acknowledged_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut acked = HashSet::new();
+    for round in 0..3 {
+        let b = BrokerProcess::start(dir.path(), &[]);
+        let addr = b.addr.clone();
+        // Producers run while the broker is killed under them.
+        let got = rt.block_on(async move {
+            let c = Client::connect(&addr).await.unwrap();
+            let p = Producer::new(c);
+            let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+            let mut hs = Vec::new();
+            for t in 0..8 {
+                let p = p.clone();
+                let acked = acked.clone();
+                hs.push(tokio::spawn(async move {
+                    for i in 0.. {
+                        match p
+                            .send(Message::new("crash", format!("r{round}-t{t}-{i}")))
+                            .await
+                        {
+                            Ok(r) => acked.lock().unwrap().push(r.message_id),
+                            Err(_) => break,
+                        }
+                    }
+                }));
+            }
+            tokio::time::sleep(Duration::from_millis(300 + 200 * round)).await;
+            (acked, hs)
+        });
+        b.kill9();
+        let (acked_now, hs) = got;
+        rt.block_on(async {
+            for h in hs {
+                let _ = h.await;
+            }
+        });
+        acked.extend(acked_now.lock().unwrap().drain(..));
+    }
+    assert!(acked.len() > 50, "only {} sends acknowledged", acked.len());
+    let b = BrokerProcess::start(dir.path(), &[]);
+    let addr = b.addr.clone();
+    let delivered = rt.block_on(async move {
+        let c = Consumer::new(Client::connect(&addr).await.unwrap(), "verify", "crash");
+        let mut seen = HashSet::new();
+        loop {
+            let msgs = c.receive(256, Duration::from_millis(500)).await.unwrap();
+            if msgs.is_empty() {
+                break;
+            }
+            for m in msgs {
+                c.ack(&m).await.unwrap();
+                seen.insert(m.message_id);
+            }
+        }
+        seen
+    });
+    let lost: Vec<_> = acked.difference(&delivered).collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged messages lost, e.g. {:?}",
+        lost.len(),
+        lost.first()
+    );
+    b.kill9();
+}

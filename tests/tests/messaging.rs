@@ -1,0 +1,425 @@
+//! Send, consume, ack, redelivery and restart against an in-process broker.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use halfmq_client::{Admin, Client, Code, ConsumeResult, Consumer, Message, Producer};
+use halfmq_tests::{start, test_config};
+
+const WAIT: Duration = Duration::from_secs(2);
+
+async fn client(addr: std::net::SocketAddr) -> Client {
+    Client::connect(&addr.to_string()).await.unwrap()
+}
+
+/// Receives and acks until `n` messages arrived or 5 s passed.
+async fn drain(c: &Consumer, n: usize) -> Vec<halfmq_client::ReceivedMessage> {
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while out.len() < n && Instant::now() < deadline {
+        let want = (n - out.len()).min(64) as u32;
+        for m in c.receive(want, Duration::from_millis(300)).await.unwrap() {
+            c.ack(&m).await.unwrap();
+            out.push(m);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_with_all_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = start(test_config(dir.path())).await;
+    let c = client(b.addr).await;
+    let p = Producer::new(c.clone());
+    let r = p
+        .send(
+            Message::new("rt", "hello")
+                .with_tag("t1")
+                .with_key("k1")
+                .with_property("p", "v"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.message_id.len(), 32);
+    let cons = Consumer::new(c, "g", "rt");
+    let got = drain(&cons, 1).await;
+    assert_eq!(got.len(), 1);
+    let m = &got[0];
+    assert_eq!(m.message_id, r.message_id);
+    assert_eq!((m.queue_id, m.queue_offset), (r.queue_id, r.queue_offset));
+    assert_eq!(&m.body[..], b"hello");
+    assert_eq!(m.tag, "t1");
+    assert_eq!(m.keys, vec!["k1".to_string()]);
+    assert_eq!(m.properties.get("p").map(String::as_str), Some("v"));
+    assert_eq!(m.reconsume_times, 0);
+    // Acked: nothing more comes.
+    assert!(cons
+        .receive(10, Duration::from_millis(200))
+        .await
+        .unwrap()
+        .is_empty());
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_group_gets_every_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = start(test_config(dir.path())).await;
+    let c = client(b.addr).await;
+    let p = Producer::new(c.clone());
+    let mut ids = HashSet::new();
+    for i in 0..40 {
+        ids.insert(
+            p.send(Message::new("fan", format!("m{i}")))
+                .await
+                .unwrap()
+                .message_id,
+        );
+    }
+    for g in ["a", "b"] {
+        let got: HashSet<String> = drain(&Consumer::new(c.clone(), g, "fan"), 40)
+            .await
+            .into_iter()
+            .map(|m| m.message_id)
+            .collect();
+        assert_eq!(got, ids, "group {g}");
+    }
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_consumers_of_one_group_split_without_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = start(test_config(dir.path())).await;
+    let c = client(b.addr).await;
+    let p = Producer::new(c.clone());
+    let n = 200;
+    let sends: Vec<_> = (0..n)
+        .map(|i| p.send(Message::new("split", format!("m{i}"))))
+        .collect();
+    let mut ids = HashSet::new();
+    for s in sends {
+        ids.insert(s.await.unwrap().message_id);
+    }
+    let c1 = Consumer::new(c.clone(), "g", "split");
+    let c2 = Consumer::new(client(b.addr).await, "g", "split");
+    let (a, bb) = tokio::join!(drain(&c1, n), drain(&c2, n));
+    let all: Vec<String> = a
+        .iter()
+        .chain(bb.iter())
+        .map(|m| m.message_id.clone())
+        .collect();
+    let uniq: HashSet<String> = all.iter().cloned().collect();
+    assert_eq!(all.len(), n, "no duplicates: {} deliveries", all.len());
+    assert_eq!(uniq, ids);
+    assert!(
+        !a.is_empty() && !bb.is_empty(),
+        "both consumers got work: {} / {}",
+        a.len(),
+        bb.len()
+    );
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacked_message_comes_back_after_its_invisible_duration() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = start(test_config(dir.path())).await;
+    let c = client(b.addr).await;
+    let id = Producer::new(c.clone())
+        .send(Message::new("inv", "x"))
+        .await
+        .unwrap()
+        .message_id;
+    let cons =
+        Consumer::new(c.clone(), "g", "inv").with_invisible_duration(Duration::from_millis(300));
+    let first = cons.receive(1, WAIT).await.unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].reconsume_times, 0);
+    let t0 = Instant::now();
+    // Invisible meanwhile, to this and any other consumer of the group.
+    let other = Consumer::new(c, "g", "inv");
+    assert!(other
+        .receive(1, Duration::from_millis(100))
+        .await
+        .unwrap()
+        .is_empty());
+    let again = cons.receive(1, WAIT).await.unwrap();
+    assert!(
+        t0.elapsed() >= Duration::from_millis(150),
+        "came back too early"
+    );
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].message_id, id);
+    assert_eq!(again[0].reconsume_times, 1);
+    // The first receipt is stale now.
+    let err = cons.ack(&first[0]).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::ReceiptNotFound));
+    cons.ack(&again[0]).await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nack_and_change_invisible_duration() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = start(test_config(dir.path())).await;
+    let c = client(b.addr).await;
+    Producer::new(c.clone())
+        .send(Message::new("nk", "x"))
+        .await
+        .unwrap();
+    let cons = Consumer::new(c, "g", "nk").with_invisible_duration(Duration::from_millis(200));
+    let mut m = cons.receive(1, WAIT).await.unwrap().remove(0);
+    cons.change_invisible_duration(&mut m, Duration::from_secs(30))
+        .await
+        .unwrap();
+    // Extended: not back after the original 200 ms.
+    assert!(cons
+        .receive(1, Duration::from_millis(500))
+        .await
+        .unwrap()
+        .is_empty());
+    cons.nack(&m, "db down", Duration::ZERO).await.unwrap();
+    let again = cons.receive(1, WAIT).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].reconsume_times, 1);
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeps_unconsumed_messages_and_group_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = test_config(dir.path());
+    let b = start(cfg.clone()).await;
+    let c = client(b.addr).await;
+    let p = Producer::new(c.clone());
+    for i in 0..20 {
+        p.send(Message::new("rs", format!("m{i}")).with_queue_id(0))
+            .await
+            .unwrap();
+    }
+    let cons = Consumer::new(c, "g", "rs");
+    let mut first = Vec::new();
+    while first.len() < 8 {
+        for m in cons.receive(8 - first.len() as u32, WAIT).await.unwrap() {
+            cons.ack(&m).await.unwrap();
+            first.push(m.message_id);
+        }
+    }
+    // Leave 4 more in flight (received, not acked) when stopping; their
+    // leases survive the restart and expire after 500 ms.
+    let short = cons
+        .clone()
+        .with_invisible_duration(Duration::from_millis(500));
+    let inflight = short.receive(4, WAIT).await.unwrap();
+    assert!(!inflight.is_empty());
+    b.shutdown().await.unwrap();
+
+    let b = start(cfg).await;
+    let c = client(b.addr).await;
+    let cons = Consumer::new(c, "g", "rs").with_invisible_duration(Duration::from_secs(30));
+    let rest = drain(&cons, 20 - first.len()).await;
+    let rest_ids: HashSet<String> = rest.iter().map(|m| m.message_id.clone()).collect();
+    assert_eq!(rest.len(), 20 - first.len(), "every unacked message, once");
+    for id in &first {
+        assert!(
+            !rest_ids.contains(id),
+            "acked message {id} redelivered after a clean restart"
+        );
+    }
+    for m in &inflight {
+        assert!(rest_ids.contains(&m.message_id), "in-flight message lost");
+        let again = rest.iter().find(|r| r.message_id == m.message_id).unwrap();
+        assert_eq!(
+            again.reconsume_times, 1,
+            "an expired lease counts as a failed delivery"
+        );
+    }
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_clear_errors_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = start(test_config(dir.path())).await;
+    let c = client(b.addr).await;
+    let p = Producer::new(c.clone());
+    let big = vec![0u8; 64 * 1024 + 1];
+    let e = p.send(Message::new("bad", big.clone())).await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::MessageTooLarge), "{e}");
+    // A batch with one oversized message stores nothing at all.
+    let e = p
+        .send_batch(vec![Message::new("bad", "ok"), Message::new("bad", big)])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(Code::MessageTooLarge));
+    assert_eq!(
+        p.send(Message::new("bad-name!", "x"))
+            .await
+            .unwrap_err()
+            .code(),
+        Some(Code::InvalidTopic)
+    );
+    assert_eq!(
+        p.send(Message::new("%SYS", "x")).await.unwrap_err().code(),
+        Some(Code::ReservedName)
+    );
+    assert_eq!(
+        p.send(Message::new("t".repeat(128), "x"))
+            .await
+            .unwrap_err()
+            .code(),
+        Some(Code::InvalidTopic)
+    );
+    let cons = Consumer::new(c.clone(), "bad group", "bad");
+    assert_eq!(
+        cons.receive(1, Duration::ZERO).await.unwrap_err().code(),
+        Some(Code::InvalidGroup)
+    );
+    let cons = Consumer::new(c.clone(), "g", "nope");
+    assert_eq!(
+        cons.receive(1, Duration::ZERO).await.unwrap_err().code(),
+        Some(Code::TopicNotFound)
+    );
+    let e = cons.ack_handle("garbage").await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::InvalidReceiptHandle));
+    let admin = Admin::new(c.clone());
+    admin.create_topic("made", 2).await.unwrap();
+    assert_eq!(
+        admin.create_topic("made", 2).await.unwrap_err().code(),
+        Some(Code::TopicExists)
+    );
+    let e = p
+        .send(Message::new("made", "x").with_queue_id(2))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(Code::InvalidQueueId));
+    // Nothing of the refused sends was stored: the topic "bad" never got a message.
+    let topics = admin.list_topics().await.unwrap();
+    assert!(
+        topics.iter().all(|t| t.name != "bad" || t.messages == 0),
+        "{topics:?}"
+    );
+    // And the broker still serves.
+    p.send(Message::new("made", "fine")).await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tag_filtering() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = start(test_config(dir.path())).await;
+    let c = client(b.addr).await;
+    let p = Producer::new(c.clone());
+    for (i, tag) in ["a", "b", "c", "a", ""].iter().enumerate() {
+        p.send(Message::new("tags", format!("{i}")).with_tag(*tag))
+            .await
+            .unwrap();
+    }
+    let ab = drain(
+        &Consumer::new(c.clone(), "g1", "tags").with_tag_expression("a||b"),
+        3,
+    )
+    .await;
+    let mut tags: Vec<String> = ab.iter().map(|m| m.tag.clone()).collect();
+    tags.sort();
+    assert_eq!(tags, vec!["a", "a", "b"]);
+    let all = drain(
+        &Consumer::new(c.clone(), "g2", "tags").with_tag_expression("*"),
+        5,
+    )
+    .await;
+    assert_eq!(all.len(), 5);
+    let e = Consumer::new(c, "g3", "tags")
+        .with_tag_expression("a||")
+        .receive(1, Duration::ZERO)
+        .await;
+    assert_eq!(e.unwrap_err().code(), Some(Code::InvalidTagExpression));
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handler_api_acks_successes_and_retries_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = start(test_config(dir.path())).await;
+    let c = client(b.addr).await;
+    let p = Producer::new(c.clone());
+    for i in 0..10 {
+        p.send(Message::new("h", format!("{i}"))).await.unwrap();
+    }
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, u32)>::new()));
+    let s2 = seen.clone();
+    let cons = Consumer::new(c.clone(), "g", "h");
+    let stop = async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if seen.lock().unwrap().len() >= 11 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    cons.run(
+        4,
+        move |m| {
+            let s2 = s2.clone();
+            async move {
+                s2.lock().unwrap().push((
+                    String::from_utf8_lossy(&m.body).into_owned(),
+                    m.reconsume_times,
+                ));
+                // Message "3" fails on its first delivery.
+                if &m.body[..] == b"3" && m.reconsume_times == 0 {
+                    ConsumeResult::Retry {
+                        delay: None,
+                        reason: "first try fails".into(),
+                    }
+                } else {
+                    ConsumeResult::Success
+                }
+            }
+        },
+        stop,
+    )
+    .await;
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 11, "{seen:?}");
+    assert!(
+        seen.contains(&("3".into(), 1)),
+        "message 3 retried with reconsume_times 1: {seen:?}"
+    );
+    let stats = Admin::new(c).stats().await.unwrap();
+    let g = stats.groups.iter().find(|g| g.group == "g").unwrap();
+    assert_eq!((g.lag, g.inflight, g.acked), (0, 0, 10));
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_batched_concurrent_sends_each_get_their_receipt() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = start(test_config(dir.path())).await;
+    let c = client(b.addr).await;
+    let p = Producer::new(c.clone());
+    let mut hs = Vec::new();
+    for i in 0..300 {
+        let p = p.clone();
+        hs.push(tokio::spawn(async move {
+            p.send(Message::new("ab", format!("{i}"))).await
+        }));
+    }
+    let mut ids = HashSet::new();
+    for h in hs {
+        ids.insert(h.await.unwrap().unwrap().message_id);
+    }
+    assert_eq!(ids.len(), 300);
+    // One bad message among concurrent good ones fails alone.
+    let bad = p.send(Message::new("ab", vec![0u8; 70_000]));
+    let good = p.send(Message::new("ab", "fine"));
+    let (bad, good) = tokio::join!(bad, good);
+    assert_eq!(bad.unwrap_err().code(), Some(Code::MessageTooLarge));
+    good.unwrap();
+    let got = drain(&Consumer::new(c, "g", "ab"), 301).await;
+    assert_eq!(got.len(), 301);
+    b.shutdown().await.unwrap();
+}
