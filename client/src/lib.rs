@@ -659,6 +659,33 @@ impl Consumer {
         check(resp.results.into_iter().next())
     }
 
+    /// Acks several messages in one request; one result per message, in order.
+    ///
+    /// # Errors
+    /// Transport errors for the whole request.
+    pub async fn ack_batch(
+        &self,
+        msgs: &[ReceivedMessage],
+    ) -> Result<Vec<Result<(), ClientError>>, ClientError> {
+        let req = pb::AckRequest {
+            group: self.group.clone(),
+            receipt_handles: msgs.iter().map(|m| m.receipt_handle.clone()).collect(),
+        };
+        let resp = self
+            .client
+            .retry(|| async {
+                Ok(self
+                    .client
+                    .consumer()
+                    .ack(self.client.request(req.clone(), Duration::ZERO))
+                    .await?
+                    .into_inner())
+            })
+            .await?;
+        check(resp.status)?;
+        Ok(resp.results.into_iter().map(|s| check(Some(s))).collect())
+    }
+
     /// Asks for a redelivery after `delay` (reconsume times + 1), with a reason.
     ///
     /// # Errors

@@ -1,1 +1,0 @@
-//! The `halfmq-bench` load-test tool. Filled in by the bench issue.

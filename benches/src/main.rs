@@ -1,0 +1,434 @@
+//! `halfmq-bench`: load-tests a halfmq broker and reports throughput and
+//! latency percentiles (HdrHistogram), with a final check that every
+//! acknowledged message was consumed exactly once by the consumer group.
+//!
+//! With no `--broker`, an embedded broker runs in this process on a
+//! temporary data directory. Bounded: stops after warm-up + duration + drain
+//! timeout. See `benches/README.md`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::{BufMut, Bytes, BytesMut};
+use clap::Parser;
+use halfmq_client::{Admin, Client, Consumer, Message, Producer, ProducerOptions};
+use hdrhistogram::Histogram;
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 20s, 1m)"))
+}
+
+/// Load-test tool for halfmq.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "halfmq-bench", version)]
+struct Args {
+    /// Broker address; without it an embedded broker runs on a temp dir.
+    #[arg(long)]
+    broker: Option<String>,
+    /// normal: plain sends.
+    #[arg(long, default_value = "normal", value_parser = ["normal"])]
+    mode: String,
+    /// Producer clients (each with its own connection).
+    #[arg(long, default_value_t = 1)]
+    producers: usize,
+    /// Consumer clients in one consumer group.
+    #[arg(long, default_value_t = 1)]
+    consumers: usize,
+    /// Topic (created if missing).
+    #[arg(long, default_value = "bench")]
+    topic: String,
+    /// Queues of the topic when created.
+    #[arg(long, default_value_t = 4)]
+    queues: u32,
+    /// Message body size, bytes (at least 16).
+    #[arg(long, default_value_t = 1024)]
+    size: usize,
+    /// Sends in flight per producer.
+    #[arg(long, default_value_t = 64)]
+    inflight: usize,
+    /// Messages per send request (1 = single sends, coalesced by auto-batch).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Turn off the client's auto-batch.
+    #[arg(long)]
+    no_auto_batch: bool,
+    /// Open loop: total send rate, messages/s (latency measured from the
+    /// scheduled send time: no coordinated omission). Default closed loop.
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Measured duration.
+    #[arg(long, default_value = "20s", value_parser = duration)]
+    duration: Duration,
+    /// Warm-up before measuring.
+    #[arg(long, default_value = "3s", value_parser = duration)]
+    warmup: Duration,
+    /// How long to wait for consumers to catch up at the end.
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    drain_timeout: Duration,
+    /// Flush mode of the embedded broker: sync or async.
+    #[arg(long, default_value = "sync", value_parser = ["sync", "async"])]
+    flush: String,
+    /// Print one JSON summary object at the end (progress goes to stderr).
+    #[arg(long)]
+    json: bool,
+}
+
+/// Shared run state.
+struct Run {
+    start: Instant,
+    measure_from: Instant,
+    measure_to: Instant,
+    stop: AtomicBool,
+    next_seq: AtomicU64,
+    acked: AtomicU64,
+    acked_measured: AtomicU64,
+    consumed: AtomicU64,
+    consumed_measured: AtomicU64,
+    errors: AtomicU64,
+    ack_hist: Mutex<Histogram<u64>>,
+    e2e_hist: Mutex<Histogram<u64>>,
+    /// seq -> times consumed; inserted when acked (count 0).
+    ledger: Mutex<HashMap<u64, u32>>,
+    /// Consumed before their ack was recorded: (seq) counts.
+    early: Mutex<HashMap<u64, u32>>,
+}
+
+impl Run {
+    fn in_window(&self, t: Instant) -> bool {
+        t >= self.measure_from && t < self.measure_to
+    }
+    fn ns_since_start(&self, t: Instant) -> u64 {
+        t.duration_since(self.start).as_nanos() as u64
+    }
+}
+
+fn hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("static bounds are valid")
+}
+
+fn body(seq: u64, sent_ns: u64, size: usize) -> Bytes {
+    let mut b = BytesMut::with_capacity(size);
+    b.put_u64(seq);
+    b.put_u64(sent_ns);
+    b.resize(size, 0x5A);
+    b.freeze()
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    anyhow::ensure!(args.size >= 16, "--size must be at least 16 bytes");
+    anyhow::ensure!(
+        args.batch >= 1 && args.inflight >= 1,
+        "--batch and --inflight must be at least 1"
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let mut _dir = None;
+    let mut embedded = None;
+    let addr = match &args.broker {
+        Some(a) => a.clone(),
+        None => {
+            let dir = tempfile::tempdir_in(
+                std::env::var("HALFMQ_BENCH_DIR").unwrap_or_else(|_| ".".into()),
+            )?;
+            let cfg = halfmq_broker::BrokerConfig {
+                listen: "127.0.0.1:0".parse()?,
+                data_dir: dir.path().to_path_buf(),
+                flush: if args.flush == "async" {
+                    halfmq_broker::FlushSetting::Async
+                } else {
+                    halfmq_broker::FlushSetting::Sync
+                },
+                max_inflight_per_queue: 65_536,
+                ..halfmq_broker::BrokerConfig::default()
+            };
+            let b = halfmq_broker::start(cfg)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let a = b.addr.to_string();
+            embedded = Some(b);
+            _dir = Some(dir);
+            a
+        }
+    };
+    let admin = Admin::new(Client::connect(&addr).await?);
+    match admin.create_topic(&args.topic, args.queues).await {
+        Ok(()) => {}
+        Err(e) if e.code() == Some(halfmq_client::Code::TopicExists) => {}
+        Err(e) => return Err(e).context("creating the topic"),
+    }
+    let group = format!("bench-{}", std::process::id());
+    let start = Instant::now();
+    let run = Arc::new(Run {
+        start,
+        measure_from: start + args.warmup,
+        measure_to: start + args.warmup + args.duration,
+        stop: AtomicBool::new(false),
+        next_seq: AtomicU64::new(0),
+        acked: AtomicU64::new(0),
+        acked_measured: AtomicU64::new(0),
+        consumed: AtomicU64::new(0),
+        consumed_measured: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        ack_hist: Mutex::new(hist()),
+        e2e_hist: Mutex::new(hist()),
+        ledger: Mutex::new(HashMap::new()),
+        early: Mutex::new(HashMap::new()),
+    });
+
+    // Consumers.
+    let consumers_done = Arc::new(AtomicBool::new(false));
+    let mut consumer_tasks = Vec::new();
+    for _ in 0..args.consumers {
+        let c = Consumer::new(
+            Client::connect(&addr).await?,
+            group.clone(),
+            args.topic.clone(),
+        );
+        let run = Arc::clone(&run);
+        let done = Arc::clone(&consumers_done);
+        consumer_tasks.push(tokio::spawn(async move {
+            while !done.load(Ordering::Relaxed) {
+                let msgs = match c.receive(256, Duration::from_millis(200)).await {
+                    Ok(m) => m,
+                    Err(e) => {
+                        eprintln!("receive: {e}");
+                        run.errors.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                if msgs.is_empty() {
+                    continue;
+                }
+                let now = Instant::now();
+                let now_ns = run.ns_since_start(now);
+                {
+                    let mut e2e = run.e2e_hist.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut ledger = run.ledger.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut early = run.early.lock().unwrap_or_else(|e| e.into_inner());
+                    for m in &msgs {
+                        if m.body.len() < 16 {
+                            continue;
+                        }
+                        let seq = u64::from_be_bytes(m.body[0..8].try_into().unwrap_or([0; 8]));
+                        let sent = u64::from_be_bytes(m.body[8..16].try_into().unwrap_or([0; 8]));
+                        match ledger.get_mut(&seq) {
+                            Some(n) => *n += 1,
+                            None => *early.entry(seq).or_insert(0) += 1,
+                        }
+                        if run.in_window(now) {
+                            let _ = e2e.record((now_ns.saturating_sub(sent) / 1000).max(1));
+                            run.consumed_measured.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                run.consumed.fetch_add(msgs.len() as u64, Ordering::Relaxed);
+                match c.ack_batch(&msgs).await {
+                    Ok(rs) => {
+                        let bad = rs.iter().filter(|r| r.is_err()).count() as u64;
+                        run.errors.fetch_add(bad, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        eprintln!("ack: {e}");
+                        run.errors.fetch_add(msgs.len() as u64, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+
+    // Producers.
+    let mut producer_tasks = Vec::new();
+    let per_task_interval = args.rate.map(|r| {
+        Duration::from_secs_f64((args.producers * args.inflight) as f64 / r.max(1) as f64)
+    });
+    for _ in 0..args.producers {
+        let producer = Producer::with_options(
+            Client::connect(&addr).await?,
+            ProducerOptions {
+                auto_batch: !args.no_auto_batch,
+                ..ProducerOptions::default()
+            },
+        );
+        for _ in 0..args.inflight {
+            let p = producer.clone();
+            let run = Arc::clone(&run);
+            let a = args.clone();
+            producer_tasks.push(tokio::spawn(async move {
+                let mut next_at = Instant::now();
+                while !run.stop.load(Ordering::Relaxed) {
+                    let scheduled = match per_task_interval {
+                        Some(iv) => {
+                            tokio::time::sleep_until(next_at.into()).await;
+                            let s = next_at;
+                            next_at += iv;
+                            s
+                        }
+                        None => Instant::now(),
+                    };
+                    let sent_ns = run.ns_since_start(scheduled);
+                    let seqs: Vec<u64> = (0..a.batch)
+                        .map(|_| run.next_seq.fetch_add(1, Ordering::Relaxed))
+                        .collect();
+                    let msgs: Vec<Message> = seqs
+                        .iter()
+                        .map(|&s| Message::new(a.topic.clone(), body(s, sent_ns, a.size)))
+                        .collect();
+                    let res = if a.batch == 1 {
+                        p.send(msgs.into_iter().next().expect("batch of one"))
+                            .await
+                            .map(|_| ())
+                    } else {
+                        p.send_batch(msgs).await.map(|_| ())
+                    };
+                    let done = Instant::now();
+                    match res {
+                        Ok(()) => {
+                            {
+                                let mut ledger =
+                                    run.ledger.lock().unwrap_or_else(|e| e.into_inner());
+                                let mut early = run.early.lock().unwrap_or_else(|e| e.into_inner());
+                                for s in &seqs {
+                                    let n = early.remove(s).unwrap_or(0);
+                                    ledger.insert(*s, n);
+                                }
+                            }
+                            run.acked.fetch_add(seqs.len() as u64, Ordering::Relaxed);
+                            if run.in_window(scheduled) {
+                                run.acked_measured
+                                    .fetch_add(seqs.len() as u64, Ordering::Relaxed);
+                                let us = (done.duration_since(scheduled).as_micros() as u64).max(1);
+                                let _ = run
+                                    .ack_hist
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .record(us);
+                            }
+                        }
+                        Err(e) => {
+                            run.errors.fetch_add(seqs.len() as u64, Ordering::Relaxed);
+                            if run.errors.load(Ordering::Relaxed) < 5 {
+                                eprintln!("send: {e}");
+                            }
+                        }
+                    }
+                }
+            }));
+        }
+    }
+
+    // Progress, then stop.
+    let end = run.measure_to;
+    let mut last = (0u64, 0u64);
+    while Instant::now() < end {
+        tokio::time::sleep(
+            Duration::from_secs(1).min(end.saturating_duration_since(Instant::now())),
+        )
+        .await;
+        let (a, c) = (
+            run.acked.load(Ordering::Relaxed),
+            run.consumed.load(Ordering::Relaxed),
+        );
+        let phase = if Instant::now() < run.measure_from {
+            "warmup"
+        } else {
+            "measure"
+        };
+        eprintln!(
+            "[{:>5.1}s {phase}] acked {:>8}/s consumed {:>8}/s errors {}",
+            start.elapsed().as_secs_f64(),
+            a - last.0,
+            c - last.1,
+            run.errors.load(Ordering::Relaxed)
+        );
+        last = (a, c);
+    }
+    run.stop.store(true, Ordering::Relaxed);
+    for t in producer_tasks {
+        let _ = t.await;
+    }
+    let drain_deadline = Instant::now() + args.drain_timeout;
+    loop {
+        let ledger_done = {
+            let ledger = run.ledger.lock().unwrap_or_else(|e| e.into_inner());
+            ledger.values().all(|&n| n > 0)
+        };
+        if ledger_done || Instant::now() >= drain_deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    consumers_done.store(true, Ordering::Relaxed);
+    for t in consumer_tasks {
+        let _ = t.await;
+    }
+
+    let secs = args.duration.as_secs_f64();
+    let ledger = run.ledger.lock().unwrap_or_else(|e| e.into_inner());
+    let lost = ledger.values().filter(|&&n| n == 0).count() as u64;
+    let duplicates: u64 = ledger
+        .values()
+        .map(|&n| u64::from(n.saturating_sub(1)))
+        .sum();
+    let acked_per_s = run.acked_measured.load(Ordering::Relaxed) as f64 / secs;
+    let consumed_per_s = run.consumed_measured.load(Ordering::Relaxed) as f64 / secs;
+    let ack = run
+        .ack_hist
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let e2e = run
+        .e2e_hist
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let summary = serde_json::json!({
+        "mode": args.mode,
+        "broker": if args.broker.is_some() { "external" } else { "embedded" },
+        "flush": if args.broker.is_some() { "n/a".to_string() } else { args.flush.clone() },
+        "size_bytes": args.size,
+        "producers": args.producers,
+        "consumers": args.consumers,
+        "inflight": args.inflight,
+        "batch": args.batch,
+        "auto_batch": !args.no_auto_batch,
+        "rate": args.rate,
+        "duration_s": secs,
+        "acked_per_s": acked_per_s.round(),
+        "consumed_per_s": consumed_per_s.round(),
+        "acked_mb_per_s": (acked_per_s * args.size as f64 / 1e6 * 100.0).round() / 100.0,
+        "ack_p50_us": ack.value_at_quantile(0.50),
+        "ack_p90_us": ack.value_at_quantile(0.90),
+        "ack_p99_us": ack.value_at_quantile(0.99),
+        "ack_p999_us": ack.value_at_quantile(0.999),
+        "ack_max_us": ack.max(),
+        "e2e_p50_us": e2e.value_at_quantile(0.50),
+        "e2e_p90_us": e2e.value_at_quantile(0.90),
+        "e2e_p99_us": e2e.value_at_quantile(0.99),
+        "e2e_p999_us": e2e.value_at_quantile(0.999),
+        "e2e_max_us": e2e.max(),
+        "errors": run.errors.load(Ordering::Relaxed),
+        "acked_total": ledger.len(),
+        "lost": lost,
+        "duplicates": duplicates,
+    });
+    drop(ledger);
+    if args.json {
+        println!("{summary}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    }
+    if let Some(b) = embedded {
+        b.shutdown().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    Ok(())
+}
