@@ -417,11 +417,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "e2e_p999_us": e2e.value_at_quantile(0.999),
         "e2e_max_us": e2e.max(),
         "errors": run.errors.load(Ordering::Relaxed),
-        "acked_total": ledger.len(),
+        "acked_total": acked_total,
         "lost": lost,
         "duplicates": duplicates,
     });
-    drop(ledger);
     if args.json {
         println!("{summary}");
     } else {
