@@ -373,12 +373,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     let secs = args.duration.as_secs_f64();
-    let ledger = run.ledger.lock().unwrap_or_else(|e| e.into_inner());
-    let lost = ledger.values().filter(|&&n| n == 0).count() as u64;
-    let duplicates: u64 = ledger
-        .values()
-        .map(|&n| u64::from(n.saturating_sub(1)))
-        .sum();
+    let (acked_total, lost, duplicates) = {
+        let ledger = run.ledger.lock().unwrap_or_else(|e| e.into_inner());
+        let lost = ledger.values().filter(|&&n| n == 0).count() as u64;
+        let duplicates: u64 = ledger
+            .values()
+            .map(|&n| u64::from(n.saturating_sub(1)))
+            .sum();
+        (ledger.len(), lost, duplicates)
+    };
     let acked_per_s = run.acked_measured.load(Ordering::Relaxed) as f64 / secs;
     let consumed_per_s = run.consumed_measured.load(Ordering::Relaxed) as f64 / secs;
     let ack = run
