@@ -16,6 +16,7 @@ use crate::config::BrokerConfig;
 use crate::delivery::{LeaseError, QueueProgress};
 use crate::error::BrokerError;
 use crate::names::{check_group, check_message_fields, check_topic, TagFilter};
+use crate::transactions::{user_properties, TxState};
 
 /// The broker's clock, injected so time-driven logic can be tested.
 pub trait Clock: Send + Sync + 'static {
@@ -259,6 +260,7 @@ pub struct Broker {
     shutting_down: AtomicBool,
     shutdown_tx: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    tx: TxState,
 }
 
 impl std::fmt::Debug for Broker {
@@ -294,6 +296,12 @@ impl Broker {
             topics.insert(name, Arc::new(TopicState::new(u32::from_le_bytes(q))));
         }
         let groups = load_groups(&store)?;
+        let tx = TxState::load(
+            &store,
+            cfg.check_config(),
+            cfg.max_pending_halves as usize,
+            cfg.max_checks_inflight_per_session as usize,
+        )?;
         let (shutdown_tx, _) = watch::channel(false);
         let id_prefix = rand::random::<u64>();
         Ok(Arc::new(Broker {
@@ -309,6 +317,7 @@ impl Broker {
             shutting_down: AtomicBool::new(false),
             shutdown_tx,
             tasks: Mutex::new(Vec::new()),
+            tx,
         }))
     }
 
@@ -320,6 +329,39 @@ impl Broker {
     /// The store.
     pub fn store(&self) -> &Arc<Store> {
         &self.store
+    }
+
+    /// Completes (changes to `true`) when the broker begins shutting down.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown_tx.subscribe()
+    }
+
+    /// The transaction state.
+    pub fn tx_state(&self) -> &TxState {
+        &self.tx
+    }
+
+    /// The broker clock, ms since the epoch.
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    pub(crate) fn notify_topic(&self, topic: &str) {
+        if let Some(t) = self.topic(topic) {
+            t.notify.notify_waiters();
+        }
+    }
+
+    pub(crate) fn check_running_pub(&self) -> Result<(), BrokerError> {
+        self.check_running()
+    }
+
+    pub(crate) fn build_records_pub(
+        &self,
+        msgs: Vec<OutgoingMessage>,
+        kind: RecordKind,
+    ) -> Result<Vec<Record>, BrokerError> {
+        self.build_records(msgs, kind)
     }
 
     /// Starts the periodic checkpoint and retention tasks.
@@ -357,15 +399,34 @@ impl Broker {
                     _ = stop.changed() => return,
                 }
                 let b2 = Arc::clone(&b);
-                let now = b.clock.now_ms();
-                let res =
-                    tokio::task::spawn_blocking(move || b2.store.apply_retention(now, &|_| true))
-                        .await;
+                let res = tokio::task::spawn_blocking(move || b2.apply_retention()).await;
                 if let Ok(Err(e)) = res {
                     tracing::error!(error = %e, "retention failed");
                 }
             }
         }));
+        let stop = self.shutdown_tx.subscribe();
+        tasks.push(tokio::spawn(crate::transactions::check_driver(
+            Arc::clone(self),
+            stop,
+        )));
+    }
+
+    /// Deletes expired segments, never one holding an unresolved half, then
+    /// forgets saved resolutions of deleted halves.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn apply_retention(&self) -> Result<Vec<u64>, BrokerError> {
+        let min_pending = self.tx.min_pending_offset();
+        let deleted = self.store.apply_retention(self.clock.now_ms(), &|s| {
+            min_pending.is_none_or(|m| s.end <= m)
+        })?;
+        if !deleted.is_empty() {
+            self.tx
+                .prune_resolved(&self.store, self.store.log().min_offset())?;
+        }
+        Ok(deleted)
     }
 
     /// Saves the store checkpoint and every changed consumer progress.
@@ -391,8 +452,10 @@ impl Broker {
             }
             g.dirty = false;
         }
-        self.store.checkpoint()?;
-        Ok(())
+        self.tx.save(&self.store, || {
+            self.store.checkpoint()?;
+            Ok(())
+        })
     }
 
     /// Stops background tasks, wakes long polls, saves state, closes the
@@ -769,7 +832,7 @@ impl Broker {
                             queue_offset: d.queue_offset,
                             tag: r.tag,
                             keys: r.keys,
-                            properties: r.properties,
+                            properties: user_properties(r.properties),
                             body: r.body,
                             reconsume_times: d.lease.reconsume_times,
                             receipt: Receipt {

@@ -77,6 +77,23 @@ pub struct BrokerConfig {
     pub retention_bytes: u64,
     /// How often retention runs, ms. Default 60,000.
     pub retention_check_interval_ms: u64,
+    /// A half message younger than this is never checked back, ms. Default
+    /// 6,000 (RocketMQ's transactionTimeOut).
+    pub transaction_timeout_ms: u64,
+    /// Wait between two check-backs of one half, ms. Default 30,000
+    /// (RocketMQ's transactionCheckInterval).
+    pub check_interval_ms: u64,
+    /// Check-backs delivered before a half is given up. Default 15
+    /// (RocketMQ's transactionCheckMax).
+    pub check_max: u32,
+    /// How long a delivered check may go unanswered before it counts as
+    /// UNKNOWN, ms. Default 10,000.
+    pub check_reply_timeout_ms: u64,
+    /// Unanswered checks per producer session. Default 64.
+    pub max_checks_inflight_per_session: u32,
+    /// Most unresolved half messages; further half sends are refused.
+    /// Default 2,000,000 (about 200 bytes of memory each).
+    pub max_pending_halves: u64,
 }
 
 impl Default for BrokerConfig {
@@ -106,6 +123,12 @@ impl Default for BrokerConfig {
             retention_ms: 72 * 3600 * 1000,
             retention_bytes: 0,
             retention_check_interval_ms: 60_000,
+            transaction_timeout_ms: 6_000,
+            check_interval_ms: 30_000,
+            check_max: 15,
+            check_reply_timeout_ms: 10_000,
+            max_checks_inflight_per_session: 64,
+            max_pending_halves: 2_000_000,
         }
     }
 }
@@ -220,7 +243,27 @@ impl BrokerConfig {
             self.retention_check_interval_ms,
             10,
         )?;
+        at_least("transaction_timeout_ms", self.transaction_timeout_ms, 1)?;
+        at_least("check_interval_ms", self.check_interval_ms, 1)?;
+        at_least("check_max", u64::from(self.check_max), 1)?;
+        at_least("check_reply_timeout_ms", self.check_reply_timeout_ms, 1)?;
+        at_least(
+            "max_checks_inflight_per_session",
+            u64::from(self.max_checks_inflight_per_session),
+            1,
+        )?;
+        at_least("max_pending_halves", self.max_pending_halves, 1)?;
         Ok(())
+    }
+
+    /// The check-back scheduler's settings.
+    pub fn check_config(&self) -> crate::txcheck::CheckConfig {
+        crate::txcheck::CheckConfig {
+            transaction_timeout_ms: self.transaction_timeout_ms,
+            check_interval_ms: self.check_interval_ms,
+            check_max: self.check_max,
+            check_reply_timeout_ms: self.check_reply_timeout_ms,
+        }
     }
 
     /// The storage configuration this broker configuration implies.

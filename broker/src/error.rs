@@ -35,6 +35,18 @@ pub enum BrokerError {
     /// Unknown topic.
     #[error("topic {0} does not exist")]
     TopicNotFound(String),
+    /// A transaction id that cannot be parsed.
+    #[error("invalid transaction id {0:?}")]
+    InvalidTransactionId(String),
+    /// No such half message.
+    #[error("transaction {0} not found")]
+    TransactionNotFound(String),
+    /// Already resolved the other way.
+    #[error("{0}; the first resolution is final")]
+    TransactionConflict(String),
+    /// `max_pending_halves` reached.
+    #[error("{0} unresolved half messages (max_pending_halves); resolve some first")]
+    TooManyPendingHalves(usize),
     /// Stale or unknown receipt.
     #[error("receipt handle is stale: the message was acked or redelivered since")]
     ReceiptNotFound,

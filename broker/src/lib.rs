@@ -8,6 +8,9 @@
 //!   (leases, invisible deadlines, acks, consumer offset).
 //! - [`broker`]: [`Broker`]: topics, send, receive (long polling), ack, nack,
 //!   progress persistence, stats, background checkpoint and retention.
+//! - [`txcheck`]: pure check-back scheduler (deadline-ordered pending halves).
+//! - [`transactions`]: half messages, EndTransaction, producer sessions,
+//!   the check driver, transaction state persistence and replay.
 //! - [`service`]: gRPC services; wire types convert to domain types here.
 //! - [`server`]: listener, connection limit, graceful shutdown.
 //! - [`error`]: the crate error type, [`BrokerError`].
@@ -19,6 +22,8 @@ pub mod error;
 pub mod names;
 pub mod server;
 pub mod service;
+pub mod transactions;
+pub mod txcheck;
 
 pub use broker::{Broker, Clock, SystemClock};
 pub use config::{BrokerConfig, ConfigError, FlushSetting};

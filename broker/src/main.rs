@@ -98,6 +98,25 @@ struct Args {
     /// `retention_check_interval_ms`, as a duration.
     #[arg(long, value_parser = duration_ms)]
     retention_check_interval: Option<u64>,
+    /// `transaction_timeout_ms`, as a duration: halves younger than this are
+    /// never checked back.
+    #[arg(long, value_parser = duration_ms)]
+    transaction_timeout: Option<u64>,
+    /// `check_interval_ms`, as a duration: wait between two checks of a half.
+    #[arg(long, value_parser = duration_ms)]
+    check_interval: Option<u64>,
+    /// `check_max`: checks delivered before a half is given up.
+    #[arg(long)]
+    check_max: Option<u32>,
+    /// `check_reply_timeout_ms`, as a duration.
+    #[arg(long, value_parser = duration_ms)]
+    check_reply_timeout: Option<u64>,
+    /// `max_checks_inflight_per_session`.
+    #[arg(long)]
+    max_checks_inflight_per_session: Option<u32>,
+    /// `max_pending_halves`.
+    #[arg(long)]
+    max_pending_halves: Option<u64>,
 }
 
 macro_rules! apply {
@@ -128,6 +147,10 @@ fn load_config(args: &Args) -> anyhow::Result<BrokerConfig> {
         max_connections => max_connections, max_requests_per_connection => max_requests_per_connection,
         checkpoint_interval => checkpoint_interval_ms, retention => retention_ms,
         retention_bytes => retention_bytes, retention_check_interval => retention_check_interval_ms,
+        transaction_timeout => transaction_timeout_ms, check_interval => check_interval_ms,
+        check_max => check_max, check_reply_timeout => check_reply_timeout_ms,
+        max_checks_inflight_per_session => max_checks_inflight_per_session,
+        max_pending_halves => max_pending_halves,
     );
     if let Some(f) = &args.flush {
         cfg.flush = if f == "async" {

@@ -97,6 +97,11 @@ pub fn check_message_fields(
                 k.len()
             ));
         }
+        if k.starts_with("halfmq.") {
+            return bad(format!(
+                "property {k:?}: names starting with 'halfmq.' are reserved"
+            ));
+        }
         if v.len() > MAX_PROPERTY_VALUE_BYTES {
             return bad(format!(
                 "property {k:?} value of {} bytes, at most {MAX_PROPERTY_VALUE_BYTES}",

@@ -7,8 +7,11 @@ use std::sync::Arc;
 use halfmq_proto::v1 as pb;
 use tonic::{Request, Response};
 
-use crate::broker::{Broker, OutgoingMessage, QueueChoice, Receipt, ReceiveRequest};
+use crate::broker::{
+    Broker, DeliveredMessage, OutgoingMessage, QueueChoice, Receipt, ReceiveRequest,
+};
 use crate::error::BrokerError;
+use crate::transactions::{EndSource, Resolution};
 
 /// The wire status code of an error. Stable: see README "Status codes".
 pub fn code_of(e: &BrokerError) -> pb::Code {
@@ -23,6 +26,10 @@ pub fn code_of(e: &BrokerError) -> pb::Code {
         BrokerError::ReservedName(_) => Code::ReservedName,
         BrokerError::TopicNotFound(_) => Code::TopicNotFound,
         BrokerError::ReceiptNotFound => Code::ReceiptNotFound,
+        BrokerError::InvalidTransactionId(_) => Code::InvalidTransactionId,
+        BrokerError::TransactionNotFound(_) => Code::TransactionNotFound,
+        BrokerError::TransactionConflict(_) => Code::TransactionConflict,
+        BrokerError::TooManyPendingHalves(_) => Code::TooManyPendingHalves,
         BrokerError::TopicExists(_) => Code::TopicExists,
         BrokerError::MessageTooLarge { .. } => Code::MessageTooLarge,
         BrokerError::BatchTooLarge(_) => Code::BatchTooLarge,
@@ -87,8 +94,180 @@ impl Services {
 
 type Rpc<T> = Result<Response<T>, tonic::Status>;
 
+fn wire_message(m: DeliveredMessage, with_receipt: bool) -> pb::ReceivedMessage {
+    pb::ReceivedMessage {
+        message_id: m.message_id.to_string(),
+        topic: m.topic,
+        queue_id: m.queue_id,
+        queue_offset: m.queue_offset,
+        tag: m.tag,
+        keys: m.keys,
+        properties: m.properties.into_iter().collect(),
+        body: m.body,
+        reconsume_times: m.reconsume_times,
+        receipt_handle: if with_receipt {
+            m.receipt.encode()
+        } else {
+            String::new()
+        },
+        store_timestamp_ms: m.store_timestamp_ms,
+        invisible_until_ms: m.invisible_until_ms,
+    }
+}
+
+fn resolution(r: i32) -> Option<Resolution> {
+    match pb::Resolution::try_from(r).ok()? {
+        pb::Resolution::Commit => Some(Resolution::Commit),
+        pb::Resolution::Rollback => Some(Resolution::Rollback),
+        pb::Resolution::Unknown => Some(Resolution::Unknown),
+        pb::Resolution::Unspecified => None,
+    }
+}
+
+type SessionStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<pb::SessionDown, tonic::Status>> + Send>,
+>;
+
+fn down(kind: pb::session_down::Kind) -> Result<pb::SessionDown, tonic::Status> {
+    Ok(pb::SessionDown { kind: Some(kind) })
+}
+
 #[tonic::async_trait]
 impl pb::producer_server::Producer for Services {
+    type SessionStream = SessionStream;
+
+    #[tracing::instrument(skip_all, fields(group = %req.get_ref().producer_group))]
+    async fn send_half(&self, req: Request<pb::SendHalfRequest>) -> Rpc<pb::SendHalfResponse> {
+        let r = req.into_inner();
+        let Some(m) = r.message else {
+            return Ok(Response::new(pb::SendHalfResponse {
+                status: status(&BrokerError::BadRequest("message is missing".into())),
+                ..Default::default()
+            }));
+        };
+        Ok(Response::new(
+            match self.broker.send_half(&r.producer_group, outgoing(m)).await {
+                Ok(h) => pb::SendHalfResponse {
+                    status: ok(),
+                    transaction_id: h.transaction_id,
+                    message_id: h.message_id.to_string(),
+                    queue_id: h.queue_id,
+                },
+                Err(e) => pb::SendHalfResponse {
+                    status: status(&e),
+                    ..Default::default()
+                },
+            },
+        ))
+    }
+
+    #[tracing::instrument(skip_all, fields(tx = %req.get_ref().transaction_id))]
+    async fn end_transaction(
+        &self,
+        req: Request<pb::EndTransactionRequest>,
+    ) -> Rpc<pb::EndTransactionResponse> {
+        let r = req.into_inner();
+        let source = match pb::EndSource::try_from(r.source) {
+            Ok(pb::EndSource::Check) => EndSource::Check,
+            Ok(pb::EndSource::Operator) => EndSource::Operator,
+            _ => EndSource::Producer,
+        };
+        let res = match resolution(r.resolution) {
+            Some(res @ (Resolution::Commit | Resolution::Rollback)) => {
+                self.broker
+                    .end_transaction(&r.transaction_id, res, source)
+                    .await
+            }
+            _ => Err(BrokerError::BadRequest(
+                "resolution must be COMMIT or ROLLBACK".into(),
+            )),
+        };
+        Ok(Response::new(pb::EndTransactionResponse {
+            status: match res {
+                Ok(()) => ok(),
+                Err(e) => status(&e),
+            },
+        }))
+    }
+
+    async fn session(
+        &self,
+        req: Request<tonic::Streaming<pb::SessionUp>>,
+    ) -> Rpc<Self::SessionStream> {
+        let mut inbound = req.into_inner();
+        let (out_tx, out_rx) =
+            tokio::sync::mpsc::channel::<Result<pb::SessionDown, tonic::Status>>(16);
+        let hello = match inbound.message().await? {
+            Some(pb::SessionUp {
+                kind: Some(pb::session_up::Kind::Hello(h)),
+            }) => h,
+            _ => {
+                let _ = out_tx
+                    .send(down(pb::session_down::Kind::Error(pb::Status {
+                        code: pb::Code::BadRequest as i32,
+                        message: "the first session message must be a hello".into(),
+                    })))
+                    .await;
+                return Ok(Response::new(Box::pin(
+                    tokio_stream::wrappers::ReceiverStream::new(out_rx),
+                )));
+            }
+        };
+        if let Err(e) = crate::names::check_group(&hello.producer_group) {
+            let _ = out_tx
+                .send(down(pb::session_down::Kind::Error(
+                    status(&e).unwrap_or_default(),
+                )))
+                .await;
+            return Ok(Response::new(Box::pin(
+                tokio_stream::wrappers::ReceiverStream::new(out_rx),
+            )));
+        }
+        let broker = Arc::clone(&self.broker);
+        let (sid, mut checks) = broker
+            .tx_state()
+            .open_session(hello.producer_group.clone(), hello.topics);
+        let _ = out_tx
+            .send(down(pb::session_down::Kind::Welcome(pb::Welcome {
+                session_id: sid,
+            })))
+            .await;
+        let mut stop = broker.shutdown_signal();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    c = checks.recv() => {
+                        let Some(c) = c else { break };
+                        let msg = pb::CheckRequest {
+                            transaction_id: c.transaction_id,
+                            producer_group: c.producer_group,
+                            check_times: c.check_times,
+                            message: Some(wire_message(c.message, false)),
+                        };
+                        if out_tx.send(down(pb::session_down::Kind::Check(msg))).await.is_err() {
+                            break;
+                        }
+                    }
+                    up = inbound.message() => match up {
+                        Ok(Some(pb::SessionUp { kind: Some(pb::session_up::Kind::Answer(a)) })) => {
+                            match resolution(a.resolution) {
+                                Some(r) => broker.check_answer(sid, &a.transaction_id, r).await,
+                                None => tracing::warn!(session = sid, "check answer without a resolution"),
+                            }
+                        }
+                        Ok(Some(_)) => tracing::warn!(session = sid, "unexpected session message ignored"),
+                        Ok(None) | Err(_) => break,
+                    },
+                    _ = stop.changed() => break,
+                }
+            }
+            broker.tx_state().close_session(sid);
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(out_rx),
+        )))
+    }
+
     #[tracing::instrument(skip_all, fields(messages = req.get_ref().messages.len()))]
     async fn send(&self, req: Request<pb::SendRequest>) -> Rpc<pb::SendResponse> {
         let msgs = req
@@ -247,6 +426,30 @@ impl pb::admin_server::Admin for Services {
                     name: t.name,
                     queues: t.queues,
                     messages: t.messages,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn list_transactions(
+        &self,
+        _req: Request<pb::ListTransactionsRequest>,
+    ) -> Rpc<pb::ListTransactionsResponse> {
+        Ok(Response::new(pb::ListTransactionsResponse {
+            status: ok(),
+            transactions: self
+                .broker
+                .list_transactions(10_000)
+                .into_iter()
+                .map(|t| pb::PendingTransaction {
+                    transaction_id: t.transaction_id,
+                    message_id: t.message_id,
+                    topic: t.topic,
+                    producer_group: t.producer_group,
+                    age_ms: t.age_ms,
+                    check_times: t.check_times,
+                    given_up: t.given_up,
+                    note: t.note,
                 })
                 .collect(),
         }))

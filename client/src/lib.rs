@@ -8,7 +8,10 @@
 //!   into batch requests (auto-batch) unless turned off.
 //! - [`Consumer`]: explicit `receive` / `ack` / `nack` /
 //!   `change_invisible_duration`, and a handler loop [`Consumer::run`].
-//! - [`Admin`]: topics and stats.
+//! - [`TransactionProducer`]: half messages, `commit` / `rollback`,
+//!   `send_in_transaction`, and the producer session answering check-backs
+//!   with a [`TransactionChecker`].
+//! - [`Admin`]: topics, stats, pending transactions.
 //!
 //! # Example
 //! ```no_run
@@ -38,6 +41,14 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tonic::transport::{Channel, Endpoint};
 
 pub use halfmq_proto::v1::Code;
+
+mod transaction;
+/// Who ends a transaction (wire enum), for [`end_transaction`].
+pub use halfmq_proto::v1::EndSource;
+pub use transaction::{
+    end_transaction, MessageView, PendingTransaction, Transaction, TransactionChecker,
+    TransactionOutcome, TransactionProducer, TransactionResolution,
+};
 
 /// Errors of the client.
 #[derive(Debug, thiserror::Error)]
@@ -873,6 +884,42 @@ impl Admin {
                 name: t.name,
                 queues: t.queues,
                 messages: t.messages,
+            })
+            .collect())
+    }
+
+    /// Unresolved half messages (given-up ones included), oldest first.
+    ///
+    /// # Errors
+    /// Transport errors.
+    pub async fn list_transactions(&self) -> Result<Vec<PendingTransaction>, ClientError> {
+        let resp = self
+            .client
+            .retry(|| async {
+                Ok(self
+                    .client
+                    .admin()
+                    .list_transactions(
+                        self.client
+                            .request(pb::ListTransactionsRequest {}, Duration::ZERO),
+                    )
+                    .await?
+                    .into_inner())
+            })
+            .await?;
+        check(resp.status)?;
+        Ok(resp
+            .transactions
+            .into_iter()
+            .map(|t| PendingTransaction {
+                transaction_id: t.transaction_id,
+                message_id: t.message_id,
+                topic: t.topic,
+                producer_group: t.producer_group,
+                age_ms: t.age_ms,
+                check_times: t.check_times,
+                given_up: t.given_up,
+                note: t.note,
             })
             .collect())
     }

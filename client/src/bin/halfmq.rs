@@ -7,10 +7,13 @@
 use std::io::Read;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use base64::Engine;
 use clap::{Parser, Subcommand};
-use halfmq_client::{Admin, Client, Consumer, Message, Producer, ProducerOptions};
+use halfmq_client::{
+    Admin, Client, Consumer, EndSource, Message, MessageView, Producer, ProducerOptions,
+    TransactionProducer, TransactionResolution,
+};
 use serde_json::json;
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -94,11 +97,101 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Transactional messages: send halves, answer check-backs, list and
+    /// resolve pending transactions.
+    Tx {
+        #[command(subcommand)]
+        cmd: TxCmd,
+    },
     /// The broker's counters.
     Stats {
         /// One JSON object.
         #[arg(long)]
         json: bool,
+    },
+}
+
+fn resolution(s: &str) -> Result<TransactionResolution, String> {
+    match s {
+        "commit" => Ok(TransactionResolution::Commit),
+        "rollback" => Ok(TransactionResolution::Rollback),
+        "unknown" => Ok(TransactionResolution::Unknown),
+        _ => Err("commit, rollback or unknown".into()),
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum TxCmd {
+    /// Sends half messages and resolves them as --local says. Prints each
+    /// half as soon as it is acknowledged (JSON: message_id, transaction_id).
+    Send {
+        /// Topic.
+        topic: String,
+        /// Body; read from standard input when absent.
+        body: Option<String>,
+        /// Producer group.
+        #[arg(long)]
+        group: String,
+        /// Tag.
+        #[arg(long)]
+        tag: Option<String>,
+        /// Key (repeatable).
+        #[arg(long = "key")]
+        keys: Vec<String>,
+        /// How many transactions.
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+        /// The local transaction's result: commit, rollback, unknown (no
+        /// EndTransaction; stay and wait for check-backs), exit (no
+        /// EndTransaction; exit at once, like a crashed producer).
+        #[arg(long, default_value = "commit", value_parser = ["commit", "rollback", "unknown", "exit"])]
+        local: String,
+        /// With --local unknown: what this instance's checker answers.
+        #[arg(long, default_value = "unknown", value_parser = resolution)]
+        answer: TransactionResolution,
+        /// With --local unknown: how long to wait for the halves to be resolved.
+        #[arg(long = "for", default_value = "60s", value_parser = duration)]
+        wait_for: Duration,
+        /// JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Opens a producer session of GROUP and answers every check-back with
+    /// --answer until killed or --for elapses; prints each check as a JSON
+    /// line (transaction_id, message_id, topic, check_times).
+    Checker {
+        /// Producer group.
+        #[arg(long)]
+        group: String,
+        /// commit, rollback or unknown.
+        #[arg(long, value_parser = resolution)]
+        answer: TransactionResolution,
+        /// Stop after this long (default: until killed).
+        #[arg(long = "for", value_parser = duration)]
+        run_for: Option<Duration>,
+    },
+    /// Unresolved half messages, given-up ones included.
+    Pending {
+        /// JSON lines: transaction_id, message_id, topic, producer_group,
+        /// age_ms, check_times, given_up, note.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Operator resolution (given-up halves too): exit 0 when the transaction
+    /// ends (or had ended) that way.
+    End {
+        /// Transaction id.
+        transaction_id: String,
+        /// Commit it.
+        #[arg(
+            long,
+            conflicts_with = "rollback",
+            required_unless_present = "rollback"
+        )]
+        commit: bool,
+        /// Roll it back.
+        #[arg(long)]
+        rollback: bool,
     },
 }
 
@@ -244,6 +337,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Cmd::Tx { cmd } => run_tx(client, cmd).await?,
         Cmd::Stats { json } => {
             let s = Admin::new(client).stats().await?;
             let groups: Vec<_> = s
@@ -263,6 +357,162 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             }
+        }
+    }
+    Ok(())
+}
+
+fn print_check(v: &MessageView) {
+    println!(
+        "{}",
+        json!({"transaction_id": v.transaction_id, "message_id": v.message_id, "topic": v.topic, "check_times": v.check_times})
+    );
+}
+
+async fn run_tx(client: Client, cmd: TxCmd) -> anyhow::Result<()> {
+    match cmd {
+        TxCmd::Send {
+            topic,
+            body,
+            group,
+            tag,
+            keys,
+            count,
+            local,
+            answer,
+            wait_for,
+            json,
+        } => {
+            let body = match body {
+                Some(b) => b.into_bytes(),
+                None => {
+                    let mut v = Vec::new();
+                    std::io::stdin()
+                        .read_to_end(&mut v)
+                        .context("reading the body from standard input")?;
+                    v
+                }
+            };
+            let producer = TransactionProducer::new(
+                client.clone(),
+                group,
+                move |v: MessageView| async move {
+                    eprintln!("check-back received: transaction {} (check_times {}), answering {answer:?}", v.transaction_id, v.check_times);
+                    answer
+                },
+            );
+            let mut sent = Vec::new();
+            for _ in 0..count {
+                let mut m = Message::new(topic.clone(), body.clone());
+                if let Some(t) = &tag {
+                    m = m.with_tag(t.clone());
+                }
+                for k in &keys {
+                    m = m.with_key(k.clone());
+                }
+                let tx = producer.send_half(m).await?;
+                if json {
+                    println!(
+                        "{}",
+                        json!({"message_id": tx.message_id, "transaction_id": tx.transaction_id, "topic": topic, "local": local})
+                    );
+                } else {
+                    println!("{} {}", tx.message_id, tx.transaction_id);
+                }
+                match local.as_str() {
+                    "commit" => tx.commit().await?,
+                    "rollback" => tx.rollback().await?,
+                    _ => {}
+                }
+                sent.push(tx.transaction_id);
+            }
+            if local == "exit" {
+                // A crashed producer: no EndTransaction, no goodbye.
+                std::process::exit(0);
+            }
+            if local == "unknown" {
+                let admin = Admin::new(client);
+                let deadline = tokio::time::Instant::now() + wait_for;
+                loop {
+                    let pending: std::collections::HashSet<String> = admin
+                        .list_transactions()
+                        .await?
+                        .into_iter()
+                        .filter(|t| !t.given_up)
+                        .map(|t| t.transaction_id)
+                        .collect();
+                    let left = sent.iter().filter(|t| pending.contains(*t)).count();
+                    if left == 0 {
+                        eprintln!("all {} transactions resolved", sent.len());
+                        break;
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        bail!("{left} transactions still pending after {wait_for:?}");
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            }
+        }
+        TxCmd::Checker {
+            group,
+            answer,
+            run_for,
+        } => {
+            let producer =
+                TransactionProducer::new(client, group, move |v: MessageView| async move {
+                    print_check(&v);
+                    answer
+                });
+            if !producer.wait_session(Duration::from_secs(10)).await {
+                bail!("could not open a producer session");
+            }
+            eprintln!("checker of group {} answering {answer:?}", producer.group());
+            match run_for {
+                Some(d) => tokio::time::sleep(d).await,
+                None => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        }
+        TxCmd::Pending { json } => {
+            for t in Admin::new(client).list_transactions().await? {
+                if json {
+                    println!(
+                        "{}",
+                        json!({"transaction_id": t.transaction_id, "message_id": t.message_id, "topic": t.topic,
+                               "producer_group": t.producer_group, "age_ms": t.age_ms, "check_times": t.check_times,
+                               "given_up": t.given_up, "note": t.note})
+                    );
+                } else {
+                    println!(
+                        "{} topic={} group={} age_ms={} check_times={} given_up={} {}",
+                        t.transaction_id,
+                        t.topic,
+                        t.producer_group,
+                        t.age_ms,
+                        t.check_times,
+                        t.given_up,
+                        t.note
+                    );
+                }
+            }
+        }
+        TxCmd::End {
+            transaction_id,
+            commit,
+            rollback: _,
+        } => {
+            let r = if commit {
+                TransactionResolution::Commit
+            } else {
+                TransactionResolution::Rollback
+            };
+            halfmq_client::end_transaction(&client, &transaction_id, r, EndSource::Operator)
+                .await?;
+            println!(
+                "transaction {transaction_id} {}",
+                if commit { "committed" } else { "rolled back" }
+            );
         }
     }
     Ok(())

@@ -1,0 +1,918 @@
+//! Transactional messages: half messages, EndTransaction, check-back.
+//!
+//! # What is written
+//! - A half message is one `Half` record (body, keys, properties; the producer
+//!   group in the system property `halfmq.producer_group`). It gets no queue
+//!   offset: no consumer can see it.
+//! - A commit is one small `TxCommit` record (no body) pointing at the half;
+//!   its consume-queue entry points at the half, so the body is written once.
+//!   A rollback is one small `TxRollback` record. A half given up after
+//!   `check_max` checks gets a small `System` record in the system topic
+//!   `%TRANS_CHECK_MAX_TIME%`. Checking a half writes nothing.
+//!
+//! # State
+//! In memory: the [`CheckScheduler`] (every unresolved half, deadline-ordered)
+//! and the resolutions not yet saved. In sled, saved at every broker
+//! checkpoint: the pending halves that outlived a checkpoint (`tx_pending`),
+//! every resolution (`tx_resolved`, pruned by retention), and the log offset
+//! they reflect (`tx_meta/scan_from`). A half resolved between two
+//! checkpoints costs no sled write at all.
+//!
+//! # Restart
+//! Load `tx_pending` and `scan_from`, then replay every transactional record
+//! of the commit log from `scan_from`: halves are added (unless already
+//! known), ends remove them and record the resolution, give-up records mark
+//! them. Every step is idempotent, so a checkpoint torn between sled trees is
+//! harmless. Records of tx kinds are appended under the tx lock, so the
+//! snapshot offset and the in-memory state always agree.
+//!
+//! # Transaction id
+//! `<physical offset of the half, 16 hex digits><message id, 32 hex digits>`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use halfmq_storage::{MessageId, Record, RecordKind, Store};
+use tokio::sync::{mpsc, Notify};
+
+use crate::broker::{Broker, DeliveredMessage, OutgoingMessage, Receipt};
+use crate::error::BrokerError;
+use crate::names::check_group;
+use crate::txcheck::{CheckConfig, CheckScheduler, Due, HalfState};
+
+/// System property holding a half's producer group.
+pub const PRODUCER_GROUP_PROPERTY: &str = "halfmq.producer_group";
+/// Prefix of system properties; user properties may not use it.
+pub const SYSTEM_PROPERTY_PREFIX: &str = "halfmq.";
+/// System topic of given-up halves (RocketMQ: TRANS_CHECK_MAX_TIME_TOPIC).
+pub const GIVEN_UP_TOPIC: &str = "%TRANS_CHECK_MAX_TIME%";
+
+const PENDING_SPACE: &str = "tx_pending";
+const RESOLVED_SPACE: &str = "tx_resolved";
+const META_SPACE: &str = "tx_meta";
+
+/// How a transaction ended, or a checker's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolution {
+    /// Make the message visible.
+    Commit,
+    /// Discard it.
+    Rollback,
+    /// (Checker answers only.) Not known yet.
+    Unknown,
+}
+
+/// Who ended a transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndSource {
+    /// The producer that sent the half.
+    Producer,
+    /// A check-back answer.
+    Check,
+    /// An operator (`halfmq tx end`).
+    Operator,
+}
+
+/// A transaction id: the half's physical offset and its message id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TransactionId {
+    /// Physical offset of the half record.
+    pub offset: u64,
+    /// The half's message id.
+    pub message_id: MessageId,
+}
+
+impl TransactionId {
+    /// 48 hex digits.
+    pub fn encode(&self) -> String {
+        format!("{:016X}{}", self.offset, self.message_id)
+    }
+
+    /// Parses [`TransactionId::encode`]'s form.
+    ///
+    /// # Errors
+    /// [`BrokerError::InvalidTransactionId`].
+    pub fn decode(s: &str) -> Result<TransactionId, BrokerError> {
+        let bad = || BrokerError::InvalidTransactionId(s.to_owned());
+        if s.len() != 48 || !s.is_ascii() {
+            return Err(bad());
+        }
+        let offset = u64::from_str_radix(&s[..16], 16).map_err(|_| bad())?;
+        let message_id = MessageId::from_hex(&s[16..]).ok_or_else(bad)?;
+        Ok(TransactionId { offset, message_id })
+    }
+}
+
+/// A check request for a producer session.
+#[derive(Debug, Clone)]
+pub struct CheckRequest {
+    /// Transaction id.
+    pub transaction_id: String,
+    /// Producer group.
+    pub producer_group: String,
+    /// Checks delivered before this one.
+    pub check_times: u32,
+    /// The half message.
+    pub message: DeliveredMessage,
+}
+
+/// An unresolved half for operators.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingTransaction {
+    /// Transaction id.
+    pub transaction_id: String,
+    /// Message id.
+    pub message_id: String,
+    /// Topic.
+    pub topic: String,
+    /// Producer group.
+    pub producer_group: String,
+    /// Since stored, ms.
+    pub age_ms: u64,
+    /// Checks delivered.
+    pub check_times: u32,
+    /// Given up.
+    pub given_up: bool,
+    /// Why it is still pending.
+    pub note: String,
+}
+
+/// Result of a half send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HalfReceipt {
+    /// Transaction id.
+    pub transaction_id: String,
+    /// Message id.
+    pub message_id: MessageId,
+    /// Queue id it will be delivered in.
+    pub queue_id: u32,
+}
+
+#[derive(Debug, Default)]
+struct Interner {
+    names: Vec<String>,
+    ids: HashMap<String, u32>,
+}
+
+impl Interner {
+    fn id(&mut self, s: &str) -> u32 {
+        if let Some(&i) = self.ids.get(s) {
+            return i;
+        }
+        let i = self.names.len() as u32;
+        self.names.push(s.to_owned());
+        self.ids.insert(s.to_owned(), i);
+        i
+    }
+    fn name(&self, i: u32) -> &str {
+        self.names.get(i as usize).map_or("", String::as_str)
+    }
+}
+
+struct TxInner {
+    sched: CheckScheduler,
+    strings: Interner,
+    /// Resolutions since the last save: offset -> commit?
+    recent: HashMap<u64, bool>,
+    /// Pending offsets whose saved form changed since the last save.
+    dirty: std::collections::HashSet<u64>,
+    /// Outstanding checks: half offset -> session id.
+    outstanding: HashMap<u64, u64>,
+}
+
+struct Session {
+    id: u64,
+    group: String,
+    topics: Vec<String>,
+    tx: mpsc::Sender<CheckRequest>,
+    inflight: Arc<AtomicUsize>,
+}
+
+/// Transaction state of a broker.
+pub struct TxState {
+    cfg: CheckConfig,
+    max_pending: usize,
+    max_checks_per_session: usize,
+    inner: Mutex<TxInner>,
+    sessions: Mutex<Vec<Session>>,
+    next_session: AtomicU64,
+    round_robin: AtomicUsize,
+    /// Wakes the check driver (new half, new session).
+    pub(crate) wake: Notify,
+}
+
+impl std::fmt::Debug for TxState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TxState").field("cfg", &self.cfg).finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Mutations under these locks are a few map operations each; a panic
+    // elsewhere cannot leave them half done.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn encode_half_state(s: &HalfState, group: &str, topic: &str) -> Vec<u8> {
+    let mut v = Vec::with_capacity(32 + group.len() + topic.len());
+    v.extend_from_slice(&s.stored_ms.to_le_bytes());
+    v.extend_from_slice(&s.check_times.to_le_bytes());
+    v.extend_from_slice(&s.due_ms.to_le_bytes());
+    v.push(u8::from(s.given_up));
+    v.extend_from_slice(&(group.len() as u16).to_le_bytes());
+    v.extend_from_slice(group.as_bytes());
+    v.extend_from_slice(&(topic.len() as u16).to_le_bytes());
+    v.extend_from_slice(topic.as_bytes());
+    v
+}
+
+fn decode_half_state(b: &[u8]) -> Option<(u64, u32, u64, bool, String, String)> {
+    let mut p = 0usize;
+    let mut take = |n: usize| -> Option<&[u8]> {
+        let s = b.get(p..p + n)?;
+        p += n;
+        Some(s)
+    };
+    let stored = u64::from_le_bytes(take(8)?.try_into().ok()?);
+    let checks = u32::from_le_bytes(take(4)?.try_into().ok()?);
+    let due = u64::from_le_bytes(take(8)?.try_into().ok()?);
+    let given_up = take(1)?[0] != 0;
+    let gl = u16::from_le_bytes(take(2)?.try_into().ok()?) as usize;
+    let g = String::from_utf8(take(gl)?.to_vec()).ok()?;
+    let tl = u16::from_le_bytes(take(2)?.try_into().ok()?) as usize;
+    let t = String::from_utf8(take(tl)?.to_vec()).ok()?;
+    Some((stored, checks, due, given_up, g, t))
+}
+
+impl TxState {
+    /// Rebuilds the transaction state from sled and the commit log.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn load(
+        store: &Store,
+        cfg: CheckConfig,
+        max_pending: usize,
+        max_checks_per_session: usize,
+    ) -> Result<TxState, BrokerError> {
+        let mut inner = TxInner {
+            sched: CheckScheduler::new(cfg),
+            strings: Interner::default(),
+            recent: HashMap::new(),
+            dirty: std::collections::HashSet::new(),
+            outstanding: HashMap::new(),
+        };
+        let meta = store.meta();
+        let written = store.log().written_offset();
+        for (k, v) in meta.scan_prefix(PENDING_SPACE, b"")? {
+            let (Ok(kb), Some((stored, checks, due, given_up, g, t))) =
+                (<[u8; 8]>::try_from(k.as_slice()), decode_half_state(&v))
+            else {
+                tracing::error!("unreadable pending-half entry in metadata; skipped");
+                continue;
+            };
+            let offset = u64::from_be_bytes(kb);
+            if offset >= written {
+                // Saved only after the log was synced past it; a log cut
+                // shorter than that lost the half (reported by recovery).
+                tracing::error!(offset, "pending half beyond the recovered log; dropped");
+                continue;
+            }
+            let (group, topic) = (inner.strings.id(&g), inner.strings.id(&t));
+            inner.sched.restore(
+                offset,
+                HalfState {
+                    group,
+                    topic,
+                    stored_ms: stored,
+                    check_times: checks,
+                    due_ms: due,
+                    checking: false,
+                    given_up,
+                },
+            );
+        }
+        let scan_from = match meta.get(META_SPACE, b"scan_from")? {
+            Some(v) => <[u8; 8]>::try_from(v.as_slice()).map_or(0, u64::from_be_bytes),
+            None => 0,
+        };
+        let scan_from = scan_from.max(store.log().min_offset()).min(written);
+        let mut replayed = 0u64;
+        for item in store.log().iter_from(scan_from) {
+            let (offset, rec) = match item {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::error!(error = %e, "transaction replay stopped at an unreadable record");
+                    break;
+                }
+            };
+            replayed += 1;
+            apply_record(&mut inner, offset, &rec);
+        }
+        tracing::info!(
+            pending = inner.sched.len(),
+            scan_from,
+            replayed,
+            "transaction state rebuilt"
+        );
+        Ok(TxState {
+            cfg,
+            max_pending,
+            max_checks_per_session,
+            inner: Mutex::new(inner),
+            sessions: Mutex::new(Vec::new()),
+            next_session: AtomicU64::new(1),
+            round_robin: AtomicUsize::new(0),
+            wake: Notify::new(),
+        })
+    }
+
+    /// Smallest offset of an unresolved half (retention keeps its segment).
+    pub fn min_pending_offset(&self) -> Option<u64> {
+        lock(&self.inner).sched.min_offset()
+    }
+
+    /// Number of unresolved halves.
+    pub fn pending_count(&self) -> usize {
+        lock(&self.inner).sched.len()
+    }
+
+    /// Saves pending halves that changed and resolutions since the last
+    /// save. `sync_log` must make the log durable past every record the
+    /// state reflects (the broker passes the store checkpoint).
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn save(
+        &self,
+        store: &Store,
+        sync_log: impl FnOnce() -> Result<(), BrokerError>,
+    ) -> Result<(), BrokerError> {
+        let (scan_from, pending, removed, resolved) = {
+            let mut inner = lock(&self.inner);
+            let scan_from = store.log().written_offset();
+            let dirty = std::mem::take(&mut inner.dirty);
+            let mut pending = Vec::new();
+            let mut removed = Vec::new();
+            for off in dirty {
+                match inner.sched.get(off) {
+                    Some(s) => pending.push((
+                        off,
+                        encode_half_state(
+                            s,
+                            inner.strings.name(s.group),
+                            inner.strings.name(s.topic),
+                        ),
+                    )),
+                    None => removed.push(off),
+                }
+            }
+            let resolved: Vec<(u64, bool)> = inner.recent.drain().collect();
+            (scan_from, pending, removed, resolved)
+        };
+        sync_log()?;
+        let meta = store.meta();
+        for (off, v) in &pending {
+            meta.put(PENDING_SPACE, &off.to_be_bytes(), v)?;
+        }
+        for off in &removed {
+            meta.remove(PENDING_SPACE, &off.to_be_bytes())?;
+        }
+        for (off, commit) in &resolved {
+            meta.put(
+                RESOLVED_SPACE,
+                &off.to_be_bytes(),
+                &[if *commit { 1 } else { 2 }],
+            )?;
+        }
+        meta.put(META_SPACE, b"scan_from", &scan_from.to_be_bytes())?;
+        meta.flush()?;
+        Ok(())
+    }
+
+    /// Drops saved resolutions of halves below `min_offset` (their segments
+    /// were deleted by retention).
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn prune_resolved(&self, store: &Store, min_offset: u64) -> Result<usize, BrokerError> {
+        let meta = store.meta();
+        let mut n = 0;
+        for (k, _) in meta.scan_prefix(RESOLVED_SPACE, b"")? {
+            match <[u8; 8]>::try_from(k.as_slice()) {
+                Ok(b) if u64::from_be_bytes(b) < min_offset => {
+                    meta.remove(RESOLVED_SPACE, &k)?;
+                    n += 1;
+                }
+                Ok(_) => break, // big-endian keys: sorted by offset
+                Err(_) => {}
+            }
+        }
+        Ok(n)
+    }
+
+    fn resolution_of(&self, store: &Store, offset: u64) -> Result<Option<bool>, BrokerError> {
+        if let Some(&c) = lock(&self.inner).recent.get(&offset) {
+            return Ok(Some(c));
+        }
+        Ok(store
+            .meta()
+            .get(RESOLVED_SPACE, &offset.to_be_bytes())?
+            .and_then(|v| v.first().copied())
+            .map(|b| b == 1))
+    }
+
+    /// Registers a producer session; returns its id and the receiver of its
+    /// check requests.
+    pub fn open_session(
+        &self,
+        group: String,
+        topics: Vec<String>,
+    ) -> (u64, mpsc::Receiver<CheckRequest>) {
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(self.max_checks_per_session.max(1));
+        lock(&self.sessions).push(Session {
+            id,
+            group: group.clone(),
+            topics,
+            tx,
+            inflight: Arc::new(AtomicUsize::new(0)),
+        });
+        tracing::info!(session = id, producer_group = %group, "producer session opened");
+        self.wake.notify_one();
+        (id, rx)
+    }
+
+    /// Removes a session (its unanswered checks time out and count).
+    pub fn close_session(&self, id: u64) {
+        lock(&self.sessions).retain(|s| s.id != id);
+        tracing::info!(session = id, "producer session closed");
+    }
+
+    fn has_session(&self, group: &str) -> bool {
+        lock(&self.sessions).iter().any(|s| s.group == group)
+    }
+
+    fn release_outstanding(&self, inner: &mut TxInner, offset: u64) {
+        if let Some(sid) = inner.outstanding.remove(&offset) {
+            if let Some(s) = lock(&self.sessions).iter().find(|s| s.id == sid) {
+                let _ = s
+                    .inflight
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+            }
+        }
+    }
+}
+
+/// Applies one replayed record to the state.
+fn apply_record(inner: &mut TxInner, offset: u64, rec: &Record) {
+    match rec.kind {
+        RecordKind::Half
+            if inner.sched.get(offset).is_none() && !inner.recent.contains_key(&offset) =>
+        {
+            let group = rec
+                .properties
+                .iter()
+                .find(|(k, _)| k == PRODUCER_GROUP_PROPERTY)
+                .map_or("", |(_, v)| v.as_str());
+            let (g, t) = (inner.strings.id(group), inner.strings.id(&rec.topic));
+            inner.sched.add(offset, g, t, rec.store_timestamp_ms);
+            inner.dirty.insert(offset);
+        }
+        RecordKind::TxCommit | RecordKind::TxRollback => {
+            if let Some(half) = rec.ref_offset {
+                inner.sched.remove(half);
+                inner.dirty.insert(half);
+                inner.recent.insert(half, rec.kind == RecordKind::TxCommit);
+            }
+        }
+        RecordKind::System if rec.topic == GIVEN_UP_TOPIC => {
+            if let Some(half) = rec.ref_offset {
+                if let Some(mut s) = inner.sched.get(half).copied() {
+                    s.given_up = true;
+                    inner.sched.restore(half, s);
+                    inner.dirty.insert(half);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Strips system properties before a message is shown to a consumer or checker.
+pub fn user_properties(props: Vec<(String, String)>) -> Vec<(String, String)> {
+    props
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with(SYSTEM_PROPERTY_PREFIX))
+        .collect()
+}
+
+impl Broker {
+    fn tx(&self) -> &TxState {
+        self.tx_state()
+    }
+
+    /// Stores a half message for `producer_group`; returns once durable.
+    ///
+    /// # Errors
+    /// Validation errors, [`BrokerError::TooManyPendingHalves`], storage.
+    pub async fn send_half(
+        &self,
+        producer_group: &str,
+        msg: OutgoingMessage,
+    ) -> Result<HalfReceipt, BrokerError> {
+        self.check_running_pub()?;
+        check_group(producer_group)?;
+        let mut records = self.build_records_pub(vec![msg], RecordKind::Half)?;
+        records[0].properties.push((
+            PRODUCER_GROUP_PROPERTY.to_owned(),
+            producer_group.to_owned(),
+        ));
+        let message_id = records[0].message_id;
+        let queue_id = records[0].queue_id;
+        let topic = records[0].topic.clone();
+        let stored_ms = records[0].store_timestamp_ms;
+        let tx = self.tx();
+        let (offset, end) = {
+            let mut inner = lock(&tx.inner);
+            if inner.sched.len() >= tx.max_pending {
+                return Err(BrokerError::TooManyPendingHalves(tx.max_pending));
+            }
+            let r = self.store().append(records)?;
+            let offset = r.offsets[0];
+            let (g, t) = (inner.strings.id(producer_group), inner.strings.id(&topic));
+            inner.sched.add(offset, g, t, stored_ms);
+            inner.dirty.insert(offset);
+            (offset, r.end)
+        };
+        self.store().wait_durable(end).await?;
+        tx.wake.notify_one();
+        Ok(HalfReceipt {
+            transaction_id: TransactionId { offset, message_id }.encode(),
+            message_id,
+            queue_id,
+        })
+    }
+
+    /// Ends a transaction: commit makes the half visible once, rollback
+    /// discards it. Idempotent; the first resolution is final.
+    ///
+    /// # Errors
+    /// [`BrokerError::InvalidTransactionId`], [`BrokerError::TransactionNotFound`],
+    /// [`BrokerError::TransactionConflict`], storage errors.
+    pub async fn end_transaction(
+        &self,
+        transaction_id: &str,
+        resolution: Resolution,
+        source: EndSource,
+    ) -> Result<(), BrokerError> {
+        self.check_running_pub()?;
+        let commit = match resolution {
+            Resolution::Commit => true,
+            Resolution::Rollback => false,
+            Resolution::Unknown => {
+                return Err(BrokerError::BadRequest(
+                    "EndTransaction needs COMMIT or ROLLBACK".into(),
+                ))
+            }
+        };
+        let id = TransactionId::decode(transaction_id)?;
+        let tx = self.tx();
+        // Read the half outside the lock (one pread) and check it is ours.
+        let half = match self.store().log().read(id.offset) {
+            Ok(r) if r.kind == RecordKind::Half && r.message_id == id.message_id => r,
+            Ok(_) | Err(halfmq_storage::Error::OffsetOutOfRange { .. }) => {
+                return Err(BrokerError::TransactionNotFound(transaction_id.to_owned()))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let (end, topic) = {
+            let mut inner = lock(&tx.inner);
+            if inner.sched.get(id.offset).is_none() {
+                drop(inner);
+                return match tx.resolution_of(self.store(), id.offset)? {
+                    Some(c) if c == commit => Ok(()),
+                    Some(c) => Err(BrokerError::TransactionConflict(format!(
+                        "transaction {transaction_id} was already {}",
+                        if c { "committed" } else { "rolled back" }
+                    ))),
+                    None => Err(BrokerError::TransactionNotFound(transaction_id.to_owned())),
+                };
+            }
+            let rec = Record {
+                kind: if commit {
+                    RecordKind::TxCommit
+                } else {
+                    RecordKind::TxRollback
+                },
+                queue_id: half.queue_id,
+                ref_offset: Some(id.offset),
+                ref_size: half.encoded_len() as u32,
+                message_id: half.message_id,
+                topic: half.topic.clone(),
+                tag: half.tag.clone(),
+                ..Record::default()
+            };
+            let r = self.store().append(vec![rec])?;
+            inner.sched.remove(id.offset);
+            tx.release_outstanding(&mut inner, id.offset);
+            inner.dirty.insert(id.offset);
+            inner.recent.insert(id.offset, commit);
+            (r.end, half.topic)
+        };
+        self.store().wait_durable(end).await?;
+        tracing::debug!(transaction_id, commit, ?source, "transaction ended");
+        if commit {
+            self.notify_topic(&topic);
+        }
+        Ok(())
+    }
+
+    /// A checker's answer from session `session_id`.
+    pub async fn check_answer(
+        &self,
+        session_id: u64,
+        transaction_id: &str,
+        resolution: Resolution,
+    ) {
+        let Ok(id) = TransactionId::decode(transaction_id) else {
+            tracing::warn!(
+                session_id,
+                transaction_id,
+                "check answer with a malformed transaction id"
+            );
+            return;
+        };
+        match resolution {
+            Resolution::Commit | Resolution::Rollback => {
+                if let Err(e) = self
+                    .end_transaction(transaction_id, resolution, EndSource::Check)
+                    .await
+                {
+                    tracing::warn!(transaction_id, error = %e, "check answer not applied");
+                }
+            }
+            Resolution::Unknown => {
+                let now = self.now_ms();
+                let tx = self.tx();
+                let given_up = {
+                    let mut inner = lock(&tx.inner);
+                    tx.release_outstanding(&mut inner, id.offset);
+                    inner.dirty.insert(id.offset);
+                    inner.sched.answered_unknown(id.offset, now)
+                };
+                if given_up {
+                    self.give_up(id.offset).await;
+                }
+            }
+        }
+    }
+
+    async fn give_up(&self, offset: u64) {
+        let tx = self.tx();
+        let res = {
+            let mut inner = lock(&tx.inner);
+            inner.dirty.insert(offset);
+            self.store().append(vec![Record {
+                kind: RecordKind::System,
+                topic: GIVEN_UP_TOPIC.to_owned(),
+                ref_offset: Some(offset),
+                ..Record::default()
+            }])
+        };
+        match res {
+            Ok(r) => {
+                let _ = self.store().wait_durable(r.end).await;
+                tracing::warn!(
+                    offset,
+                    check_max = tx.cfg.check_max,
+                    "half message given up after check_max checks; resolve it with `halfmq tx end`"
+                );
+            }
+            Err(e) => tracing::error!(offset, error = %e, "could not record a given-up half"),
+        }
+    }
+
+    /// Unresolved halves (given-up ones included), oldest first, at most `limit`.
+    pub fn list_transactions(&self, limit: usize) -> Vec<PendingTransaction> {
+        let tx = self.tx();
+        let now = self.now_ms();
+        let mut rows: Vec<(u64, HalfState, String, String)> = {
+            let inner = lock(&tx.inner);
+            let mut v: Vec<_> = inner
+                .sched
+                .iter()
+                .map(|(o, s)| {
+                    (
+                        o,
+                        *s,
+                        inner.strings.name(s.group).to_owned(),
+                        inner.strings.name(s.topic).to_owned(),
+                    )
+                })
+                .collect();
+            v.sort_by_key(|r| r.0);
+            v.truncate(limit);
+            v
+        };
+        rows.drain(..)
+            .map(|(offset, s, group, topic)| {
+                let message_id = self
+                    .store()
+                    .log()
+                    .read(offset)
+                    .map(|r| r.message_id)
+                    .unwrap_or_default();
+                let note = if s.given_up {
+                    "given up after check_max checks; resolve with `halfmq tx end`".to_owned()
+                } else if s.checking {
+                    "check sent, awaiting the answer".to_owned()
+                } else if !tx.has_session(&group)
+                    && now >= s.stored_ms + tx.cfg.transaction_timeout_ms
+                {
+                    format!("no live session of producer group {group}; checks wait for one")
+                } else {
+                    String::new()
+                };
+                PendingTransaction {
+                    transaction_id: TransactionId { offset, message_id }.encode(),
+                    message_id: message_id.to_string(),
+                    topic,
+                    producer_group: group,
+                    age_ms: now.saturating_sub(s.stored_ms),
+                    check_times: s.check_times,
+                    given_up: s.given_up,
+                    note,
+                }
+            })
+            .collect()
+    }
+
+    /// One pass of the check driver: sends every due check. Returns when the
+    /// next thing is due (ms), if anything is pending.
+    pub async fn run_due_checks(&self) -> Option<u64> {
+        let tx = self.tx();
+        // Bounded per pass so one pass never runs long.
+        for _ in 0..10_000 {
+            let now = self.now_ms();
+            let due = lock(&tx.inner).sched.next_due(now);
+            match due {
+                None => break,
+                Some(Due::ReplyTimedOut { offset, given_up }) => {
+                    {
+                        let mut inner = lock(&tx.inner);
+                        tx.release_outstanding(&mut inner, offset);
+                        inner.dirty.insert(offset);
+                    }
+                    tracing::debug!(offset, "check reply timed out; counted as UNKNOWN");
+                    if given_up {
+                        self.give_up(offset).await;
+                    }
+                }
+                Some(Due::Check(offset)) => self.send_check(offset, now),
+            }
+        }
+        lock(&tx.inner).sched.next_due_ms()
+    }
+
+    fn send_check(&self, offset: u64, now: u64) {
+        let tx = self.tx();
+        let (group, topic, check_times) = {
+            let inner = lock(&tx.inner);
+            match inner.sched.get(offset) {
+                Some(s) => (
+                    inner.strings.name(s.group).to_owned(),
+                    inner.strings.name(s.topic).to_owned(),
+                    s.check_times,
+                ),
+                None => return,
+            }
+        };
+        let half = match self.store().log().read(offset) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(offset, error = %e, "cannot read half for a check; retrying later");
+                lock(&tx.inner).sched.no_session(offset, now);
+                return;
+            }
+        };
+        let req = CheckRequest {
+            transaction_id: TransactionId {
+                offset,
+                message_id: half.message_id,
+            }
+            .encode(),
+            producer_group: group.clone(),
+            check_times,
+            message: DeliveredMessage {
+                message_id: half.message_id,
+                topic: half.topic.clone(),
+                queue_id: half.queue_id,
+                queue_offset: 0,
+                tag: half.tag,
+                keys: half.keys,
+                properties: user_properties(half.properties),
+                body: half.body,
+                reconsume_times: 0,
+                receipt: Receipt {
+                    topic: half.topic,
+                    queue_id: half.queue_id,
+                    queue_offset: 0,
+                    seq: 0,
+                },
+                store_timestamp_ms: half.store_timestamp_ms,
+                invisible_until_ms: 0,
+            },
+        };
+        // Pick a live session of the group that declared this topic (or all
+        // topics) and has room, round robin across instances.
+        let sent_to = {
+            let sessions = lock(&tx.sessions);
+            let candidates: Vec<&Session> = sessions
+                .iter()
+                .filter(|s| s.group == group && (s.topics.is_empty() || s.topics.contains(&topic)))
+                .collect();
+            let start = tx.round_robin.fetch_add(1, Ordering::Relaxed);
+            let mut sent = None;
+            let mut any = false;
+            for i in 0..candidates.len() {
+                let s = candidates[(start + i) % candidates.len()];
+                any = true;
+                if s.inflight.load(Ordering::Acquire) >= tx.max_checks_per_session {
+                    continue;
+                }
+                if s.tx.try_send(req.clone()).is_ok() {
+                    s.inflight.fetch_add(1, Ordering::AcqRel);
+                    sent = Some(s.id);
+                    break;
+                }
+            }
+            (sent, any)
+        };
+        let mut inner = lock(&tx.inner);
+        match sent_to {
+            (Some(sid), _) => {
+                inner.sched.check_sent(offset, now);
+                inner.outstanding.insert(offset, sid);
+                inner.dirty.insert(offset);
+            }
+            // Sessions exist but all are full: not an attempt, look again soon.
+            (None, true) => inner.sched.defer(offset, now + 200),
+            (None, false) => inner.sched.no_session(offset, now),
+        }
+    }
+}
+
+/// Runs the check driver until `stop` fires: wakes at the next due time,
+/// on a new half or session, and at least every second.
+pub(crate) async fn check_driver(
+    broker: Arc<Broker>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let next = broker.run_due_checks().await;
+        let wait_ms = next.map_or(1000, |d| d.saturating_sub(broker.now_ms()).clamp(1, 1000));
+        let tx = broker.tx();
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(wait_ms)) => {}
+            _ = tx.wake.notified() => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transaction_id_round_trip() {
+        let id = TransactionId {
+            offset: 123_456,
+            message_id: MessageId([0xAB; 16]),
+        };
+        let s = id.encode();
+        assert_eq!(s.len(), 48);
+        assert_eq!(TransactionId::decode(&s).unwrap(), id);
+        assert!(TransactionId::decode("zz").is_err());
+        assert!(TransactionId::decode(&"G".repeat(48)).is_err());
+    }
+
+    #[test]
+    fn half_state_encoding() {
+        let s = HalfState {
+            group: 0,
+            topic: 0,
+            stored_ms: 5,
+            check_times: 2,
+            due_ms: 9,
+            checking: false,
+            given_up: true,
+        };
+        let d = decode_half_state(&encode_half_state(&s, "pg", "orders")).unwrap();
+        assert_eq!(d, (5, 2, 9, true, "pg".into(), "orders".into()));
+        assert!(decode_half_state(&[1, 2]).is_none());
+    }
+}

@@ -1,0 +1,332 @@
+//! The check-back scheduler: a pure state machine over unresolved half
+//! messages, driven by events and the caller's `now_ms`. No I/O.
+//!
+//! Each pending half is keyed by its physical offset and ordered by the time
+//! of its next check in a `BTreeSet`, so every operation is O(log n).
+//!
+//! ```text
+//!  add ──► waiting (due = stored + transaction_timeout)
+//!            │ due, a live session of its group      │ due, no live session
+//!            ▼                                       ▼
+//!        checking (attempt counted,             waiting (due = now + check_interval;
+//!        due = now + check_reply_timeout)        no attempt counted)
+//!            │ answer UNKNOWN or reply timeout
+//!            ▼
+//!        waiting (due = now + check_interval)  ── after check_max attempts ──► given up
+//!  resolve (commit / rollback from anyone) removes the half in every state.
+//! ```
+//!
+//! Given-up halves stay in the index (listed for operators, who can still
+//! commit or roll them back) but are never checked again.
+
+use std::collections::{BTreeSet, HashMap};
+
+/// Timings and limits of the scheduler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckConfig {
+    /// A half younger than this is never checked, ms (RocketMQ's
+    /// transactionTimeOut: 6 s).
+    pub transaction_timeout_ms: u64,
+    /// Wait between checks of one half, ms (RocketMQ's
+    /// transactionCheckInterval: 30 s).
+    pub check_interval_ms: u64,
+    /// Delivered checks before the half is given up (RocketMQ's
+    /// transactionCheckMax: 15).
+    pub check_max: u32,
+    /// How long a delivered check may go unanswered before it counts as
+    /// UNKNOWN, ms.
+    pub check_reply_timeout_ms: u64,
+}
+
+/// One pending half. Kept small: this index must hold a million entries in
+/// about 200 bytes each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HalfState {
+    /// Interned producer group.
+    pub group: u32,
+    /// Interned topic.
+    pub topic: u32,
+    /// Broker clock when stored, ms.
+    pub stored_ms: u64,
+    /// Checks delivered so far.
+    pub check_times: u32,
+    /// Next time something is due for it, ms (meaningless when given up).
+    pub due_ms: u64,
+    /// A check is out and unanswered.
+    pub checking: bool,
+    /// No more checks; waits for an operator.
+    pub given_up: bool,
+}
+
+/// What to do with a due half, decided by [`CheckScheduler::next_due`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Due {
+    /// Send a check for this half (then call [`CheckScheduler::check_sent`]
+    /// if a session took it, or [`CheckScheduler::no_session`]).
+    Check(u64),
+    /// Its last check went unanswered past the reply timeout (already
+    /// treated as UNKNOWN and rescheduled, or given up when `given_up`).
+    ReplyTimedOut {
+        /// The half.
+        offset: u64,
+        /// Whether that was the last allowed attempt.
+        given_up: bool,
+    },
+}
+
+/// The scheduler. See the module docs.
+#[derive(Debug, Clone)]
+pub struct CheckScheduler {
+    cfg: CheckConfig,
+    halves: HashMap<u64, HalfState>,
+    queue: BTreeSet<(u64, u64)>,
+}
+
+impl CheckScheduler {
+    /// An empty scheduler.
+    pub fn new(cfg: CheckConfig) -> Self {
+        CheckScheduler {
+            cfg,
+            halves: HashMap::new(),
+            queue: BTreeSet::new(),
+        }
+    }
+
+    /// Number of pending halves (given-up ones included).
+    pub fn len(&self) -> usize {
+        self.halves.len()
+    }
+
+    /// Whether no half is pending.
+    pub fn is_empty(&self) -> bool {
+        self.halves.is_empty()
+    }
+
+    /// The state of one half.
+    pub fn get(&self, offset: u64) -> Option<&HalfState> {
+        self.halves.get(&offset)
+    }
+
+    /// Every pending half, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &HalfState)> {
+        self.halves.iter().map(|(o, s)| (*o, s))
+    }
+
+    /// The smallest physical offset of a pending half (retention must keep
+    /// its segment).
+    pub fn min_offset(&self) -> Option<u64> {
+        self.halves.keys().min().copied()
+    }
+
+    /// When the next thing is due, ms.
+    pub fn next_due_ms(&self) -> Option<u64> {
+        self.queue.iter().next().map(|(d, _)| *d)
+    }
+
+    /// A half was stored at `stored_ms`.
+    pub fn add(&mut self, offset: u64, group: u32, topic: u32, stored_ms: u64) {
+        self.restore(
+            offset,
+            HalfState {
+                group,
+                topic,
+                stored_ms,
+                check_times: 0,
+                due_ms: stored_ms + self.cfg.transaction_timeout_ms,
+                checking: false,
+                given_up: false,
+            },
+        );
+    }
+
+    /// Puts back a half as it was (restart).
+    pub fn restore(&mut self, offset: u64, mut state: HalfState) {
+        self.remove(offset);
+        state.checking = false;
+        if !state.given_up {
+            self.queue.insert((state.due_ms, offset));
+        }
+        self.halves.insert(offset, state);
+    }
+
+    /// The half was committed or rolled back; returns its last state.
+    pub fn remove(&mut self, offset: u64) -> Option<HalfState> {
+        let s = self.halves.remove(&offset)?;
+        self.queue.remove(&(s.due_ms, offset));
+        Some(s)
+    }
+
+    fn reschedule(&mut self, offset: u64, due_ms: u64) {
+        if let Some(s) = self.halves.get_mut(&offset) {
+            self.queue.remove(&(s.due_ms, offset));
+            s.due_ms = due_ms;
+            if !s.given_up {
+                self.queue.insert((due_ms, offset));
+            }
+        }
+    }
+
+    /// The next half due at `now_ms`, if any. A check whose reply timed out is
+    /// handled here (counted as UNKNOWN) and reported, so callers can log it.
+    pub fn next_due(&mut self, now_ms: u64) -> Option<Due> {
+        let &(due, offset) = self.queue.iter().next()?;
+        if due > now_ms {
+            return None;
+        }
+        let s = *self.halves.get(&offset).expect("queue and map agree");
+        if s.checking {
+            let given_up = self.answered_unknown(offset, now_ms);
+            return Some(Due::ReplyTimedOut { offset, given_up });
+        }
+        Some(Due::Check(offset))
+    }
+
+    /// A session took the check for `offset`: one attempt counted; the reply
+    /// is awaited until `now_ms + check_reply_timeout_ms`.
+    pub fn check_sent(&mut self, offset: u64, now_ms: u64) {
+        if let Some(s) = self.halves.get_mut(&offset) {
+            s.check_times += 1;
+            s.checking = true;
+        }
+        self.reschedule(offset, now_ms + self.cfg.check_reply_timeout_ms);
+    }
+
+    /// Looks at the half again at `due_ms` without counting an attempt
+    /// (every session of its group was busy).
+    pub fn defer(&mut self, offset: u64, due_ms: u64) {
+        self.reschedule(offset, due_ms);
+    }
+
+    /// No live session could take the check: not an attempt; try again after
+    /// the check interval.
+    pub fn no_session(&mut self, offset: u64, now_ms: u64) {
+        self.reschedule(offset, now_ms + self.cfg.check_interval_ms);
+    }
+
+    /// The producer answered UNKNOWN (or the reply timed out). Returns whether
+    /// the half is now given up (`check_max` attempts used).
+    pub fn answered_unknown(&mut self, offset: u64, now_ms: u64) -> bool {
+        let Some(s) = self.halves.get_mut(&offset) else {
+            return false;
+        };
+        if !s.checking {
+            return s.given_up; // a late duplicate answer: already handled
+        }
+        s.checking = false;
+        if s.check_times >= self.cfg.check_max {
+            self.queue.remove(&(s.due_ms, offset));
+            s.given_up = true;
+            return true;
+        }
+        self.reschedule(offset, now_ms + self.cfg.check_interval_ms);
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> CheckConfig {
+        CheckConfig {
+            transaction_timeout_ms: 6_000,
+            check_interval_ms: 30_000,
+            check_max: 3,
+            check_reply_timeout_ms: 1_000,
+        }
+    }
+
+    #[test]
+    fn nothing_is_checked_before_the_transaction_timeout() {
+        let mut s = CheckScheduler::new(cfg());
+        s.add(100, 1, 1, 1_000);
+        assert_eq!(s.next_due(6_999), None);
+        assert_eq!(s.next_due(7_000), Some(Due::Check(100)));
+    }
+
+    #[test]
+    fn unknown_answers_until_given_up() {
+        let mut s = CheckScheduler::new(cfg());
+        s.add(100, 1, 1, 0);
+        let mut now = 6_000;
+        for attempt in 1..=3 {
+            assert_eq!(s.next_due(now), Some(Due::Check(100)), "attempt {attempt}");
+            s.check_sent(100, now);
+            assert_eq!(s.get(100).unwrap().check_times, attempt);
+            let given_up = s.answered_unknown(100, now + 10);
+            assert_eq!(given_up, attempt == 3);
+            now += 10 + 30_000;
+        }
+        assert!(s.get(100).unwrap().given_up);
+        assert_eq!(
+            s.next_due(u64::MAX),
+            None,
+            "given-up halves are never checked"
+        );
+        assert_eq!(s.len(), 1, "but still listed");
+        assert!(s.remove(100).is_some(), "and can be resolved by hand");
+    }
+
+    #[test]
+    fn no_session_is_not_an_attempt() {
+        let mut s = CheckScheduler::new(cfg());
+        s.add(100, 1, 1, 0);
+        for i in 0..10u64 {
+            let now = 6_000 + i * 30_000;
+            assert_eq!(s.next_due(now), Some(Due::Check(100)));
+            s.no_session(100, now);
+        }
+        assert_eq!(s.get(100).unwrap().check_times, 0);
+        assert!(!s.get(100).unwrap().given_up);
+    }
+
+    #[test]
+    fn reply_timeout_counts_as_unknown() {
+        let mut s = CheckScheduler::new(cfg());
+        s.add(100, 1, 1, 0);
+        s.check_sent(100, 6_000);
+        assert_eq!(s.next_due(6_999), None);
+        assert_eq!(
+            s.next_due(7_000),
+            Some(Due::ReplyTimedOut {
+                offset: 100,
+                given_up: false
+            })
+        );
+        assert_eq!(s.get(100).unwrap().due_ms, 37_000);
+        // A late UNKNOWN for the same check changes nothing more.
+        assert!(!s.answered_unknown(100, 7_500));
+        assert_eq!(s.get(100).unwrap().due_ms, 37_000);
+    }
+
+    #[test]
+    fn deadline_order_and_resolution() {
+        let mut s = CheckScheduler::new(cfg());
+        s.add(300, 1, 1, 2_000);
+        s.add(100, 1, 1, 0);
+        s.add(200, 1, 1, 1_000);
+        assert_eq!(s.min_offset(), Some(100));
+        s.remove(100);
+        assert_eq!(s.next_due(10_000), Some(Due::Check(200)));
+        s.check_sent(200, 10_000);
+        assert_eq!(s.next_due(10_000), Some(Due::Check(300)));
+        assert_eq!(s.min_offset(), Some(200));
+    }
+
+    #[test]
+    fn restore_keeps_counts_but_not_the_outstanding_check() {
+        let mut s = CheckScheduler::new(cfg());
+        let st = HalfState {
+            group: 1,
+            topic: 2,
+            stored_ms: 0,
+            check_times: 2,
+            due_ms: 50_000,
+            checking: true,
+            given_up: false,
+        };
+        s.restore(100, st);
+        assert!(!s.get(100).unwrap().checking);
+        assert_eq!(s.next_due(50_000), Some(Due::Check(100)));
+    }
+}
