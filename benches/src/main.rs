@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use bytes::{BufMut, Bytes, BytesMut};
 use clap::Parser;
-use halfmq_client::{Admin, Client, Consumer, Message, Producer, ProducerOptions};
+use halfmq_client::{
+    Admin, Client, Consumer, Message, MessageView, Producer, ProducerOptions, TransactionProducer,
+    TransactionResolution,
+};
 use hdrhistogram::Histogram;
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -28,8 +31,9 @@ struct Args {
     /// Broker address; without it an embedded broker runs on a temp dir.
     #[arg(long)]
     broker: Option<String>,
-    /// normal: plain sends.
-    #[arg(long, default_value = "normal", value_parser = ["normal"])]
+    /// normal: plain sends; tx: half message + commit through the real
+    /// TransactionProducer (with a checker answering COMMIT).
+    #[arg(long, default_value = "normal", value_parser = ["normal", "tx"])]
     mode: String,
     /// Producer clients (each with its own connection).
     #[arg(long, default_value_t = 1)]
@@ -252,15 +256,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Duration::from_secs_f64((args.producers * args.inflight) as f64 / r.max(1) as f64)
     });
     for _ in 0..args.producers {
+        let producer_client = Client::connect(&addr).await?;
         let producer = Producer::with_options(
-            Client::connect(&addr).await?,
+            producer_client.clone(),
             ProducerOptions {
                 auto_batch: !args.no_auto_batch,
                 ..ProducerOptions::default()
             },
         );
+        let txp = (args.mode == "tx").then(|| {
+            TransactionProducer::new(producer_client.clone(), "bench-pg", |_m: MessageView| {
+                std::future::ready(TransactionResolution::Commit)
+            })
+        });
         for _ in 0..args.inflight {
             let p = producer.clone();
+            let txp = txp.clone();
             let run = Arc::clone(&run);
             let a = args.clone();
             producer_tasks.push(tokio::spawn(async move {
@@ -283,7 +294,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         .iter()
                         .map(|&s| Message::new(a.topic.clone(), body(s, sent_ns, a.size)))
                         .collect();
-                    let res = if a.batch == 1 {
+                    let res = if let Some(txp) = &txp {
+                        let mut ok = Ok(());
+                        for m in msgs {
+                            let r = match txp.send_half(m).await {
+                                Ok(tx) => tx.commit().await,
+                                Err(e) => Err(e),
+                            };
+                            if r.is_err() {
+                                ok = r;
+                                break;
+                            }
+                        }
+                        ok
+                    } else if a.batch == 1 {
                         p.send(msgs.into_iter().next().expect("batch of one"))
                             .await
                             .map(|_| ())
