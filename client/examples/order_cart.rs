@@ -20,11 +20,15 @@
 
 use std::time::{Duration, Instant};
 
-use halfmq_client::{Client, Consumer, Message, MessageView, TransactionProducer, TransactionResolution};
+use halfmq_client::{
+    Client, Consumer, Message, MessageView, TransactionProducer, TransactionResolution,
+};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let broker = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:8081".into());
+    let broker = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:8081".into());
     let dir = tempfile_dir()?;
     let orders_db = sled::open(dir.join("orders"))?; // the order service's own database
     let cart_db = sled::open(dir.join("cart"))?; // the cart service's own database
@@ -34,41 +38,72 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Order service: the checker looks the order up in its own database.
     let lookup = orders_db.clone();
-    let orders = TransactionProducer::new(Client::connect(&broker).await?, "order-service", move |m: MessageView| {
-        let found = m.keys.first().and_then(|k| lookup.get(format!("order/{k}")).ok().flatten()).is_some();
-        println!("[order] check-back for {} (check {}): order row {}", m.keys.join(","), m.check_times, if found { "found -> commit" } else { "missing -> rollback" });
-        std::future::ready(if found { TransactionResolution::Commit } else { TransactionResolution::Rollback })
-    });
+    let orders = TransactionProducer::new(
+        Client::connect(&broker).await?,
+        "order-service",
+        move |m: MessageView| {
+            let found = m
+                .keys
+                .first()
+                .and_then(|k| lookup.get(format!("order/{k}")).ok().flatten())
+                .is_some();
+            println!(
+                "[order] check-back for {} (check {}): order row {}",
+                m.keys.join(","),
+                m.check_times,
+                if found {
+                    "found -> commit"
+                } else {
+                    "missing -> rollback"
+                }
+            );
+            std::future::ready(if found {
+                TransactionResolution::Commit
+            } else {
+                TransactionResolution::Rollback
+            })
+        },
+    );
     orders.wait_session(Duration::from_secs(5)).await;
 
     // 1. A normal order: row written in the local transaction, then commit.
     let db = orders_db.clone();
     let o1 = orders
-        .send_in_transaction(Message::new("order-created", "alice").with_key("o-1"), move |_tx| async move {
-            db.insert("order/o-1", "alice")?;
-            db.flush_async().await?;
-            Ok::<_, sled::Error>(TransactionResolution::Commit)
-        })
+        .send_in_transaction(
+            Message::new("order-created", "alice").with_key("o-1"),
+            move |_tx| async move {
+                db.insert("order/o-1", "alice")?;
+                db.flush_async().await?;
+                Ok::<_, sled::Error>(TransactionResolution::Commit)
+            },
+        )
         .await?;
     println!("[order] o-1: {:?}", o1.resolution);
 
     // 2. The local transaction fails: no row; rolled back, never delivered.
     let o2 = orders
-        .send_in_transaction(Message::new("order-created", "bob").with_key("o-2"), |_tx| async {
-            Ok::<_, sled::Error>(TransactionResolution::Rollback)
-        })
+        .send_in_transaction(
+            Message::new("order-created", "bob").with_key("o-2"),
+            |_tx| async { Ok::<_, sled::Error>(TransactionResolution::Rollback) },
+        )
         .await?;
     println!("[order] o-2: {:?}", o2.resolution);
 
     // 3. The producer "crashes" after its local commit, before EndTransaction.
-    let half = orders.send_half(Message::new("order-created", "carol").with_key("o-3")).await?;
+    let half = orders
+        .send_half(Message::new("order-created", "carol").with_key("o-3"))
+        .await?;
     orders_db.insert("order/o-3", "carol")?;
     orders_db.flush()?;
     println!("[order] o-3: row written, producer crashed before EndTransaction; waiting for the check-back");
     drop(half);
 
     // Cart service: clear the cart once per order event.
-    let cart = Consumer::new(Client::connect(&broker).await?, "cart-service", "order-created");
+    let cart = Consumer::new(
+        Client::connect(&broker).await?,
+        "cart-service",
+        "order-created",
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut cleared = 0;
     while cleared < 2 && Instant::now() < deadline {
@@ -76,7 +111,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let user = String::from_utf8_lossy(&m.body).into_owned();
             let done_key = format!("processed/{}", m.message_id);
             if cart_db.get(&done_key)?.is_some() {
-                println!("[cart] {} seen before (redelivery); nothing to do", m.message_id);
+                println!(
+                    "[cart] {} seen before (redelivery); nothing to do",
+                    m.message_id
+                );
             } else {
                 let mut batch = sled::Batch::default();
                 batch.remove(format!("cart/{user}").as_bytes());
@@ -90,7 +128,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     for user in ["alice", "bob", "carol"] {
-        let state = cart_db.get(format!("cart/{user}"))?.map_or("empty".to_string(), |v| String::from_utf8_lossy(&v).into_owned());
+        let state = cart_db
+            .get(format!("cart/{user}"))?
+            .map_or("empty".to_string(), |v| {
+                String::from_utf8_lossy(&v).into_owned()
+            });
         println!("[cart] {user}: {state}");
     }
     if cleared < 2 {
