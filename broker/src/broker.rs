@@ -364,52 +364,51 @@ impl Broker {
         self.build_records(msgs, kind)
     }
 
-    /// Starts the periodic checkpoint and retention tasks.
+    /// Starts the periodic checkpoint and retention tasks and the check driver.
     pub fn start_background(self: &Arc<Self>) {
+        let checkpoint = self.spawn_periodic(self.cfg.checkpoint_interval_ms, "checkpoint", |b| {
+            b.save_state()
+        });
+        let retention =
+            self.spawn_periodic(self.cfg.retention_check_interval_ms, "retention", |b| {
+                b.apply_retention().map(|_| ())
+            });
         let mut tasks = lock(&self.tasks);
-        let b = Arc::clone(self);
-        let mut stop = self.shutdown_tx.subscribe();
-        tasks.push(tokio::spawn(async move {
-            let mut tick =
-                tokio::time::interval(Duration::from_millis(b.cfg.checkpoint_interval_ms));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = stop.changed() => return,
-                }
-                let b2 = Arc::clone(&b);
-                let res = tokio::task::spawn_blocking(move || b2.save_state()).await;
-                match res {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::error!(error = %e, "checkpoint failed"),
-                    Err(e) => tracing::error!(error = %e, "checkpoint task panicked"),
-                }
-            }
-        }));
-        let b = Arc::clone(self);
-        let mut stop = self.shutdown_tx.subscribe();
-        tasks.push(tokio::spawn(async move {
-            let mut tick =
-                tokio::time::interval(Duration::from_millis(b.cfg.retention_check_interval_ms));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = stop.changed() => return,
-                }
-                let b2 = Arc::clone(&b);
-                let res = tokio::task::spawn_blocking(move || b2.apply_retention()).await;
-                if let Ok(Err(e)) = res {
-                    tracing::error!(error = %e, "retention failed");
-                }
-            }
-        }));
+        tasks.push(checkpoint);
+        tasks.push(retention);
         let stop = self.shutdown_tx.subscribe();
         tasks.push(tokio::spawn(crate::transactions::check_driver(
             Arc::clone(self),
             stop,
         )));
+    }
+
+    /// Runs blocking `work` every `every_ms` on the blocking pool until
+    /// shutdown; failures are logged and retried at the next tick.
+    fn spawn_periodic(
+        self: &Arc<Self>,
+        every_ms: u64,
+        what: &'static str,
+        work: fn(&Broker) -> Result<(), BrokerError>,
+    ) -> JoinHandle<()> {
+        let b = Arc::clone(self);
+        let mut stop = self.shutdown_tx.subscribe();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(every_ms));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.changed() => return,
+                }
+                let b2 = Arc::clone(&b);
+                match tokio::task::spawn_blocking(move || work(&b2)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::error!(error = %e, task = what, "periodic task failed"),
+                    Err(e) => tracing::error!(error = %e, task = what, "periodic task panicked"),
+                }
+            }
+        })
     }
 
     /// Deletes expired segments, never one holding an unresolved half, then
@@ -1005,13 +1004,7 @@ impl TopicState {
 }
 
 fn group_key(group: &str, topic: &str, queue_id: u32) -> Vec<u8> {
-    let mut k = Vec::with_capacity(group.len() + topic.len() + 6);
-    k.extend_from_slice(group.as_bytes());
-    k.push(0);
-    k.extend_from_slice(topic.as_bytes());
-    k.push(0);
-    k.extend_from_slice(&queue_id.to_be_bytes());
-    k
+    halfmq_storage::meta::queue_key(group, topic, queue_id)
 }
 
 /// Snapshot of one queue's progress (little-endian):

@@ -125,7 +125,7 @@ impl QueueProgress {
     ) -> Option<Delivery> {
         if let Some(&(deadline, qo)) = self.deadlines.iter().next() {
             if deadline <= now_ms {
-                let old = self.remove_lease(qo).expect("deadlines and leases agree");
+                let old = self.remove_lease(qo).expect("deadlines and leases agree"); // invariant: every deadline has a lease
                 let lease = self.take_lease(qo, now_ms + invisible_ms, old.reconsume_times + 1);
                 return Some(Delivery {
                     queue_offset: qo,
@@ -213,7 +213,7 @@ impl QueueProgress {
     ) -> Result<Lease, LeaseError> {
         match self.leases.get(&queue_offset) {
             Some(l) if l.seq == seq => {
-                let old = self.remove_lease(queue_offset).expect("checked above");
+                let old = self.remove_lease(queue_offset).expect("checked above"); // invariant: matched just above
                 Ok(self.take_lease(queue_offset, now_ms + invisible_ms, old.reconsume_times))
             }
             _ => Err(LeaseError::NotFound),

@@ -173,7 +173,7 @@ impl CheckScheduler {
         if due > now_ms {
             return None;
         }
-        let s = *self.halves.get(&offset).expect("queue and map agree");
+        let s = *self.halves.get(&offset).expect("queue and map agree"); // invariant: every queued offset has a state
         if s.checking {
             let given_up = self.answered_unknown(offset, now_ms);
             return Some(Due::ReplyTimedOut { offset, given_up });

@@ -310,9 +310,9 @@ impl CommitLog {
             .values()
             .next_back()
             .cloned()
-            .expect("at least one segment exists: created above when empty");
-        // The recovered tail may sit only in the page cache (after a process
-        // kill in async mode): make it durable before calling it flushed.
+            .expect("at least one segment exists: created above when empty"); // invariant: open() creates one when none exists
+                                                                              // The recovered tail may sit only in the page cache (after a process
+                                                                              // kill in async mode): make it durable before calling it flushed.
         active.sync()?;
         let end = active.end();
         let (status, _) = watch::channel(FlushStatus {
@@ -629,7 +629,7 @@ impl CommitLog {
         }
         let seg = segs
             .remove(&base)
-            .expect("checked above that base is the first key");
+            .expect("checked above that base is the first key"); // invariant: checked just above
         drop(segs);
         fs::remove_file(&seg.path).map_err(|e| Error::io("remove segment", &seg.path, e))?;
         sync_dir(&self.inner.dir)
@@ -780,8 +780,8 @@ fn recover(
     let last = segments
         .values()
         .next_back()
-        .expect("segments is not empty");
-    let first_base = *segments.keys().next().expect("segments is not empty");
+        .expect("segments is not empty"); // invariant: caller passes a non-empty map
+    let first_base = *segments.keys().next().expect("segments is not empty"); // invariant: as above
     let start = match scan_from {
         Some(o) if o >= first_base && o <= last.end() => o,
         Some(o) => {

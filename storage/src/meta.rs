@@ -192,7 +192,7 @@ impl Meta {
     ) -> Result<()> {
         self.put(
             CONSUMER_OFFSETS_TREE,
-            &offset_key(group, topic, queue_id),
+            &queue_key(group, topic, queue_id),
             &offset.to_le_bytes(),
         )
     }
@@ -202,7 +202,7 @@ impl Meta {
     /// # Errors
     /// [`Error::Meta`]; [`Error::InvalidRecord`] for a malformed stored value.
     pub fn consumer_offset(&self, group: &str, topic: &str, queue_id: u32) -> Result<Option<u64>> {
-        match self.get(CONSUMER_OFFSETS_TREE, &offset_key(group, topic, queue_id))? {
+        match self.get(CONSUMER_OFFSETS_TREE, &queue_key(group, topic, queue_id))? {
             None => Ok(None),
             Some(v) => v
                 .try_into()
@@ -221,7 +221,9 @@ impl Meta {
     }
 }
 
-fn offset_key(group: &str, topic: &str, queue_id: u32) -> Vec<u8> {
+/// The key of one (consumer group, topic, queue id) in keyed metadata:
+/// `group \0 topic \0 queue_id (u32 big-endian)`. Names cannot contain NUL.
+pub fn queue_key(group: &str, topic: &str, queue_id: u32) -> Vec<u8> {
     let mut k = Vec::with_capacity(group.len() + topic.len() + 6);
     k.extend_from_slice(group.as_bytes());
     k.push(0);
