@@ -190,6 +190,71 @@ impl pb::producer_server::Producer for Services {
         }))
     }
 
+    #[tracing::instrument(skip_all, fields(group = %req.get_ref().producer_group, messages = req.get_ref().messages.len()))]
+    async fn send_halves(
+        &self,
+        req: Request<pb::SendHalvesRequest>,
+    ) -> Rpc<pb::SendHalvesResponse> {
+        let r = req.into_inner();
+        let msgs = r.messages.into_iter().map(outgoing).collect();
+        Ok(Response::new(
+            match self.broker.send_halves(&r.producer_group, msgs).await {
+                Ok(hs) => pb::SendHalvesResponse {
+                    status: ok(),
+                    receipts: hs
+                        .into_iter()
+                        .map(|h| pb::HalfReceipt {
+                            transaction_id: h.transaction_id,
+                            message_id: h.message_id.to_string(),
+                            queue_id: h.queue_id,
+                        })
+                        .collect(),
+                },
+                Err(e) => pb::SendHalvesResponse {
+                    status: status(&e),
+                    receipts: vec![],
+                },
+            },
+        ))
+    }
+
+    #[tracing::instrument(skip_all, fields(ends = req.get_ref().ends.len()))]
+    async fn end_transactions(
+        &self,
+        req: Request<pb::EndTransactionsRequest>,
+    ) -> Rpc<pb::EndTransactionsResponse> {
+        let r = req.into_inner();
+        let source = match r.ends.first().map(|e| pb::EndSource::try_from(e.source)) {
+            Some(Ok(pb::EndSource::Check)) => EndSource::Check,
+            Some(Ok(pb::EndSource::Operator)) => EndSource::Operator,
+            _ => EndSource::Producer,
+        };
+        let ends: Vec<(String, Resolution)> = r
+            .ends
+            .into_iter()
+            .map(|e| {
+                (
+                    e.transaction_id,
+                    resolution(e.resolution).unwrap_or(Resolution::Unknown),
+                )
+            })
+            .collect();
+        let results = self
+            .broker
+            .end_transactions(ends, source)
+            .await
+            .into_iter()
+            .map(|r| match r {
+                Ok(()) => ok().unwrap_or_default(),
+                Err(e) => status(&e).unwrap_or_default(),
+            })
+            .collect();
+        Ok(Response::new(pb::EndTransactionsResponse {
+            status: ok(),
+            results,
+        }))
+    }
+
     async fn session(
         &self,
         req: Request<tonic::Streaming<pb::SessionUp>>,

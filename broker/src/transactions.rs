@@ -466,6 +466,21 @@ impl TxState {
     }
 }
 
+fn conflict_or_ok(transaction_id: &str, was_commit: bool, commit: bool) -> Result<(), BrokerError> {
+    if was_commit == commit {
+        Ok(())
+    } else {
+        Err(BrokerError::TransactionConflict(format!(
+            "transaction {transaction_id} was already {}",
+            if was_commit {
+                "committed"
+            } else {
+                "rolled back"
+            }
+        )))
+    }
+}
+
 /// Applies one replayed record to the state.
 fn apply_record(inner: &mut TxInner, offset: u64, rec: &Record) {
     match rec.kind {
@@ -523,37 +538,67 @@ impl Broker {
         producer_group: &str,
         msg: OutgoingMessage,
     ) -> Result<HalfReceipt, BrokerError> {
+        let mut v = self.send_halves(producer_group, vec![msg]).await?;
+        v.pop()
+            .ok_or_else(|| BrokerError::Internal("no receipt for a half".into()))
+    }
+
+    /// Stores several half messages of `producer_group`, all or nothing, with
+    /// one durability wait.
+    ///
+    /// # Errors
+    /// Validation errors (nothing stored), [`BrokerError::TooManyPendingHalves`], storage.
+    pub async fn send_halves(
+        &self,
+        producer_group: &str,
+        msgs: Vec<OutgoingMessage>,
+    ) -> Result<Vec<HalfReceipt>, BrokerError> {
         self.check_running_pub()?;
         check_group(producer_group)?;
-        let mut records = self.build_records_pub(vec![msg], RecordKind::Half)?;
-        records[0].properties.push((
-            PRODUCER_GROUP_PROPERTY.to_owned(),
-            producer_group.to_owned(),
-        ));
-        let message_id = records[0].message_id;
-        let queue_id = records[0].queue_id;
-        let topic = records[0].topic.clone();
-        let stored_ms = records[0].store_timestamp_ms;
+        let mut records = self.build_records_pub(msgs, RecordKind::Half)?;
+        for r in &mut records {
+            r.properties.push((
+                PRODUCER_GROUP_PROPERTY.to_owned(),
+                producer_group.to_owned(),
+            ));
+        }
+        let meta: Vec<(MessageId, u32, String, u64)> = records
+            .iter()
+            .map(|r| {
+                (
+                    r.message_id,
+                    r.queue_id,
+                    r.topic.clone(),
+                    r.store_timestamp_ms,
+                )
+            })
+            .collect();
         let tx = self.tx();
-        let (offset, end) = {
+        let (offsets, end) = {
             let mut inner = lock(&tx.inner);
-            if inner.sched.len() >= tx.max_pending {
+            if inner.sched.len() + records.len() > tx.max_pending {
                 return Err(BrokerError::TooManyPendingHalves(tx.max_pending));
             }
             let r = self.store().append(records)?;
-            let offset = r.offsets[0];
-            let (g, t) = (inner.strings.id(producer_group), inner.strings.id(&topic));
-            inner.sched.add(offset, g, t, stored_ms);
-            inner.dirty.insert(offset);
-            (offset, r.end)
+            let g = inner.strings.id(producer_group);
+            for (off, (_, _, topic, stored_ms)) in r.offsets.iter().zip(&meta) {
+                let t = inner.strings.id(topic);
+                inner.sched.add(*off, g, t, *stored_ms);
+                inner.dirty.insert(*off);
+            }
+            (r.offsets, r.end)
         };
         self.store().wait_durable(end).await?;
         tx.wake.notify_one();
-        Ok(HalfReceipt {
-            transaction_id: TransactionId { offset, message_id }.encode(),
-            message_id,
-            queue_id,
-        })
+        Ok(offsets
+            .into_iter()
+            .zip(meta)
+            .map(|(offset, (message_id, queue_id, _, _))| HalfReceipt {
+                transaction_id: TransactionId { offset, message_id }.encode(),
+                message_id,
+                queue_id,
+            })
+            .collect())
     }
 
     /// Ends a transaction: commit makes the half visible once, rollback
@@ -569,65 +614,160 @@ impl Broker {
         source: EndSource,
     ) -> Result<(), BrokerError> {
         self.check_running_pub()?;
-        let commit = match resolution {
-            Resolution::Commit => true,
-            Resolution::Rollback => false,
-            Resolution::Unknown => {
-                return Err(BrokerError::BadRequest(
-                    "EndTransaction needs COMMIT or ROLLBACK".into(),
-                ))
-            }
-        };
-        let id = TransactionId::decode(transaction_id)?;
-        let tx = self.tx();
-        // Read the half outside the lock (one pread) and check it is ours.
-        let half = match self.store().log().read(id.offset) {
-            Ok(r) if r.kind == RecordKind::Half && r.message_id == id.message_id => r,
-            Ok(_) | Err(halfmq_storage::Error::OffsetOutOfRange { .. }) => {
-                return Err(BrokerError::TransactionNotFound(transaction_id.to_owned()))
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let (end, topic) = {
-            let mut inner = lock(&tx.inner);
-            if inner.sched.get(id.offset).is_none() {
-                drop(inner);
-                return match tx.resolution_of(self.store(), id.offset)? {
-                    Some(c) if c == commit => Ok(()),
-                    Some(c) => Err(BrokerError::TransactionConflict(format!(
-                        "transaction {transaction_id} was already {}",
-                        if c { "committed" } else { "rolled back" }
-                    ))),
-                    None => Err(BrokerError::TransactionNotFound(transaction_id.to_owned())),
-                };
-            }
-            let rec = Record {
-                kind: if commit {
-                    RecordKind::TxCommit
-                } else {
-                    RecordKind::TxRollback
-                },
-                queue_id: half.queue_id,
-                ref_offset: Some(id.offset),
-                ref_size: half.encoded_len() as u32,
-                message_id: half.message_id,
-                topic: half.topic.clone(),
-                tag: half.tag.clone(),
-                ..Record::default()
-            };
-            let r = self.store().append(vec![rec])?;
-            inner.sched.remove(id.offset);
-            tx.release_outstanding(&mut inner, id.offset);
-            inner.dirty.insert(id.offset);
-            inner.recent.insert(id.offset, commit);
-            (r.end, half.topic)
-        };
-        self.store().wait_durable(end).await?;
-        tracing::debug!(transaction_id, commit, ?source, "transaction ended");
-        if commit {
-            self.notify_topic(&topic);
+        let mut v = self
+            .end_transactions(vec![(transaction_id.to_owned(), resolution)], source)
+            .await;
+        v.pop()
+            .unwrap_or_else(|| Err(BrokerError::Internal("no result for an end".into())))
+    }
+
+    /// Ends several transactions with one append and one durability wait;
+    /// one result per end, in order (see [`Broker::end_transaction`]).
+    pub async fn end_transactions(
+        &self,
+        ends: Vec<(String, Resolution)>,
+        source: EndSource,
+    ) -> Vec<Result<(), BrokerError>> {
+        if self.check_running_pub().is_err() {
+            return ends
+                .iter()
+                .map(|_| Err(BrokerError::ShuttingDown))
+                .collect();
         }
-        Ok(())
+        let tx = self.tx();
+        // 1. Parse and read each half outside the lock (one pread each).
+        let mut results: Vec<Option<Result<(), BrokerError>>> = Vec::with_capacity(ends.len());
+        let mut items: Vec<Option<(TransactionId, Record, bool)>> = Vec::with_capacity(ends.len());
+        for (tid, resolution) in &ends {
+            let parsed = (|| {
+                let commit = match resolution {
+                    Resolution::Commit => true,
+                    Resolution::Rollback => false,
+                    Resolution::Unknown => {
+                        return Err(BrokerError::BadRequest(
+                            "EndTransaction needs COMMIT or ROLLBACK".into(),
+                        ))
+                    }
+                };
+                let id = TransactionId::decode(tid)?;
+                match self.store().log().read(id.offset) {
+                    Ok(r) if r.kind == RecordKind::Half && r.message_id == id.message_id => {
+                        Ok((id, r, commit))
+                    }
+                    Ok(_) | Err(halfmq_storage::Error::OffsetOutOfRange { .. }) => {
+                        Err(BrokerError::TransactionNotFound(tid.clone()))
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            })();
+            match parsed {
+                Ok(x) => {
+                    results.push(None);
+                    items.push(Some(x));
+                }
+                Err(e) => {
+                    results.push(Some(Err(e)));
+                    items.push(None);
+                }
+            }
+        }
+        // 2. Under the tx lock: end records for the pending ones, one append.
+        let mut lookup_later: Vec<usize> = Vec::new();
+        let mut appended: Vec<(usize, u64, bool, String)> = Vec::new();
+        let end = {
+            let mut inner = lock(&tx.inner);
+            let mut records = Vec::new();
+            let mut in_batch: HashMap<u64, bool> = HashMap::new();
+            for (i, item) in items.iter().enumerate() {
+                let Some((id, half, commit)) = item else {
+                    continue;
+                };
+                let previous = in_batch
+                    .get(&id.offset)
+                    .copied()
+                    .or_else(|| inner.recent.get(&id.offset).copied());
+                if let Some(c) = previous {
+                    results[i] = Some(conflict_or_ok(&ends[i].0, c, *commit));
+                } else if inner.sched.get(id.offset).is_some() {
+                    in_batch.insert(id.offset, *commit);
+                    records.push(Record {
+                        kind: if *commit {
+                            RecordKind::TxCommit
+                        } else {
+                            RecordKind::TxRollback
+                        },
+                        queue_id: half.queue_id,
+                        ref_offset: Some(id.offset),
+                        ref_size: half.encoded_len() as u32,
+                        message_id: half.message_id,
+                        topic: half.topic.clone(),
+                        tag: half.tag.clone(),
+                        ..Record::default()
+                    });
+                    appended.push((i, id.offset, *commit, half.topic.clone()));
+                } else {
+                    lookup_later.push(i);
+                }
+            }
+            if records.is_empty() {
+                None
+            } else {
+                match self.store().append(records) {
+                    Ok(r) => {
+                        for (_, offset, commit, _) in &appended {
+                            inner.sched.remove(*offset);
+                            tx.release_outstanding(&mut inner, *offset);
+                            inner.dirty.insert(*offset);
+                            inner.recent.insert(*offset, *commit);
+                        }
+                        Some(Ok(r.end))
+                    }
+                    Err(e) => Some(Err(e.to_string())),
+                }
+            }
+        };
+        // 3. Resolved before this request: the saved resolution decides.
+        for i in lookup_later {
+            if let Some((id, _, commit)) = &items[i] {
+                results[i] = Some(match tx.resolution_of(self.store(), id.offset) {
+                    Ok(Some(c)) => conflict_or_ok(&ends[i].0, c, *commit),
+                    Ok(None) => Err(BrokerError::TransactionNotFound(ends[i].0.clone())),
+                    Err(e) => Err(e),
+                });
+            }
+        }
+        // 4. One durability wait for every end record.
+        let durable = match end {
+            None => Ok(()),
+            Some(Ok(end)) => self
+                .store()
+                .wait_durable(end)
+                .await
+                .map_err(|e| e.to_string()),
+            Some(Err(e)) => Err(e),
+        };
+        let mut topics = std::collections::BTreeSet::new();
+        for (i, _, commit, topic) in appended {
+            results[i] = Some(match &durable {
+                Ok(()) => {
+                    if commit {
+                        topics.insert(topic);
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(BrokerError::Storage(halfmq_storage::Error::Poisoned(
+                    e.clone(),
+                ))),
+            });
+        }
+        for t in topics {
+            self.notify_topic(&t);
+        }
+        tracing::debug!(ends = ends.len(), ?source, "transactions ended");
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(BrokerError::Internal("end not processed".into()))))
+            .collect()
     }
 
     /// A checker's answer from session `session_id`.

@@ -37,12 +37,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use halfmq_proto::v1 as pb;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::Semaphore;
 use tonic::transport::{Channel, Endpoint};
 
 pub use halfmq_proto::v1::Code;
 
+mod coalesce;
 mod transaction;
+use coalesce::{BatchLimits, Coalescer};
 /// Who ends a transaction (wire enum), for [`end_transaction`].
 pub use halfmq_proto::v1::EndSource;
 pub use transaction::{
@@ -73,7 +75,7 @@ pub enum ClientError {
 
 impl ClientError {
     /// A copy for every waiter of a failed coalesced request.
-    fn duplicate(&self) -> ClientError {
+    pub(crate) fn duplicate(&self) -> ClientError {
         match self {
             ClientError::Broker { code, message } => ClientError::Broker {
                 code: *code,
@@ -347,16 +349,11 @@ impl Default for ProducerOptions {
     }
 }
 
-type Pending = (
-    pb::Message,
-    oneshot::Sender<Result<SendReceipt, ClientError>>,
-);
-
 /// Sends messages. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Producer {
     client: Client,
-    batcher: Option<mpsc::Sender<Pending>>,
+    batcher: Option<Coalescer<pb::Message, SendReceipt>>,
 }
 
 impl Producer {
@@ -370,11 +367,19 @@ impl Producer {
     /// earlier requests are in flight into one request.
     pub fn with_options(client: Client, opts: ProducerOptions) -> Self {
         let batcher = opts.auto_batch.then(|| {
-            let (tx, rx) = mpsc::channel::<Pending>(
-                opts.max_batch_messages * opts.max_inflight_batches.max(1),
-            );
-            tokio::spawn(batch_loop(client.clone(), opts, rx));
-            tx
+            let c = client.clone();
+            Coalescer::spawn(
+                BatchLimits {
+                    max_items: opts.max_batch_messages,
+                    max_weight: opts.max_batch_bytes,
+                    max_inflight: opts.max_inflight_batches,
+                },
+                |m: &pb::Message| m.body.len(),
+                move |msgs| {
+                    let c = c.clone();
+                    async move { send_coalesced(&c, msgs).await }
+                },
+            )
         });
         Producer { client, batcher }
     }
@@ -387,19 +392,8 @@ impl Producer {
     /// [`ClientError::Transport`] when the outcome is unknown.
     pub async fn send(&self, msg: Message) -> Result<SendReceipt, ClientError> {
         match &self.batcher {
-            Some(tx) => {
-                let (otx, orx) = oneshot::channel();
-                tx.send((msg.into_wire(), otx))
-                    .await
-                    .map_err(|_| ClientError::Connect("producer batcher stopped".into()))?;
-                orx.await
-                    .map_err(|_| ClientError::Connect("producer batcher stopped".into()))?
-            }
-            None => {
-                let mut v = send_wire(&self.client, vec![msg.into_wire()]).await?;
-                v.pop()
-                    .ok_or_else(|| ClientError::Connect("broker returned no receipt".into()))
-            }
+            Some(b) => b.call(msg.into_wire()).await,
+            None => one(send_wire(&self.client, vec![msg.into_wire()]).await),
         }
     }
 
@@ -413,6 +407,32 @@ impl Producer {
             msgs.into_iter().map(Message::into_wire).collect(),
         )
         .await
+    }
+}
+
+/// The single result of a one-item batch.
+pub(crate) fn one<R>(r: Result<Vec<R>, ClientError>) -> Result<R, ClientError> {
+    r?.pop()
+        .ok_or_else(|| ClientError::Connect("broker returned no receipt".into()))
+}
+
+/// Sends a coalesced batch; on a refusal that concerns one message, resends
+/// message by message (nothing was stored) so only the culprit fails.
+async fn send_coalesced(
+    client: &Client,
+    msgs: Vec<pb::Message>,
+) -> Vec<Result<SendReceipt, ClientError>> {
+    let n = msgs.len();
+    match send_wire(client, msgs.clone()).await {
+        Ok(receipts) => receipts.into_iter().map(Ok).collect(),
+        Err(ClientError::Broker { code, .. }) if n > 1 && per_message_refusal(code) => {
+            let mut out = Vec::with_capacity(n);
+            for m in msgs {
+                out.push(one(send_wire(client, vec![m]).await));
+            }
+            out
+        }
+        Err(e) => (0..n).map(|_| Err(e.duplicate())).collect(),
     }
 }
 
@@ -446,7 +466,7 @@ async fn send_wire(
 
 /// Refusals that concern one message of a batch; nothing was stored, so the
 /// batch is resent message by message to fail only the culprit.
-fn per_message_refusal(code: Code) -> bool {
+pub(crate) fn per_message_refusal(code: Code) -> bool {
     matches!(
         code,
         Code::BadRequest
@@ -457,57 +477,6 @@ fn per_message_refusal(code: Code) -> bool {
             | Code::MessageTooLarge
             | Code::BatchTooLarge
     )
-}
-
-async fn batch_loop(client: Client, opts: ProducerOptions, mut rx: mpsc::Receiver<Pending>) {
-    let slots = Arc::new(Semaphore::new(opts.max_inflight_batches.max(1)));
-    while let Some(first) = rx.recv().await {
-        let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
-            return;
-        };
-        let mut batch = vec![first];
-        let mut bytes = batch[0].0.body.len();
-        while batch.len() < opts.max_batch_messages {
-            match rx.try_recv() {
-                Ok(p) => {
-                    bytes += p.0.body.len();
-                    batch.push(p);
-                    if bytes >= opts.max_batch_bytes {
-                        break;
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-        let client = client.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let (msgs, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-            match send_wire(&client, msgs.clone()).await {
-                Ok(receipts) => {
-                    for (w, r) in waiters.into_iter().zip(receipts) {
-                        let _ = w.send(Ok(r));
-                    }
-                }
-                Err(ClientError::Broker { code, .. })
-                    if msgs.len() > 1 && per_message_refusal(code) =>
-                {
-                    for (m, w) in msgs.into_iter().zip(waiters) {
-                        let r = send_wire(&client, vec![m]).await.and_then(|mut v| {
-                            v.pop()
-                                .ok_or_else(|| ClientError::Connect("no receipt".into()))
-                        });
-                        let _ = w.send(r);
-                    }
-                }
-                Err(e) => {
-                    for w in waiters {
-                        let _ = w.send(Err(e.duplicate()));
-                    }
-                }
-            }
-        });
-    }
 }
 
 /// A message received by a consumer.

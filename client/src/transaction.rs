@@ -10,7 +10,12 @@ use bytes::Bytes;
 use halfmq_proto::v1 as pb;
 use tokio::sync::{mpsc, watch};
 
-use crate::{check, Client, ClientError, Message};
+use crate::coalesce::{BatchLimits, Coalescer};
+use crate::{check, one, per_message_refusal, Client, ClientError, Message};
+
+/// (transaction id, message id, queue id) of a stored half.
+type HalfIds = (String, String, u32);
+type EndCoalescer = Coalescer<(String, TransactionResolution), ()>;
 
 /// The outcome of a local transaction, or a checker's answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +80,7 @@ where
 #[derive(Debug, Clone)]
 pub struct Transaction {
     client: Client,
+    ends: Option<EndCoalescer>,
     /// Transaction id (48 hex digits).
     pub transaction_id: String,
     /// Message id the message has once committed.
@@ -90,13 +96,22 @@ impl Transaction {
     /// [`crate::Code::TransactionConflict`] when it was rolled back already;
     /// transport errors (retried with backoff: ending is idempotent).
     pub async fn commit(&self) -> Result<(), ClientError> {
-        end_transaction(
-            &self.client,
-            &self.transaction_id,
-            TransactionResolution::Commit,
-            pb::EndSource::Producer,
-        )
-        .await
+        self.end(TransactionResolution::Commit).await
+    }
+
+    async fn end(&self, r: TransactionResolution) -> Result<(), ClientError> {
+        match &self.ends {
+            Some(c) => c.call((self.transaction_id.clone(), r)).await,
+            None => {
+                end_transaction(
+                    &self.client,
+                    &self.transaction_id,
+                    r,
+                    pb::EndSource::Producer,
+                )
+                .await
+            }
+        }
     }
 
     /// Rolls back: the message is discarded.
@@ -105,13 +120,7 @@ impl Transaction {
     /// [`crate::Code::TransactionConflict`] when it was committed already;
     /// transport errors.
     pub async fn rollback(&self) -> Result<(), ClientError> {
-        end_transaction(
-            &self.client,
-            &self.transaction_id,
-            TransactionResolution::Rollback,
-            pb::EndSource::Producer,
-        )
-        .await
+        self.end(TransactionResolution::Rollback).await
     }
 }
 
@@ -162,6 +171,8 @@ pub struct TransactionOutcome {
 pub struct TransactionProducer {
     client: Client,
     group: String,
+    halves: Coalescer<pb::Message, HalfIds>,
+    ends: EndCoalescer,
     connected: watch::Receiver<bool>,
     _stop: Arc<watch::Sender<bool>>,
 }
@@ -193,9 +204,34 @@ impl TransactionProducer {
             stop_rx,
             conn_tx,
         ));
+        let limits = BatchLimits {
+            max_items: 256,
+            max_weight: 4 << 20,
+            max_inflight: 4,
+        };
+        let (c, g) = (client.clone(), group.clone());
+        let halves = Coalescer::spawn(
+            limits,
+            |m: &pb::Message| m.body.len(),
+            move |msgs| {
+                let (c, g) = (c.clone(), g.clone());
+                async move { send_halves_coalesced(&c, &g, msgs).await }
+            },
+        );
+        let c = client.clone();
+        let ends = Coalescer::spawn(
+            limits,
+            |_| 1,
+            move |ends| {
+                let c = c.clone();
+                async move { end_transactions(&c, ends).await }
+            },
+        );
         TransactionProducer {
             client,
             group,
+            halves,
+            ends,
             connected: conn_rx,
             _stop: Arc::new(stop_tx),
         }
@@ -221,22 +257,13 @@ impl TransactionProducer {
     /// Broker refusals (nothing stored), transport errors (outcome unknown:
     /// an orphan half would be resolved by check-back).
     pub async fn send_half(&self, msg: Message) -> Result<Transaction, ClientError> {
-        let req = pb::SendHalfRequest {
-            producer_group: self.group.clone(),
-            message: Some(msg.into_wire()),
-        };
-        let resp = self
-            .client
-            .producer()
-            .send_half(self.client.request(req, Duration::ZERO))
-            .await?
-            .into_inner();
-        check(resp.status)?;
+        let (transaction_id, message_id, queue_id) = self.halves.call(msg.into_wire()).await?;
         Ok(Transaction {
             client: self.client.clone(),
-            transaction_id: resp.transaction_id,
-            message_id: resp.message_id,
-            queue_id: resp.queue_id,
+            ends: Some(self.ends.clone()),
+            transaction_id,
+            message_id,
+            queue_id,
         })
     }
 
@@ -279,6 +306,89 @@ impl TransactionProducer {
             message_id: tx.message_id,
             resolution,
         })
+    }
+}
+
+async fn send_halves_wire(
+    client: &Client,
+    group: &str,
+    msgs: Vec<pb::Message>,
+) -> Result<Vec<HalfIds>, ClientError> {
+    let n = msgs.len();
+    let req = pb::SendHalvesRequest {
+        producer_group: group.to_owned(),
+        messages: msgs,
+    };
+    let resp = client
+        .producer()
+        .send_halves(client.request(req, Duration::ZERO))
+        .await?
+        .into_inner();
+    check(resp.status)?;
+    if resp.receipts.len() != n {
+        return Err(ClientError::Connect(format!(
+            "broker returned {} receipts for {n} halves",
+            resp.receipts.len()
+        )));
+    }
+    Ok(resp
+        .receipts
+        .into_iter()
+        .map(|r| (r.transaction_id, r.message_id, r.queue_id))
+        .collect())
+}
+
+async fn send_halves_coalesced(
+    client: &Client,
+    group: &str,
+    msgs: Vec<pb::Message>,
+) -> Vec<Result<HalfIds, ClientError>> {
+    let n = msgs.len();
+    match send_halves_wire(client, group, msgs.clone()).await {
+        Ok(v) => v.into_iter().map(Ok).collect(),
+        Err(ClientError::Broker { code, .. }) if n > 1 && per_message_refusal(code) => {
+            let mut out = Vec::with_capacity(n);
+            for m in msgs {
+                out.push(one(send_halves_wire(client, group, vec![m]).await));
+            }
+            out
+        }
+        Err(e) => (0..n).map(|_| Err(e.duplicate())).collect(),
+    }
+}
+
+/// Ends several transactions in one request (retried on transport errors:
+/// ending is idempotent); one result per end.
+async fn end_transactions(
+    client: &Client,
+    ends: Vec<(String, TransactionResolution)>,
+) -> Vec<Result<(), ClientError>> {
+    let n = ends.len();
+    let req = pb::EndTransactionsRequest {
+        ends: ends
+            .into_iter()
+            .map(|(t, r)| pb::EndTransactionRequest {
+                transaction_id: t,
+                resolution: r.wire() as i32,
+                source: pb::EndSource::Producer as i32,
+            })
+            .collect(),
+    };
+    let resp = client
+        .retry(|| async {
+            Ok(client
+                .producer()
+                .end_transactions(client.request(req.clone(), Duration::ZERO))
+                .await?
+                .into_inner())
+        })
+        .await;
+    match resp {
+        Ok(r) => match check(r.status) {
+            Ok(()) => r.results.into_iter().map(|s| check(Some(s))).collect(),
+            Err(e) => (0..n).map(|_| Err(e.duplicate())).collect(),
+        },
+        Err(e) => (0..n).map(|_| Err(e.duplicate())).collect(),
     }
 }
 

@@ -502,3 +502,61 @@ fn sigkill_with_pending_and_committed_halves() {
     });
     b.kill9();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_batched_ends_stay_exactly_once_and_first_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = start(tx_config(dir.path())).await;
+    let c = client(b.addr).await;
+    let p = TransactionProducer::new(c.clone(), "pg", answering(TransactionResolution::Unknown));
+    // 120 halves sent concurrently: coalesced into batch requests.
+    let hs: Vec<_> = (0..120)
+        .map(|i| {
+            let p = p.clone();
+            tokio::spawn(async move {
+                p.send_half(Message::new("b", format!("{i}")))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut txs = Vec::new();
+    for h in hs {
+        txs.push(h.await.unwrap());
+    }
+    // 100 of them: two concurrent commits each (both succeed, one copy).
+    // 20 of them: a commit racing a rollback (exactly one wins).
+    let mut expect_visible = HashSet::new();
+    let mut races = Vec::new();
+    for (i, tx) in txs.iter().enumerate() {
+        let (t1, t2) = (tx.clone(), tx.clone());
+        if i < 100 {
+            let (a, bb) = tokio::join!(t1.commit(), t2.commit());
+            a.unwrap();
+            bb.unwrap();
+            expect_visible.insert(tx.message_id.clone());
+        } else {
+            races.push(tokio::spawn(async move {
+                let (a, bb) = tokio::join!(t1.commit(), t2.rollback());
+                (t1.message_id.clone(), a, bb)
+            }));
+        }
+    }
+    for r in races {
+        let (id, commit, rollback) = r.await.unwrap();
+        match (commit, rollback) {
+            (Ok(()), Err(e)) => {
+                assert_eq!(e.code(), Some(Code::TransactionConflict));
+                expect_visible.insert(id);
+            }
+            (Err(e), Ok(())) => assert_eq!(e.code(), Some(Code::TransactionConflict)),
+            other => panic!("exactly one of commit/rollback must win: {other:?}"),
+        }
+    }
+    let got = consume_all(&Consumer::new(c, "g", "b"), Duration::from_millis(300)).await;
+    let ids: Vec<String> = got.into_iter().map(|m| m.message_id).collect();
+    let set: HashSet<String> = ids.iter().cloned().collect();
+    assert_eq!(ids.len(), set.len(), "no duplicates");
+    assert_eq!(set, expect_visible);
+    b.shutdown().await.unwrap();
+}
