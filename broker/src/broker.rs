@@ -16,6 +16,8 @@ use crate::config::BrokerConfig;
 use crate::delivery::{LeaseError, QueueProgress};
 use crate::error::BrokerError;
 use crate::names::{check_group, check_message_fields, check_topic, TagFilter};
+use crate::redelivery::{retry_topic, DlqState, Failure, RETRY_QUEUE_BIT};
+use crate::retry::RetryPolicy;
 use crate::transactions::{user_properties, TxState};
 
 /// The broker's clock, injected so time-driven logic can be tested.
@@ -76,22 +78,30 @@ pub struct SendReceipt {
 /// Identifies one delivery; encoded as the wire's receipt handle.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Receipt {
-    /// Topic.
+    /// Topic (the consumer's, also for retries).
     pub topic: String,
-    /// Queue id.
+    /// Queue id (for a retry: the delay level).
     pub queue_id: u32,
-    /// Queue offset.
+    /// Queue offset (for a retry: in the retry level's queue).
     pub queue_offset: u64,
     /// Lease sequence number.
     pub seq: u64,
+    /// Whether this delivery came from the group's retry queue of level
+    /// `queue_id`.
+    pub retry: bool,
 }
 
 impl Receipt {
-    /// `<queue id>.<queue offset>.<seq>.<topic>` (topics contain no '.').
+    /// `[R]<queue id>.<queue offset>.<seq>.<topic>` (topics contain no '.';
+    /// `R` marks a retry delivery).
     pub fn encode(&self) -> String {
         format!(
-            "{}.{}.{}.{}",
-            self.queue_id, self.queue_offset, self.seq, self.topic
+            "{}{}.{}.{}.{}",
+            if self.retry { "R" } else { "" },
+            self.queue_id,
+            self.queue_offset,
+            self.seq,
+            self.topic
         )
     }
 
@@ -101,7 +111,11 @@ impl Receipt {
     /// [`BrokerError::InvalidReceiptHandle`].
     pub fn decode(s: &str) -> Result<Receipt, BrokerError> {
         let bad = || BrokerError::InvalidReceiptHandle(s.to_owned());
-        let mut it = s.splitn(4, '.');
+        let (retry, rest) = match s.strip_prefix('R') {
+            Some(r) => (true, r),
+            None => (false, s),
+        };
+        let mut it = rest.splitn(4, '.');
         let queue_id = it.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
         let queue_offset = it.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
         let seq = it.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
@@ -115,7 +129,12 @@ impl Receipt {
             queue_id,
             queue_offset,
             seq,
+            retry,
         })
+    }
+
+    fn level(&self) -> Option<u32> {
+        self.retry.then_some(self.queue_id)
     }
 }
 
@@ -234,11 +253,30 @@ pub struct TopicInfo {
     pub messages: u64,
 }
 
+/// One consumer group's progress on one topic.
 #[derive(Debug, Default)]
-struct GroupTopic {
-    queues: Vec<QueueProgress>,
+pub(crate) struct GroupTopic {
+    /// Per queue id of the topic.
+    pub(crate) queues: Vec<QueueProgress>,
+    /// Per retry delay level (queue id of `%RETRY%<group>%<topic>`).
+    pub(crate) retry: Vec<QueueProgress>,
     round_robin: usize,
-    dirty: bool,
+    /// Changed since the last save.
+    pub(crate) dirty: bool,
+}
+
+impl GroupTopic {
+    /// The progress of a queue (`retry_level` None) or of a retry level.
+    pub(crate) fn progress_mut(
+        &mut self,
+        retry_level: Option<u32>,
+        queue_id: u32,
+    ) -> Option<&mut QueueProgress> {
+        match retry_level {
+            Some(l) => self.retry.get_mut(l as usize),
+            None => self.queues.get_mut(queue_id as usize),
+        }
+    }
 }
 
 type GroupKey = (String, String);
@@ -261,6 +299,8 @@ pub struct Broker {
     shutdown_tx: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     tx: TxState,
+    retry: RetryPolicy,
+    dlq: DlqState,
 }
 
 impl std::fmt::Debug for Broker {
@@ -296,6 +336,8 @@ impl Broker {
             topics.insert(name, Arc::new(TopicState::new(u32::from_le_bytes(q))));
         }
         let groups = load_groups(&store)?;
+        let dlq = DlqState::load(&store)?;
+        let retry = cfg.retry_policy();
         let tx = TxState::load(
             &store,
             cfg.check_config(),
@@ -318,6 +360,8 @@ impl Broker {
             shutdown_tx,
             tasks: Mutex::new(Vec::new()),
             tx,
+            retry,
+            dlq,
         }))
     }
 
@@ -334,6 +378,15 @@ impl Broker {
     /// Completes (changes to `true`) when the broker begins shutting down.
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
         self.shutdown_tx.subscribe()
+    }
+
+    /// The retry policy in force.
+    pub fn retry_policy(&self) -> &RetryPolicy {
+        &self.retry
+    }
+
+    pub(crate) fn dlq_state(&self) -> &DlqState {
+        &self.dlq
     }
 
     /// The transaction state.
@@ -449,8 +502,16 @@ impl Broker {
                     &encode_progress(p),
                 )?;
             }
+            for (level, p) in g.retry.iter().enumerate() {
+                self.store.meta().put(
+                    GROUPS_SPACE,
+                    &group_key(&group, &topic, RETRY_QUEUE_BIT | level as u32),
+                    &encode_progress(p),
+                )?;
+            }
             g.dirty = false;
         }
+        self.dlq.save(&self.store)?;
         self.tx.save(&self.store, || {
             self.store.checkpoint()?;
             Ok(())
@@ -708,6 +769,13 @@ impl Broker {
                 g.queues.push(QueueProgress::starting_at(start));
                 g.dirty = true;
             }
+            let rt = retry_topic(group, topic);
+            while g.retry.len() < self.retry.delays_ms.len() {
+                let level = g.retry.len() as u32;
+                let start = self.store.queue(&rt, level).map_or(0, |q| q.min_offset());
+                g.retry.push(QueueProgress::starting_at(start));
+                g.dirty = true;
+            }
         }
         gt
     }
@@ -737,6 +805,7 @@ impl Broker {
             let notified = topic.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            self.hand_off_expired(&req.group, &req.topic, &gt).await?;
             let (msgs, next_deadline_ms) =
                 self.try_receive(&req, &topic, &gt, &filter, invisible_ms, max)?;
             if !msgs.is_empty() || tokio::time::Instant::now() >= deadline {
@@ -755,24 +824,80 @@ impl Broker {
         }
     }
 
-    /// One pass over the topic's queues. Returns the messages and the
-    /// earliest lease deadline (for the long poll's next look).
+    /// Hands expired leases (main queues and retry levels) to the retry
+    /// machinery: each failure schedules a retry or goes to the DLQ.
+    async fn hand_off_expired(
+        &self,
+        group: &str,
+        topic: &str,
+        gt: &Mutex<GroupTopic>,
+    ) -> Result<(), BrokerError> {
+        let now = self.clock.now_ms();
+        let failures: Vec<Failure> = {
+            let mut g = lock(gt);
+            let mut v = Vec::new();
+            for (qid, p) in g.queues.iter_mut().enumerate() {
+                for (qo, lease) in p.take_expired(now, 256) {
+                    v.push(expired(None, qid as u32, qo, lease));
+                }
+            }
+            for (level, p) in g.retry.iter_mut().enumerate() {
+                for (qo, lease) in p.take_expired(now, 256) {
+                    v.push(expired(Some(level as u32), level as u32, qo, lease));
+                }
+            }
+            v
+        };
+        self.hand_off_failures(group, topic, gt, failures).await
+    }
+
+    /// One pass: due retries first, then the topic's queues. Returns the
+    /// messages and when to look again (earliest lease deadline or retry due
+    /// time), for the long poll.
     fn try_receive(
         &self,
         req: &ReceiveRequest,
-        topic: &TopicState,
+        _topic: &TopicState,
         gt: &Mutex<GroupTopic>,
         filter: &TagFilter,
         invisible_ms: u64,
         max: usize,
     ) -> Result<(Vec<DeliveredMessage>, Option<u64>), BrokerError> {
         let mut out = Vec::new();
+        let inflight_max = self.cfg.max_inflight_per_queue as usize;
+        let window = self.cfg.max_unacked_window;
+        let rt = retry_topic(&req.group, &req.topic);
+        let mut next_look: Option<u64> = None;
         // Bounded: each round either delivers, skips (filtered/unreadable) or stops.
         for _round in 0..64 {
             let now = self.clock.now_ms();
-            let mut picked = Vec::new();
+            // (retry level or None, queue id, delivery, the Redelivery record for retries)
+            let mut picked: Vec<(Option<u32>, u32, crate::delivery::Delivery, Option<Record>)> =
+                Vec::new();
             {
                 let mut g = lock(gt);
+                for level in 0..g.retry.len() {
+                    let l = level as u32;
+                    let max_visible = self.store.max_queue_offset(&rt, l);
+                    let min = self.store.queue(&rt, l).map_or(0, |q| q.min_offset());
+                    let p = &mut g.retry[level];
+                    p.skip_to(min);
+                    while out.len() + picked.len() < max && p.next_offset() < max_visible {
+                        let qo = p.next_offset();
+                        let head = self.store.read_queue(&rt, l, qo).map(|m| m.record);
+                        if let Ok(r) = &head {
+                            let due = crate::redelivery::deliver_at_ms(r);
+                            if due > now {
+                                next_look = Some(next_look.map_or(due, |n| n.min(due)));
+                                break;
+                            }
+                        }
+                        match p.next_delivery(now, invisible_ms, qo + 1, inflight_max, window) {
+                            Some(d) => picked.push((Some(l), l, d, head.ok())),
+                            None => break,
+                        }
+                    }
+                }
                 let n = g.queues.len();
                 let start = g.round_robin;
                 g.round_robin = (start + 1) % n.max(1);
@@ -786,14 +911,9 @@ impl Broker {
                     let p = &mut g.queues[qid];
                     p.skip_to(min);
                     while out.len() + picked.len() < max {
-                        match p.next_delivery(
-                            now,
-                            invisible_ms,
-                            max_visible,
-                            self.cfg.max_inflight_per_queue as usize,
-                            self.cfg.max_unacked_window,
-                        ) {
-                            Some(d) => picked.push((qid as u32, d)),
+                        match p.next_delivery(now, invisible_ms, max_visible, inflight_max, window)
+                        {
+                            Some(d) => picked.push((None, qid as u32, d, None)),
                             None => break,
                         }
                     }
@@ -804,67 +924,93 @@ impl Broker {
             }
             if picked.is_empty() {
                 let g = lock(gt);
-                return Ok((
-                    out,
-                    g.queues
-                        .iter()
-                        .filter_map(QueueProgress::next_deadline_ms)
-                        .min(),
-                ));
+                let lease_min = g
+                    .queues
+                    .iter()
+                    .chain(g.retry.iter())
+                    .filter_map(QueueProgress::next_deadline_ms)
+                    .min();
+                let look = match (lease_min, next_look) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                return Ok((out, look));
             }
             let mut skipped = Vec::new();
-            for (qid, d) in picked {
-                match self.store.read_queue(&req.topic, qid, d.queue_offset) {
-                    Ok(m) if filter.matches(&m.record.tag) => {
-                        if d.lease.reconsume_times > 0 {
+            for (level, qid, d, redelivery) in picked {
+                let read = match (&level, redelivery) {
+                    (None, _) => self
+                        .store
+                        .read_queue(&req.topic, qid, d.queue_offset)
+                        .map(|m| (m.record, d.lease.reconsume_times)),
+                    (Some(_), Some(r)) => self
+                        .store
+                        .log()
+                        .read_sized(r.ref_offset.unwrap_or(u64::MAX), r.ref_size)
+                        .map(|orig| (orig, r.reconsume_times)),
+                    (Some(_), None) => Err(halfmq_storage::Error::InvalidRecord(
+                        "unreadable retry entry".into(),
+                    )),
+                };
+                match read {
+                    Ok((r, reconsume_times)) if filter.matches(&r.tag) => {
+                        if reconsume_times > 0 {
                             self.counters.redeliveries.fetch_add(1, Ordering::Relaxed);
                         }
                         self.counters.messages_out.fetch_add(1, Ordering::Relaxed);
                         self.counters
                             .bytes_out
-                            .fetch_add(m.record.body.len() as u64, Ordering::Relaxed);
-                        let r = m.record;
+                            .fetch_add(r.body.len() as u64, Ordering::Relaxed);
+                        // A retry keeps the lease's own reconsume count.
+                        if let Some(l) = level {
+                            let mut g = lock(gt);
+                            if let Some(p) = g.retry.get_mut(l as usize) {
+                                p.set_reconsume_times(d.queue_offset, reconsume_times);
+                            }
+                        }
                         out.push(DeliveredMessage {
                             message_id: r.message_id,
                             topic: req.topic.clone(),
-                            queue_id: qid,
+                            queue_id: if level.is_some() { r.queue_id } else { qid },
                             queue_offset: d.queue_offset,
                             tag: r.tag,
                             keys: r.keys,
                             properties: user_properties(r.properties),
                             body: r.body,
-                            reconsume_times: d.lease.reconsume_times,
+                            reconsume_times,
                             receipt: Receipt {
                                 topic: req.topic.clone(),
                                 queue_id: qid,
                                 queue_offset: d.queue_offset,
                                 seq: d.lease.seq,
+                                retry: level.is_some(),
                             },
                             store_timestamp_ms: r.store_timestamp_ms,
                             invisible_until_ms: d.lease.invisible_until_ms,
                         });
                     }
-                    Ok(_) => skipped.push((qid, d.queue_offset)),
+                    Ok(_) => skipped.push((level, qid, d.queue_offset)),
                     Err(e) => {
                         tracing::error!(
-                            topic = %req.topic, queue_id = qid, queue_offset = d.queue_offset, error = %e,
+                            topic = %req.topic, queue_id = qid, retry_level = ?level, queue_offset = d.queue_offset, error = %e,
                             "unreadable message skipped for this group"
                         );
-                        skipped.push((qid, d.queue_offset));
+                        skipped.push((level, qid, d.queue_offset));
                     }
                 }
             }
             if !skipped.is_empty() {
                 let mut g = lock(gt);
-                for (qid, qo) in skipped {
-                    g.queues[qid as usize].skip(qo);
+                for (level, qid, qo) in skipped {
+                    if let Some(p) = g.progress_mut(level, qid) {
+                        p.skip(qo);
+                    }
                 }
             }
             if out.len() >= max {
                 break;
             }
         }
-        let _ = topic;
         Ok((out, None))
     }
 
@@ -875,18 +1021,25 @@ impl Broker {
         f: impl FnOnce(&mut QueueProgress) -> Result<T, LeaseError>,
     ) -> Result<T, BrokerError> {
         check_group(group)?;
-        let gt = lock(&self.groups)
-            .get(&(group.to_owned(), receipt.topic.clone()))
-            .cloned()
-            .ok_or(BrokerError::ReceiptNotFound)?;
+        let gt = self.existing_group_topic(group, &receipt.topic)?;
         let mut g = lock(&gt);
         let p = g
-            .queues
-            .get_mut(receipt.queue_id as usize)
+            .progress_mut(receipt.level(), receipt.queue_id)
             .ok_or(BrokerError::ReceiptNotFound)?;
         let r = f(p).map_err(|LeaseError::NotFound| BrokerError::ReceiptNotFound)?;
         g.dirty = true;
         Ok(r)
+    }
+
+    fn existing_group_topic(
+        &self,
+        group: &str,
+        topic: &str,
+    ) -> Result<Arc<Mutex<GroupTopic>>, BrokerError> {
+        lock(&self.groups)
+            .get(&(group.to_owned(), topic.to_owned()))
+            .cloned()
+            .ok_or(BrokerError::ReceiptNotFound)
     }
 
     /// Acks one delivery.
@@ -899,28 +1052,36 @@ impl Broker {
         Ok(())
     }
 
-    /// Asks for a redelivery after `delay_ms` (reconsume times + 1).
+    /// Fails a delivery: schedules its retry (reconsume times + 1) after the
+    /// delay level its reconsume times choose, or after `delay_ms` rounded up
+    /// to a level; or moves it to the DLQ when the retries are used up.
+    /// Returns once the retry is durable.
     ///
     /// # Errors
-    /// [`BrokerError::ReceiptNotFound`] for a stale receipt.
-    pub fn nack(
+    /// [`BrokerError::ReceiptNotFound`] for a stale receipt; storage errors
+    /// (the delivery stays leased then).
+    pub async fn nack(
         &self,
         group: &str,
         receipt: &Receipt,
         reason: &str,
-        delay_ms: u64,
+        delay_ms: Option<u64>,
     ) -> Result<(), BrokerError> {
-        let now = self.clock.now_ms();
-        let delay = delay_ms.min(self.cfg.max_invisible_duration_ms);
-        self.with_lease(group, receipt, |p| {
-            p.change_invisible(receipt.queue_offset, receipt.seq, now, delay)
+        let lease = self.with_lease(group, receipt, |p| {
+            p.release(receipt.queue_offset, receipt.seq)
         })?;
-        tracing::debug!(group, receipt = %receipt.encode(), reason, delay_ms = delay, "nack");
-        if delay == 0 {
-            if let Some(t) = self.topic(&receipt.topic) {
-                t.notify.notify_waiters();
-            }
-        }
+        let gt = self.existing_group_topic(group, &receipt.topic)?;
+        let failure = Failure {
+            retry_level: receipt.level(),
+            queue_id: receipt.queue_id,
+            queue_offset: receipt.queue_offset,
+            lease,
+            reason: reason.to_owned(),
+            custom_delay_ms: delay_ms,
+        };
+        self.hand_off_failures(group, &receipt.topic, &gt, vec![failure])
+            .await?;
+        self.notify_topic(&receipt.topic);
         Ok(())
     }
 
@@ -1007,13 +1168,29 @@ fn group_key(group: &str, topic: &str, queue_id: u32) -> Vec<u8> {
     halfmq_storage::meta::queue_key(group, topic, queue_id)
 }
 
+fn expired(
+    retry_level: Option<u32>,
+    queue_id: u32,
+    queue_offset: u64,
+    lease: crate::delivery::Lease,
+) -> Failure {
+    Failure {
+        retry_level,
+        queue_id,
+        queue_offset,
+        lease,
+        reason: "invisible duration expired without an ack".to_owned(),
+        custom_delay_ms: None,
+    }
+}
+
 /// Snapshot of one queue's progress (little-endian):
 /// `ack_offset u64 | acked_count u32 | acked u64* | lease_count u32 |
 ///  (queue_offset u64, invisible_until_ms u64, reconsume_times u32)*`.
-fn encode_progress(p: &QueueProgress) -> Vec<u8> {
+pub(crate) fn encode_progress(p: &QueueProgress) -> Vec<u8> {
     let acked: Vec<u64> = p.acked().collect();
     let leases: Vec<_> = p.leases().collect();
-    let mut v = Vec::with_capacity(16 + acked.len() * 8 + leases.len() * 20);
+    let mut v = Vec::with_capacity(16 + acked.len() * 8 + leases.len() * 28);
     v.extend_from_slice(&p.ack_offset().to_le_bytes());
     v.extend_from_slice(&(acked.len() as u32).to_le_bytes());
     for a in acked {
@@ -1024,11 +1201,12 @@ fn encode_progress(p: &QueueProgress) -> Vec<u8> {
         v.extend_from_slice(&qo.to_le_bytes());
         v.extend_from_slice(&l.invisible_until_ms.to_le_bytes());
         v.extend_from_slice(&l.reconsume_times.to_le_bytes());
+        v.extend_from_slice(&l.delivered_ms.to_le_bytes());
     }
     v
 }
 
-fn decode_progress(b: &[u8]) -> Option<QueueProgress> {
+pub(crate) fn decode_progress(b: &[u8]) -> Option<QueueProgress> {
     let mut p = 0usize;
     let mut take = |n: usize| -> Option<&[u8]> {
         let s = b.get(p..p + n)?;
@@ -1048,7 +1226,16 @@ fn decode_progress(b: &[u8]) -> Option<QueueProgress> {
         let qo = u64_(take(8)?);
         let until = u64_(take(8)?);
         let rt = u32_(take(4)?);
-        q.restore_lease(qo, until, rt);
+        let delivered_ms = u64_(take(8)?);
+        q.restore_lease(
+            qo,
+            crate::delivery::Lease {
+                invisible_until_ms: until,
+                reconsume_times: rt,
+                seq: 0,
+                delivered_ms,
+            },
+        );
     }
     for a in acked {
         q.restore_acked(a);
@@ -1080,10 +1267,15 @@ fn load_groups(store: &Store) -> Result<HashMap<GroupKey, Arc<Mutex<GroupTopic>>
             continue;
         };
         let gt = map.entry((g.to_owned(), t.to_owned())).or_default();
-        while gt.queues.len() <= q as usize {
-            gt.queues.push(QueueProgress::starting_at(0));
+        let (list, idx) = if q & RETRY_QUEUE_BIT != 0 {
+            (&mut gt.retry, (q & !RETRY_QUEUE_BIT) as usize)
+        } else {
+            (&mut gt.queues, q as usize)
+        };
+        while list.len() <= idx {
+            list.push(QueueProgress::starting_at(0));
         }
-        gt.queues[q as usize] = progress;
+        list[idx] = progress;
     }
     Ok(map
         .into_iter()
@@ -1102,8 +1294,15 @@ mod tests {
             queue_id: 3,
             queue_offset: 99,
             seq: 7,
+            retry: false,
         };
         assert_eq!(Receipt::decode(&r.encode()).unwrap(), r);
+        let rr = Receipt {
+            retry: true,
+            ..r.clone()
+        };
+        assert!(rr.encode().starts_with('R'));
+        assert_eq!(Receipt::decode(&rr.encode()).unwrap(), rr);
         assert!(Receipt::decode("x.1.2.t").is_err());
         assert!(Receipt::decode("1.2.3.").is_err());
     }

@@ -94,6 +94,14 @@ pub struct BrokerConfig {
     /// Most unresolved half messages; further half sends are refused.
     /// Default 2,000,000 (about 200 bytes of memory each).
     pub max_pending_halves: u64,
+    /// Delay levels of consumer retries, ascending, with units. The n-th
+    /// retry of a message uses level n + 2 (1-based). Default RocketMQ's:
+    /// `"1s 5s 10s 30s 1m 2m 3m 4m 5m 6m 7m 8m 9m 10m 20m 30m 1h 2h"`.
+    pub retry_delays: String,
+    /// Failed deliveries (nacks, expired invisible durations) before a message
+    /// goes to its group's dead-letter queue `%DLQ%<group>`. Default 16
+    /// (RocketMQ's maxReconsumeTimes).
+    pub max_reconsume_times: u32,
 }
 
 impl Default for BrokerConfig {
@@ -129,6 +137,8 @@ impl Default for BrokerConfig {
             check_reply_timeout_ms: 10_000,
             max_checks_inflight_per_session: 64,
             max_pending_halves: 2_000_000,
+            retry_delays: crate::retry::DEFAULT_RETRY_DELAYS.to_owned(),
+            max_reconsume_times: crate::retry::DEFAULT_MAX_RECONSUME_TIMES,
         }
     }
 }
@@ -253,7 +263,18 @@ impl BrokerConfig {
             1,
         )?;
         at_least("max_pending_halves", self.max_pending_halves, 1)?;
+        if let Err(reason) = crate::retry::parse_delays(&self.retry_delays) {
+            return bad("retry_delays", reason);
+        }
         Ok(())
+    }
+
+    /// The retry policy (call after [`BrokerConfig::validate`]).
+    pub fn retry_policy(&self) -> crate::retry::RetryPolicy {
+        crate::retry::RetryPolicy {
+            delays_ms: crate::retry::parse_delays(&self.retry_delays).unwrap_or_default(),
+            max_reconsume_times: self.max_reconsume_times,
+        }
     }
 
     /// The check-back scheduler's settings.

@@ -11,8 +11,10 @@
 //! - Offsets in `[ack_offset, next_offset)` were delivered at least once; each
 //!   is either acked (in `acked`) or leased (in `leases`) with an
 //!   **invisible** deadline. A lease whose deadline passes (the consumer
-//!   neither acked nor extended it, or nacked it) is delivered again with its
-//!   **reconsume times** + 1.
+//!   neither acked nor extended it) is taken out by
+//!   [`QueueProgress::take_expired`]: the broker schedules a retry for it
+//!   (see `retry.rs`) and then marks the offset done with
+//!   [`QueueProgress::skip`], or puts the lease back if that failed.
 //! - Every lease has a sequence number; a receipt handle carries it, so a
 //!   handle from before a redelivery is refused.
 //!
@@ -32,6 +34,8 @@ pub struct Lease {
     pub reconsume_times: u32,
     /// Sequence number of this lease; receipt handles carry it.
     pub seq: u64,
+    /// Broker clock when this delivery was made, ms.
+    pub delivered_ms: u64,
 }
 
 /// Why an ack, nack or change of invisible duration was refused.
@@ -112,9 +116,8 @@ impl QueueProgress {
         }
     }
 
-    /// Decides the next delivery: an expired lease first (reconsume times + 1),
-    /// else the next fresh offset below `max_visible` if the bounds allow.
-    /// Takes a lease until `now_ms + invisible_ms`.
+    /// Decides the next delivery: the next fresh offset below `max_visible`
+    /// if the bounds allow. Takes a lease until `now_ms + invisible_ms`.
     pub fn next_delivery(
         &mut self,
         now_ms: u64,
@@ -123,23 +126,13 @@ impl QueueProgress {
         max_inflight: usize,
         max_window: u64,
     ) -> Option<Delivery> {
-        if let Some(&(deadline, qo)) = self.deadlines.iter().next() {
-            if deadline <= now_ms {
-                let old = self.remove_lease(qo).expect("deadlines and leases agree"); // invariant: every deadline has a lease
-                let lease = self.take_lease(qo, now_ms + invisible_ms, old.reconsume_times + 1);
-                return Some(Delivery {
-                    queue_offset: qo,
-                    lease,
-                });
-            }
-        }
         if self.next_offset < max_visible
             && self.leases.len() < max_inflight
             && self.next_offset - self.ack_offset < max_window
         {
             let qo = self.next_offset;
             self.next_offset += 1;
-            let lease = self.take_lease(qo, now_ms + invisible_ms, 0);
+            let lease = self.take_lease(qo, now_ms + invisible_ms, 0, now_ms);
             return Some(Delivery {
                 queue_offset: qo,
                 lease,
@@ -148,18 +141,47 @@ impl QueueProgress {
         None
     }
 
+    /// Removes and returns up to `max` leases whose invisible deadline is at
+    /// or before `now_ms`, oldest deadline first. The offsets stay unacked:
+    /// call [`QueueProgress::skip`] once their retry is scheduled, or
+    /// [`QueueProgress::restore_lease`] if that failed.
+    pub fn take_expired(&mut self, now_ms: u64, max: usize) -> Vec<(u64, Lease)> {
+        let due: Vec<(u64, u64)> = self
+            .deadlines
+            .iter()
+            .take_while(|(d, _)| *d <= now_ms)
+            .take(max)
+            .copied()
+            .collect();
+        due.into_iter()
+            .filter_map(|(_, qo)| self.remove_lease(qo).map(|l| (qo, l)))
+            .collect()
+    }
+
+    /// Removes the lease `seq` of `queue_offset` without acking it (a nack:
+    /// the caller schedules the retry, then skips or restores).
+    ///
+    /// # Errors
+    /// [`LeaseError::NotFound`] for a stale or unknown lease.
+    pub fn release(&mut self, queue_offset: u64, seq: u64) -> Result<Lease, LeaseError> {
+        match self.leases.get(&queue_offset) {
+            Some(l) if l.seq == seq => Ok(self.remove_lease(queue_offset).expect("checked above")), // invariant: matched just above
+            _ => Err(LeaseError::NotFound),
+        }
+    }
+
     /// Restores a lease (from a snapshot at start-up).
-    pub fn restore_lease(
-        &mut self,
-        queue_offset: u64,
-        invisible_until_ms: u64,
-        reconsume_times: u32,
-    ) {
+    pub fn restore_lease(&mut self, queue_offset: u64, lease: Lease) {
         if queue_offset < self.ack_offset || self.acked.contains(&queue_offset) {
             return;
         }
         self.next_offset = self.next_offset.max(queue_offset + 1);
-        self.take_lease(queue_offset, invisible_until_ms, reconsume_times);
+        self.take_lease(
+            queue_offset,
+            lease.invisible_until_ms,
+            lease.reconsume_times,
+            lease.delivered_ms,
+        );
     }
 
     /// Restores an acked offset (from a snapshot at start-up).
@@ -198,9 +220,7 @@ impl QueueProgress {
     }
 
     /// Sets the lease's deadline to `now_ms + invisible_ms`; returns the new
-    /// lease (with a new sequence number). A nack is this with the retry
-    /// delay: when the deadline passes the message is redelivered with
-    /// reconsume times + 1.
+    /// lease (with a new sequence number).
     ///
     /// # Errors
     /// [`LeaseError::NotFound`] for a stale or unknown lease.
@@ -214,10 +234,28 @@ impl QueueProgress {
         match self.leases.get(&queue_offset) {
             Some(l) if l.seq == seq => {
                 let old = self.remove_lease(queue_offset).expect("checked above"); // invariant: matched just above
-                Ok(self.take_lease(queue_offset, now_ms + invisible_ms, old.reconsume_times))
+                Ok(self.take_lease(
+                    queue_offset,
+                    now_ms + invisible_ms,
+                    old.reconsume_times,
+                    old.delivered_ms,
+                ))
             }
             _ => Err(LeaseError::NotFound),
         }
+    }
+
+    /// Sets the reconsume times of the lease on `queue_offset` (a retry
+    /// delivery carries the count of its retry record).
+    pub fn set_reconsume_times(&mut self, queue_offset: u64, reconsume_times: u32) {
+        if let Some(l) = self.leases.get_mut(&queue_offset) {
+            l.reconsume_times = reconsume_times;
+        }
+    }
+
+    /// Whether `queue_offset` is acked or skipped.
+    pub fn is_done(&self, queue_offset: u64) -> bool {
+        queue_offset < self.ack_offset || self.acked.contains(&queue_offset)
     }
 
     /// Every lease, for snapshots: (queue offset, lease).
@@ -230,12 +268,19 @@ impl QueueProgress {
         self.acked.iter().copied()
     }
 
-    fn take_lease(&mut self, qo: u64, invisible_until_ms: u64, reconsume_times: u32) -> Lease {
+    fn take_lease(
+        &mut self,
+        qo: u64,
+        invisible_until_ms: u64,
+        reconsume_times: u32,
+        delivered_ms: u64,
+    ) -> Lease {
         self.next_seq += 1;
         let lease = Lease {
             invisible_until_ms,
             reconsume_times,
             seq: self.next_seq,
+            delivered_ms,
         };
         self.leases.insert(qo, lease);
         self.deadlines.insert((invisible_until_ms, qo));
@@ -289,35 +334,49 @@ mod tests {
     }
 
     #[test]
-    fn expired_lease_is_redelivered_with_reconsume_times_plus_one() {
+    fn expired_leases_are_taken_out_for_retry() {
         let mut p = QueueProgress::starting_at(5);
-        let d = p.next_delivery(1_000, 100, 6, INF, WIN).unwrap();
-        assert_eq!(d.queue_offset, 5);
+        let d = p.next_delivery(1_000, 100, 7, INF, WIN).unwrap();
+        let e = p.next_delivery(1_050, 100, 7, INF, WIN).unwrap();
+        assert!(p.take_expired(1_099, 10).is_empty(), "still invisible");
+        let x = p.take_expired(1_100, 10);
+        assert_eq!(x, vec![(5, d.lease)]);
         assert_eq!(
-            p.next_delivery(1_099, 100, 6, INF, WIN),
-            None,
-            "still invisible"
+            p.ack(5, d.lease.seq),
+            Err(LeaseError::NotFound),
+            "handed off"
         );
-        let r = p.next_delivery(1_100, 100, 6, INF, WIN).unwrap();
-        assert_eq!(r.queue_offset, 5);
-        assert_eq!(r.lease.reconsume_times, 1);
-        // The first handle is stale now.
-        assert_eq!(p.ack(5, d.lease.seq), Err(LeaseError::NotFound));
-        p.ack(5, r.lease.seq).unwrap();
+        assert_eq!(p.ack_offset(), 5, "not acked until the retry is scheduled");
+        p.skip(5);
         assert_eq!(p.ack_offset(), 6);
+        // A failed hand-off puts the lease back.
+        let y = p.take_expired(2_000, 10);
+        assert_eq!(y, vec![(6, e.lease)]);
+        p.restore_lease(6, e.lease);
+        assert_eq!(p.inflight(), 1);
+        assert_eq!(
+            p.next_delivery(2_000, 100, 7, INF, WIN),
+            None,
+            "nothing fresh, nothing re-leased in place"
+        );
     }
 
     #[test]
-    fn change_invisible_extends_and_nack_shortens() {
+    fn change_invisible_extends_and_release_hands_off() {
         let mut p = QueueProgress::starting_at(0);
         let d = p.next_delivery(0, 100, 1, INF, WIN).unwrap();
         let l = p.change_invisible(0, d.lease.seq, 50, 1_000).unwrap();
         assert_eq!(l.invisible_until_ms, 1_050);
-        assert_eq!(p.next_delivery(500, 100, 1, INF, WIN), None);
-        // A nack with delay 0 makes it due at once.
-        p.change_invisible(0, l.seq, 600, 0).unwrap();
-        let r = p.next_delivery(600, 100, 1, INF, WIN).unwrap();
-        assert_eq!(r.lease.reconsume_times, 1);
+        assert!(p.take_expired(500, 10).is_empty());
+        assert_eq!(
+            p.release(0, d.lease.seq),
+            Err(LeaseError::NotFound),
+            "old seq is stale"
+        );
+        let r = p.release(0, l.seq).unwrap();
+        assert_eq!(r.delivered_ms, 0);
+        p.skip(0);
+        assert_eq!(p.ack_offset(), 1);
     }
 
     #[test]
@@ -354,10 +413,20 @@ mod tests {
     fn snapshot_restore() {
         let mut p = QueueProgress::starting_at(10);
         p.restore_acked(11);
-        p.restore_lease(10, 500, 2);
+        let lease = Lease {
+            invisible_until_ms: 500,
+            reconsume_times: 2,
+            seq: 1,
+            delivered_ms: 400,
+        };
+        p.restore_lease(10, lease);
         p.restore_acked(10); // ignored: leased
         assert_eq!((p.ack_offset(), p.next_offset(), p.inflight()), (10, 12, 1));
-        let r = p.next_delivery(500, 10, 20, INF, WIN).unwrap();
-        assert_eq!((r.queue_offset, r.lease.reconsume_times), (10, 3));
+        let x = p.take_expired(500, 10);
+        assert_eq!(x.len(), 1);
+        assert_eq!(
+            (x[0].0, x[0].1.reconsume_times, x[0].1.delivered_ms),
+            (10, 2, 400)
+        );
     }
 }

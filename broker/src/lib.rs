@@ -11,6 +11,9 @@
 //! - [`txcheck`]: pure check-back scheduler (deadline-ordered pending halves).
 //! - [`transactions`]: half messages, EndTransaction, producer sessions,
 //!   the check driver, transaction state persistence and replay.
+//! - [`retry`]: pure retry/DLQ policy (delay levels, max reconsume times).
+//! - [`redelivery`]: retry queues and dead-letter queues: hand-off of failed
+//!   deliveries, due retries, DLQ list / redrive / purge.
 //! - [`service`]: gRPC services; wire types convert to domain types here.
 //! - [`server`]: listener, connection limit, graceful shutdown.
 //! - [`error`]: the crate error type, [`BrokerError`].
@@ -20,6 +23,8 @@ pub mod config;
 pub mod delivery;
 pub mod error;
 pub mod names;
+pub mod redelivery;
+pub mod retry;
 pub mod server;
 pub mod service;
 pub mod transactions;

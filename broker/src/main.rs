@@ -117,6 +117,12 @@ struct Args {
     /// `max_pending_halves`.
     #[arg(long)]
     max_pending_halves: Option<u64>,
+    /// `retry_delays`: delay levels, e.g. "1s 5s 10s 30s 1m".
+    #[arg(long)]
+    retry_delays: Option<String>,
+    /// `max_reconsume_times`: failed deliveries before the DLQ.
+    #[arg(long)]
+    max_reconsume_times: Option<u32>,
 }
 
 macro_rules! apply {
@@ -151,6 +157,7 @@ fn load_config(args: &Args) -> anyhow::Result<BrokerConfig> {
         check_max => check_max, check_reply_timeout => check_reply_timeout_ms,
         max_checks_inflight_per_session => max_checks_inflight_per_session,
         max_pending_halves => max_pending_halves,
+        retry_delays => retry_delays, max_reconsume_times => max_reconsume_times,
     );
     if let Some(f) = &args.flush {
         cfg.flush = if f == "async" {

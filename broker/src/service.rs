@@ -427,8 +427,10 @@ impl pb::consumer_server::Consumer for Services {
     #[tracing::instrument(skip_all, fields(group = %req.get_ref().group))]
     async fn nack(&self, req: Request<pb::NackRequest>) -> Rpc<pb::NackResponse> {
         let r = req.into_inner();
-        let res = Receipt::decode(&r.receipt_handle)
-            .and_then(|rc| self.broker.nack(&r.group, &rc, &r.reason, r.delay_ms));
+        let res = match Receipt::decode(&r.receipt_handle) {
+            Ok(rc) => self.broker.nack(&r.group, &rc, &r.reason, r.delay_ms).await,
+            Err(e) => Err(e),
+        };
         Ok(Response::new(pb::NackResponse {
             status: match res {
                 Ok(()) => ok(),
@@ -518,6 +520,111 @@ impl pb::admin_server::Admin for Services {
                 })
                 .collect(),
         }))
+    }
+
+    #[tracing::instrument(skip_all, fields(group = %req.get_ref().group))]
+    async fn list_dead_letters(
+        &self,
+        req: Request<pb::ListDeadLettersRequest>,
+    ) -> Rpc<pb::ListDeadLettersResponse> {
+        let r = req.into_inner();
+        let limit = if r.limit == 0 {
+            10_000
+        } else {
+            r.limit as usize
+        };
+        Ok(Response::new(
+            match self.broker.dead_letters(&r.group, limit) {
+                Ok(v) => pb::ListDeadLettersResponse {
+                    status: ok(),
+                    dead_letters: v
+                        .into_iter()
+                        .map(|d| pb::DeadLetter {
+                            message_id: d.message_id.to_string(),
+                            topic: d.topic,
+                            reconsume_times: d.reconsume_times,
+                            reason: d.reason,
+                            first_delivery_ms: d.first_delivery_ms,
+                            last_delivery_ms: d.last_delivery_ms,
+                            dlq_offset: d.dlq_offset,
+                        })
+                        .collect(),
+                },
+                Err(e) => pb::ListDeadLettersResponse {
+                    status: status(&e),
+                    dead_letters: vec![],
+                },
+            },
+        ))
+    }
+
+    async fn dead_letter_counts(
+        &self,
+        _req: Request<pb::DeadLetterCountsRequest>,
+    ) -> Rpc<pb::DeadLetterCountsResponse> {
+        Ok(Response::new(pb::DeadLetterCountsResponse {
+            status: ok(),
+            counts: self
+                .broker
+                .dead_letter_counts()
+                .into_iter()
+                .map(|(group, count)| pb::DeadLetterCount { group, count })
+                .collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(group = %req.get_ref().group))]
+    async fn redrive_dead_letters(
+        &self,
+        req: Request<pb::RedriveDeadLettersRequest>,
+    ) -> Rpc<pb::RedriveDeadLettersResponse> {
+        let r = req.into_inner();
+        let id = if r.message_id.is_empty() {
+            Ok(None)
+        } else {
+            halfmq_storage::MessageId::from_hex(&r.message_id)
+                .map(Some)
+                .ok_or_else(|| {
+                    BrokerError::BadRequest(format!(
+                        "message id {:?} is not 32 hex digits",
+                        r.message_id
+                    ))
+                })
+        };
+        let res = match id {
+            Ok(id) => self.broker.redrive(&r.group, id).await,
+            Err(e) => Err(e),
+        };
+        Ok(Response::new(match res {
+            Ok(n) => pb::RedriveDeadLettersResponse {
+                status: ok(),
+                count: n as u64,
+            },
+            Err(e) => pb::RedriveDeadLettersResponse {
+                status: status(&e),
+                count: 0,
+            },
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(group = %req.get_ref().group))]
+    async fn purge_dead_letters(
+        &self,
+        req: Request<pb::PurgeDeadLettersRequest>,
+    ) -> Rpc<pb::PurgeDeadLettersResponse> {
+        let r = req.into_inner();
+        Ok(Response::new(
+            match self.broker.purge_dead_letters(&r.group) {
+                Ok(n) => pb::PurgeDeadLettersResponse {
+                    status: ok(),
+                    count: n as u64,
+                },
+                Err(e) => pb::PurgeDeadLettersResponse {
+                    status: status(&e),
+                    count: 0,
+                },
+            },
+        ))
     }
 
     async fn stats(&self, _req: Request<pb::StatsRequest>) -> Rpc<pb::StatsResponse> {

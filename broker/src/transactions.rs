@@ -961,6 +961,7 @@ impl Broker {
                     queue_id: half.queue_id,
                     queue_offset: 0,
                     seq: 0,
+                    retry: false,
                 },
                 store_timestamp_ms: half.store_timestamp_ms,
                 invisible_until_ms: 0,

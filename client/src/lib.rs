@@ -45,6 +45,8 @@ pub use halfmq_proto::v1::Code;
 mod coalesce;
 mod transaction;
 use coalesce::{BatchLimits, Coalescer};
+/// A dead-lettered message (wire form), from [`Admin::list_dead_letters`].
+pub use halfmq_proto::v1::DeadLetter;
 /// Who ends a transaction (wire enum), for [`end_transaction`].
 pub use halfmq_proto::v1::EndSource;
 pub use transaction::{
@@ -666,7 +668,10 @@ impl Consumer {
         Ok(resp.results.into_iter().map(|s| check(Some(s))).collect())
     }
 
-    /// Asks for a redelivery after `delay` (reconsume times + 1), with a reason.
+    /// Fails the delivery: the broker redelivers it later (reconsume times
+    /// plus one) after the delay level its reconsume times choose, or after `delay`
+    /// rounded up to a level; after `max_reconsume_times` failures it goes to
+    /// the group's dead-letter queue. `reason` is kept with the message.
     ///
     /// # Errors
     /// As [`Consumer::ack`].
@@ -674,13 +679,13 @@ impl Consumer {
         &self,
         msg: &ReceivedMessage,
         reason: &str,
-        delay: Duration,
+        delay: Option<Duration>,
     ) -> Result<(), ClientError> {
         let req = pb::NackRequest {
             group: self.group.clone(),
             receipt_handle: msg.receipt_handle.clone(),
             reason: reason.to_owned(),
-            delay_ms: delay.as_millis() as u64,
+            delay_ms: delay.map(|d| d.as_millis() as u64),
         };
         let resp = self
             .client
@@ -766,9 +771,7 @@ impl Consumer {
                     let result = handler(m.clone()).await;
                     let outcome = match result {
                         ConsumeResult::Success => me.ack(&m).await,
-                        ConsumeResult::Retry { delay, reason } => {
-                            me.nack(&m, &reason, delay.unwrap_or(Duration::ZERO)).await
-                        }
+                        ConsumeResult::Retry { delay, reason } => me.nack(&m, &reason, delay).await,
                     };
                     if let Err(e) = outcome {
                         tracing::warn!(message_id = %m.message_id, error = %e, "ack/nack failed");
@@ -891,6 +894,99 @@ impl Admin {
                 note: t.note,
             })
             .collect())
+    }
+
+    /// A group's dead letters, oldest first.
+    ///
+    /// # Errors
+    /// [`Code::InvalidGroup`], transport errors.
+    pub async fn list_dead_letters(&self, group: &str) -> Result<Vec<pb::DeadLetter>, ClientError> {
+        let req = pb::ListDeadLettersRequest {
+            group: group.to_owned(),
+            limit: 0,
+        };
+        let resp = self
+            .client
+            .retry(|| async {
+                Ok(self
+                    .client
+                    .admin()
+                    .list_dead_letters(self.client.request(req.clone(), Duration::ZERO))
+                    .await?
+                    .into_inner())
+            })
+            .await?;
+        check(resp.status)?;
+        Ok(resp.dead_letters)
+    }
+
+    /// (group, dead letters) for every group with a dead-letter queue.
+    ///
+    /// # Errors
+    /// Transport errors.
+    pub async fn dead_letter_counts(&self) -> Result<Vec<(String, u64)>, ClientError> {
+        let resp = self
+            .client
+            .retry(|| async {
+                Ok(self
+                    .client
+                    .admin()
+                    .dead_letter_counts(
+                        self.client
+                            .request(pb::DeadLetterCountsRequest {}, Duration::ZERO),
+                    )
+                    .await?
+                    .into_inner())
+            })
+            .await?;
+        check(resp.status)?;
+        Ok(resp
+            .counts
+            .into_iter()
+            .map(|c| (c.group, c.count))
+            .collect())
+    }
+
+    /// Sends dead letters back to their group (one by message id, or all);
+    /// returns how many.
+    ///
+    /// # Errors
+    /// Bad group or message id, transport errors.
+    pub async fn redrive_dead_letters(
+        &self,
+        group: &str,
+        message_id: Option<&str>,
+    ) -> Result<u64, ClientError> {
+        let req = pb::RedriveDeadLettersRequest {
+            group: group.to_owned(),
+            message_id: message_id.unwrap_or_default().to_owned(),
+        };
+        let resp = self
+            .client
+            .admin()
+            .redrive_dead_letters(self.client.request(req, Duration::ZERO))
+            .await?
+            .into_inner();
+        check(resp.status)?;
+        Ok(resp.count)
+    }
+
+    /// Removes every dead letter of a group; returns how many.
+    ///
+    /// # Errors
+    /// Bad group, transport errors.
+    pub async fn purge_dead_letters(&self, group: &str) -> Result<u64, ClientError> {
+        let req = pb::PurgeDeadLettersRequest {
+            group: group.to_owned(),
+        };
+        let resp = self
+            .client
+            .admin()
+            .purge_dead_letters(self.client.request(req, Duration::ZERO))
+            .await?
+            .into_inner();
+        check(resp.status)?;
+        Ok(resp.count)
     }
 
     /// The broker's counters (wire form: see `StatsResponse` in the proto).

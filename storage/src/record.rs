@@ -9,7 +9,7 @@
 //!       4    4 crc32            u32: CRC-32 (IEEE, crc32fast) of bytes [0,4) ++ [8,total_len)
 //!       8    1 magic            0xA7
 //!       9    1 version          1
-//!      10    1 kind             RecordKind (1 normal, 2 half, 3 tx commit, 4 tx rollback, 5 system)
+//!      10    1 kind             RecordKind (1 normal, 2 half, 3 tx commit, 4 tx rollback, 5 system, 6 redelivery)
 //!      11    1 flags            reserved, 0
 //!      12    4 queue_id         u32
 //!      16    8 queue_offset     u64, u64::MAX = none (half messages, end records of rollbacks)
@@ -63,6 +63,10 @@ pub enum RecordKind {
     /// A broker-internal state record (consumer progress, check state...);
     /// never dispatched into a consume queue.
     System,
+    /// Re-queues an earlier message (`ref_offset`/`ref_size`: the record
+    /// holding the body) in a system topic: a consumer group's retry queue or
+    /// dead-letter queue. Dispatched at its own offset; carries no body.
+    Redelivery,
     /// A kind this build does not know. Kept, never dispatched.
     Other(u8),
 }
@@ -76,6 +80,7 @@ impl RecordKind {
             RecordKind::TxCommit => 3,
             RecordKind::TxRollback => 4,
             RecordKind::System => 5,
+            RecordKind::Redelivery => 6,
             RecordKind::Other(b) => b,
         }
     }
@@ -88,14 +93,19 @@ impl RecordKind {
             3 => RecordKind::TxCommit,
             4 => RecordKind::TxRollback,
             5 => RecordKind::System,
+            6 => RecordKind::Redelivery,
             other => RecordKind::Other(other),
         }
     }
 
     /// Whether a record of this kind gets a queue offset and a consume-queue
-    /// entry in its (topic, queue id): normal messages and transaction commits.
+    /// entry in its (topic, queue id): normal messages, transaction commits
+    /// and redeliveries.
     pub fn is_dispatched(self) -> bool {
-        matches!(self, RecordKind::Normal | RecordKind::TxCommit)
+        matches!(
+            self,
+            RecordKind::Normal | RecordKind::TxCommit | RecordKind::Redelivery
+        )
     }
 }
 

@@ -482,7 +482,7 @@ impl Store {
 fn dispatch_entry(offset: u64, rec: &Record) -> Option<(u64, CqEntry)> {
     let qo = rec.queue_offset?;
     let (physical_offset, size) = match rec.kind {
-        RecordKind::Normal => (offset, rec.encoded_len() as u32),
+        RecordKind::Normal | RecordKind::Redelivery => (offset, rec.encoded_len() as u32),
         RecordKind::TxCommit => (rec.ref_offset?, rec.ref_size),
         _ => return None,
     };

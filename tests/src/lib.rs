@@ -16,6 +16,7 @@ pub fn test_config(dir: &Path) -> BrokerConfig {
         segment_bytes: 8 << 20,
         max_message_bytes: 64 * 1024,
         checkpoint_interval_ms: 200,
+        retry_delays: "100ms 200ms 300ms".into(),
         ..BrokerConfig::default()
     }
 }

@@ -180,7 +180,9 @@ async fn nack_and_change_invisible_duration() {
         .await
         .unwrap()
         .is_empty());
-    cons.nack(&m, "db down", Duration::ZERO).await.unwrap();
+    cons.nack(&m, "db down", Some(Duration::ZERO))
+        .await
+        .unwrap();
     let again = cons.receive(1, WAIT).await.unwrap();
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].reconsume_times, 1);

@@ -86,9 +86,10 @@ enum Cmd {
         /// Reason given with --nack.
         #[arg(long, default_value = "nacked by halfmq consume")]
         reason: String,
-        /// Delay before the redelivery asked by --nack.
-        #[arg(long, default_value = "0s", value_parser = duration)]
-        nack_delay: Duration,
+        /// Delay before the redelivery asked by --nack, rounded up to a delay
+        /// level (default: the level the message's reconsume times choose).
+        #[arg(long, value_parser = duration)]
+        nack_delay: Option<Duration>,
         /// Invisible duration of received messages (default: the broker's).
         #[arg(long, value_parser = duration)]
         invisible: Option<Duration>,
@@ -102,6 +103,11 @@ enum Cmd {
     Tx {
         #[command(subcommand)]
         cmd: TxCmd,
+    },
+    /// Dead-letter queues: list, redrive, purge.
+    Dlq {
+        #[command(subcommand)]
+        cmd: DlqCmd,
     },
     /// The broker's counters.
     Stats {
@@ -192,6 +198,32 @@ enum TxCmd {
         /// Roll it back.
         #[arg(long)]
         rollback: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCmd {
+    /// A group's dead letters, oldest first (JSON lines: message_id, topic,
+    /// reconsume_times, reason, first_delivery_ms, last_delivery_ms, dlq_offset).
+    List {
+        /// Consumer group.
+        group: String,
+        /// JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Sends dead letters back to the group as fresh deliveries.
+    Redrive {
+        /// Consumer group.
+        group: String,
+        /// Only this message (default: all).
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Removes every dead letter of the group.
+    Purge {
+        /// Consumer group.
+        group: String,
     },
 }
 
@@ -338,6 +370,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Tx { cmd } => run_tx(client, cmd).await?,
+        Cmd::Dlq { cmd } => run_dlq(client, cmd).await?,
         Cmd::Stats { json } => {
             let s = Admin::new(client).stats().await?;
             let groups: Vec<_> = s
@@ -357,6 +390,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             }
+        }
+    }
+    Ok(())
+}
+
+async fn run_dlq(client: Client, cmd: DlqCmd) -> anyhow::Result<()> {
+    let admin = Admin::new(client);
+    match cmd {
+        DlqCmd::List { group, json } => {
+            for d in admin.list_dead_letters(&group).await? {
+                if json {
+                    println!(
+                        "{}",
+                        json!({"message_id": d.message_id, "topic": d.topic, "reconsume_times": d.reconsume_times,
+                               "reason": d.reason, "first_delivery_ms": d.first_delivery_ms,
+                               "last_delivery_ms": d.last_delivery_ms, "dlq_offset": d.dlq_offset})
+                    );
+                } else {
+                    println!(
+                        "{} topic={} reconsume_times={} reason={:?}",
+                        d.message_id, d.topic, d.reconsume_times, d.reason
+                    );
+                }
+            }
+        }
+        DlqCmd::Redrive { group, id } => {
+            let n = admin.redrive_dead_letters(&group, id.as_deref()).await?;
+            if let (Some(id), 0) = (&id, n) {
+                bail!("no dead letter {id} in group {group}");
+            }
+            println!("redrove {n} dead letters of {group}");
+        }
+        DlqCmd::Purge { group } => {
+            let n = admin.purge_dead_letters(&group).await?;
+            println!("purged {n} dead letters of {group}");
         }
     }
     Ok(())
