@@ -255,6 +255,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let per_task_interval = args.rate.map(|r| {
         Duration::from_secs_f64((args.producers * args.inflight) as f64 / r.max(1) as f64)
     });
+    let tasks_total = (args.producers * args.inflight).max(1);
+    let mut task_index = 0usize;
     for _ in 0..args.producers {
         let producer_client = Client::connect(&addr).await?;
         let producer = Producer::with_options(
@@ -270,12 +272,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
             })
         });
         for _ in 0..args.inflight {
+            // Open loop: spread the tasks' schedules evenly over one interval,
+            // so the fixed rate arrives as a steady stream, not in bursts.
+            let offset = per_task_interval.map_or(Duration::ZERO, |iv| {
+                iv.mul_f64(task_index as f64 / tasks_total as f64)
+            });
+            task_index += 1;
             let p = producer.clone();
             let txp = txp.clone();
             let run = Arc::clone(&run);
             let a = args.clone();
             producer_tasks.push(tokio::spawn(async move {
-                let mut next_at = Instant::now();
+                let mut next_at = Instant::now() + offset;
                 while !run.stop.load(Ordering::Relaxed) {
                     let scheduled = match per_task_interval {
                         Some(iv) => {
