@@ -1,0 +1,251 @@
+//! Every limit at its edge, and hostile or malformed input: each gets a clear
+//! status, nothing partial is stored, and the broker keeps serving.
+
+use std::time::Duration;
+
+use halfmq_client::{
+    Admin, Client, Code, Consumer, Message, MessageView, Producer, TransactionProducer,
+};
+use halfmq_proto::v1 as pb;
+use halfmq_tests::{start, test_config};
+
+async fn client(addr: impl ToString) -> Client {
+    Client::connect(&addr.to_string()).await.unwrap()
+}
+
+async fn raw_producer(
+    addr: std::net::SocketAddr,
+) -> pb::producer_client::ProducerClient<tonic::transport::Channel> {
+    pb::producer_client::ProducerClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_and_batch_limits_at_the_edge() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = halfmq_broker::BrokerConfig {
+        max_batch_messages: 8,
+        max_batch_bytes: 100_000,
+        ..test_config(dir.path())
+    };
+    let limit = cfg.max_message_bytes as usize;
+    let b = start(cfg).await;
+    let c = client(b.addr).await;
+    let p = Producer::new(c.clone());
+    // Exactly at the body limit: accepted; one byte over: refused.
+    p.send_batch(vec![Message::new("lim", vec![7u8; limit])])
+        .await
+        .unwrap();
+    let e = p
+        .send_batch(vec![Message::new("lim", vec![7u8; limit + 1])])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(Code::MessageTooLarge));
+    // max_batch_messages: 8 fine, 9 refused, nothing of it stored.
+    p.send_batch(
+        (0..8)
+            .map(|i| Message::new("lim", format!("{i}")))
+            .collect(),
+    )
+    .await
+    .unwrap();
+    let e = p
+        .send_batch(
+            (0..9)
+                .map(|i| Message::new("lim", format!("{i}")))
+                .collect(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(Code::BatchTooLarge));
+    // max_batch_bytes: two bodies of 60,000 bytes exceed 100,000.
+    let e = p
+        .send_batch(vec![
+            Message::new("lim", vec![1u8; 60_000]),
+            Message::new("lim", vec![2u8; 60_000]),
+        ])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(Code::BatchTooLarge));
+    let topics = Admin::new(c.clone()).list_topics().await.unwrap();
+    assert_eq!(
+        topics.iter().find(|t| t.name == "lim").unwrap().messages,
+        9,
+        "1 + 8 stored, no partial batch"
+    );
+    // Field limits.
+    let e = p
+        .send(Message::new("lim", "x").with_tag("a||b"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(Code::BadRequest));
+    let e = p
+        .send(Message::new("lim", "x").with_property("halfmq.producer_group", "spoof"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        Some(Code::BadRequest),
+        "system property names are reserved"
+    );
+    let mut m = Message::new("lim", "x");
+    m.keys = (0..33).map(|i| i.to_string()).collect();
+    assert_eq!(p.send(m).await.unwrap_err().code(), Some(Code::BadRequest));
+    assert_eq!(
+        p.send(Message::new("", "x")).await.unwrap_err().code(),
+        Some(Code::InvalidTopic)
+    );
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_protocol_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = start(test_config(dir.path())).await;
+    let mut raw = raw_producer(b.addr).await;
+    // Unknown enum value in EndTransaction.
+    let r = raw
+        .end_transaction(pb::EndTransactionRequest {
+            transaction_id: "0".repeat(48),
+            resolution: 99,
+            source: 77,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.status.unwrap().code, Code::BadRequest as i32);
+    // A half send without a message.
+    let r = raw
+        .send_half(pb::SendHalfRequest {
+            producer_group: "pg".into(),
+            message: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.status.unwrap().code, Code::BadRequest as i32);
+    // An empty send.
+    let r = raw
+        .send(pb::SendRequest { messages: vec![] })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.status.unwrap().code, Code::BadRequest as i32);
+    // A session whose first message is not a hello gets an error, then ends.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::SessionUp {
+        kind: Some(pb::session_up::Kind::Answer(pb::CheckAnswer {
+            transaction_id: "x".into(),
+            resolution: 1,
+        })),
+    })
+    .await
+    .unwrap();
+    let mut down = raw
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    match down.message().await.unwrap() {
+        Some(pb::SessionDown {
+            kind: Some(pb::session_down::Kind::Error(s)),
+        }) => assert_eq!(s.code, Code::BadRequest as i32),
+        other => panic!("expected an error, got {other:?}"),
+    }
+    // The broker still serves everyone.
+    Producer::new(client(b.addr).await)
+        .send(Message::new("ok", "fine"))
+        .await
+        .unwrap();
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limit_refuses_extra_connections_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = halfmq_broker::BrokerConfig {
+        max_connections: 2,
+        ..test_config(dir.path())
+    };
+    let b = start(cfg).await;
+    let c1 = client(b.addr).await;
+    let c2 = client(b.addr).await;
+    let (p1, p2) = (Producer::new(c1), Producer::new(c2));
+    p1.send(Message::new("c", "1")).await.unwrap();
+    p2.send(Message::new("c", "2")).await.unwrap();
+    // A third connection is closed at once: its call fails, quickly.
+    let opts = halfmq_client::ClientOptions {
+        max_attempts: 1,
+        ..Default::default()
+    };
+    let c3 = Client::connect_with(&b.addr.to_string(), opts)
+        .await
+        .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(5), Admin::new(c3).list_topics()).await;
+    assert!(matches!(r, Ok(Err(_))), "third connection refused: {r:?}");
+    // Existing connections keep working; closing one frees a slot.
+    p1.send(Message::new("c", "3")).await.unwrap();
+    drop(p2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let c4 = client(b.addr).await;
+    Producer::new(c4)
+        .send(Message::new("c", "4"))
+        .await
+        .unwrap();
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_halves_limit_and_a_checker_that_never_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = halfmq_broker::BrokerConfig {
+        max_pending_halves: 2,
+        transaction_timeout_ms: 200,
+        check_interval_ms: 200,
+        check_reply_timeout_ms: 200,
+        check_max: 2,
+        ..test_config(dir.path())
+    };
+    let b = start(cfg).await;
+    let c = client(b.addr).await;
+    // This producer's checker hangs forever: each check must time out and count.
+    let p = TransactionProducer::new(c.clone(), "pg", |_m: MessageView| async {
+        std::future::pending::<halfmq_client::TransactionResolution>().await
+    });
+    p.send_half(Message::new("t", "1")).await.unwrap();
+    p.send_half(Message::new("t", "2")).await.unwrap();
+    let e = p.send_half(Message::new("t", "3")).await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::TooManyPendingHalves));
+    let admin = Admin::new(c.clone());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let l = admin.list_transactions().await.unwrap();
+        if l.len() == 2 && l.iter().all(|t| t.given_up && t.check_times == 2) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "unanswered checks never gave up: {l:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Resolving one frees a slot; the broker kept serving throughout.
+    let first = admin.list_transactions().await.unwrap().remove(0);
+    halfmq_client::end_transaction(
+        &c,
+        &first.transaction_id,
+        halfmq_client::TransactionResolution::Rollback,
+        halfmq_client::EndSource::Operator,
+    )
+    .await
+    .unwrap();
+    p.send_half(Message::new("t", "3")).await.unwrap();
+    let cons = Consumer::new(c, "g", "t");
+    assert!(cons
+        .receive(1, Duration::from_millis(200))
+        .await
+        .unwrap()
+        .is_empty());
+    b.shutdown().await.unwrap();
+}
