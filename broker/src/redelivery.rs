@@ -272,7 +272,11 @@ impl Broker {
         written
     }
 
-    fn dlq_live(&self, group: &str) -> Vec<(u64, Record)> {
+    /// Live DLQ entries, oldest first, one per message id: a message can be
+    /// dead-lettered twice after a kill -9 (the hand-off was durable, the
+    /// ack of the failed offset not yet); the copies of one message id are
+    /// listed once and removed together.
+    fn dlq_live(&self, group: &str) -> Vec<(Vec<u64>, Record)> {
         let topic = dlq_topic(group);
         let max = self.store().max_queue_offset(&topic, 0);
         let removed = lock(&self.dlq_state().removed)
@@ -282,15 +286,21 @@ impl Broker {
         let start = removed
             .ack_offset()
             .max(self.store().queue(&topic, 0).map_or(0, |q| q.min_offset()));
-        (start..max)
-            .filter(|qo| !removed.is_done(*qo))
-            .filter_map(|qo| {
-                self.store()
-                    .read_queue(&topic, 0, qo)
-                    .ok()
-                    .map(|m| (qo, m.record))
-            })
-            .collect()
+        let mut out: Vec<(Vec<u64>, Record)> = Vec::new();
+        let mut index: HashMap<MessageId, usize> = HashMap::new();
+        for qo in (start..max).filter(|qo| !removed.is_done(*qo)) {
+            let Ok(m) = self.store().read_queue(&topic, 0, qo) else {
+                continue;
+            };
+            match index.get(&m.record.message_id) {
+                Some(&i) => out[i].0.push(qo),
+                None => {
+                    index.insert(m.record.message_id, out.len());
+                    out.push((vec![qo], m.record));
+                }
+            }
+        }
+        out
     }
 
     /// The live entries of a group's dead-letter queue, oldest first, at most `limit`.
@@ -303,14 +313,14 @@ impl Broker {
             .dlq_live(group)
             .into_iter()
             .take(limit)
-            .map(|(qo, r)| DeadLetter {
+            .map(|(qos, r)| DeadLetter {
                 message_id: r.message_id,
                 topic: prop(&r, TOPIC_PROPERTY).unwrap_or("").to_owned(),
                 reconsume_times: r.reconsume_times,
                 reason: prop(&r, REASON_PROPERTY).unwrap_or("").to_owned(),
                 first_delivery_ms: prop_u64(&r, FIRST_DELIVERY_PROPERTY),
                 last_delivery_ms: prop_u64(&r, LAST_DELIVERY_PROPERTY),
-                dlq_offset: qo,
+                dlq_offset: qos[0],
             })
             .collect())
     }
@@ -326,16 +336,7 @@ impl Broker {
                     .flatten()
             })
             .map(|g| {
-                let topic = dlq_topic(&g);
-                let max = self.store().max_queue_offset(&topic, 0);
-                let min = self.store().queue(&topic, 0).map_or(0, |q| q.min_offset());
-                let removed = lock(&self.dlq_state().removed)
-                    .get(&g)
-                    .cloned()
-                    .unwrap_or_default();
-                let live = (min.max(removed.ack_offset())..max)
-                    .filter(|qo| !removed.is_done(*qo))
-                    .count() as u64;
+                let live = self.dlq_live(&g).len() as u64;
                 (g, live)
             })
             .collect()
@@ -354,7 +355,7 @@ impl Broker {
         check_group(group)?;
         let now = self.now_ms();
         let level0_ms = self.retry_policy().delays_ms.first().copied().unwrap_or(0);
-        let chosen: Vec<(u64, Record)> = self
+        let chosen: Vec<(Vec<u64>, Record)> = self
             .dlq_live(group)
             .into_iter()
             .filter(|(_, r)| message_id.is_none_or(|id| r.message_id == id))
@@ -397,7 +398,7 @@ impl Broker {
         {
             let mut removed = lock(&self.dlq_state().removed);
             let p = removed.entry(group.to_owned()).or_default();
-            for (qo, _) in &chosen {
+            for qo in chosen.iter().flat_map(|(qos, _)| qos) {
                 p.skip(*qo);
             }
         }
@@ -417,7 +418,7 @@ impl Broker {
         let live = self.dlq_live(group);
         let mut removed = lock(&self.dlq_state().removed);
         let p = removed.entry(group.to_owned()).or_default();
-        for (qo, _) in &live {
+        for qo in live.iter().flat_map(|(qos, _)| qos) {
             p.skip(*qo);
         }
         tracing::info!(group, count = live.len(), "dead letters purged");

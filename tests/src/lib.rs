@@ -61,16 +61,23 @@ pub struct BrokerProcess {
 
 impl BrokerProcess {
     /// Starts `halfmq-broker --listen 127.0.0.1:0 --data-dir DIR` plus `extra`
-    /// flags and waits for its "listening on" line.
+    /// flags (a `--listen` in `extra` replaces the default) and waits for its
+    /// "listening on" line.
     ///
     /// # Panics
     /// When it does not start within 20 s.
     pub fn start(dir: &Path, extra: &[&str]) -> BrokerProcess {
+        let listen: &[&str] = if extra.contains(&"--listen") {
+            &[]
+        } else {
+            &["--listen", "127.0.0.1:0"]
+        };
         let mut child = Command::new(binary("halfmq-broker"))
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .args(listen)
+            .arg("--data-dir")
             .arg(dir)
             .args(extra)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "error")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

@@ -1,0 +1,376 @@
+//! Crash consistency under load. `halfmq-broker` (a child process) is killed
+//! with SIGKILL at random moments while these run against it, across kills:
+//! - transactional producers: body `tx-<n>`; decision commit for even n,
+//!   rollback for odd; every third producer "crashes" (sends no end) and a
+//!   checker instance of the group answers from the same decision table;
+//! - normal producers: `n-<k>` (some nacked or left to expire on their first
+//!   delivery), and every tenth `p-<k>`, a poison message always nacked;
+//! - consumers of one group that ack, nack and time out.
+//!
+//! At the end (all halves resolved, retries fired) it checks: every
+//! acknowledged send and every acknowledged half whose decision is commit was
+//! delivered (lost = 0); no rolled-back half was ever delivered; one message
+//! id per transaction; every acknowledged poison message is in the DLQ, once;
+//! duplicates (at-least-once) are counted and reported.
+//!
+//! `HALFMQ_SOAK_KILLS` sets the kill count (default 10; hundreds for a soak).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use halfmq_client::{
+    Admin, Client, ClientOptions, Consumer, Message, MessageView, Producer, TransactionProducer,
+    TransactionResolution,
+};
+use halfmq_tests::BrokerProcess;
+use rand::Rng;
+
+#[derive(Default, Debug)]
+struct Ledger {
+    /// Message ids of acknowledged normal sends (poison included).
+    normal_acked: HashSet<String>,
+    /// Acknowledged poison message ids.
+    poison_acked: HashSet<String>,
+    /// Acknowledged halves: message id -> decision is commit.
+    halves_acked: HashMap<String, bool>,
+    /// Deliveries seen per message id.
+    deliveries: HashMap<String, u32>,
+    /// Distinct message ids seen per body.
+    ids_per_body: HashMap<String, HashSet<String>>,
+    /// Bodies of rolled-back transactions that were delivered (must stay empty).
+    rolled_back_delivered: Vec<String>,
+}
+
+fn decision(body: &str) -> Option<bool> {
+    body.strip_prefix("tx-")
+        .and_then(|n| n.parse::<u64>().ok())
+        .map(|n| n % 2 == 0)
+}
+
+fn table_checker(m: MessageView) -> std::future::Ready<TransactionResolution> {
+    std::future::ready(match decision(&String::from_utf8_lossy(&m.body)) {
+        Some(true) => TransactionResolution::Commit,
+        Some(false) => TransactionResolution::Rollback,
+        None => TransactionResolution::Unknown,
+    })
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn run_soak(kills: usize, flush: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().to_string();
+    let addr = format!("127.0.0.1:{port}");
+    let flags: Vec<&str> = vec![
+        "--listen",
+        &addr,
+        "--flush",
+        flush,
+        "--transaction-timeout",
+        "300ms",
+        "--check-interval",
+        "300ms",
+        "--check-reply-timeout",
+        "500ms",
+        "--check-max",
+        "1000",
+        "--retry-delays",
+        "100ms 200ms",
+        "--max-reconsume-times",
+        "2",
+    ];
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let producing = Arc::new(AtomicBool::new(true));
+    let consuming = Arc::new(AtomicBool::new(true));
+    let opts = || ClientOptions {
+        request_timeout: Duration::from_secs(3),
+        max_attempts: 2,
+        ..ClientOptions::default()
+    };
+
+    let mut broker = Some(BrokerProcess::start(dir.path(), &flags));
+    let tasks = rt.block_on(async {
+        let mut tasks = Vec::new();
+        // Normal producer.
+        {
+            let p = Producer::new(Client::connect_with(&addr, opts()).await.unwrap());
+            let (ledger, producing) = (ledger.clone(), producing.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut k = 0u64;
+                while producing.load(Ordering::Relaxed) {
+                    let body = if k % 10 == 9 {
+                        format!("p-{k}")
+                    } else {
+                        format!("n-{k}")
+                    };
+                    if let Ok(r) = p.send(Message::new("soak", body.clone())).await {
+                        let mut l = ledger.lock().unwrap();
+                        l.normal_acked.insert(r.message_id.clone());
+                        if body.starts_with("p-") {
+                            l.poison_acked.insert(r.message_id);
+                        }
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    k += 1;
+                    tokio::time::sleep(Duration::from_millis(3)).await;
+                }
+            }));
+        }
+        // Transactional producer (every third "crashes": no end).
+        {
+            let tp = TransactionProducer::new(
+                Client::connect_with(&addr, opts()).await.unwrap(),
+                "soak-pg",
+                table_checker,
+            );
+            let (ledger, producing) = (ledger.clone(), producing.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut n = 0u64;
+                while producing.load(Ordering::Relaxed) {
+                    let body = format!("tx-{n}");
+                    let commit = n % 2 == 0;
+                    match tp.send_half(Message::new("soak", body)).await {
+                        Ok(tx) => {
+                            ledger
+                                .lock()
+                                .unwrap()
+                                .halves_acked
+                                .insert(tx.message_id.clone(), commit);
+                            if n % 3 != 0 {
+                                let _ = if commit {
+                                    tx.commit().await
+                                } else {
+                                    tx.rollback().await
+                                };
+                            }
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                    n += 1;
+                    tokio::time::sleep(Duration::from_millis(3)).await;
+                }
+            }));
+        }
+        // Another instance of the producer group: answers checks only.
+        let checker = TransactionProducer::new(
+            Client::connect_with(&addr, opts()).await.unwrap(),
+            "soak-pg",
+            table_checker,
+        );
+        // Consumers of one group.
+        for _ in 0..2 {
+            let c = Consumer::new(
+                Client::connect_with(&addr, opts()).await.unwrap(),
+                "soak",
+                "soak",
+            )
+            .with_invisible_duration(Duration::from_millis(400));
+            let (ledger, consuming) = (ledger.clone(), consuming.clone());
+            tasks.push(tokio::spawn(async move {
+                while consuming.load(Ordering::Relaxed) {
+                    let msgs = match c.receive(32, Duration::from_millis(300)).await {
+                        Ok(m) => m,
+                        Err(_) => {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    };
+                    for m in msgs {
+                        let body = String::from_utf8_lossy(&m.body).into_owned();
+                        {
+                            let mut l = ledger.lock().unwrap();
+                            *l.deliveries.entry(m.message_id.clone()).or_default() += 1;
+                            l.ids_per_body
+                                .entry(body.clone())
+                                .or_default()
+                                .insert(m.message_id.clone());
+                            if decision(&body) == Some(false) {
+                                l.rolled_back_delivered.push(body.clone());
+                            }
+                        }
+                        let k: u64 = body.get(2..).and_then(|s| s.parse().ok()).unwrap_or(0);
+                        let _ = if body.starts_with("p-") {
+                            c.nack(&m, "poison", None).await
+                        } else if body.starts_with("n-") && m.reconsume_times == 0 && k % 5 == 1 {
+                            c.nack(&m, "first try fails", None).await
+                        } else if body.starts_with("n-") && m.reconsume_times == 0 && k % 5 == 2 {
+                            Ok(()) // left to expire
+                        } else {
+                            c.ack(&m).await
+                        };
+                    }
+                }
+            }));
+        }
+        tasks.push(tokio::spawn(async move {
+            // Keep the checker alive as long as the runtime.
+            std::future::pending::<()>().await;
+            drop(checker);
+        }));
+        tasks
+    });
+
+    let mut rng = rand::thread_rng();
+    for _ in 0..kills {
+        std::thread::sleep(Duration::from_millis(rng.gen_range(200..700)));
+        if let Some(b) = broker.take() {
+            b.kill9();
+        }
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..100)));
+        broker = Some(BrokerProcess::start(dir.path(), &flags));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    producing.store(false, Ordering::Relaxed);
+
+    // Drain: every acked message delivered, every half resolved, every poison dead-lettered.
+    let admin_addr = addr.clone();
+    let drained = rt.block_on(async {
+        let admin = Admin::new(Client::connect(&admin_addr).await.unwrap());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (missing, poison) = {
+                let l = ledger.lock().unwrap();
+                let missing = l
+                    .normal_acked
+                    .iter()
+                    .chain(l.halves_acked.iter().filter(|(_, c)| **c).map(|(id, _)| id))
+                    .filter(|id| !l.deliveries.contains_key(*id))
+                    .count();
+                (missing, l.poison_acked.clone())
+            };
+            let pending = admin.list_transactions().await.map(|v| v.len()).unwrap_or(usize::MAX);
+            let dlq: HashSet<String> = admin
+                .list_dead_letters("soak")
+                .await
+                .map(|v| v.into_iter().map(|d| d.message_id).collect())
+                .unwrap_or_default();
+            if missing == 0 && pending == 0 && poison.is_subset(&dlq) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                eprintln!("drain timed out: missing {missing}, pending halves {pending}, poison in DLQ {}/{}", poison.intersection(&dlq).count(), poison.len());
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    consuming.store(false, Ordering::Relaxed);
+    let dlq = rt.block_on(async {
+        let admin = Admin::new(Client::connect(&addr).await.unwrap());
+        admin.list_dead_letters("soak").await.unwrap()
+    });
+    for t in tasks {
+        t.abort();
+    }
+    if let Some(b) = broker.take() {
+        b.kill9();
+    }
+
+    let l = ledger.lock().unwrap();
+    let must_deliver: HashSet<&String> = l
+        .normal_acked
+        .iter()
+        .chain(l.halves_acked.iter().filter(|(_, c)| **c).map(|(id, _)| id))
+        .collect();
+    let lost: Vec<&&String> = must_deliver
+        .iter()
+        .filter(|id| !l.deliveries.contains_key(**id))
+        .collect();
+    let duplicates: u32 = l.deliveries.values().map(|n| n.saturating_sub(1)).sum();
+    let tx_twice: Vec<(&String, usize)> = l
+        .ids_per_body
+        .iter()
+        .filter(|(b, ids)| b.starts_with("tx-") && ids.len() > 1)
+        .map(|(b, ids)| (b, ids.len()))
+        .collect();
+    let mut dlq_ids = HashMap::<&str, u32>::new();
+    for d in &dlq {
+        *dlq_ids.entry(d.message_id.as_str()).or_default() += 1;
+    }
+    let poison_missing = l
+        .poison_acked
+        .iter()
+        .filter(|id| !dlq_ids.contains_key(id.as_str()))
+        .count();
+    let dlq_twice = dlq_ids.values().filter(|n| **n > 1).count();
+    let non_poison_in_dlq = dlq_ids
+        .keys()
+        .filter(|id| !l.poison_acked.contains(**id))
+        .count();
+    eprintln!(
+        "soak ({flush} flush): {kills} kills, {} sends acked ({} poison), {} halves acked, {} deliveries, \
+         lost {}, duplicates {duplicates}, rolled back delivered {}, transactions with 2+ ids {}, \
+         DLQ {} (poison missing {poison_missing}, twice {dlq_twice}, unexpected {non_poison_in_dlq})",
+        l.normal_acked.len(),
+        l.poison_acked.len(),
+        l.halves_acked.len(),
+        l.deliveries.values().sum::<u32>(),
+        lost.len(),
+        l.rolled_back_delivered.len(),
+        tx_twice.len(),
+        dlq.len(),
+    );
+    assert!(drained, "the broker did not settle after the last restart");
+    assert!(
+        l.normal_acked.len() > 50 && l.halves_acked.len() > 50,
+        "too little load to mean anything"
+    );
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged messages lost, e.g. {:?}",
+        lost.len(),
+        lost.first()
+    );
+    assert!(
+        l.rolled_back_delivered.is_empty(),
+        "rolled back but delivered: {:?}",
+        l.rolled_back_delivered
+    );
+    assert!(
+        tx_twice.is_empty(),
+        "transactions visible as distinct messages: {tx_twice:?}"
+    );
+    assert_eq!(poison_missing, 0, "poison messages missing from the DLQ");
+    assert_eq!(dlq_twice, 0, "a message listed twice in the DLQ");
+    // Non-poison messages reach the DLQ only if kills replayed failures past
+    // max_reconsume_times; report them, they must be rare.
+    assert!(
+        non_poison_in_dlq * 20 <= l.normal_acked.len().max(20),
+        "{non_poison_in_dlq} unexpected DLQ entries"
+    );
+}
+
+#[test]
+fn sigkill_soak_sync_flush() {
+    let kills = std::env::var("HALFMQ_SOAK_KILLS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    run_soak(kills, "sync");
+}
+
+#[test]
+fn sigkill_soak_async_flush() {
+    // A process kill loses nothing under async flush either (the page cache
+    // survives it); only power loss may cost the last flush interval.
+    let kills = std::env::var("HALFMQ_SOAK_KILLS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10)
+        / 2;
+    run_soak(kills.max(3), "async");
+}
