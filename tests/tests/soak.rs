@@ -46,7 +46,7 @@ struct Ledger {
 fn decision(body: &str) -> Option<bool> {
     body.strip_prefix("tx-")
         .and_then(|n| n.parse::<u64>().ok())
-        .map(|n| n % 2 == 0)
+        .map(|n| n.is_multiple_of(2))
 }
 
 fn table_checker(m: MessageView) -> std::future::Ready<TransactionResolution> {
@@ -142,7 +142,7 @@ fn run_soak(kills: usize, flush: &str) {
                 let mut n = 0u64;
                 while producing.load(Ordering::Relaxed) {
                     let body = format!("tx-{n}");
-                    let commit = n % 2 == 0;
+                    let commit = n.is_multiple_of(2);
                     match tp.send_half(Message::new("soak", body)).await {
                         Ok(tx) => {
                             ledger
@@ -150,7 +150,7 @@ fn run_soak(kills: usize, flush: &str) {
                                 .unwrap()
                                 .halves_acked
                                 .insert(tx.message_id.clone(), commit);
-                            if n % 3 != 0 {
+                            if !n.is_multiple_of(3) {
                                 let _ = if commit {
                                     tx.commit().await
                                 } else {
