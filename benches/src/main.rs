@@ -78,6 +78,23 @@ struct Args {
     /// Print one JSON summary object at the end (progress goes to stderr).
     #[arg(long)]
     json: bool,
+    /// Before measuring, leave this many 16-byte half messages pending (a
+    /// producer group with no live session: they are never checked), to
+    /// measure sends and ends with a large pending-half index.
+    #[arg(long, default_value_t = 0)]
+    preload_halves: u64,
+}
+
+/// Resident memory of this process, bytes (Linux).
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<u64>().ok())
+        })
+        .map_or(0, |pages| pages * 4096)
 }
 
 /// Shared run state.
@@ -168,6 +185,40 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Ok(()) => {}
         Err(e) if e.code() == Some(halfmq_client::Code::TopicExists) => {}
         Err(e) => return Err(e).context("creating the topic"),
+    }
+    let mut preload_rss_bytes = 0i64;
+    if args.preload_halves > 0 {
+        let before = rss_bytes() as i64;
+        let t0 = Instant::now();
+        let pre = TransactionProducer::new(
+            Client::connect(&addr).await?,
+            "bench-preload",
+            |_m: MessageView| std::future::ready(TransactionResolution::Unknown),
+        );
+        let mut sent = 0u64;
+        while sent < args.preload_halves {
+            let n = (args.preload_halves - sent).min(4096);
+            let tasks: Vec<_> = (0..n)
+                .map(|_| {
+                    let pre = pre.clone();
+                    let topic = format!("{}-preload", args.topic);
+                    tokio::spawn(
+                        async move { pre.send_half(Message::new(topic, vec![0u8; 16])).await },
+                    )
+                })
+                .collect();
+            for t in tasks {
+                t.await??;
+            }
+            sent += n;
+        }
+        drop(pre); // its session closes: the halves stay pending, unchecked
+        preload_rss_bytes = rss_bytes() as i64 - before;
+        eprintln!(
+            "preloaded {sent} pending halves in {:.1}s; process RSS +{:.1} MiB",
+            t0.elapsed().as_secs_f64(),
+            preload_rss_bytes as f64 / (1 << 20) as f64
+        );
     }
     let group = format!("bench-{}", std::process::id());
     let start = Instant::now();
@@ -455,6 +506,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "acked_total": acked_total,
         "lost": lost,
         "duplicates": duplicates,
+        "preload_halves": args.preload_halves,
+        "preload_rss_bytes": preload_rss_bytes,
     });
     if args.json {
         println!("{summary}");

@@ -178,6 +178,9 @@ struct TxInner {
     recent: HashMap<u64, bool>,
     /// Pending offsets whose saved form changed since the last save.
     dirty: std::collections::HashSet<u64>,
+    /// Pending offsets present in sled's `tx_pending` (only those need a delete
+    /// when resolved: a half resolved between two saves costs no sled write).
+    saved: std::collections::HashSet<u64>,
     /// Outstanding checks: half offset -> session id.
     outstanding: HashMap<u64, u64>,
 }
@@ -262,6 +265,7 @@ impl TxState {
             strings: Interner::default(),
             recent: HashMap::new(),
             dirty: std::collections::HashSet::new(),
+            saved: std::collections::HashSet::new(),
             outstanding: HashMap::new(),
         };
         let meta = store.meta();
@@ -281,6 +285,7 @@ impl TxState {
                 continue;
             }
             let (group, topic) = (inner.strings.id(&g), inner.strings.id(&t));
+            inner.saved.insert(offset);
             inner.sched.restore(
                 offset,
                 HalfState {
@@ -291,6 +296,7 @@ impl TxState {
                     due_ms: due,
                     checking: false,
                     given_up,
+                    parked: false,
                 },
             );
         }
@@ -357,16 +363,19 @@ impl TxState {
             let mut pending = Vec::new();
             let mut removed = Vec::new();
             for off in dirty {
-                match inner.sched.get(off) {
-                    Some(s) => pending.push((
-                        off,
-                        encode_half_state(
-                            s,
-                            inner.strings.name(s.group),
-                            inner.strings.name(s.topic),
-                        ),
-                    )),
-                    None => removed.push(off),
+                let encoded = inner.sched.get(off).map(|s| {
+                    encode_half_state(s, inner.strings.name(s.group), inner.strings.name(s.topic))
+                });
+                match encoded {
+                    Some(v) => {
+                        inner.saved.insert(off);
+                        pending.push((off, v));
+                    }
+                    None => {
+                        if inner.saved.remove(&off) {
+                            removed.push(off);
+                        }
+                    }
                 }
             }
             let resolved: Vec<(u64, bool)> = inner.recent.drain().collect();
@@ -441,6 +450,14 @@ impl TxState {
             inflight: Arc::new(AtomicUsize::new(0)),
         });
         tracing::info!(session = id, producer_group = %group, "producer session opened");
+        {
+            let mut inner = lock(&self.inner);
+            let g = inner.strings.id(&group);
+            let n = inner.sched.unpark_group(g, halfmq_storage::now_ms());
+            if n > 0 {
+                tracing::info!(producer_group = %group, halves = n, "parked halves due for checks");
+            }
+        }
         self.wake.notify_one();
         (id, rx)
     }
@@ -869,8 +886,9 @@ impl Broker {
                     "given up after check_max checks; resolve with `halfmq tx end`".to_owned()
                 } else if s.checking {
                     "check sent, awaiting the answer".to_owned()
-                } else if !tx.has_session(&group)
-                    && now >= s.stored_ms + tx.cfg.transaction_timeout_ms
+                } else if s.parked
+                    || (!tx.has_session(&group)
+                        && now >= s.stored_ms + tx.cfg.transaction_timeout_ms)
                 {
                     format!("no live session of producer group {group}; checks wait for one")
                 } else {
@@ -894,25 +912,63 @@ impl Broker {
     /// next thing is due (ms), if anything is pending.
     pub async fn run_due_checks(&self) -> Option<u64> {
         let tx = self.tx();
-        // Bounded per pass so one pass never runs long.
-        for _ in 0..10_000 {
+        // Groups with a live session, interned: halves of other groups are
+        // rescheduled in bulk under one lock hold, without reading them.
+        let live: Vec<String> = {
+            let sessions = lock(&tx.sessions);
+            let mut v: Vec<String> = sessions.iter().map(|s| s.group.clone()).collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        // Bounded per pass so one pass never runs long; the lock is taken per
+        // chunk so sends and ends are never held up for long.
+        for _chunk in 0..100 {
             let now = self.now_ms();
-            let due = lock(&tx.inner).sched.next_due(now);
-            match due {
-                None => break,
-                Some(Due::ReplyTimedOut { offset, given_up }) => {
-                    {
-                        let mut inner = lock(&tx.inner);
-                        tx.release_outstanding(&mut inner, offset);
-                        inner.dirty.insert(offset);
-                    }
-                    tracing::debug!(offset, "check reply timed out; counted as UNKNOWN");
-                    if given_up {
-                        self.give_up(offset).await;
+            let mut to_send = Vec::new();
+            let mut timed_out = Vec::new();
+            let more = {
+                let mut inner = lock(&tx.inner);
+                let live_ids: Vec<u32> = live.iter().map(|g| inner.strings.id(g)).collect();
+                let mut handled = 0;
+                while handled < 1024 && to_send.len() < 64 {
+                    let Some(due) = inner.sched.next_due(now) else {
+                        break;
+                    };
+                    handled += 1;
+                    match due {
+                        Due::ReplyTimedOut { offset, given_up } => {
+                            tx.release_outstanding(&mut inner, offset);
+                            inner.dirty.insert(offset);
+                            timed_out.push((offset, given_up));
+                        }
+                        Due::Check(offset) => {
+                            let group = inner.sched.get(offset).map(|s| s.group);
+                            if group.is_some_and(|g| live_ids.contains(&g)) {
+                                // Defer it a moment so this loop moves on; send_check reschedules.
+                                inner.sched.defer(offset, now + 1);
+                                to_send.push(offset);
+                            } else {
+                                inner.sched.park(offset);
+                            }
+                        }
                     }
                 }
-                Some(Due::Check(offset)) => self.send_check(offset, now),
+                handled == 1024 || to_send.len() == 64
+            };
+            for (offset, given_up) in timed_out {
+                tracing::debug!(offset, "check reply timed out; counted as UNKNOWN");
+                if given_up {
+                    self.give_up(offset).await;
+                }
             }
+            for offset in to_send {
+                self.send_check(offset, now);
+            }
+            if !more {
+                break;
+            }
+            tokio::task::yield_now().await;
         }
         lock(&tx.inner).sched.next_due_ms()
     }
@@ -1001,7 +1057,7 @@ impl Broker {
             }
             // Sessions exist but all are full: not an attempt, look again soon.
             (None, true) => inner.sched.defer(offset, now + 200),
-            (None, false) => inner.sched.no_session(offset, now),
+            (None, false) => inner.sched.park(offset),
         }
     }
 }
@@ -1051,6 +1107,7 @@ mod tests {
             due_ms: 9,
             checking: false,
             given_up: true,
+            parked: false,
         };
         let d = decode_half_state(&encode_half_state(&s, "pg", "orders")).unwrap();
         assert_eq!(d, (5, 2, 9, true, "pg".into(), "orders".into()));

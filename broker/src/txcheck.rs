@@ -6,10 +6,11 @@
 //!
 //! ```text
 //!  add ──► waiting (due = stored + transaction_timeout)
-//!            │ due, a live session of its group      │ due, no live session
+//!            │ due, a live session of its group      │ due, no live session of its group
 //!            ▼                                       ▼
-//!        checking (attempt counted,             waiting (due = now + check_interval;
-//!        due = now + check_reply_timeout)        no attempt counted)
+//!        checking (attempt counted,             parked (no attempt counted, costs nothing;
+//!        due = now + check_reply_timeout)        back to waiting, due now, when a session
+//!                                                of its group opens: unpark_group)
 //!            │ answer UNKNOWN or reply timeout
 //!            ▼
 //!        waiting (due = now + check_interval)  ── after check_max attempts ──► given up
@@ -56,6 +57,8 @@ pub struct HalfState {
     pub checking: bool,
     /// No more checks; waits for an operator.
     pub given_up: bool,
+    /// Waits for a session of its producer group (not in the due queue).
+    pub parked: bool,
 }
 
 /// What to do with a due half, decided by [`CheckScheduler::next_due`].
@@ -80,6 +83,9 @@ pub struct CheckScheduler {
     cfg: CheckConfig,
     halves: HashMap<u64, HalfState>,
     queue: BTreeSet<(u64, u64)>,
+    /// Parked halves per producer group (may hold offsets resolved since:
+    /// skipped when unparked).
+    parked: HashMap<u32, Vec<u64>>,
 }
 
 impl CheckScheduler {
@@ -89,6 +95,7 @@ impl CheckScheduler {
             cfg,
             halves: HashMap::new(),
             queue: BTreeSet::new(),
+            parked: HashMap::new(),
         }
     }
 
@@ -135,6 +142,7 @@ impl CheckScheduler {
                 due_ms: stored_ms + self.cfg.transaction_timeout_ms,
                 checking: false,
                 given_up: false,
+                parked: false,
             },
         );
     }
@@ -143,6 +151,7 @@ impl CheckScheduler {
     pub fn restore(&mut self, offset: u64, mut state: HalfState) {
         self.remove(offset);
         state.checking = false;
+        state.parked = false;
         if !state.given_up {
             self.queue.insert((state.due_ms, offset));
         }
@@ -201,6 +210,36 @@ impl CheckScheduler {
     /// the check interval.
     pub fn no_session(&mut self, offset: u64, now_ms: u64) {
         self.reschedule(offset, now_ms + self.cfg.check_interval_ms);
+    }
+
+    /// Its producer group has no live session: not an attempt; the half
+    /// leaves the due queue until [`CheckScheduler::unpark_group`].
+    pub fn park(&mut self, offset: u64) {
+        if let Some(s) = self.halves.get_mut(&offset) {
+            if s.given_up || s.parked {
+                return;
+            }
+            self.queue.remove(&(s.due_ms, offset));
+            s.parked = true;
+            self.parked.entry(s.group).or_default().push(offset);
+        }
+    }
+
+    /// A session of `group` opened: its parked halves are due at `now_ms`.
+    /// Returns how many.
+    pub fn unpark_group(&mut self, group: u32, now_ms: u64) -> usize {
+        let mut n = 0;
+        for offset in self.parked.remove(&group).unwrap_or_default() {
+            if let Some(s) = self.halves.get_mut(&offset) {
+                if s.parked {
+                    s.parked = false;
+                    s.due_ms = now_ms;
+                    self.queue.insert((now_ms, offset));
+                    n += 1;
+                }
+            }
+        }
+        n
     }
 
     /// The producer answered UNKNOWN (or the reply timed out). Returns whether
@@ -281,6 +320,33 @@ mod tests {
     }
 
     #[test]
+    fn parked_until_a_session_of_the_group_opens() {
+        let mut s = CheckScheduler::new(cfg());
+        s.add(100, 7, 1, 0);
+        s.add(200, 8, 1, 0);
+        s.add(300, 7, 1, 0);
+        assert_eq!(s.next_due(6_000), Some(Due::Check(100)));
+        s.park(100);
+        s.park(300);
+        assert_eq!(
+            s.next_due(1_000_000),
+            Some(Due::Check(200)),
+            "parked halves are not due"
+        );
+        s.park(200);
+        assert_eq!(s.next_due(u64::MAX), None);
+        s.remove(300); // resolved meanwhile (e.g. by an operator)
+        assert_eq!(s.unpark_group(7, 50_000), 1);
+        assert_eq!(s.next_due(50_000), Some(Due::Check(100)));
+        assert_eq!(
+            s.get(100).unwrap().check_times,
+            0,
+            "parking is not an attempt"
+        );
+        assert!(s.get(200).unwrap().parked);
+    }
+
+    #[test]
     fn reply_timeout_counts_as_unknown() {
         let mut s = CheckScheduler::new(cfg());
         s.add(100, 1, 1, 0);
@@ -324,6 +390,7 @@ mod tests {
             due_ms: 50_000,
             checking: true,
             given_up: false,
+            parked: false,
         };
         s.restore(100, st);
         assert!(!s.get(100).unwrap().checking);

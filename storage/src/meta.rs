@@ -76,6 +76,9 @@ pub struct Meta {
 }
 
 const CHECKPOINT_TREE: &str = "checkpoint";
+/// sled's page cache, bytes: metadata is small; sled's default (1 GiB) would
+/// let a million saved pending halves sit in memory twice. 64 MiB.
+pub const META_CACHE_BYTES: u64 = 64 << 20;
 const CONSUMER_OFFSETS_TREE: &str = "consumer_offsets";
 
 impl Meta {
@@ -91,7 +94,12 @@ impl Meta {
     pub fn open(dir: &std::path::Path) -> Result<Meta> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
         loop {
-            match sled::Config::new().path(dir).flush_every_ms(None).open() {
+            match sled::Config::new()
+                .path(dir)
+                .flush_every_ms(None)
+                .cache_capacity(META_CACHE_BYTES)
+                .open()
+            {
                 Ok(db) => return Ok(Meta { db }),
                 Err(sled::Error::Io(e))
                     if e.to_string().contains("could not acquire lock")
