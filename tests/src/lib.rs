@@ -41,8 +41,13 @@ pub fn binary(name: &str) -> PathBuf {
     let path = dir.join(name);
     if !path.exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let package = if name == "halfmq" {
+            "halfmq-client"
+        } else {
+            "halfmq-broker"
+        };
         let status = Command::new(cargo)
-            .args(["build", "--bin", name])
+            .args(["build", "-p", package, "--bin", name])
             .status()
             .expect("run cargo build");
         assert!(status.success(), "cargo build --bin {name} failed");
