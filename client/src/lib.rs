@@ -198,6 +198,27 @@ impl Client {
         r
     }
 
+    /// Calls one RPC with `req` (cloned for each attempt), `extra` added to
+    /// the request timeout, retried like [`Client::retry`]; returns the
+    /// response body.
+    async fn call<Req, Resp, F, Fut>(
+        &self,
+        req: Req,
+        extra: Duration,
+        mut rpc: F,
+    ) -> Result<Resp, ClientError>
+    where
+        Req: Clone,
+        F: FnMut(tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        self.retry(|| {
+            let fut = rpc(self.request(req.clone(), extra));
+            async move { Ok(fut.await?.into_inner()) }
+        })
+        .await
+    }
+
     /// Runs `call` until it succeeds, returns a broker status, or fails
     /// with a transport error `max_attempts` times; backs off between tries.
     async fn retry<T, F, Fut>(&self, mut call: F) -> Result<T, ClientError>
@@ -578,13 +599,9 @@ impl Consumer {
         };
         let resp = self
             .client
-            .retry(|| async {
-                Ok(self
-                    .client
-                    .consumer()
-                    .receive(self.client.request(req.clone(), wait))
-                    .await?
-                    .into_inner())
+            .call(req, wait, |r| {
+                let mut c = self.client.consumer();
+                async move { c.receive(r).await }
             })
             .await?;
         check(resp.status)?;
@@ -628,13 +645,9 @@ impl Consumer {
         };
         let resp = self
             .client
-            .retry(|| async {
-                Ok(self
-                    .client
-                    .consumer()
-                    .ack(self.client.request(req.clone(), Duration::ZERO))
-                    .await?
-                    .into_inner())
+            .call(req, Duration::ZERO, |r| {
+                let mut c = self.client.consumer();
+                async move { c.ack(r).await }
             })
             .await?;
         check(resp.status)?;
@@ -655,13 +668,9 @@ impl Consumer {
         };
         let resp = self
             .client
-            .retry(|| async {
-                Ok(self
-                    .client
-                    .consumer()
-                    .ack(self.client.request(req.clone(), Duration::ZERO))
-                    .await?
-                    .into_inner())
+            .call(req, Duration::ZERO, |r| {
+                let mut c = self.client.consumer();
+                async move { c.ack(r).await }
             })
             .await?;
         check(resp.status)?;
@@ -689,13 +698,9 @@ impl Consumer {
         };
         let resp = self
             .client
-            .retry(|| async {
-                Ok(self
-                    .client
-                    .consumer()
-                    .nack(self.client.request(req.clone(), Duration::ZERO))
-                    .await?
-                    .into_inner())
+            .call(req, Duration::ZERO, |r| {
+                let mut c = self.client.consumer();
+                async move { c.nack(r).await }
             })
             .await?;
         check(resp.status)
@@ -817,13 +822,9 @@ impl Admin {
         };
         let resp = self
             .client
-            .retry(|| async {
-                Ok(self
-                    .client
-                    .admin()
-                    .create_topic(self.client.request(req.clone(), Duration::ZERO))
-                    .await?
-                    .into_inner())
+            .call(req, Duration::ZERO, |r| {
+                let mut c = self.client.admin();
+                async move { c.create_topic(r).await }
             })
             .await?;
         check(resp.status)
@@ -836,16 +837,9 @@ impl Admin {
     pub async fn list_topics(&self) -> Result<Vec<TopicInfo>, ClientError> {
         let resp = self
             .client
-            .retry(|| async {
-                Ok(self
-                    .client
-                    .admin()
-                    .list_topics(
-                        self.client
-                            .request(pb::ListTopicsRequest {}, Duration::ZERO),
-                    )
-                    .await?
-                    .into_inner())
+            .call(pb::ListTopicsRequest {}, Duration::ZERO, |r| {
+                let mut c = self.client.admin();
+                async move { c.list_topics(r).await }
             })
             .await?;
         check(resp.status)?;
@@ -867,16 +861,9 @@ impl Admin {
     pub async fn list_transactions(&self) -> Result<Vec<PendingTransaction>, ClientError> {
         let resp = self
             .client
-            .retry(|| async {
-                Ok(self
-                    .client
-                    .admin()
-                    .list_transactions(
-                        self.client
-                            .request(pb::ListTransactionsRequest {}, Duration::ZERO),
-                    )
-                    .await?
-                    .into_inner())
+            .call(pb::ListTransactionsRequest {}, Duration::ZERO, |r| {
+                let mut c = self.client.admin();
+                async move { c.list_transactions(r).await }
             })
             .await?;
         check(resp.status)?;
@@ -907,13 +894,9 @@ impl Admin {
         };
         let resp = self
             .client
-            .retry(|| async {
-                Ok(self
-                    .client
-                    .admin()
-                    .list_dead_letters(self.client.request(req.clone(), Duration::ZERO))
-                    .await?
-                    .into_inner())
+            .call(req, Duration::ZERO, |r| {
+                let mut c = self.client.admin();
+                async move { c.list_dead_letters(r).await }
             })
             .await?;
         check(resp.status)?;
@@ -927,16 +910,9 @@ impl Admin {
     pub async fn dead_letter_counts(&self) -> Result<Vec<(String, u64)>, ClientError> {
         let resp = self
             .client
-            .retry(|| async {
-                Ok(self
-                    .client
-                    .admin()
-                    .dead_letter_counts(
-                        self.client
-                            .request(pb::DeadLetterCountsRequest {}, Duration::ZERO),
-                    )
-                    .await?
-                    .into_inner())
+            .call(pb::DeadLetterCountsRequest {}, Duration::ZERO, |r| {
+                let mut c = self.client.admin();
+                async move { c.dead_letter_counts(r).await }
             })
             .await?;
         check(resp.status)?;
@@ -996,13 +972,9 @@ impl Admin {
     pub async fn stats(&self) -> Result<pb::StatsResponse, ClientError> {
         let resp = self
             .client
-            .retry(|| async {
-                Ok(self
-                    .client
-                    .admin()
-                    .stats(self.client.request(pb::StatsRequest {}, Duration::ZERO))
-                    .await?
-                    .into_inner())
+            .call(pb::StatsRequest {}, Duration::ZERO, |r| {
+                let mut c = self.client.admin();
+                async move { c.stats(r).await }
             })
             .await?;
         check(resp.status.clone())?;

@@ -141,12 +141,9 @@ pub async fn end_transaction(
         source: source as i32,
     };
     let resp = client
-        .retry(|| async {
-            Ok(client
-                .producer()
-                .end_transaction(client.request(req.clone(), Duration::ZERO))
-                .await?
-                .into_inner())
+        .call(req, Duration::ZERO, |r| {
+            let mut c = client.producer();
+            async move { c.end_transaction(r).await }
         })
         .await?;
     check(resp.status)
@@ -375,12 +372,9 @@ async fn end_transactions(
             .collect(),
     };
     let resp = client
-        .retry(|| async {
-            Ok(client
-                .producer()
-                .end_transactions(client.request(req.clone(), Duration::ZERO))
-                .await?
-                .into_inner())
+        .call(req, Duration::ZERO, |r| {
+            let mut c = client.producer();
+            async move { c.end_transactions(r).await }
         })
         .await;
     match resp {
