@@ -294,16 +294,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             count,
             json,
         } => {
-            let body = match body {
-                Some(b) => b.into_bytes(),
-                None => {
-                    let mut v = Vec::new();
-                    std::io::stdin()
-                        .read_to_end(&mut v)
-                        .context("reading the body from standard input")?;
-                    v
-                }
-            };
+            let body = read_body(body)?;
             let producer = Producer::with_options(
                 client,
                 ProducerOptions {
@@ -312,13 +303,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
             );
             for _ in 0..count {
-                let mut m = Message::new(topic.clone(), body.clone());
-                if let Some(t) = &tag {
-                    m = m.with_tag(t.clone());
-                }
-                for k in &keys {
-                    m = m.with_key(k.clone());
-                }
+                let m = message(&topic, &body, tag.as_deref(), &keys);
                 let r = producer.send(m).await?;
                 if json {
                     println!(
@@ -430,6 +415,32 @@ async fn run_dlq(client: Client, cmd: DlqCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// BODY, or standard input when it is absent.
+fn read_body(body: Option<String>) -> anyhow::Result<Vec<u8>> {
+    match body {
+        Some(b) => Ok(b.into_bytes()),
+        None => {
+            let mut v = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut v)
+                .context("reading the body from standard input")?;
+            Ok(v)
+        }
+    }
+}
+
+/// The message `send` and `tx send` build from their flags.
+fn message(topic: &str, body: &[u8], tag: Option<&str>, keys: &[String]) -> Message {
+    let mut m = Message::new(topic.to_owned(), body.to_vec());
+    if let Some(t) = tag {
+        m = m.with_tag(t);
+    }
+    for k in keys {
+        m = m.with_key(k.clone());
+    }
+    m
+}
+
 fn print_check(v: &MessageView) {
     println!(
         "{}",
@@ -451,16 +462,7 @@ async fn run_tx(client: Client, cmd: TxCmd) -> anyhow::Result<()> {
             wait_for,
             json,
         } => {
-            let body = match body {
-                Some(b) => b.into_bytes(),
-                None => {
-                    let mut v = Vec::new();
-                    std::io::stdin()
-                        .read_to_end(&mut v)
-                        .context("reading the body from standard input")?;
-                    v
-                }
-            };
+            let body = read_body(body)?;
             let producer = TransactionProducer::new(
                 client.clone(),
                 group,
@@ -471,13 +473,7 @@ async fn run_tx(client: Client, cmd: TxCmd) -> anyhow::Result<()> {
             );
             let mut sent = Vec::new();
             for _ in 0..count {
-                let mut m = Message::new(topic.clone(), body.clone());
-                if let Some(t) = &tag {
-                    m = m.with_tag(t.clone());
-                }
-                for k in &keys {
-                    m = m.with_key(k.clone());
-                }
+                let m = message(&topic, &body, tag.as_deref(), &keys);
                 let tx = producer.send_half(m).await?;
                 if json {
                     println!(
