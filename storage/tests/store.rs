@@ -175,7 +175,7 @@ fn concurrent_sync_appends_share_fsyncs() {
 }
 
 #[test]
-fn sync_mode_hides_entries_until_durable_async_mode_does_not() {
+fn async_mode_makes_entries_visible_before_any_fsync() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = small_config(dir.path());
     cfg.flush = FlushMode::Async {
