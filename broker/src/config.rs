@@ -77,6 +77,12 @@ pub struct BrokerConfig {
     pub retention_bytes: u64,
     /// How often retention runs, ms. Default 60,000.
     pub retention_check_interval_ms: u64,
+    /// Writes are refused with `STORAGE_FULL` when they would leave less
+    /// than this many bytes free on the data directory's filesystem, so the
+    /// metadata and consume queues keep room and the broker goes on at once
+    /// when space returns; 0 = no floor. Default 64 MiB (RocketMQ refuses
+    /// writes past diskSpaceWarningLevelRatio, 90 % used).
+    pub min_free_disk_bytes: u64,
     /// A half message younger than this is never checked back, ms. Default
     /// 6,000 (RocketMQ's transactionTimeOut).
     pub transaction_timeout_ms: u64,
@@ -131,6 +137,7 @@ impl Default for BrokerConfig {
             retention_ms: 72 * 3600 * 1000,
             retention_bytes: 0,
             retention_check_interval_ms: 60_000,
+            min_free_disk_bytes: 64 << 20,
             transaction_timeout_ms: 6_000,
             check_interval_ms: 30_000,
             check_max: 15,
@@ -304,6 +311,7 @@ impl BrokerConfig {
         } else {
             self.retention_bytes
         };
+        s.min_free_disk_bytes = self.min_free_disk_bytes;
         s
     }
 }

@@ -35,6 +35,7 @@ pub fn code_of(e: &BrokerError) -> pb::Code {
         BrokerError::BatchTooLarge(_) => Code::BatchTooLarge,
         BrokerError::TooManyRequests(_) => Code::TooManyRequests,
         BrokerError::Storage(halfmq_storage::Error::RecordTooLarge { .. }) => Code::MessageTooLarge,
+        BrokerError::Storage(e) if e.is_storage_full() => Code::StorageFull,
         BrokerError::Storage(_) => Code::StorageError,
         BrokerError::Internal(_) => Code::Internal,
         BrokerError::ShuttingDown => Code::ShuttingDown,
@@ -52,6 +53,8 @@ fn status(e: &BrokerError) -> Option<pb::Status> {
     let code = code_of(e);
     if code == pb::Code::Internal || code == pb::Code::StorageError {
         tracing::error!(error = %e, "request failed");
+    } else if code == pb::Code::StorageFull {
+        tracing::warn!(error = %e, "request refused: disk full");
     } else {
         tracing::debug!(error = %e, "request refused");
     }

@@ -199,6 +199,48 @@ struct FlushControl {
 struct Writer {
     active: Arc<Segment>,
     buf: Vec<u8>,
+    space: FreeSpace,
+}
+
+/// The free-space floor: appends are refused while the filesystem would be
+/// left with less than `min_free_bytes` free, so that the metadata store and
+/// the consume queues always have room (RocketMQ refuses writes past
+/// diskSpaceWarningLevelRatio for the same reason).
+struct FreeSpace {
+    min_free_bytes: u64,
+    /// Free bytes at the last `statvfs`.
+    free_bytes: u64,
+    /// Bytes appended since then.
+    written_since: u64,
+    checked_at: Option<std::time::Instant>,
+}
+
+impl FreeSpace {
+    /// How often the free space is read again when far from the floor.
+    const RECHECK: Duration = Duration::from_millis(100);
+
+    fn check(&mut self, dir: &Path, n: u64) -> Result<()> {
+        if self.min_free_bytes == 0 {
+            return Ok(());
+        }
+        let near = self.free_bytes.saturating_sub(self.written_since)
+            < self.min_free_bytes + n + (16 << 20);
+        if near || self.checked_at.is_none_or(|t| t.elapsed() >= Self::RECHECK) {
+            let st = rustix::fs::statvfs(dir).map_err(|e| Error::io("statvfs", dir, e.into()))?;
+            self.free_bytes = st.f_bavail.saturating_mul(st.f_frsize);
+            self.written_since = 0;
+            self.checked_at = Some(std::time::Instant::now());
+        }
+        let free = self.free_bytes.saturating_sub(self.written_since);
+        if free < self.min_free_bytes + n {
+            return Err(Error::DiskFull {
+                free_bytes: free,
+                min_free_bytes: self.min_free_bytes,
+            });
+        }
+        self.written_since += n;
+        Ok(())
+    }
 }
 
 struct Inner {
@@ -247,6 +289,9 @@ pub struct LogOptions {
     pub max_record_bytes: usize,
     /// Flush policy.
     pub flush: FlushMode,
+    /// Appends are refused with [`Error::DiskFull`] when they would leave
+    /// less than this many bytes free on the log's filesystem; 0 = no floor.
+    pub min_free_disk_bytes: u64,
 }
 
 impl CommitLog {
@@ -310,9 +355,9 @@ impl CommitLog {
             .values()
             .next_back()
             .cloned()
-            .expect("at least one segment exists: created above when empty"); // invariant: open() creates one when none exists
-                                                                              // The recovered tail may sit only in the page cache (after a process
-                                                                              // kill in async mode): make it durable before calling it flushed.
+            .expect("at least one segment exists: created above when empty");
+        // The recovered tail may sit only in the page cache (after a process
+        // kill in async mode): make it durable before calling it flushed.
         active.sync()?;
         let end = active.end();
         let (status, _) = watch::channel(FlushStatus {
@@ -328,6 +373,12 @@ impl CommitLog {
             writer: Mutex::new(Writer {
                 active,
                 buf: Vec::with_capacity(64 * 1024),
+                space: FreeSpace {
+                    min_free_bytes: opts.min_free_disk_bytes,
+                    free_bytes: 0,
+                    written_since: 0,
+                    checked_at: None,
+                },
             }),
             written: AtomicU64::new(end),
             flushed: AtomicU64::new(end),
@@ -378,6 +429,7 @@ impl CommitLog {
             }
             sizes.push(n as u32);
         }
+        w.space.check(&inner.dir, w.buf.len() as u64)?;
 
         let first_active = Arc::clone(&w.active);
         let undo_end = first_active.end();

@@ -44,6 +44,10 @@ pub struct StoreConfig {
     /// Delete the oldest sealed segments while the log is larger than this,
     /// in bytes. Default `u64::MAX` (no size budget).
     pub retention_bytes: u64,
+    /// Appends are refused ([`Error::DiskFull`]) when they would leave less
+    /// than this many bytes free on the data directory's filesystem, keeping
+    /// room for metadata and consume queues. Default 64 MiB; 0 = no floor.
+    pub min_free_disk_bytes: u64,
 }
 
 impl StoreConfig {
@@ -57,6 +61,7 @@ impl StoreConfig {
             cq_entries_per_file: 300_000,
             retention_ms: 72 * 3600 * 1000,
             retention_bytes: u64::MAX,
+            min_free_disk_bytes: 64 << 20,
         }
     }
 

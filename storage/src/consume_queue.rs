@@ -75,7 +75,14 @@ struct Files {
     /// Visibility: (queue offset one past an entry batch, log end that batch
     /// needs flushed), oldest first.
     pending: VecDeque<(u64, u64)>,
+    /// File base → bytes from the file's start whose disk space is allocated
+    /// (see [`ConsumeQueue::reserve`]).
+    reserved: BTreeMap<u64, u64>,
 }
+
+/// Disk space a consume-queue file allocates at a time ahead of its writes,
+/// in bytes (3,276 entries).
+const RESERVE_CHUNK_BYTES: u64 = 64 * 1024;
 
 /// The consume queue of one (topic, queue id).
 pub struct ConsumeQueue {
@@ -143,6 +150,14 @@ impl ConsumeQueue {
                 let f = open_rw(&path, false)?;
                 let len = f.metadata().map_err(|e| Error::io("stat", &path, e))?.len();
                 let whole = len - len % CQ_ENTRY_BYTES;
+                let prev_full = next == 0 || next == base;
+                if whole == 0 && !files.is_empty() && !prev_full {
+                    // Created by `reserve` for an append that then failed
+                    // (or never happened): the queue never reached `base`.
+                    drop(f);
+                    fs::remove_file(&path).map_err(|e| Error::io("remove", &path, e))?;
+                    continue;
+                }
                 if whole != len {
                     f.set_len(whole)
                         .map_err(|e| Error::io("truncate", &path, e))?;
@@ -160,6 +175,7 @@ impl ConsumeQueue {
                 files,
                 dirty: BTreeSet::new(),
                 pending: VecDeque::new(),
+                reserved: BTreeMap::new(),
             }),
             next: AtomicU64::new(next),
             visible: AtomicU64::new(next),
@@ -205,16 +221,7 @@ impl ConsumeQueue {
             let base = qo - qo % self.entries_per_file;
             let room = (base + self.entries_per_file - qo) as usize;
             let (now, later) = rest.split_at(room.min(rest.len()));
-            let file = match inner.files.get(&base) {
-                Some(f) => Arc::clone(f),
-                None => {
-                    fs::create_dir_all(&self.dir)
-                        .map_err(|e| Error::io("create dir", &self.dir, e))?;
-                    let f = Arc::new(open_rw(&self.dir.join(segment_file_name(base)), true)?);
-                    inner.files.insert(base, Arc::clone(&f));
-                    f
-                }
-            };
+            let file = self.file(&mut inner, base)?;
             let mut bytes = Vec::with_capacity(now.len() * CQ_ENTRY_BYTES as usize);
             for e in now {
                 bytes.extend_from_slice(&e.encode());
@@ -227,6 +234,63 @@ impl ConsumeQueue {
         }
         self.next.fetch_max(qo, Ordering::AcqRel);
         Ok(())
+    }
+
+    /// Allocates the disk space for entries `first..first + n` ahead of
+    /// time (`fallocate` keeping the file size, in chunks of 64 KiB), so
+    /// that the [`ConsumeQueue::put`] that follows a commit-log append
+    /// cannot fail for a full disk. Filesystems without `fallocate` are
+    /// accepted as they are.
+    ///
+    /// # Errors
+    /// I/O errors, among them a full disk ([`Error::is_storage_full`]).
+    pub fn reserve(&self, first: u64, n: u64) -> Result<()> {
+        let mut inner = lock(&self.inner);
+        let file_bytes = self.entries_per_file * CQ_ENTRY_BYTES;
+        let end = first + n;
+        let mut qo = first;
+        while qo < end {
+            let base = qo - qo % self.entries_per_file;
+            let upto = end.min(base + self.entries_per_file);
+            let need = (upto - base) * CQ_ENTRY_BYTES;
+            let have = inner.reserved.get(&base).copied().unwrap_or(0);
+            if need > have {
+                let file = self.file(&mut inner, base)?;
+                let want = need.div_ceil(RESERVE_CHUNK_BYTES) * RESERVE_CHUNK_BYTES;
+                let want = want.min(file_bytes);
+                match rustix::fs::fallocate(
+                    &*file,
+                    rustix::fs::FallocateFlags::KEEP_SIZE,
+                    have,
+                    want - have,
+                ) {
+                    Ok(()) => {}
+                    Err(e)
+                        if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => {}
+                    Err(e) => {
+                        return Err(Error::io(
+                            "allocate consume queue",
+                            self.dir.join(segment_file_name(base)),
+                            e.into(),
+                        ))
+                    }
+                }
+                inner.reserved.insert(base, want);
+            }
+            qo = upto;
+        }
+        Ok(())
+    }
+
+    /// The file holding entries from `base`, created when missing.
+    fn file(&self, inner: &mut Files, base: u64) -> Result<Arc<File>> {
+        if let Some(f) = inner.files.get(&base) {
+            return Ok(Arc::clone(f));
+        }
+        fs::create_dir_all(&self.dir).map_err(|e| Error::io("create dir", &self.dir, e))?;
+        let f = Arc::new(open_rw(&self.dir.join(segment_file_name(base)), true)?);
+        inner.files.insert(base, Arc::clone(&f));
+        Ok(f)
     }
 
     /// Marks entries below `queue_end` visible once the commit log is flushed
@@ -290,11 +354,13 @@ impl ConsumeQueue {
             if base >= len {
                 inner.files.remove(&base);
                 inner.dirty.remove(&base);
+                inner.reserved.remove(&base);
                 fs::remove_file(&path).map_err(|e| Error::io("remove", &path, e))?;
             } else if let Some(f) = inner.files.get(&base) {
                 f.set_len((len - base) * CQ_ENTRY_BYTES)
                     .map_err(|e| Error::io("truncate", &path, e))?;
                 inner.dirty.insert(base);
+                inner.reserved.remove(&base); // truncation frees what was allocated
             }
         }
         inner.pending.retain(|&(q, _)| q <= len);
@@ -332,6 +398,7 @@ impl ConsumeQueue {
             let path = self.dir.join(segment_file_name(base));
             inner.files.remove(&base);
             inner.dirty.remove(&base);
+            inner.reserved.remove(&base);
             fs::remove_file(&path).map_err(|e| Error::io("remove", &path, e))?;
             removed += 1;
         }
@@ -395,6 +462,30 @@ mod tests {
             size: 100,
             tag_hash: p * 7,
         }
+    }
+
+    #[test]
+    fn reserve_keeps_the_length_and_a_file_it_created_for_nothing_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let cq = ConsumeQueue::open(dir.path(), "t", 0, 4).unwrap();
+        cq.reserve(0, 6).unwrap(); // files 0 and 4
+        assert_eq!(cq.next_offset(), 0, "reserving writes no entry");
+        cq.put(0, &[e(1), e(2)]).unwrap();
+        drop(cq);
+        // The append the reservation was for never happened: file 4 is empty,
+        // after a file that is not full. It is removed; the length is 2.
+        let cq = ConsumeQueue::open(dir.path(), "t", 0, 4).unwrap();
+        assert_eq!(cq.next_offset(), 2);
+        assert!(!ConsumeQueue::queue_dir(dir.path(), "t", 0)
+            .join(segment_file_name(4))
+            .exists());
+        // An empty file after a full one is the queue's real end.
+        cq.reserve(2, 3).unwrap();
+        cq.put(2, &[e(3), e(4)]).unwrap();
+        drop(cq);
+        let cq = ConsumeQueue::open(dir.path(), "t", 0, 4).unwrap();
+        assert_eq!(cq.next_offset(), 4);
+        assert_eq!(cq.get(3).unwrap(), Some(e(4)));
     }
 
     #[test]

@@ -80,6 +80,15 @@ pub enum Error {
     /// The store has been closed.
     #[error("store is closed")]
     Closed,
+    /// The append would leave less than `min_free_disk_bytes` free; nothing
+    /// was written.
+    #[error("disk full: {free_bytes} bytes free, appends need at least {min_free_bytes} left free (min_free_disk_bytes)")]
+    DiskFull {
+        /// Free bytes left (as last read, less what was appended since).
+        free_bytes: u64,
+        /// The configured floor, bytes.
+        min_free_bytes: u64,
+    },
 }
 
 /// Shorthand for results of this crate.
@@ -92,6 +101,21 @@ impl Error {
             op,
             path: path.into(),
             source,
+        }
+    }
+
+    /// Whether this is the disk (or the user's quota) being full: `ENOSPC`
+    /// or `EDQUOT`. Nothing was stored; the same call can succeed once
+    /// space is freed.
+    pub fn is_storage_full(&self) -> bool {
+        match self {
+            Error::DiskFull { .. } => true,
+            Error::Io { source, .. } => {
+                source.kind() == std::io::ErrorKind::StorageFull
+                    || source.kind() == std::io::ErrorKind::QuotaExceeded
+                    || matches!(source.raw_os_error(), Some(28) | Some(122))
+            }
+            _ => false,
         }
     }
 }

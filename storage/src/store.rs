@@ -150,6 +150,7 @@ impl Store {
                 segment_bytes: cfg.segment_bytes,
                 max_record_bytes: cfg.max_record_bytes,
                 flush: cfg.flush,
+                min_free_disk_bytes: cfg.min_free_disk_bytes,
             },
             scan_from,
             &mut |offset, rec| {
@@ -251,6 +252,12 @@ impl Store {
                 r.queue_offset = Some(slot.1);
                 slot.1 += 1;
             }
+        }
+        // Allocate the consume-queue space first: once the log append is
+        // done, a full disk must not be able to fail the dispatch.
+        for (cq, next_free) in next.values() {
+            let first = cq.next_offset();
+            cq.reserve(first, next_free - first)?;
         }
         let appended = self.log.append(&records)?;
 

@@ -17,6 +17,7 @@ pub fn test_config(dir: &Path) -> BrokerConfig {
         max_message_bytes: 64 * 1024,
         checkpoint_interval_ms: 200,
         retry_delays: "100ms 200ms 300ms".into(),
+        min_free_disk_bytes: 1 << 20,
         ..BrokerConfig::default()
     }
 }
@@ -127,5 +128,49 @@ impl Drop for BrokerProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A tmpfs mounted on a temporary directory (needs root); unmounted on drop.
+#[derive(Debug)]
+pub struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (e.g. `"6m"`); `None` when mounting is refused.
+    pub fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().ok()?;
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(Tmpfs { dir })
+    }
+
+    /// Where it is mounted.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Grows (or shrinks) it to `size`.
+    ///
+    /// # Panics
+    /// When the remount fails.
+    pub fn resize(&self, size: &str) {
+        let ok = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(self.path())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "remount");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.path()).status();
     }
 }
