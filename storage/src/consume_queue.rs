@@ -338,6 +338,30 @@ impl ConsumeQueue {
         }
     }
 
+    /// Calls `f(queue_offset, entry)` for every non-hole entry from the first
+    /// retained file to the end, reading each file whole.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn for_each_entry(&self, mut f: impl FnMut(u64, CqEntry)) -> Result<()> {
+        let files: Vec<(u64, Arc<File>)> = lock(&self.inner)
+            .files
+            .iter()
+            .map(|(b, f)| (*b, Arc::clone(f)))
+            .collect();
+        let mut buf = vec![0u8; (self.entries_per_file * CQ_ENTRY_BYTES) as usize];
+        for (base, file) in files {
+            let n = read_up_to(&file, &mut buf)
+                .map_err(|e| Error::io("read consume queue", &self.dir, e))?;
+            for (i, b) in buf[..n - n % 20].chunks_exact(20).enumerate() {
+                if let Some(e) = CqEntry::decode(b) {
+                    f(base + i as u64, e);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Drops every entry at or past `len` (recovery back to a checkpoint).
     ///
     /// # Errors

@@ -33,7 +33,7 @@ use crate::config::{FlushMode, StoreConfig};
 use crate::consume_queue::{ConsumeQueue, CqEntry};
 use crate::error::{Error, Result};
 use crate::meta::{Checkpoint, Meta};
-use crate::record::{tag_hash, Record, RecordKind};
+use crate::record::{tag_hash, Record, RecordKind, MIN_RECORD_BYTES};
 use crate::retention;
 
 type QueueKey = (String, u32);
@@ -73,6 +73,9 @@ pub struct Store {
     checkpoint_lock: Mutex<()>,
     meta: Meta,
     recovery: RecoveryReport,
+    /// Queue → its length when it was last repaired from the log: entries
+    /// below that already say what the log says.
+    repaired: Mutex<HashMap<QueueKey, u64>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -187,7 +190,7 @@ impl Store {
             let n = cq.next_offset();
             cq.publish(n, 0, false);
         }
-        Ok(Store {
+        let store = Store {
             cfg,
             log,
             cq_root,
@@ -196,7 +199,119 @@ impl Store {
             checkpoint_lock: Mutex::new(()),
             meta,
             recovery,
-        })
+            repaired: Mutex::new(HashMap::new()),
+        };
+        store.check_consume_queues()?;
+        Ok(store)
+    }
+
+    /// Start-up check of every consume-queue entry against what any entry
+    /// must satisfy (a record size within limits, ending inside the log);
+    /// queues with an entry that cannot be right are repaired from the log.
+    /// Entries that pass but point at the wrong record are caught when read
+    /// (see [`Store::read_queue`]).
+    fn check_consume_queues(&self) -> Result<()> {
+        let end = self.log.written_offset();
+        let max = self.cfg.max_record_bytes as u64;
+        let mut bad: Vec<QueueKey> = Vec::new();
+        let queues: Vec<Arc<ConsumeQueue>> = self
+            .queues
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for cq in queues {
+            let mut first_bad = None;
+            cq.for_each_entry(|qo, e| {
+                let size = u64::from(e.size);
+                let ok = size >= MIN_RECORD_BYTES as u64
+                    && size <= max
+                    && e.physical_offset
+                        .checked_add(size)
+                        .is_some_and(|x| x <= end);
+                if !ok && first_bad.is_none() {
+                    first_bad = Some((qo, e));
+                }
+            })?;
+            if let Some((qo, e)) = first_bad {
+                tracing::error!(
+                    topic = cq.topic(),
+                    queue_id = cq.queue_id(),
+                    queue_offset = qo,
+                    physical_offset = e.physical_offset,
+                    size = e.size,
+                    log_end = end,
+                    "corrupt consume-queue entry; repairing the queue from the commit log"
+                );
+                bad.push((cq.topic().to_owned(), cq.queue_id()));
+            }
+        }
+        if !bad.is_empty() {
+            self.repair_queues(&bad)?;
+        }
+        Ok(())
+    }
+
+    /// Rewrites the entries of `keys` from the commit log: every dispatched
+    /// record carries its topic, queue id and queue offset, so each entry is
+    /// put back where it belongs. Safe while appends go on (an entry written
+    /// twice gets the same value). Returns how many entries changed.
+    ///
+    /// # Errors
+    /// I/O errors of the consume queues. Unreadable log ranges (reported by
+    /// recovery) are stepped over.
+    pub fn repair_queues(&self, keys: &[QueueKey]) -> Result<u64> {
+        let mut cqs: HashMap<QueueKey, Arc<ConsumeQueue>> = HashMap::new();
+        for k in keys {
+            if let Some(cq) = self.queue(&k.0, k.1) {
+                lock(&self.repaired).insert(k.clone(), cq.next_offset());
+                cqs.insert(k.clone(), cq);
+            }
+        }
+        let mut changed = 0u64;
+        let mut pos = self.log.min_offset();
+        let end = self.log.written_offset();
+        while pos < end {
+            let mut it = self.log.iter_from(pos);
+            for item in it.by_ref() {
+                let Ok((offset, rec)) = item else { break };
+                if offset >= end {
+                    break;
+                }
+                let Some(cq) = cqs.get(&(rec.topic.clone(), rec.queue_id)) else {
+                    continue;
+                };
+                if let Some((qo, entry)) = dispatch_entry(offset, &rec) {
+                    if cq.get(qo)? != Some(entry) {
+                        cq.put(qo, &[entry])?;
+                        changed += 1;
+                    }
+                }
+            }
+            let stopped = it.position();
+            if stopped >= end {
+                break;
+            }
+            // Step over a corrupt range recovery reported, or give up.
+            match self
+                .recovery
+                .corrupt
+                .iter()
+                .find(|r| r.start <= stopped && stopped < r.end)
+            {
+                Some(r) => pos = r.end,
+                None => {
+                    tracing::error!(
+                        physical_offset = stopped,
+                        "consume-queue repair stopped at an unreadable record"
+                    );
+                    break;
+                }
+            }
+        }
+        tracing::warn!(queues = ?keys, entries = changed, "consume queues repaired from the commit log");
+        Ok(changed)
     }
 
     /// What recovery did when this store was opened.
@@ -371,13 +486,41 @@ impl Store {
         if queue_offset >= cq.visible_offset(self.log.flushed_offset()) {
             return Err(not_found());
         }
-        let entry = cq.get(queue_offset)?.ok_or_else(not_found)?;
-        let record = self.log.read_sized(entry.physical_offset, entry.size)?;
-        Ok(QueueMessage {
-            queue_offset,
-            physical_offset: entry.physical_offset,
-            record,
-        })
+        let read = || -> Result<QueueMessage> {
+            let entry = cq.get(queue_offset)?.ok_or_else(not_found)?;
+            let record = self.log.read_sized(entry.physical_offset, entry.size)?;
+            if !entry_matches(topic, queue_id, queue_offset, &record) {
+                return Err(Error::Corrupt {
+                    offset: entry.physical_offset,
+                    reason: format!(
+                        "consume queue {topic}/{queue_id} entry {queue_offset} points at a {:?} record of {}/{} queue offset {:?}",
+                        record.kind, record.topic, record.queue_id, record.queue_offset
+                    ),
+                });
+            }
+            Ok(QueueMessage {
+                queue_offset,
+                physical_offset: entry.physical_offset,
+                record,
+            })
+        };
+        match read() {
+            Err(e @ (Error::Corrupt { .. } | Error::OffsetOutOfRange { .. })) => {
+                // The entry may be what is damaged: repair the queue from the
+                // log once, then read again (a damaged record stays an error).
+                let key = (topic.to_owned(), queue_id);
+                let covered = lock(&self.repaired)
+                    .get(&key)
+                    .is_some_and(|&n| queue_offset < n);
+                if covered {
+                    return Err(e);
+                }
+                tracing::error!(error = %e, "unreadable through its consume queue; repairing the queue");
+                self.repair_queues(&[key])?;
+                read()
+            }
+            r => r,
+        }
     }
 
     /// Reads the consume-queue entry at `queue_offset` without reading the
@@ -486,6 +629,21 @@ impl Store {
 }
 
 /// The consume-queue entry a record produces, with its queue offset.
+/// Whether `rec`, read through entry `queue_offset` of (topic, queue id), is
+/// the record that entry was written for: a message or redelivery carries
+/// its own queue position; a half (read through its commit) its topic and
+/// queue id.
+fn entry_matches(topic: &str, queue_id: u32, queue_offset: u64, rec: &Record) -> bool {
+    let place = rec.topic == topic && rec.queue_id == queue_id;
+    match rec.kind {
+        RecordKind::Normal | RecordKind::Redelivery => {
+            place && rec.queue_offset == Some(queue_offset)
+        }
+        RecordKind::Half => place,
+        _ => false,
+    }
+}
+
 fn dispatch_entry(offset: u64, rec: &Record) -> Option<(u64, CqEntry)> {
     let qo = rec.queue_offset?;
     let (physical_offset, size) = match rec.kind {

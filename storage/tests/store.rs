@@ -251,3 +251,96 @@ fn invalid_config_names_the_key() {
         other => panic!("expected a config error, got {other:?}"),
     }
 }
+
+/// Writes 40 records over two queues of topic "cq" (20 each), plus a
+/// committed half in queue 0 at queue offset 20; closes the store. Returns
+/// each queue's bodies in queue order.
+fn write_two_queues(dir: &std::path::Path) -> [Vec<Vec<u8>>; 2] {
+    let rt = rt();
+    let store = open(dir);
+    let mut bodies: [Vec<Vec<u8>>; 2] = [Vec::new(), Vec::new()];
+    for i in 0..40 {
+        let q = i % 2;
+        rt.block_on(store.append_durable(vec![rec("cq", q as u32, &body(i))]))
+            .unwrap();
+        bodies[q].push(body(i));
+    }
+    let half = Record {
+        kind: RecordKind::Half,
+        ..rec("cq", 0, b"the half")
+    };
+    let h = rt.block_on(store.append_durable(vec![half])).unwrap();
+    let commit = Record {
+        kind: RecordKind::TxCommit,
+        ref_offset: Some(h.offsets[0]),
+        ref_size: h.sizes[0],
+        ..rec("cq", 0, b"")
+    };
+    rt.block_on(store.append_durable(vec![commit])).unwrap();
+    bodies[0].push(b"the half".to_vec());
+    store.close().unwrap();
+    bodies
+}
+
+fn cq_file(dir: &std::path::Path, queue: u32, base: u64) -> std::path::PathBuf {
+    dir.join("consumequeue/cq")
+        .join(queue.to_string())
+        .join(format!("{base:020}"))
+}
+
+fn assert_queues(store: &Store, bodies: &[Vec<Vec<u8>>; 2]) {
+    for (q, want) in bodies.iter().enumerate() {
+        assert_eq!(store.max_queue_offset("cq", q as u32), want.len() as u64);
+        for (qo, b) in want.iter().enumerate() {
+            let m = store.read_queue("cq", q as u32, qo as u64).unwrap();
+            assert_eq!(&m.record.body[..], &b[..], "cq/{q} at {qo}");
+        }
+    }
+}
+
+#[test]
+fn a_consume_queue_entry_flipped_out_of_range_is_repaired_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let bodies = write_two_queues(dir.path());
+    // small_config: 16 entries per file. Entry 3 of queue 1: the high byte
+    // of its physical offset, and entry 5: its size.
+    let p = cq_file(dir.path(), 1, 0);
+    let good = std::fs::read(&p).unwrap();
+    let mut b = good.clone();
+    b[3 * 20 + 7] ^= 0x10;
+    b[5 * 20 + 9] ^= 0x40;
+    std::fs::write(&p, b).unwrap();
+    let store = open(dir.path());
+    // Repaired by the start-up check, before anything was read.
+    assert_eq!(std::fs::read(&p).unwrap(), good);
+    assert_queues(&store, &bodies);
+}
+
+#[test]
+fn a_consume_queue_entry_pointing_at_another_record_is_caught_when_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let bodies = write_two_queues(dir.path());
+    // Plausible but wrong: entry 2 of queue 0 gets entry 7's bytes, entry 1
+    // of queue 1 gets entry 2 of queue 0's, and the commit's entry (queue 0,
+    // offset 20, second file) points at entry 0's record.
+    let p0 = cq_file(dir.path(), 0, 0);
+    let p1 = cq_file(dir.path(), 0, 16);
+    let p2 = cq_file(dir.path(), 1, 0);
+    let mut q0 = std::fs::read(&p0).unwrap();
+    let mut q0b = std::fs::read(&p1).unwrap();
+    let mut q1 = std::fs::read(&p2).unwrap();
+    let e = |b: &[u8], i: usize| b[i * 20..i * 20 + 20].to_vec();
+    let (e7, e2, e0) = (e(&q0, 7), e(&q0, 2), e(&q0, 0));
+    q0[2 * 20..3 * 20].copy_from_slice(&e7);
+    q1[20..40].copy_from_slice(&e2);
+    q0b[4 * 20..5 * 20].copy_from_slice(&e0);
+    std::fs::write(&p0, q0).unwrap();
+    std::fs::write(&p1, q0b).unwrap();
+    std::fs::write(&p2, q1).unwrap();
+    let store = open(dir.path());
+    // Never the wrong message: each read is checked, the queue repaired.
+    assert_queues(&store, &bodies);
+    drop(store);
+    let store = open(dir.path());
+    assert_queues(&store, &bodies);
+}
