@@ -317,6 +317,33 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Topics that have consume queues but no entry in the metadata store (lost
+/// with a damaged one) are restored, with as many queues as were seen.
+fn restore_topics(
+    store: &Store,
+    topics: &mut HashMap<String, Arc<TopicState>>,
+) -> Result<(), BrokerError> {
+    let mut seen: std::collections::BTreeMap<String, u32> = std::collections::BTreeMap::new();
+    for (t, q) in store.queues() {
+        if !t.starts_with('%') {
+            let n = seen.entry(t).or_default();
+            *n = (*n).max(q.saturating_add(1));
+        }
+    }
+    for (name, queues) in seen {
+        if topics.contains_key(&name) {
+            continue;
+        }
+        tracing::warn!(topic = %name, queues, "topic missing from the metadata store; restored from its consume queues");
+        store
+            .meta()
+            .put(TOPICS_SPACE, name.as_bytes(), &queues.to_le_bytes())?;
+        topics.insert(name, Arc::new(TopicState::new(queues)));
+    }
+    store.meta().flush()?;
+    Ok(())
+}
+
 impl Broker {
     /// Opens the store (recovering it), loads topics and consumer progress.
     /// Call [`Broker::start_background`] inside a tokio runtime afterwards.
@@ -335,6 +362,7 @@ impl Broker {
             };
             topics.insert(name, Arc::new(TopicState::new(u32::from_le_bytes(q))));
         }
+        restore_topics(&store, &mut topics)?;
         let groups = load_groups(&store)?;
         let dlq = DlqState::load(&store)?;
         let retry = cfg.retry_policy();

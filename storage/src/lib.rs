@@ -46,4 +46,4 @@ pub use consume_queue::{ConsumeQueue, CqEntry};
 pub use error::{Error, Result};
 pub use meta::{Checkpoint, Meta};
 pub use record::{tag_hash, MessageId, Record, RecordKind};
-pub use store::{now_ms, AppendReceipt, QueueMessage, Store};
+pub use store::{now_ms, AppendReceipt, MetaReport, QueueMessage, Store};

@@ -112,6 +112,40 @@ impl Meta {
         }
     }
 
+    /// [`Meta::open`]; when sled refuses the database for any reason but a
+    /// lock held by another process (corrupt configuration, corrupt log,
+    /// unreadable files), the directory is renamed to
+    /// `<dir>.corrupt-<unix ms>` (kept for an operator, never deleted) and a
+    /// new, empty database is opened in its place. Returns the renamed
+    /// directory, if any, and sled's error.
+    ///
+    /// # Errors
+    /// [`Error::Meta`] for a lock held by another process; I/O errors of
+    /// the rename; errors opening the new database.
+    pub fn open_or_set_aside(
+        dir: &std::path::Path,
+    ) -> Result<(Meta, Option<(std::path::PathBuf, String)>)> {
+        match Meta::open(dir) {
+            Ok(m) => Ok((m, None)),
+            Err(Error::Meta(sled::Error::Io(e)))
+                if e.to_string().contains("could not acquire lock") =>
+            {
+                Err(Error::Meta(sled::Error::Io(e)))
+            }
+            Err(e) => {
+                let mut aside = dir.as_os_str().to_owned();
+                aside.push(format!(".corrupt-{}", crate::store::now_ms()));
+                let aside = std::path::PathBuf::from(aside);
+                tracing::error!(
+                    error = %e, dir = %dir.display(), moved_to = %aside.display(),
+                    "metadata store unreadable; set aside, starting a new one (consume queues, topics and transaction state are rebuilt from the commit log; consumer progress is lost: groups start again from their earliest message)"
+                );
+                std::fs::rename(dir, &aside).map_err(|io| Error::io("rename", dir, io))?;
+                Ok((Meta::open(dir)?, Some((aside, e.to_string()))))
+            }
+        }
+    }
+
     /// The last saved checkpoint; `None` when there is none or it fails its CRC
     /// (recovery then rebuilds from the whole log).
     ///

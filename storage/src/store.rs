@@ -63,6 +63,57 @@ pub struct QueueMessage {
     pub record: Record,
 }
 
+/// What opening the metadata store (sled) found; see [`Store::meta_report`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MetaReport {
+    /// sled refused the database: where it was moved, and sled's error. A new
+    /// one was started; everything derived was rebuilt from the log.
+    pub set_aside: Option<(PathBuf, String)>,
+    /// sled came back older than it was: `(log offset of its checkpoint, if
+    /// any; log offset of the last checkpoint saved, from `meta.stamp`)`.
+    /// sled drops what follows a damaged frame of its own log without an
+    /// error, so this is how such a loss shows.
+    pub lost_writes: Option<(Option<u64>, u64)>,
+}
+
+impl MetaReport {
+    /// Whether the metadata was read as it was last saved.
+    pub fn is_clean(&self) -> bool {
+        self.set_aside.is_none() && self.lost_writes.is_none()
+    }
+}
+
+/// File beside `meta/` with the log offset of the last checkpoint saved in
+/// sled: `crc32 (4) | log_offset (8)`, little-endian.
+const META_STAMP: &str = "meta.stamp";
+
+fn read_stamp(root: &Path) -> Option<u64> {
+    let b = std::fs::read(root.join(META_STAMP)).ok()?;
+    let ok = b.len() == 12 && crc32fast::hash(&b[4..]).to_le_bytes() == b[..4];
+    if !ok {
+        tracing::warn!("{META_STAMP} is damaged; ignored");
+        return None;
+    }
+    Some(u64::from_le_bytes(b[4..12].try_into().ok()?))
+}
+
+fn write_stamp(root: &Path, log_offset: u64) -> Result<()> {
+    let mut b = crc32fast::hash(&log_offset.to_le_bytes())
+        .to_le_bytes()
+        .to_vec();
+    b.extend_from_slice(&log_offset.to_le_bytes());
+    let tmp = root.join("meta.stamp.tmp");
+    let path = root.join(META_STAMP);
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, &b)?;
+        f.sync_data()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(root)?.sync_all()
+    };
+    write().map_err(|e| Error::io("write", &path, e))
+}
+
 /// Opens and recovers a store; see the module docs.
 pub struct Store {
     cfg: StoreConfig,
@@ -76,6 +127,7 @@ pub struct Store {
     /// Queue → its length when it was last repaired from the log: entries
     /// below that already say what the log says.
     repaired: Mutex<HashMap<QueueKey, u64>>,
+    meta_report: MetaReport,
 }
 
 impl std::fmt::Debug for Store {
@@ -108,9 +160,24 @@ impl Store {
         cfg.validate()?;
         let root = cfg.data_dir.clone();
         std::fs::create_dir_all(&root).map_err(|e| Error::io("create dir", &root, e))?;
-        let meta = Meta::open(&root.join("meta"))?;
+        let (meta, set_aside) = Meta::open_or_set_aside(&root.join("meta"))?;
         let cq_root = root.join("consumequeue");
         let checkpoint = meta.checkpoint()?;
+        let lost_writes = match read_stamp(&root) {
+            Some(s) if checkpoint.as_ref().is_none_or(|c| c.log_offset < s) => {
+                let have = checkpoint.as_ref().map(|c| c.log_offset);
+                tracing::error!(
+                    checkpoint = ?have, last_saved = s,
+                    "metadata store lost writes (older than its last save): consume queues are rebuilt from the log; consumer progress, topics and transaction state may be older (redeliveries, repeated checks)"
+                );
+                Some((have, s))
+            }
+            _ => None,
+        };
+        let meta_report = MetaReport {
+            set_aside,
+            lost_writes,
+        };
 
         let mut queues: HashMap<QueueKey, Arc<ConsumeQueue>> = HashMap::new();
         let mut scan_from = None;
@@ -200,6 +267,7 @@ impl Store {
             meta,
             recovery,
             repaired: Mutex::new(HashMap::new()),
+            meta_report,
         };
         store.check_consume_queues()?;
         Ok(store)
@@ -542,6 +610,11 @@ impl Store {
         }
     }
 
+    /// What opening the metadata store found.
+    pub fn meta_report(&self) -> &MetaReport {
+        &self.meta_report
+    }
+
     /// Saves a recovery checkpoint (see the module docs). Call it
     /// periodically (the broker does, every second) and before shutdown; it
     /// bounds how much of the log recovery re-reads.
@@ -569,6 +642,7 @@ impl Store {
             queues: queues.into_iter().map(|(t, q, n, _)| (t, q, n)).collect(),
         };
         self.meta.save_checkpoint(&cp)?;
+        write_stamp(&self.cfg.data_dir, cp.log_offset)?;
         Ok(cp)
     }
 
