@@ -193,6 +193,7 @@ struct Counters {
     bytes_out: AtomicU64,
     acks: AtomicU64,
     redeliveries: AtomicU64,
+    connections: AtomicU64,
 }
 
 /// Per-group figures for `stats`.
@@ -231,6 +232,10 @@ pub struct Stats {
     pub commit_log_bytes: u64,
     /// Since start, ms.
     pub uptime_ms: u64,
+    /// Open client connections.
+    pub connections: u64,
+    /// Open producer sessions (check-back streams).
+    pub producer_sessions: u64,
 }
 
 /// A topic's configuration and runtime state.
@@ -1178,6 +1183,17 @@ impl Broker {
             groups: gs,
             commit_log_bytes: log_bytes,
             uptime_ms: self.started.elapsed().as_millis() as u64,
+            connections: c.connections.load(Ordering::Relaxed),
+            producer_sessions: self.tx_state().session_count() as u64,
+        }
+    }
+
+    /// A client connection was accepted (`open`) or closed; for `stats`.
+    pub(crate) fn count_connection(&self, open: bool) {
+        if open {
+            self.counters.connections.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.counters.connections.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }

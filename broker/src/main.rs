@@ -234,9 +234,8 @@ fn main() -> std::process::ExitCode {
         }
     };
     let res: anyhow::Result<()> = rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(cfg.listen)
-            .await
-            .with_context(|| format!("binding {}", cfg.listen))?;
+        let listener =
+            halfmq_broker::server::bind(&cfg).with_context(|| format!("binding {}", cfg.listen))?;
         let addr = listener.local_addr()?;
         let started = std::time::Instant::now();
         let broker = tokio::task::spawn_blocking(move || {

@@ -20,10 +20,44 @@ use crate::config::BrokerConfig;
 use crate::error::BrokerError;
 use crate::service::Services;
 
+/// Binds the listening socket of `cfg.listen`, with an accept backlog of
+/// `max_connections` (at least 1,024): a burst of clients connecting at once
+/// then waits in the kernel instead of having its SYNs dropped.
+///
+/// # Errors
+/// The operating system's, from socket, bind or listen.
+pub fn bind(cfg: &BrokerConfig) -> std::io::Result<TcpListener> {
+    let socket = if cfg.listen.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(cfg.listen)?;
+    socket.listen(cfg.max_connections.max(1024))
+}
+
 /// A connection holding one of the `max_connections` permits.
 struct LimitedConn {
     io: TcpStream,
     _permit: OwnedSemaphorePermit,
+    _counted: Counted,
+}
+
+/// Counts a connection in the broker's stats while it lives.
+struct Counted(Arc<Broker>);
+
+impl Counted {
+    fn new(b: &Arc<Broker>) -> Counted {
+        b.count_connection(true);
+        Counted(Arc::clone(b))
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.count_connection(false);
+    }
 }
 
 impl Connected for LimitedConn {
@@ -83,6 +117,7 @@ pub async fn serve(
     let permits = Arc::new(Semaphore::new(cfg.max_connections as usize));
     let (conn_tx, conn_rx) = tokio::sync::mpsc::channel::<std::io::Result<LimitedConn>>(64);
     let (stop_accept_tx, mut stop_accept_rx) = oneshot::channel::<()>();
+    let counted = Arc::clone(&broker);
     let accept = tokio::spawn(async move {
         loop {
             let (io, peer) = tokio::select! {
@@ -106,6 +141,7 @@ pub async fn serve(
                 .send(Ok(LimitedConn {
                     io,
                     _permit: permit,
+                    _counted: Counted::new(&counted),
                 }))
                 .await
                 .is_err()
@@ -180,9 +216,8 @@ pub async fn start_with_clock(
     cfg: BrokerConfig,
     clock: Arc<dyn Clock>,
 ) -> Result<RunningBroker, BrokerError> {
-    let listener = TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|e| BrokerError::Internal(format!("bind {}: {e}", cfg.listen)))?;
+    let listener =
+        bind(&cfg).map_err(|e| BrokerError::Internal(format!("bind {}: {e}", cfg.listen)))?;
     let addr = listener
         .local_addr()
         .map_err(|e| BrokerError::Internal(format!("local_addr: {e}")))?;

@@ -653,6 +653,8 @@ impl pb::admin_server::Admin for Services {
                 .collect(),
             commit_log_bytes: s.commit_log_bytes,
             uptime_ms: s.uptime_ms,
+            connections: s.connections,
+            producer_sessions: s.producer_sessions,
         }))
     }
 }

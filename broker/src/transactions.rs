@@ -462,10 +462,40 @@ impl TxState {
         (id, rx)
     }
 
-    /// Removes a session (its unanswered checks time out and count).
+    /// Open producer sessions.
+    pub fn session_count(&self) -> usize {
+        lock(&self.sessions).len()
+    }
+
+    /// Removes a session. Its unanswered checks are due again at once (for
+    /// another session of the group, or parked when there is none) and are
+    /// not counted: the producer may never have seen them.
     pub fn close_session(&self, id: u64) {
         lock(&self.sessions).retain(|s| s.id != id);
-        tracing::info!(session = id, "producer session closed");
+        let lost = {
+            let mut inner = lock(&self.inner);
+            let offsets: Vec<u64> = inner
+                .outstanding
+                .iter()
+                .filter(|&(_, &sid)| sid == id)
+                .map(|(&o, _)| o)
+                .collect();
+            let now = halfmq_storage::now_ms();
+            for &o in &offsets {
+                inner.outstanding.remove(&o);
+                inner.sched.check_lost(o, now);
+                inner.dirty.insert(o);
+            }
+            offsets.len()
+        };
+        tracing::info!(
+            session = id,
+            unanswered_checks = lost,
+            "producer session closed"
+        );
+        if lost > 0 {
+            self.wake.notify_one();
+        }
     }
 
     fn has_session(&self, group: &str) -> bool {

@@ -242,6 +242,21 @@ impl CheckScheduler {
         n
     }
 
+    /// The session a check was sent to closed without answering: the attempt
+    /// is taken back (the producer may never have seen it) and the half is
+    /// due again at `now_ms`.
+    pub fn check_lost(&mut self, offset: u64, now_ms: u64) {
+        let Some(s) = self.halves.get_mut(&offset) else {
+            return;
+        };
+        if !s.checking {
+            return;
+        }
+        s.checking = false;
+        s.check_times = s.check_times.saturating_sub(1);
+        self.reschedule(offset, now_ms);
+    }
+
     /// The producer answered UNKNOWN (or the reply timed out). Returns whether
     /// the half is now given up (`check_max` attempts used).
     pub fn answered_unknown(&mut self, offset: u64, now_ms: u64) -> bool {
@@ -363,6 +378,21 @@ mod tests {
         // A late UNKNOWN for the same check changes nothing more.
         assert!(!s.answered_unknown(100, 7_500));
         assert_eq!(s.get(100).unwrap().due_ms, 37_000);
+    }
+
+    #[test]
+    fn a_check_lost_with_its_session_is_not_counted_and_due_at_once() {
+        let mut s = CheckScheduler::new(cfg());
+        s.add(100, 1, 1, 0);
+        s.check_sent(100, 6_000);
+        assert_eq!(s.get(100).unwrap().check_times, 1);
+        s.check_lost(100, 6_200);
+        assert_eq!(s.get(100).unwrap().check_times, 0);
+        assert_eq!(s.next_due(6_200), Some(Due::Check(100)));
+        // Not checking any more: a late answer or a second loss is ignored.
+        s.check_lost(100, 6_300);
+        assert!(!s.answered_unknown(100, 6_300));
+        assert_eq!(s.get(100).unwrap().due_ms, 6_200);
     }
 
     #[test]

@@ -415,7 +415,11 @@ async fn session_loop<C: TransactionChecker>(
         match opened {
             Ok(resp) => {
                 let mut inbound = resp.into_inner();
+                // Checker calls in progress; dropped (aborted) with the
+                // session, so none keeps the stream open after it ends.
+                let mut checks = tokio::task::JoinSet::new();
                 loop {
+                    while checks.try_join_next().is_some() {}
                     let msg = tokio::select! {
                         m = inbound.message() => m,
                         _ = stop.changed() => { let _ = connected.send(false); return; }
@@ -432,7 +436,7 @@ async fn session_loop<C: TransactionChecker>(
                         })) => {
                             let checker = Arc::clone(&checker);
                             let up = up_tx.clone();
-                            tokio::spawn(async move {
+                            checks.spawn(async move {
                                 let m = c.message.unwrap_or_default();
                                 let view = MessageView {
                                     transaction_id: c.transaction_id.clone(),

@@ -368,6 +368,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "messages_out": s.messages_out, "bytes_out": s.bytes_out,
                 "acks": s.acks, "redeliveries": s.redeliveries,
                 "commit_log_bytes": s.commit_log_bytes, "uptime_ms": s.uptime_ms,
+                "connections": s.connections, "producer_sessions": s.producer_sessions,
                 "groups": groups,
             });
             if json {
