@@ -249,3 +249,149 @@ async fn pending_halves_limit_and_a_checker_that_never_answers() {
         .is_empty());
     b.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_queue_and_receive_limits_at_the_edge() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = halfmq_broker::BrokerConfig {
+        max_topics: 3,
+        max_queues: 4,
+        max_receive_messages: 5,
+        max_invisible_duration_ms: 30_000,
+        max_receive_wait_ms: 300,
+        ..test_config(dir.path())
+    };
+    let b = start(cfg).await;
+    let c = client(b.addr).await;
+    let admin = Admin::new(c.clone());
+    // max_queues: 4 fine, 5 refused.
+    admin.create_topic("a", 4).await.unwrap();
+    let e = admin.create_topic("b", 5).await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::BadRequest), "{e}");
+    // max_topics: the third is the last, by hand or by auto-create.
+    admin.create_topic("b", 1).await.unwrap();
+    let p = Producer::new(c.clone());
+    p.send(Message::new("c", "auto-created")).await.unwrap();
+    let e = admin.create_topic("d", 1).await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::TooManyRequests), "{e}");
+    let e = p.send(Message::new("e", "x")).await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::TooManyRequests), "{e}");
+    assert_eq!(admin.list_topics().await.unwrap().len(), 3);
+    // max_receive_messages: asking for 100 gets 5.
+    for i in 0..10 {
+        p.send(Message::new("b", format!("{i}"))).await.unwrap();
+    }
+    let cons = Consumer::new(c.clone(), "g", "b").with_invisible_duration(Duration::from_secs(60));
+    let got = cons.receive(100, Duration::ZERO).await.unwrap();
+    assert_eq!(got.len(), 5);
+    // max_invisible_duration_ms: 60 s asked, 30 s given.
+    let now = halfmq_storage::now_ms();
+    for m in &got {
+        assert!(
+            m.invisible_until_ms <= now + 30_000 + 100,
+            "{}",
+            m.invisible_until_ms - now
+        );
+    }
+    // max_receive_wait_ms: a 10 s long poll on an empty topic ends after 300 ms.
+    let empty = Consumer::new(c.clone(), "g", "a");
+    let t0 = std::time::Instant::now();
+    assert!(empty
+        .receive(1, Duration::from_secs(10))
+        .await
+        .unwrap()
+        .is_empty());
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inflight_and_unacked_window_limits_at_the_edge() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = halfmq_broker::BrokerConfig {
+        max_inflight_per_queue: 3,
+        max_unacked_window: 6,
+        default_invisible_duration_ms: 60_000,
+        ..test_config(dir.path())
+    };
+    let b = start(cfg).await;
+    let c = client(b.addr).await;
+    Admin::new(c.clone()).create_topic("w", 1).await.unwrap();
+    let p = Producer::new(c.clone());
+    for i in 0..10 {
+        p.send(Message::new("w", format!("{i}"))).await.unwrap();
+    }
+    let cons = Consumer::new(c.clone(), "g", "w");
+    let recv = || async { cons.receive(10, Duration::ZERO).await.unwrap() };
+    // max_inflight_per_queue: 3 out, then nothing until one is acked.
+    let first = recv().await;
+    assert_eq!(first.len(), 3);
+    assert!(recv().await.is_empty());
+    // max_unacked_window: offset 0 stays unacked; acking the others lets
+    // deliveries go on only up to offset 0 + 6.
+    let mut held = None;
+    let mut delivered = 3;
+    let mut pending: Vec<_> = first;
+    loop {
+        for m in pending.drain(..) {
+            if m.queue_offset == 0 {
+                held = Some(m);
+            } else {
+                cons.ack(&m).await.unwrap();
+            }
+        }
+        let more = recv().await;
+        if more.is_empty() {
+            break;
+        }
+        delivered += more.len();
+        pending = more;
+    }
+    assert_eq!(delivered, 6, "offsets 0..6 delivered while 0 is unacked");
+    cons.ack(&held.unwrap()).await.unwrap();
+    let rest = recv().await;
+    assert_eq!(rest.len(), 3, "the window moved on: offsets 6..9");
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_inflight_per_session_at_the_edge() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = halfmq_broker::BrokerConfig {
+        max_checks_inflight_per_session: 2,
+        transaction_timeout_ms: 100,
+        check_interval_ms: 100,
+        check_reply_timeout_ms: 10_000,
+        ..test_config(dir.path())
+    };
+    let b = start(cfg).await;
+    let c = client(b.addr).await;
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = std::sync::Arc::clone(&calls);
+    // A checker that never answers: its session holds every check it gets.
+    let p = TransactionProducer::new(c.clone(), "pg", move |_m: MessageView| {
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        std::future::pending::<halfmq_client::TransactionResolution>()
+    });
+    for i in 0..5 {
+        p.send_half(Message::new("t", format!("{i}")))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(
+        calls.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "2 checks out, 3 wait"
+    );
+    // The other three are waiting, not dropped: they are still pending, unchecked.
+    let l = Admin::new(c).list_transactions().await.unwrap();
+    assert_eq!(l.len(), 5);
+    assert_eq!(l.iter().filter(|t| t.check_times == 1).count(), 2);
+    assert_eq!(l.iter().filter(|t| t.check_times == 0).count(), 3);
+    b.shutdown().await.unwrap();
+}
