@@ -83,6 +83,11 @@ struct Args {
     /// measure sends and ends with a large pending-half index.
     #[arg(long, default_value_t = 0)]
     preload_halves: u64,
+    /// Before measuring, leave this many 8-byte messages of the measured
+    /// topic scheduled for retry in the measured consumer group (received
+    /// and nacked with a 2 h delay), to measure with a large retry backlog.
+    #[arg(long, default_value_t = 0)]
+    preload_retries: u64,
 }
 
 /// Resident memory of this process, bytes (Linux).
@@ -221,6 +226,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let group = format!("bench-{}", std::process::id());
+    if args.preload_retries > 0 {
+        let before = rss_bytes() as i64;
+        let t0 = Instant::now();
+        preload_retries(&addr, &args.topic, &group, args.preload_retries).await?;
+        let grown = rss_bytes() as i64 - before;
+        preload_rss_bytes += grown;
+        eprintln!(
+            "preloaded {} scheduled retries in {:.1}s; process RSS +{:.1} MiB",
+            args.preload_retries,
+            t0.elapsed().as_secs_f64(),
+            grown as f64 / (1 << 20) as f64
+        );
+    }
     let start = Instant::now();
     let run = Arc::new(Run {
         start,
@@ -516,6 +534,51 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(b) = embedded {
         b.shutdown().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    Ok(())
+}
+
+/// Sends `n` 8-byte messages (too short for the ledger: never counted) to
+/// `topic`, receives them in `group` and nacks each with a 2 h delay, so that
+/// `n` retries stay scheduled in the group's retry queue during the run.
+async fn preload_retries(addr: &str, topic: &str, group: &str, n: u64) -> anyhow::Result<()> {
+    let c = Client::connect(addr).await?;
+    let p = Producer::new(c.clone());
+    let mut sent = 0u64;
+    while sent < n {
+        let k = (n - sent).min(4096);
+        let tasks: Vec<_> = (0..k)
+            .map(|_| {
+                let p = p.clone();
+                let topic = topic.to_owned();
+                tokio::spawn(async move { p.send(Message::new(topic, &b"preload!"[..])).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await??;
+        }
+        sent += k;
+    }
+    let cons = Consumer::new(c, group.to_owned(), topic.to_owned())
+        .with_invisible_duration(Duration::from_secs(600));
+    let mut nacked = 0u64;
+    while nacked < n {
+        let msgs = cons.receive(256, Duration::from_millis(500)).await?;
+        anyhow::ensure!(!msgs.is_empty(), "preload: only {nacked} of {n} came back");
+        let tasks: Vec<_> = msgs
+            .into_iter()
+            .map(|m| {
+                let cons = cons.clone();
+                tokio::spawn(async move {
+                    cons.nack(&m, "preload", Some(Duration::from_secs(7200)))
+                        .await
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await??;
+            nacked += 1;
+        }
     }
     Ok(())
 }

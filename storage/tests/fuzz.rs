@@ -20,8 +20,16 @@ fn valid() -> Vec<u8> {
     .unwrap()
 }
 
+/// 20,000 cases per property in CI; `HALFMQ_FUZZ_CASES` for a longer run.
+fn cases() -> u32 {
+    std::env::var("HALFMQ_FUZZ_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20_000)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 20_000, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
 
     #[test]
     fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
