@@ -62,6 +62,9 @@ pub struct OutgoingMessage {
     pub properties: Vec<(String, String)>,
     /// Body.
     pub body: Bytes,
+    /// Delayed delivery: visible this many ms after it is stored; 0 = at
+    /// once. Ordinary sends only; at most `max_delay_ms`.
+    pub delay_ms: u64,
 }
 
 /// Where a sent message went.
@@ -71,8 +74,11 @@ pub struct SendReceipt {
     pub message_id: MessageId,
     /// Queue id.
     pub queue_id: u32,
-    /// Queue offset.
+    /// Queue offset (0 for a delayed message: given when it becomes due).
     pub queue_offset: u64,
+    /// When a delayed message becomes visible, broker clock, ms since the
+    /// epoch; 0 for an ordinary one.
+    pub deliver_at_ms: u64,
 }
 
 /// Identifies one delivery; encoded as the wire's receipt handle.
@@ -731,6 +737,32 @@ impl Broker {
                     topic.round_robin.fetch_add(1, Ordering::Relaxed) % topic.queues
                 }
             };
+            let mut properties = m.properties;
+            let mut kind = kind;
+            if m.delay_ms > 0 {
+                if kind != RecordKind::Normal {
+                    return Err(BrokerError::BadRequest(
+                        "delay_ms applies to ordinary sends only".into(),
+                    ));
+                }
+                if m.delay_ms > self.cfg.max_delay_ms {
+                    return Err(BrokerError::BadRequest(format!(
+                        "delay_ms {} exceeds max_delay_ms {}",
+                        m.delay_ms, self.cfg.max_delay_ms
+                    )));
+                }
+                // Stored like a half of the system producer group %DELAY%,
+                // committed by the check driver when due (transactions.rs).
+                kind = RecordKind::Half;
+                properties.push((
+                    crate::transactions::PRODUCER_GROUP_PROPERTY.to_owned(),
+                    crate::transactions::DELAY_GROUP.to_owned(),
+                ));
+                properties.push((
+                    crate::transactions::DELIVER_AT_PROPERTY.to_owned(),
+                    (now + m.delay_ms).to_string(),
+                ));
+            }
             records.push(Record {
                 kind,
                 queue_id,
@@ -739,7 +771,7 @@ impl Broker {
                 topic: m.topic,
                 tag: m.tag,
                 keys: m.keys,
-                properties: m.properties,
+                properties,
                 body: m.body,
                 ..Record::default()
             });
@@ -755,6 +787,9 @@ impl Broker {
     pub async fn send(&self, msgs: Vec<OutgoingMessage>) -> Result<Vec<SendReceipt>, BrokerError> {
         self.check_running()?;
         let records = self.build_records(msgs, RecordKind::Normal)?;
+        if records.iter().any(|r| r.kind == RecordKind::Half) {
+            return self.send_delayed(records).await;
+        }
         let bytes: u64 = records.iter().map(|r| r.body.len() as u64).sum();
         let ids: Vec<(MessageId, u32, String)> = records
             .iter()
@@ -781,6 +816,7 @@ impl Broker {
                 queue_offset: receipt.queue_offsets[i].ok_or_else(|| {
                     BrokerError::Internal("a normal message got no queue offset".into())
                 })?,
+                deliver_at_ms: 0,
             });
         }
         Ok(out)

@@ -108,6 +108,9 @@ pub struct BrokerConfig {
     /// goes to its group's dead-letter queue `%DLQ%<group>`. Default 16
     /// (RocketMQ's maxReconsumeTimes).
     pub max_reconsume_times: u32,
+    /// Longest delay a delayed send may ask for, ms. Default 3 days
+    /// (RocketMQ 5's timerMaxDelaySec).
+    pub max_delay_ms: u64,
 }
 
 impl Default for BrokerConfig {
@@ -138,6 +141,7 @@ impl Default for BrokerConfig {
             retention_bytes: 0,
             retention_check_interval_ms: 60_000,
             min_free_disk_bytes: 64 << 20,
+            max_delay_ms: 3 * 24 * 3600 * 1000,
             transaction_timeout_ms: 6_000,
             check_interval_ms: 30_000,
             check_max: 15,
@@ -226,6 +230,7 @@ impl BrokerConfig {
             u64::from(self.default_queues),
         )?;
         at_least("max_topics", u64::from(self.max_topics), 1)?;
+        at_least("max_delay_ms", self.max_delay_ms, 1)?;
         at_least(
             "default_invisible_duration_ms",
             self.default_invisible_duration_ms,

@@ -77,6 +77,7 @@ fn outgoing(m: pb::Message) -> OutgoingMessage {
         queue,
         tag: m.tag,
         keys: m.keys,
+        delay_ms: m.delay_ms,
         properties,
         body: m.body,
     }
@@ -353,6 +354,7 @@ impl pb::producer_server::Producer for Services {
                         message_id: r.message_id.to_string(),
                         queue_id: r.queue_id,
                         queue_offset: r.queue_offset,
+                        deliver_at_ms: r.deliver_at_ms,
                     })
                     .collect(),
             },

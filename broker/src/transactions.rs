@@ -48,6 +48,21 @@ pub const PRODUCER_GROUP_PROPERTY: &str = "halfmq.producer_group";
 pub const SYSTEM_PROPERTY_PREFIX: &str = "halfmq.";
 /// System topic of given-up halves (RocketMQ: TRANS_CHECK_MAX_TIME_TOPIC).
 pub const GIVEN_UP_TOPIC: &str = "%TRANS_CHECK_MAX_TIME%";
+/// System producer group of delayed messages: a delayed send is stored as a
+/// half of this group, due at its delivery time, and committed then by the
+/// check driver instead of being checked (no client can use `%` names).
+pub const DELAY_GROUP: &str = "%DELAY%";
+/// System property holding a delayed message's delivery time, ms since the
+/// epoch by the broker's clock.
+pub const DELIVER_AT_PROPERTY: &str = "halfmq.deliver_at_ms";
+
+/// The delivery time of a delayed message's record, if it is one.
+fn deliver_at(rec: &Record) -> Option<u64> {
+    rec.properties
+        .iter()
+        .find(|(k, _)| k == DELIVER_AT_PROPERTY)
+        .and_then(|(_, v)| v.parse().ok())
+}
 
 const PENDING_SPACE: &str = "tx_pending";
 const RESOLVED_SPACE: &str = "tx_resolved";
@@ -168,6 +183,9 @@ impl Interner {
     }
     fn name(&self, i: u32) -> &str {
         self.names.get(i as usize).map_or("", String::as_str)
+    }
+    fn id_of(&self, s: &str) -> Option<u32> {
+        self.ids.get(s).copied()
     }
 }
 
@@ -540,7 +558,12 @@ fn apply_record(inner: &mut TxInner, offset: u64, rec: &Record) {
                 .find(|(k, _)| k == PRODUCER_GROUP_PROPERTY)
                 .map_or("", |(_, v)| v.as_str());
             let (g, t) = (inner.strings.id(group), inner.strings.id(&rec.topic));
-            inner.sched.add(offset, g, t, rec.store_timestamp_ms);
+            match deliver_at(rec) {
+                Some(due) => inner
+                    .sched
+                    .add_at(offset, g, t, rec.store_timestamp_ms, due),
+                None => inner.sched.add(offset, g, t, rec.store_timestamp_ms),
+            }
             inner.dirty.insert(offset);
         }
         RecordKind::TxCommit | RecordKind::TxRollback => {
@@ -646,6 +669,67 @@ impl Broker {
                 queue_id,
             })
             .collect())
+    }
+
+    /// Stores a batch holding delayed messages (halves of [`DELAY_GROUP`])
+    /// and possibly ordinary ones, all or nothing, with one durability wait.
+    /// The delayed ones join the deadline-ordered index (and count against
+    /// `max_pending_halves`); the check driver commits each when due.
+    ///
+    /// # Errors
+    /// [`BrokerError::TooManyPendingHalves`], storage errors.
+    pub(crate) async fn send_delayed(
+        &self,
+        records: Vec<Record>,
+    ) -> Result<Vec<crate::broker::SendReceipt>, BrokerError> {
+        let info: Vec<(MessageId, u32, String, u64, Option<u64>)> = records
+            .iter()
+            .map(|r| {
+                let due = (r.kind == RecordKind::Half)
+                    .then(|| deliver_at(r))
+                    .flatten();
+                (
+                    r.message_id,
+                    r.queue_id,
+                    r.topic.clone(),
+                    r.store_timestamp_ms,
+                    due,
+                )
+            })
+            .collect();
+        let delayed = info.iter().filter(|i| i.4.is_some()).count();
+        let tx = self.tx();
+        let receipt = {
+            let mut inner = lock(&tx.inner);
+            if inner.sched.len() + delayed > tx.max_pending {
+                return Err(BrokerError::TooManyPendingHalves(tx.max_pending));
+            }
+            let r = self.store().append(records)?;
+            let g = inner.strings.id(DELAY_GROUP);
+            for (off, (_, _, topic, stored_ms, due)) in r.offsets.iter().zip(&info) {
+                if let Some(due) = due {
+                    let t = inner.strings.id(topic);
+                    inner.sched.add_at(*off, g, t, *stored_ms, *due);
+                    inner.dirty.insert(*off);
+                }
+            }
+            r
+        };
+        self.store().wait_durable(receipt.end).await?;
+        tx.wake.notify_one();
+        let mut out = Vec::with_capacity(info.len());
+        for (i, (message_id, queue_id, topic, _, due)) in info.into_iter().enumerate() {
+            if due.is_none() {
+                self.notify_topic(&topic);
+            }
+            out.push(crate::broker::SendReceipt {
+                message_id,
+                queue_id,
+                queue_offset: receipt.queue_offsets[i].unwrap_or(0),
+                deliver_at_ms: due.unwrap_or(0),
+            });
+        }
+        Ok(out)
     }
 
     /// Ends a transaction: commit makes the half visible once, rollback
@@ -888,9 +972,11 @@ impl Broker {
         let now = self.now_ms();
         let mut rows: Vec<(u64, HalfState, String, String)> = {
             let inner = lock(&tx.inner);
+            let delay_group = inner.strings.id_of(DELAY_GROUP);
             let mut v: Vec<_> = inner
                 .sched
                 .iter()
+                .filter(|(_, s)| Some(s.group) != delay_group)
                 .map(|(o, s)| {
                     (
                         o,
@@ -956,10 +1042,12 @@ impl Broker {
         for _chunk in 0..100 {
             let now = self.now_ms();
             let mut to_send = Vec::new();
+            let mut to_deliver = Vec::new();
             let mut timed_out = Vec::new();
             let more = {
                 let mut inner = lock(&tx.inner);
                 let live_ids: Vec<u32> = live.iter().map(|g| inner.strings.id(g)).collect();
+                let delay_group = inner.strings.id(DELAY_GROUP);
                 let mut handled = 0;
                 while handled < 1024 && to_send.len() < 64 {
                     let Some(due) = inner.sched.next_due(now) else {
@@ -974,7 +1062,12 @@ impl Broker {
                         }
                         Due::Check(offset) => {
                             let group = inner.sched.get(offset).map(|s| s.group);
-                            if group.is_some_and(|g| live_ids.contains(&g)) {
+                            if group == Some(delay_group) {
+                                // A delayed message is due: commit it. Looked at
+                                // again in 1 s should that fail.
+                                inner.sched.defer(offset, now + 1_000);
+                                to_deliver.push(offset);
+                            } else if group.is_some_and(|g| live_ids.contains(&g)) {
                                 // Defer it a moment so this loop moves on; send_check reschedules.
                                 inner.sched.defer(offset, now + 1);
                                 to_send.push(offset);
@@ -995,12 +1088,45 @@ impl Broker {
             for offset in to_send {
                 self.send_check(offset, now);
             }
+            self.deliver_delayed(to_deliver).await;
             if !more {
                 break;
             }
             tokio::task::yield_now().await;
         }
         lock(&tx.inner).sched.next_due_ms()
+    }
+
+    /// Commits due delayed messages (one append, one durability wait).
+    async fn deliver_delayed(&self, offsets: Vec<u64>) {
+        if offsets.is_empty() {
+            return;
+        }
+        let mut ends = Vec::with_capacity(offsets.len());
+        for offset in offsets {
+            match self.store().log().read(offset) {
+                Ok(r) => ends.push((
+                    TransactionId {
+                        offset,
+                        message_id: r.message_id,
+                    }
+                    .encode(),
+                    Resolution::Commit,
+                )),
+                Err(e) => {
+                    tracing::error!(offset, error = %e, "cannot read a due delayed message; retrying")
+                }
+            }
+        }
+        let tids: Vec<String> = ends.iter().map(|(t, _)| t.clone()).collect();
+        for (tid, r) in tids
+            .iter()
+            .zip(self.end_transactions(ends, EndSource::Check).await)
+        {
+            if let Err(e) = r {
+                tracing::error!(transaction_id = %tid, error = %e, "delayed message not delivered yet; retrying");
+            }
+        }
     }
 
     fn send_check(&self, offset: u64, now: u64) {

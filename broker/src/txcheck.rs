@@ -147,6 +147,13 @@ impl CheckScheduler {
         );
     }
 
+    /// A delayed message stored at `stored_ms`, due at `due_ms`: kept in the
+    /// same deadline order as halves (its owner commits it when due).
+    pub fn add_at(&mut self, offset: u64, group: u32, topic: u32, stored_ms: u64, due_ms: u64) {
+        self.add(offset, group, topic, stored_ms);
+        self.reschedule(offset, due_ms);
+    }
+
     /// Puts back a half as it was (restart).
     pub fn restore(&mut self, offset: u64, mut state: HalfState) {
         self.remove(offset);

@@ -275,6 +275,10 @@ pub struct Message {
     pub properties: HashMap<String, String>,
     /// Body.
     pub body: Bytes,
+    /// Delayed delivery: consumers see it this long after the broker stored
+    /// it (millisecond precision; at most the broker's `max_delay_ms`).
+    /// Zero, the default: at once. Ordinary sends only.
+    pub delay: Duration,
 }
 
 impl Message {
@@ -287,6 +291,7 @@ impl Message {
             keys: Vec::new(),
             properties: HashMap::new(),
             body: body.into(),
+            delay: Duration::ZERO,
         }
     }
 
@@ -320,6 +325,12 @@ impl Message {
         self
     }
 
+    /// Delays delivery by `delay` (see [`Message::delay`]).
+    pub fn with_delay(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+
     fn into_wire(self) -> pb::Message {
         pb::Message {
             topic: self.topic,
@@ -332,6 +343,7 @@ impl Message {
             keys: self.keys,
             properties: self.properties,
             body: self.body,
+            delay_ms: self.delay.as_millis().try_into().unwrap_or(u64::MAX),
         }
     }
 }
@@ -343,8 +355,11 @@ pub struct SendReceipt {
     pub message_id: String,
     /// Queue id.
     pub queue_id: u32,
-    /// Queue offset.
+    /// Queue offset (0 for a delayed message: it gets one when due).
     pub queue_offset: u64,
+    /// When a delayed message becomes visible, broker clock, ms since the
+    /// epoch; 0 for an ordinary message.
+    pub deliver_at_ms: u64,
 }
 
 /// Producer options.
@@ -483,6 +498,7 @@ async fn send_wire(
             message_id: r.message_id,
             queue_id: r.queue_id,
             queue_offset: r.queue_offset,
+            deliver_at_ms: r.deliver_at_ms,
         })
         .collect())
 }

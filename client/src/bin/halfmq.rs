@@ -59,7 +59,10 @@ enum Cmd {
         /// How many times to send it.
         #[arg(long, default_value_t = 1)]
         count: u64,
-        /// One JSON object per line: message_id, queue_id, queue_offset.
+        /// Delayed delivery: consumers see it this long after it is stored (e.g. 30s, 2h).
+        #[arg(long, value_parser = duration)]
+        delay: Option<Duration>,
+        /// One JSON object per line: message_id, queue_id, queue_offset (and deliver_at_ms).
         #[arg(long)]
         json: bool,
     },
@@ -292,6 +295,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tag,
             keys,
             count,
+            delay,
             json,
         } => {
             let body = read_body(body)?;
@@ -303,12 +307,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
             );
             for _ in 0..count {
-                let m = message(&topic, &body, tag.as_deref(), &keys);
+                let m = message(&topic, &body, tag.as_deref(), &keys)
+                    .with_delay(delay.unwrap_or_default());
                 let r = producer.send(m).await?;
                 if json {
                     println!(
                         "{}",
-                        json!({"message_id": r.message_id, "topic": topic, "queue_id": r.queue_id, "queue_offset": r.queue_offset})
+                        json!({"message_id": r.message_id, "topic": topic, "queue_id": r.queue_id, "queue_offset": r.queue_offset, "deliver_at_ms": r.deliver_at_ms})
                     );
                 } else {
                     println!("{}", r.message_id);
