@@ -12,11 +12,12 @@
 //!
 //! # State
 //! In memory: the [`CheckScheduler`] (every unresolved half, deadline-ordered)
-//! and the resolutions not yet saved. In sled, saved at every broker
-//! checkpoint: the pending halves that outlived a checkpoint (`tx_pending`),
-//! every resolution (`tx_resolved`, pruned by retention), and the log offset
-//! they reflect (`tx_meta/scan_from`). A half resolved between two
-//! checkpoints costs no sled write at all.
+//! and a bounded cache of recent resolutions. In sled, saved at every broker
+//! checkpoint: the pending halves that outlived a checkpoint (`tx_pending`)
+//! and the log offset they reflect (`tx_meta/scan_from`). A half resolved
+//! between two checkpoints costs no sled write at all. Resolutions live in
+//! the log only: a repeated end of a half no longer pending is answered from
+//! the cache, else by reading forward from the half to its end record.
 //!
 //! # Restart
 //! Load `tx_pending` and `scan_from`, then replay every transactional record
@@ -189,11 +190,43 @@ impl Interner {
     }
 }
 
+/// Resolutions kept in memory for repeated ends, most recent first out
+/// last: about 40 bytes each. Older ones are found in the log.
+const RESOLVED_CACHE_ENTRIES: usize = 65_536;
+
+/// The last [`RESOLVED_CACHE_ENTRIES`] resolutions: half offset → commit?
+#[derive(Default)]
+struct ResolvedCache {
+    map: HashMap<u64, bool>,
+    order: std::collections::VecDeque<u64>,
+}
+
+impl ResolvedCache {
+    fn insert(&mut self, offset: u64, commit: bool) {
+        if self.map.insert(offset, commit).is_none() {
+            self.order.push_back(offset);
+            while self.order.len() > RESOLVED_CACHE_ENTRIES {
+                if let Some(old) = self.order.pop_front() {
+                    self.map.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn get(&self, offset: &u64) -> Option<&bool> {
+        self.map.get(offset)
+    }
+
+    fn contains_key(&self, offset: &u64) -> bool {
+        self.map.contains_key(offset)
+    }
+}
+
 struct TxInner {
     sched: CheckScheduler,
     strings: Interner,
-    /// Resolutions since the last save: offset -> commit?
-    recent: HashMap<u64, bool>,
+    /// Recent resolutions (bounded); the log holds them all.
+    recent: ResolvedCache,
     /// Pending offsets whose saved form changed since the last save.
     dirty: std::collections::HashSet<u64>,
     /// Pending offsets present in sled's `tx_pending` (only those need a delete
@@ -281,7 +314,7 @@ impl TxState {
         let mut inner = TxInner {
             sched: CheckScheduler::new(cfg),
             strings: Interner::default(),
-            recent: HashMap::new(),
+            recent: ResolvedCache::default(),
             dirty: std::collections::HashSet::new(),
             saved: std::collections::HashSet::new(),
             outstanding: HashMap::new(),
@@ -374,7 +407,7 @@ impl TxState {
         store: &Store,
         sync_log: impl FnOnce() -> Result<(), BrokerError>,
     ) -> Result<(), BrokerError> {
-        let (scan_from, pending, removed, resolved) = {
+        let (scan_from, pending, removed) = {
             let mut inner = lock(&self.inner);
             let scan_from = store.log().written_offset();
             let dirty = std::mem::take(&mut inner.dirty);
@@ -396,8 +429,7 @@ impl TxState {
                     }
                 }
             }
-            let resolved: Vec<(u64, bool)> = inner.recent.drain().collect();
-            (scan_from, pending, removed, resolved)
+            (scan_from, pending, removed)
         };
         sync_log()?;
         let meta = store.meta();
@@ -407,20 +439,14 @@ impl TxState {
         for off in &removed {
             meta.remove(PENDING_SPACE, &off.to_be_bytes())?;
         }
-        for (off, commit) in &resolved {
-            meta.put(
-                RESOLVED_SPACE,
-                &off.to_be_bytes(),
-                &[if *commit { 1 } else { 2 }],
-            )?;
-        }
         meta.put(META_SPACE, b"scan_from", &scan_from.to_be_bytes())?;
         meta.flush()?;
         Ok(())
     }
 
-    /// Drops saved resolutions of halves below `min_offset` (their segments
-    /// were deleted by retention).
+    /// Drops resolutions saved in sled by earlier versions (which kept every
+    /// resolution there) for halves below `min_offset` (their segments were
+    /// deleted by retention).
     ///
     /// # Errors
     /// Storage errors.
@@ -440,15 +466,33 @@ impl TxState {
         Ok(n)
     }
 
+    /// How the half at `offset` (no longer pending) was resolved: the
+    /// recent-resolution cache, then sled (resolutions saved by earlier
+    /// versions), then the log itself, read forward from the half to its end
+    /// record (a resolved half always has one after it, so the scan is as
+    /// long as the transaction was open). `None`: no end record found.
     fn resolution_of(&self, store: &Store, offset: u64) -> Result<Option<bool>, BrokerError> {
         if let Some(&c) = lock(&self.inner).recent.get(&offset) {
             return Ok(Some(c));
         }
-        Ok(store
+        if let Some(b) = store
             .meta()
             .get(RESOLVED_SPACE, &offset.to_be_bytes())?
             .and_then(|v| v.first().copied())
-            .map(|b| b == 1))
+        {
+            return Ok(Some(b == 1));
+        }
+        for item in store.log().iter_from(offset) {
+            let Ok((_, rec)) = item else { break };
+            if rec.ref_offset == Some(offset)
+                && matches!(rec.kind, RecordKind::TxCommit | RecordKind::TxRollback)
+            {
+                let commit = rec.kind == RecordKind::TxCommit;
+                lock(&self.inner).recent.insert(offset, commit);
+                return Ok(Some(commit));
+            }
+        }
+        Ok(None)
     }
 
     /// Registers a producer session; returns its id and the receiver of its

@@ -141,6 +141,68 @@ async fn rollback_is_invisible_and_final() {
     b.shutdown().await.unwrap();
 }
 
+/// After a restart the in-memory resolutions are gone: a repeated end is
+/// answered from the log (the end record after the half).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_ends_after_a_restart_are_answered_from_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = start(tx_config(dir.path())).await;
+    let c = client(b.addr).await;
+    let p = TransactionProducer::new(c.clone(), "pg", answering(TransactionResolution::Unknown));
+    let committed = p.send_half(Message::new("orders", "c")).await.unwrap();
+    let rolled_back = p.send_half(Message::new("orders", "r")).await.unwrap();
+    // Traffic between the halves and their ends, so the scans have work.
+    let normal = halfmq_client::Producer::new(c.clone());
+    for i in 0..200 {
+        normal
+            .send(Message::new("other", format!("{i}")))
+            .await
+            .unwrap();
+    }
+    committed.commit().await.unwrap();
+    rolled_back.rollback().await.unwrap();
+    drop((p, normal, c));
+    b.shutdown().await.unwrap();
+    let b = start(tx_config(dir.path())).await;
+    let c = client(b.addr).await;
+    let end = |tid: String, r: TransactionResolution| {
+        let c = c.clone();
+        async move { halfmq_client::end_transaction(&c, &tid, r, EndSource::Producer).await }
+    };
+    end(
+        committed.transaction_id.clone(),
+        TransactionResolution::Commit,
+    )
+    .await
+    .unwrap();
+    let e = end(
+        committed.transaction_id.clone(),
+        TransactionResolution::Rollback,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Some(Code::TransactionConflict));
+    end(
+        rolled_back.transaction_id.clone(),
+        TransactionResolution::Rollback,
+    )
+    .await
+    .unwrap();
+    let e = end(
+        rolled_back.transaction_id.clone(),
+        TransactionResolution::Commit,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Some(Code::TransactionConflict));
+    // Still delivered exactly once.
+    let cons = Consumer::new(c.clone(), "g", "orders");
+    let got = consume_all(&cons, Duration::from_millis(500)).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(&got[0].body[..], b"c");
+    b.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crashed_producer_is_resolved_by_another_instance_of_its_group() {
     let dir = tempfile::tempdir().unwrap();
