@@ -382,6 +382,7 @@ impl Broker {
             cfg.check_config(),
             cfg.max_pending_halves as usize,
             cfg.max_checks_inflight_per_session as usize,
+            cfg.transaction_replay_bytes,
         )?;
         let (shutdown_tx, _) = watch::channel(false);
         let id_prefix = rand::random::<u64>();

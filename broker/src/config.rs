@@ -108,6 +108,12 @@ pub struct BrokerConfig {
     /// goes to its group's dead-letter queue `%DLQ%<group>`. Default 16
     /// (RocketMQ's maxReconsumeTimes).
     pub max_reconsume_times: u32,
+    /// How much of the commit log a restart may replay to rebuild the
+    /// transaction state, bytes: pending halves (and delayed messages) older
+    /// than that, or already checked, are saved in sled at checkpoints; the
+    /// rest are found again in the log. Default 1 GiB (about a second of
+    /// recovery here); 0 saves every pending half.
+    pub transaction_replay_bytes: u64,
     /// Longest delay a delayed send may ask for, ms. Default 3 days
     /// (RocketMQ 5's timerMaxDelaySec).
     pub max_delay_ms: u64,
@@ -142,6 +148,7 @@ impl Default for BrokerConfig {
             retention_check_interval_ms: 60_000,
             min_free_disk_bytes: 64 << 20,
             max_delay_ms: 3 * 24 * 3600 * 1000,
+            transaction_replay_bytes: 1 << 30,
             transaction_timeout_ms: 6_000,
             check_interval_ms: 30_000,
             check_max: 15,

@@ -98,6 +98,9 @@ struct Args {
     /// `retention_check_interval_ms`, as a duration.
     #[arg(long, value_parser = duration_ms)]
     retention_check_interval: Option<u64>,
+    /// `transaction_replay_bytes`: log a restart may replay for the transaction state.
+    #[arg(long)]
+    transaction_replay_bytes: Option<u64>,
     /// `max_delay_ms`, as a duration: longest delay of a delayed send.
     #[arg(long, value_parser = duration_ms)]
     max_delay: Option<u64>,
@@ -160,6 +163,7 @@ fn load_config(args: &Args) -> anyhow::Result<BrokerConfig> {
         checkpoint_interval => checkpoint_interval_ms, retention => retention_ms,
         retention_bytes => retention_bytes, retention_check_interval => retention_check_interval_ms,
         min_free_disk_bytes => min_free_disk_bytes, max_delay => max_delay_ms,
+        transaction_replay_bytes => transaction_replay_bytes,
         transaction_timeout => transaction_timeout_ms, check_interval => check_interval_ms,
         check_max => check_max, check_reply_timeout => check_reply_timeout_ms,
         max_checks_inflight_per_session => max_checks_inflight_per_session,

@@ -234,6 +234,12 @@ struct TxInner {
     saved: std::collections::HashSet<u64>,
     /// Outstanding checks: half offset -> session id.
     outstanding: HashMap<u64, u64>,
+    /// Log offsets written at recent saves (record boundaries), oldest
+    /// first; the first is where a restart replays from (see `save`).
+    save_points: std::collections::VecDeque<u64>,
+    /// No unsaved pending half lies below this offset (so a save whose
+    /// replay start is not past it need not look for aged halves).
+    unsaved_from: u64,
 }
 
 struct Session {
@@ -249,6 +255,8 @@ pub struct TxState {
     cfg: CheckConfig,
     max_pending: usize,
     max_checks_per_session: usize,
+    /// `transaction_replay_bytes`: how much log a restart may replay.
+    replay_bytes: u64,
     inner: Mutex<TxInner>,
     sessions: Mutex<Vec<Session>>,
     next_session: AtomicU64,
@@ -310,6 +318,7 @@ impl TxState {
         cfg: CheckConfig,
         max_pending: usize,
         max_checks_per_session: usize,
+        replay_bytes: u64,
     ) -> Result<TxState, BrokerError> {
         let mut inner = TxInner {
             sched: CheckScheduler::new(cfg),
@@ -318,6 +327,8 @@ impl TxState {
             dirty: std::collections::HashSet::new(),
             saved: std::collections::HashSet::new(),
             outstanding: HashMap::new(),
+            save_points: std::collections::VecDeque::new(),
+            unsaved_from: 0,
         };
         let meta = store.meta();
         let written = store.log().written_offset();
@@ -356,6 +367,7 @@ impl TxState {
             None => 0,
         };
         let scan_from = scan_from.max(store.log().min_offset()).min(written);
+        inner.save_points.push_back(scan_from);
         let mut replayed = 0u64;
         for item in store.log().iter_from(scan_from) {
             let (offset, rec) = match item {
@@ -378,6 +390,7 @@ impl TxState {
             cfg,
             max_pending,
             max_checks_per_session,
+            replay_bytes,
             inner: Mutex::new(inner),
             sessions: Mutex::new(Vec::new()),
             next_session: AtomicU64::new(1),
@@ -396,9 +409,16 @@ impl TxState {
         lock(&self.inner).sched.len()
     }
 
-    /// Saves pending halves that changed and resolutions since the last
-    /// save. `sync_log` must make the log durable past every record the
-    /// state reflects (the broker passes the store checkpoint).
+    /// Saves what a restart could not rebuild from the last
+    /// `transaction_replay_bytes` of the log: pending halves that were
+    /// checked or given up (their counts are not in the log), and every
+    /// pending half older than the replay start. A restart loads those and
+    /// replays the log from that start (a record boundary: the log end at an
+    /// earlier save). Most halves are resolved long before they age out of
+    /// the replay window and cost no sled write (sled's memory per key is
+    /// large: ~290 bytes per saved half, measured). `sync_log` must make the
+    /// log durable past every record the state reflects (the broker passes
+    /// the store checkpoint).
     ///
     /// # Errors
     /// Storage errors.
@@ -409,24 +429,59 @@ impl TxState {
     ) -> Result<(), BrokerError> {
         let (scan_from, pending, removed) = {
             let mut inner = lock(&self.inner);
-            let scan_from = store.log().written_offset();
+            let written = store.log().written_offset();
+            let inner = &mut *inner;
+            inner.save_points.push_back(written);
+            let target = written.saturating_sub(self.replay_bytes);
+            while inner.save_points.len() >= 2 && inner.save_points[1] <= target {
+                inner.save_points.pop_front();
+            }
+            let scan_from = inner.save_points[0];
             let dirty = std::mem::take(&mut inner.dirty);
             let mut pending = Vec::new();
             let mut removed = Vec::new();
+            let mut save = |inner: &mut TxInner, off: u64, s: &HalfState| {
+                let v =
+                    encode_half_state(s, inner.strings.name(s.group), inner.strings.name(s.topic));
+                inner.saved.insert(off);
+                pending.push((off, v));
+            };
             for off in dirty {
-                let encoded = inner.sched.get(off).map(|s| {
-                    encode_half_state(s, inner.strings.name(s.group), inner.strings.name(s.topic))
-                });
-                match encoded {
-                    Some(v) => {
-                        inner.saved.insert(off);
-                        pending.push((off, v));
+                match inner.sched.get(off).copied() {
+                    Some(s) => {
+                        if inner.saved.contains(&off)
+                            || s.check_times > 0
+                            || s.given_up
+                            || off < scan_from
+                        {
+                            save(inner, off, &s);
+                        }
                     }
                     None => {
                         if inner.saved.remove(&off) {
                             removed.push(off);
                         }
                     }
+                }
+            }
+            // Halves the replay start has passed since the last save (one
+            // pass over the index, only when the start may have passed one).
+            if scan_from > inner.unsaved_from {
+                let mut lowest_left = written;
+                let mut aged: Vec<(u64, HalfState)> = Vec::new();
+                for (o, s) in inner.sched.iter() {
+                    if inner.saved.contains(&o) {
+                        continue;
+                    }
+                    if o < scan_from {
+                        aged.push((o, *s));
+                    } else {
+                        lowest_left = lowest_left.min(o);
+                    }
+                }
+                inner.unsaved_from = lowest_left;
+                for (off, s) in aged {
+                    save(inner, off, &s);
                 }
             }
             (scan_from, pending, removed)

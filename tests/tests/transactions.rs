@@ -141,6 +141,59 @@ async fn rollback_is_invisible_and_final() {
     b.shutdown().await.unwrap();
 }
 
+/// With a replay window of 4 KiB, halves that fall out of it are saved in
+/// sled at a checkpoint: a restart finds them without replaying that far.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn halves_older_than_the_replay_window_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = || halfmq_broker::BrokerConfig {
+        transaction_replay_bytes: 4096,
+        transaction_timeout_ms: 60_000, // never checked: only age saves them
+        ..tx_config(dir.path())
+    };
+    let b = start(cfg()).await;
+    let c = client(b.addr).await;
+    let p = TransactionProducer::new(c.clone(), "pg", answering(TransactionResolution::Unknown));
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(
+            p.send_half(Message::new("orders", format!("h{i}")))
+                .await
+                .unwrap(),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await; // a checkpoint: not saved yet
+    let normal = halfmq_client::Producer::new(c.clone());
+    for i in 0..64 {
+        normal
+            .send(Message::new("other", vec![i as u8; 1024]))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await; // aged out: saved
+    drop((p, normal, c));
+    b.shutdown().await.unwrap();
+    let b = start(cfg()).await;
+    let c = client(b.addr).await;
+    let pending = Admin::new(c.clone()).list_transactions().await.unwrap();
+    let got: std::collections::HashSet<&str> =
+        pending.iter().map(|t| t.transaction_id.as_str()).collect();
+    let want: std::collections::HashSet<&str> =
+        ids.iter().map(|t| t.transaction_id.as_str()).collect();
+    assert_eq!(got, want);
+    halfmq_client::end_transaction(
+        &c,
+        &ids[0].transaction_id,
+        TransactionResolution::Commit,
+        EndSource::Producer,
+    )
+    .await
+    .unwrap();
+    let got = consume_all(&Consumer::new(c, "g", "orders"), Duration::from_millis(500)).await;
+    assert_eq!(got.len(), 1);
+    b.shutdown().await.unwrap();
+}
+
 /// After a restart the in-memory resolutions are gone: a repeated end is
 /// answered from the log (the end record after the half).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
