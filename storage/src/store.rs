@@ -282,14 +282,7 @@ impl Store {
         let end = self.log.written_offset();
         let max = self.cfg.max_record_bytes as u64;
         let mut bad: Vec<QueueKey> = Vec::new();
-        let queues: Vec<Arc<ConsumeQueue>> = self
-            .queues
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        for cq in queues {
+        for cq in self.all_queues() {
             let mut first_bad = None;
             cq.for_each_entry(|qo, e| {
                 let size = u64::from(e.size);
@@ -512,6 +505,12 @@ impl Store {
         Ok(cq)
     }
 
+    /// Every consume queue (a snapshot of the set).
+    fn all_queues(&self) -> Vec<Arc<ConsumeQueue>> {
+        let qs = self.queues.read().unwrap_or_else(|e| e.into_inner());
+        qs.values().cloned().collect()
+    }
+
     /// The consume queue of (topic, queue id), if it has ever had an entry.
     pub fn queue(&self, topic: &str, queue_id: u32) -> Option<Arc<ConsumeQueue>> {
         let qs = self.queues.read().unwrap_or_else(|e| e.into_inner());
@@ -671,14 +670,7 @@ impl Store {
         }
         if !doomed.is_empty() {
             let min = self.log.min_offset();
-            let qs: Vec<Arc<ConsumeQueue>> = self
-                .queues
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .values()
-                .cloned()
-                .collect();
-            for cq in qs {
+            for cq in self.all_queues() {
                 cq.delete_expired(min)?;
             }
         }

@@ -22,6 +22,19 @@ pub fn test_config(dir: &Path) -> BrokerConfig {
     }
 }
 
+/// A two-thread tokio runtime, for tests that also drive child processes
+/// from plain threads.
+///
+/// # Panics
+/// When the runtime cannot be built.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
 /// Starts an in-process broker.
 ///
 /// # Panics

@@ -105,11 +105,7 @@ fn cli_send_and_consume_json() {
 #[test]
 fn sigkill_loses_no_acknowledged_message() {
     let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = halfmq_tests::runtime();
     let mut acked = HashSet::new();
     for round in 0..3 {
         let b = BrokerProcess::start(dir.path(), &[]);

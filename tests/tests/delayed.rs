@@ -114,11 +114,7 @@ async fn delays_over_the_limit_and_on_halves_are_refused() {
 #[test]
 fn delayed_messages_survive_sigkill_and_due_ones_fire_at_start_up() {
     let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = halfmq_tests::runtime();
     let broker = BrokerProcess::start(dir.path(), &[]);
     let t0 = Instant::now();
     rt.block_on(async {

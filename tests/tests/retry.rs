@@ -229,11 +229,7 @@ fn halfmq_storage_now_ms() -> u64 {
 fn sigkill_with_scheduled_retries_pending_fires_them_all_after_restart() {
     let dir = tempfile::tempdir().unwrap();
     let flags = ["--retry-delays", "1s 1s 1s", "--max-reconsume-times", "5"];
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = halfmq_tests::runtime();
     let b = BrokerProcess::start(dir.path(), &flags);
     let addr = b.addr.clone();
     let nacked: HashSet<String> = rt.block_on(async move {

@@ -139,11 +139,7 @@ fn run_soak_with(kills: usize, flush: &str, power_loss: bool) {
         "--checkpoint-interval",
         "500ms",
     ];
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = halfmq_tests::runtime();
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let producing = Arc::new(AtomicBool::new(true));
     let consuming = Arc::new(AtomicBool::new(true));

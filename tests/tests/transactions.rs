@@ -541,11 +541,7 @@ fn sigkill_with_pending_and_committed_halves() {
         "--check-max",
         "50",
     ];
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = halfmq_tests::runtime();
     let b = BrokerProcess::start(dir.path(), &flags);
     let addr = b.addr.clone();
     let (committed, pending, rolled_back) = rt.block_on(async move {
