@@ -338,15 +338,18 @@ impl ConsumeQueue {
         }
     }
 
-    /// Calls `f(queue_offset, entry)` for every non-hole entry from the first
-    /// retained file to the end, reading each file whole.
+    /// Calls `f(queue_offset, entry)` for every non-hole entry of the last
+    /// `last_files` files, in order, reading each file whole.
     ///
     /// # Errors
     /// I/O errors.
-    pub fn for_each_entry(&self, mut f: impl FnMut(u64, CqEntry)) -> Result<()> {
+    pub fn for_each_entry(&self, last_files: usize, mut f: impl FnMut(u64, CqEntry)) -> Result<()> {
         let files: Vec<(u64, Arc<File>)> = lock(&self.inner)
             .files
             .iter()
+            .rev()
+            .take(last_files)
+            .rev()
             .map(|(b, f)| (*b, Arc::clone(f)))
             .collect();
         let mut buf = vec![0u8; (self.entries_per_file * CQ_ENTRY_BYTES) as usize];

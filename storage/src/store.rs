@@ -273,18 +273,20 @@ impl Store {
         Ok(store)
     }
 
-    /// Start-up check of every consume-queue entry against what any entry
+    /// Start-up check of the consume-queue entries of each queue's last
+    /// three files (as RocketMQ recovers its consume queues: start-up cost
+    /// stays bounded however long the queues are) against what any entry
     /// must satisfy (a record size within limits, ending inside the log);
     /// queues with an entry that cannot be right are repaired from the log.
-    /// Entries that pass but point at the wrong record are caught when read
-    /// (see [`Store::read_queue`]).
+    /// Older entries, and entries that pass but point at the wrong record,
+    /// are caught when read (see [`Store::read_queue`]).
     fn check_consume_queues(&self) -> Result<()> {
         let end = self.log.written_offset();
         let max = self.cfg.max_record_bytes as u64;
         let mut bad: Vec<QueueKey> = Vec::new();
         for cq in self.all_queues() {
             let mut first_bad = None;
-            cq.for_each_entry(|qo, e| {
+            cq.for_each_entry(3, |qo, e| {
                 let size = u64::from(e.size);
                 let ok = size >= MIN_RECORD_BYTES as u64
                     && size <= max
