@@ -282,7 +282,12 @@ impl pb::producer_server::Producer for Services {
                 )));
             }
         };
-        if let Err(e) = crate::names::check_group(&hello.producer_group) {
+        // A session opened once shutdown has begun would keep the drain waiting.
+        let refused = self
+            .broker
+            .check_running_pub()
+            .and_then(|()| crate::names::check_group(&hello.producer_group));
+        if let Err(e) = refused {
             let _ = out_tx
                 .send(down(pb::session_down::Kind::Error(
                     status(&e).unwrap_or_default(),
@@ -327,7 +332,9 @@ impl pb::producer_server::Producer for Services {
                         Ok(Some(_)) => tracing::warn!(session = sid, "unexpected session message ignored"),
                         Ok(None) | Err(_) => break,
                     },
-                    _ = stop.changed() => break,
+                    // wait_for, not changed: the shutdown may have begun before this
+                    // receiver was made, and changed() would then never fire.
+                    _ = async { stop.wait_for(|stopping| *stopping).await.map(|_| ()) } => break,
                 }
             }
             broker.tx_state().close_session(sid);

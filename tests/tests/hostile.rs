@@ -247,3 +247,43 @@ async fn a_session_closing_with_a_check_out_hands_it_to_another_instance() {
     assert!(pending.is_empty(), "{pending:?}");
     b.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_opened_during_shutdown_is_refused_and_does_not_hold_it_up() {
+    use halfmq_proto::v1 as pb;
+    let dir = tempfile::tempdir().unwrap();
+    let b = start(test_config(dir.path())).await;
+    let mut raw = pb::producer_client::ProducerClient::connect(format!("http://{}", b.addr))
+        .await
+        .unwrap();
+    b.broker.begin_shutdown();
+    let hello = pb::SessionUp {
+        kind: Some(pb::session_up::Kind::Hello(pb::Hello {
+            producer_group: "pg".into(),
+            topics: Vec::new(),
+        })),
+    };
+    // The upstream stays open, as a live producer's would.
+    let (up_tx, up_rx) = tokio::sync::mpsc::channel(1);
+    up_tx.send(hello).await.unwrap();
+    let mut down = raw
+        .session(tokio_stream::wrappers::ReceiverStream::new(up_rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(5), down.message())
+        .await
+        .expect("an answer")
+        .unwrap();
+    match first.and_then(|d| d.kind) {
+        Some(pb::session_down::Kind::Error(s)) => {
+            assert_eq!(s.code, pb::Code::ShuttingDown as i32, "{s:?}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    tokio::time::timeout(Duration::from_secs(10), b.shutdown())
+        .await
+        .expect("shutdown finishes")
+        .unwrap();
+    drop(up_tx);
+}
