@@ -105,9 +105,10 @@ fn lose_unsynced_log(dir: &std::path::Path) -> u64 {
 }
 
 /// Async flush's loss bound under power loss, as the README states it:
-/// the last `flush_interval_ms` (500 ms) plus one fdatasync; 500 ms of slack
-/// for scheduling on a loaded test machine.
-const ASYNC_LOSS_BOUND: Duration = Duration::from_millis(500 + 500);
+/// the last `flush_interval_ms` (500 ms) plus one fdatasync; 1 s of slack
+/// for a checkpoint that runs late on a loaded CI machine (the report gives
+/// the measured worst age, ~300 ms here).
+const ASYNC_LOSS_BOUND: Duration = Duration::from_millis(500 + 1_000);
 
 fn run_soak(kills: usize, flush: &str) {
     run_soak_with(kills, flush, false)
