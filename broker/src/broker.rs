@@ -242,6 +242,10 @@ pub struct Stats {
     pub connections: u64,
     /// Open producer sessions (check-back streams).
     pub producer_sessions: u64,
+    /// Unresolved half messages (given-up ones included).
+    pub pending_halves: u64,
+    /// Delayed messages not yet due.
+    pub delayed_messages: u64,
 }
 
 /// A topic's configuration and runtime state.
@@ -1210,6 +1214,7 @@ impl Broker {
             .collect();
         gs.sort_by(|a, b| (&a.group, &a.topic).cmp(&(&b.group, &b.topic)));
         let log_bytes = self.store.log().written_offset() - self.store.log().min_offset();
+        let (halves, delayed) = self.tx_state().pending_counts();
         Stats {
             messages_in: c.messages_in.load(Ordering::Relaxed),
             bytes_in: c.bytes_in.load(Ordering::Relaxed),
@@ -1222,6 +1227,8 @@ impl Broker {
             uptime_ms: self.started.elapsed().as_millis() as u64,
             connections: c.connections.load(Ordering::Relaxed),
             producer_sessions: self.tx_state().session_count() as u64,
+            pending_halves: halves as u64,
+            delayed_messages: delayed as u64,
         }
     }
 

@@ -664,6 +664,8 @@ impl pb::admin_server::Admin for Services {
             uptime_ms: s.uptime_ms,
             connections: s.connections,
             producer_sessions: s.producer_sessions,
+            pending_halves: s.pending_halves,
+            delayed_messages: s.delayed_messages,
         }))
     }
 }

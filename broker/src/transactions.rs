@@ -579,6 +579,17 @@ impl TxState {
         (id, rx)
     }
 
+    /// (Unresolved half messages, delayed messages not yet due): one pass
+    /// over the index.
+    pub fn pending_counts(&self) -> (usize, usize) {
+        let inner = lock(&self.inner);
+        let delayed = match inner.strings.id_of(DELAY_GROUP) {
+            Some(g) => inner.sched.iter().filter(|(_, s)| s.group == g).count(),
+            None => 0,
+        };
+        (inner.sched.len() - delayed, delayed)
+    }
+
     /// Open producer sessions.
     pub fn session_count(&self) -> usize {
         lock(&self.sessions).len()

@@ -46,12 +46,14 @@ async fn a_delayed_message_is_invisible_until_due_then_delivered_once() {
     let g1 = Consumer::new(c.clone(), "g1", "later");
     let g2 = Consumer::new(c.clone(), "g2", "later");
     assert_eq!(collect(&g1, Duration::from_millis(400)).await, vec!["now"]);
-    // Not a transaction anyone can see or end.
+    // Not a transaction anyone can see or end; counted apart.
     assert!(Admin::new(c.clone())
         .list_transactions()
         .await
         .unwrap()
         .is_empty());
+    let s = Admin::new(c.clone()).stats().await.unwrap();
+    assert_eq!((s.pending_halves, s.delayed_messages), (0, 1));
     // Due: delivered once to each group, not before its time.
     let mut got = Vec::new();
     while got.is_empty() {

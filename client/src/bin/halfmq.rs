@@ -374,6 +374,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "acks": s.acks, "redeliveries": s.redeliveries,
                 "commit_log_bytes": s.commit_log_bytes, "uptime_ms": s.uptime_ms,
                 "connections": s.connections, "producer_sessions": s.producer_sessions,
+                "pending_halves": s.pending_halves, "delayed_messages": s.delayed_messages,
                 "groups": groups,
             });
             if json {
