@@ -395,3 +395,49 @@ async fn checks_inflight_per_session_at_the_edge() {
     assert_eq!(l.iter().filter(|t| t.check_times == 0).count(), 3);
     b.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_per_connection_at_the_edge() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = halfmq_broker::BrokerConfig {
+        max_requests_per_connection: 4,
+        ..test_config(dir.path())
+    };
+    let b = start(cfg).await;
+    let c = client(b.addr).await;
+    Admin::new(c.clone()).create_topic("rq", 1).await.unwrap();
+    // Eight 600 ms long polls on one connection: four run, four wait their
+    // turn, so the last ends after two rounds, none fails.
+    let t0 = std::time::Instant::now();
+    let polls: Vec<_> = (0..8)
+        .map(|i| {
+            let cons = Consumer::new(c.clone(), format!("g{i}"), "rq");
+            tokio::spawn(async move { cons.receive(1, Duration::from_millis(600)).await })
+        })
+        .collect();
+    for p in polls {
+        assert!(p.await.unwrap().unwrap().is_empty());
+    }
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(1_150),
+        "8 polls ran at once: {took:?}"
+    );
+    // Four fit at once.
+    let t0 = std::time::Instant::now();
+    let polls: Vec<_> = (0..4)
+        .map(|i| {
+            let cons = Consumer::new(c.clone(), format!("g{i}"), "rq");
+            tokio::spawn(async move { cons.receive(1, Duration::from_millis(600)).await })
+        })
+        .collect();
+    for p in polls {
+        p.await.unwrap().unwrap();
+    }
+    assert!(
+        t0.elapsed() < Duration::from_millis(1_100),
+        "{:?}",
+        t0.elapsed()
+    );
+    b.shutdown().await.unwrap();
+}
