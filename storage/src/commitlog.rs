@@ -355,6 +355,7 @@ impl CommitLog {
             .values()
             .next_back()
             .cloned()
+            // invariant: open() created a segment above when there was none
             .expect("at least one segment exists: created above when empty");
         // The recovered tail may sit only in the page cache (after a process
         // kill in async mode): make it durable before calling it flushed.
