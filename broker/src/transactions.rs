@@ -54,8 +54,8 @@ pub const GIVEN_UP_TOPIC: &str = "%TRANS_CHECK_MAX_TIME%";
 /// check driver instead of being checked (no client can use `%` names).
 pub const DELAY_GROUP: &str = "%DELAY%";
 /// System property holding a delayed message's delivery time, ms since the
-/// epoch by the broker's clock.
-pub const DELIVER_AT_PROPERTY: &str = "halfmq.deliver_at_ms";
+/// epoch by the broker's clock: the one retries use (one name, one meaning).
+pub use crate::redelivery::DELIVER_AT_PROPERTY;
 
 /// The delivery time of a delayed message's record, if it is one.
 fn deliver_at(rec: &Record) -> Option<u64> {
