@@ -107,6 +107,9 @@ struct Args {
     /// `min_free_disk_bytes`: writes are refused (STORAGE_FULL) below this much free disk; 0 = no floor.
     #[arg(long)]
     min_free_disk_bytes: Option<u64>,
+    /// `preallocate_bytes`: zero-filled space kept ahead of the commit log's end; 0 = off.
+    #[arg(long)]
+    preallocate_bytes: Option<u64>,
     /// `transaction_timeout_ms`, as a duration: halves younger than this are
     /// never checked back.
     #[arg(long, value_parser = duration_ms)]
@@ -162,7 +165,8 @@ fn load_config(args: &Args) -> anyhow::Result<BrokerConfig> {
         max_connections => max_connections, max_requests_per_connection => max_requests_per_connection,
         checkpoint_interval => checkpoint_interval_ms, retention => retention_ms,
         retention_bytes => retention_bytes, retention_check_interval => retention_check_interval_ms,
-        min_free_disk_bytes => min_free_disk_bytes, max_delay => max_delay_ms,
+        min_free_disk_bytes => min_free_disk_bytes, preallocate_bytes => preallocate_bytes,
+        max_delay => max_delay_ms,
         transaction_replay_bytes => transaction_replay_bytes,
         transaction_timeout => transaction_timeout_ms, check_interval => check_interval_ms,
         check_max => check_max, check_reply_timeout => check_reply_timeout_ms,

@@ -13,7 +13,17 @@
 //! byte and holds whole records back to back (see [`crate::record`]). Physical
 //! offsets are contiguous across segments: a segment ends where its last record
 //! ends, and a record that would push a segment past `segment_bytes` starts the
-//! next one. Files are not preallocated; a file's length is its end.
+//! next one.
+//!
+//! The active segment keeps up to `preallocate_bytes` (default 1 MiB) of
+//! zeros written ahead of its end, extended by the writer a step at a time:
+//! an fdatasync of data written into space that is already allocated and
+//! written needs no inode update, which halves its latency and CPU on this
+//! project's disk. A sealed segment's file is cut to its end before it is
+//! sealed, and [`CommitLog::close`] cuts the active one, so after a clean
+//! shutdown a file's length is its end. After a crash the active file may end
+//! in zeros; recovery takes a run of zeros reaching the end of the file for
+//! preallocated space, not damage.
 //!
 //! # Write path and fsyncs
 //!
@@ -65,6 +75,9 @@ pub const SEGMENT_NAME_DIGITS: usize = 20;
 
 /// Read buffer used by sequential scans, in bytes.
 const SCAN_CHUNK_BYTES: usize = 1 << 20;
+
+/// Largest single zero-filling write, in bytes.
+const ZERO_CHUNK_BYTES: usize = 1 << 20;
 
 /// The file name of the segment whose first byte is at `base`.
 pub fn segment_file_name(base: u64) -> String {
@@ -124,6 +137,13 @@ impl Segment {
             .map_err(|e| Error::io("fdatasync segment", &self.path, e))
     }
 
+    /// Cuts the file to the segment's end (dropping preallocated zeros).
+    fn cut_to_end(&self) -> Result<()> {
+        self.file
+            .set_len(self.end() - self.base)
+            .map_err(|e| Error::io("truncate segment", &self.path, e))
+    }
+
     fn truncate(&self, offset: u64) -> Result<()> {
         self.file
             .set_len(offset - self.base)
@@ -171,6 +191,10 @@ pub struct RecoveryReport {
     pub truncated: Option<(u64, u64, String)>,
     /// Corrupt ranges found and left in place.
     pub corrupt: Vec<CorruptRange>,
+    /// Zero bytes found after the last record of the last segment: space
+    /// preallocated before a crash (see the module docs), not damage. Kept
+    /// in the file and written over by later appends.
+    pub preallocated_bytes: u64,
 }
 
 /// Where an append put its records.
@@ -200,6 +224,68 @@ struct Writer {
     active: Arc<Segment>,
     buf: Vec<u8>,
     space: FreeSpace,
+    prealloc: Prealloc,
+}
+
+/// The zero-filled space ahead of the active segment's end; see the module
+/// docs.
+struct Prealloc {
+    /// Bytes to keep ahead of the end; 0 = off.
+    step_bytes: u64,
+    /// Physical offset one past the active segment file's last byte (>= its
+    /// end).
+    file_end: u64,
+    /// When a zero-filling write last failed (e.g. no space): no more
+    /// attempts for [`Prealloc::RETRY_AFTER`], so appends do not pay for
+    /// them.
+    failed_at: Option<std::time::Instant>,
+    zeros: Vec<u8>,
+}
+
+impl Prealloc {
+    const RETRY_AFTER: Duration = Duration::from_secs(10);
+
+    /// Makes sure the active segment's file reaches `upto`, zero-filling up
+    /// to `step_bytes` past it (clipped to the segment's size). Failures are
+    /// logged, not returned: the data write that follows extends the file
+    /// itself, as it would without preallocation.
+    fn ensure(&mut self, seg: &Segment, upto: u64, segment_bytes: u64) {
+        if self.step_bytes == 0 || upto <= self.file_end {
+            return;
+        }
+        if self
+            .failed_at
+            .is_some_and(|t| t.elapsed() < Self::RETRY_AFTER)
+        {
+            return;
+        }
+        let limit = seg.base + segment_bytes;
+        let target = upto.saturating_add(self.step_bytes).min(limit).max(upto);
+        // Zeros go only past both the file's end and the data's end.
+        let mut at = self.file_end.max(seg.end());
+        while at < target {
+            let n = ((target - at) as usize).min(ZERO_CHUNK_BYTES);
+            if self.zeros.len() < n {
+                self.zeros.resize(n, 0);
+            }
+            if let Err(e) = seg.file.write_all_at(&self.zeros[..n], at - seg.base) {
+                tracing::warn!(path = %seg.path.display(), error = %e,
+                    "preallocating commit-log space failed; appends extend the file instead");
+                self.failed_at = Some(std::time::Instant::now());
+                // The file may have grown part of the way.
+                self.file_end = self.file_end.max(at);
+                return;
+            }
+            at += n as u64;
+        }
+        self.file_end = target;
+    }
+
+    /// A new active segment starting at `base`, with an empty file.
+    fn reset(&mut self, base: u64) {
+        self.file_end = base;
+        self.failed_at = None;
+    }
 }
 
 /// The free-space floor: appends are refused while the filesystem would be
@@ -292,6 +378,9 @@ pub struct LogOptions {
     /// Appends are refused with [`Error::DiskFull`] when they would leave
     /// less than this many bytes free on the log's filesystem; 0 = no floor.
     pub min_free_disk_bytes: u64,
+    /// Zero-filled bytes kept ahead of the active segment's end; 0 = off.
+    /// See the module docs.
+    pub preallocate_bytes: u64,
 }
 
 impl CommitLog {
@@ -361,6 +450,12 @@ impl CommitLog {
         // kill in async mode): make it durable before calling it flushed.
         active.sync()?;
         let end = active.end();
+        let file_end = active.base
+            + active
+                .file
+                .metadata()
+                .map_err(|e| Error::io("stat segment", &active.path, e))?
+                .len();
         let (status, _) = watch::channel(FlushStatus {
             flushed: end,
             error: None,
@@ -379,6 +474,12 @@ impl CommitLog {
                     free_bytes: 0,
                     written_since: 0,
                     checked_at: None,
+                },
+                prealloc: Prealloc {
+                    step_bytes: opts.preallocate_bytes,
+                    file_end: file_end.max(end),
+                    failed_at: None,
+                    zeros: Vec::new(),
                 },
             }),
             written: AtomicU64::new(end),
@@ -443,19 +544,23 @@ impl CommitLog {
             for &size in &sizes {
                 let size = u64::from(size);
                 if seg_end - w.active.base + size > inner.segment_bytes && seg_end > w.active.base {
-                    // Flush the pending chunk into the full segment, seal it, roll.
+                    // Flush the pending chunk into the full segment, cut its
+                    // preallocated zeros, seal it, roll.
                     write_chunk(&w.active, &w.buf[chunk_start..pos])?;
                     chunk_start = pos;
+                    w.active.cut_to_end()?;
                     w.active.sync()?;
                     let next = Arc::new(Segment::open(&inner.dir, seg_end, true)?);
                     sync_dir(&inner.dir)?;
                     created.push(Arc::clone(&next));
                     w.active = next;
+                    w.prealloc.reset(seg_end);
                 }
                 offsets.push(seg_end);
                 seg_end += size;
                 pos += size as usize;
             }
+            w.prealloc.ensure(&w.active, seg_end, inner.segment_bytes);
             write_chunk(&w.active, &w.buf[chunk_start..pos])
         })();
         if let Err(e) = result {
@@ -469,6 +574,7 @@ impl CommitLog {
                 Ok(())
             })();
             w.active = first_active;
+            w.prealloc.file_end = undo_end;
             if let Err(undo_err) = undo {
                 self.poison(format!(
                     "append failed ({e}) and could not be undone ({undo_err})"
@@ -703,7 +809,13 @@ impl CommitLog {
             let _ = h.join();
         }
         let res = if self.check_poison().is_ok() {
-            flush_once(&self.inner).map(|_| ())
+            flush_once(&self.inner).and_then(|_| {
+                // Leave the file as long as the log: cut the preallocated
+                // zeros and make the new length durable.
+                let active = Arc::clone(&lock(&self.inner.writer).active);
+                active.cut_to_end()?;
+                active.sync()
+            })
         } else {
             Ok(())
         };
@@ -920,10 +1032,32 @@ fn scan_segment(
                 report.scanned_bytes += len as u64;
                 pos += len as u64;
             }
-            Err(e) => return damaged(dir, seg, pos, end, is_last, e, report, on_record),
+            Err(e) => {
+                if is_last && zeros_to_end(seg, pos, end)? {
+                    seg.end.store(pos, Ordering::Release);
+                    report.preallocated_bytes = end - pos;
+                    return Ok(());
+                }
+                return damaged(dir, seg, pos, end, is_last, e, report, on_record);
+            }
         }
     }
     Ok(())
+}
+
+/// Whether every byte of `seg` in `[from, end)` is zero.
+fn zeros_to_end(seg: &Segment, from: u64, end: u64) -> Result<bool> {
+    let mut buf = vec![0u8; SCAN_CHUNK_BYTES.min((end - from) as usize)];
+    let mut pos = from;
+    while pos < end {
+        let n = buf.len().min((end - pos) as usize);
+        seg.read_at(pos, &mut buf[..n])?;
+        if buf[..n].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        pos += n as u64;
+    }
+    Ok(true)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -221,6 +221,7 @@ impl Store {
                 max_record_bytes: cfg.max_record_bytes,
                 flush: cfg.flush,
                 min_free_disk_bytes: cfg.min_free_disk_bytes,
+                preallocate_bytes: cfg.preallocate_bytes,
             },
             scan_from,
             &mut |offset, rec| {

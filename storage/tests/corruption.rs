@@ -6,11 +6,12 @@ mod common;
 use common::{body, last_segment, open, rec};
 use halfmq_storage::Error;
 
-/// Writes `n` records (one per append) and returns their physical offsets.
-/// The last one is written after the last checkpoint and the store is
-/// dropped without a clean close, as when the process is killed: a torn
-/// tail always lies past the checkpoint, where recovery scans.
-fn write_records(dir: &std::path::Path, n: usize) -> Vec<u64> {
+/// Writes `n` records (one per append) and returns their physical offsets
+/// and the log's end. The last one is written after the last checkpoint and
+/// the store is dropped without a clean close, as when the process is
+/// killed: a torn tail always lies past the checkpoint, where recovery
+/// scans, and the file ends in preallocated zeros.
+fn write_records(dir: &std::path::Path, n: usize) -> (Vec<u64>, u64) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -24,13 +25,12 @@ fn write_records(dir: &std::path::Path, n: usize) -> Vec<u64> {
         })
         .collect();
     store.checkpoint().unwrap();
-    offs.push(
-        rt.block_on(store.append_durable(vec![rec("c", 0, &body(n - 1))]))
-            .unwrap()
-            .offsets[0],
-    );
+    let last = rt
+        .block_on(store.append_durable(vec![rec("c", 0, &body(n - 1))]))
+        .unwrap();
+    offs.push(last.offsets[0]);
     drop(store);
-    offs
+    (offs, last.end)
 }
 
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
@@ -79,13 +79,12 @@ fn assert_prefix_intact(dir: &std::path::Path, offs: &[u64], keep: usize) {
 #[test]
 fn truncation_at_every_byte_of_the_last_record() {
     let pristine = tempfile::tempdir().unwrap();
-    let offs = write_records(pristine.path(), 12);
+    let (offs, end) = write_records(pristine.path(), 12);
     let seg = last_segment(pristine.path());
     let seg_base: u64 = seg.file_name().unwrap().to_str().unwrap().parse().unwrap();
-    let seg_len = std::fs::metadata(&seg).unwrap().len();
     let last = *offs.last().unwrap();
     assert!(last >= seg_base, "last record must be in the last segment");
-    for cut in (last - seg_base)..seg_len {
+    for cut in (last - seg_base)..(end - seg_base) {
         let d = tempfile::tempdir().unwrap();
         copy_dir(pristine.path(), d.path());
         let f = std::fs::OpenOptions::new()
@@ -101,13 +100,15 @@ fn truncation_at_every_byte_of_the_last_record() {
 #[test]
 fn bit_flips_in_the_last_record_drop_only_it() {
     let pristine = tempfile::tempdir().unwrap();
-    let offs = write_records(pristine.path(), 10);
+    let (offs, end) = write_records(pristine.path(), 10);
     let seg = last_segment(pristine.path());
     let seg_base: u64 = seg.file_name().unwrap().to_str().unwrap().parse().unwrap();
     let seg_len = std::fs::metadata(&seg).unwrap().len();
     let last = *offs.last().unwrap() - seg_base;
     // Every byte of the record, one bit each (cycling the bit position).
-    for pos in last..seg_len {
+    // The record is followed by preallocated zeros: they go to the
+    // quarantine with it.
+    for pos in last..(end - seg_base) {
         let d = tempfile::tempdir().unwrap();
         copy_dir(pristine.path(), d.path());
         let p = last_segment(d.path());
@@ -128,7 +129,7 @@ fn bit_flips_in_the_last_record_drop_only_it() {
 #[test]
 fn corruption_inside_a_sealed_segment_is_reported_and_the_rest_kept() {
     let dir = tempfile::tempdir().unwrap();
-    let offs = write_records(dir.path(), 40);
+    let (offs, _) = write_records(dir.path(), 40);
     // Flip a body byte of record 3 (in the first, sealed segment).
     let first = dir.path().join("commitlog").join(format!("{:020}", 0));
     let mut bytes = std::fs::read(&first).unwrap();
@@ -157,4 +158,92 @@ fn corruption_inside_a_sealed_segment_is_reported_and_the_rest_kept() {
             *off
         );
     }
+}
+
+#[test]
+fn preallocated_zeros_after_a_kill_are_not_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::small_config(dir.path());
+    cfg.segment_bytes = 1 << 20;
+    cfg.preallocate_bytes = 64 * 1024;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = halfmq_storage::Store::open(cfg.clone()).unwrap();
+    let mut offs = Vec::new();
+    let mut end = 0;
+    for i in 0..20 {
+        let r = rt
+            .block_on(store.append_durable(vec![rec("c", 0, &body(i))]))
+            .unwrap();
+        offs.push(r.offsets[0]);
+        end = r.end;
+    }
+    drop(store); // killed: no clean close
+    let seg = last_segment(dir.path());
+    let file_len = std::fs::metadata(&seg).unwrap().len();
+    assert!(
+        file_len > end,
+        "the file holds zeros past the log's end ({file_len} <= {end})"
+    );
+
+    let store = halfmq_storage::Store::open(cfg.clone()).unwrap();
+    let rep = store.recovery_report().clone();
+    assert_eq!(rep.truncated, None, "{rep:?}");
+    assert!(rep.corrupt.is_empty(), "{rep:?}");
+    assert_eq!(rep.preallocated_bytes, file_len - end);
+    assert!(!dir.path().join("commitlog/quarantine").exists());
+    assert_eq!(store.log().written_offset(), end);
+    for (i, off) in offs.iter().enumerate() {
+        assert_eq!(&store.log().read(*off).unwrap().body[..], &body(i)[..]);
+    }
+    // The next record goes right after the last one, over the zeros.
+    let r = rt
+        .block_on(store.append_durable(vec![rec("c", 0, &body(20))]))
+        .unwrap();
+    assert_eq!(r.offsets[0], end);
+    assert_eq!(store.read_queue("c", 0, 20).unwrap().physical_offset, end);
+    // A clean close leaves the file exactly as long as the log.
+    store.close().unwrap();
+    drop(store);
+    assert_eq!(std::fs::metadata(&seg).unwrap().len(), r.end);
+    let store = halfmq_storage::Store::open(cfg).unwrap();
+    assert_eq!(store.recovery_report().preallocated_bytes, 0);
+    assert_eq!(store.log().written_offset(), r.end);
+}
+
+#[test]
+fn sealed_segments_keep_no_preallocated_zeros() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = open(dir.path()); // 4 KiB segments
+    for i in 0..60 {
+        rt.block_on(store.append_durable(vec![rec("c", 0, &body(i))]))
+            .unwrap();
+    }
+    let segs = store.log().segments().unwrap();
+    assert!(segs.len() > 3, "{segs:?}");
+    for s in segs.iter().filter(|s| !s.active) {
+        let len = std::fs::metadata(
+            dir.path()
+                .join("commitlog")
+                .join(halfmq_storage::commitlog::segment_file_name(s.base)),
+        )
+        .unwrap()
+        .len();
+        assert_eq!(
+            s.base + len,
+            s.end,
+            "sealed segment {} has a zero tail",
+            s.base
+        );
+    }
+    drop(store);
+    // Even after a kill, reopening finds every sealed segment whole.
+    let store = open(dir.path());
+    assert!(store.recovery_report().corrupt.is_empty());
 }
