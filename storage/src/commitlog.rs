@@ -58,7 +58,7 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -343,6 +343,9 @@ struct Inner {
     fsyncs: AtomicU64,
     control: Mutex<FlushControl>,
     wake: Condvar,
+    /// Sync mode: the flusher is (about to be) waiting on `wake` for data.
+    /// Appends notify only then, so a busy flusher costs them no syscall.
+    flusher_sleeping: AtomicBool,
     status: watch::Sender<FlushStatus>,
     poison: Mutex<Option<Arc<str>>>,
 }
@@ -487,6 +490,7 @@ impl CommitLog {
             fsyncs: AtomicU64::new(0),
             control: Mutex::new(FlushControl::default()),
             wake: Condvar::new(),
+            flusher_sleeping: AtomicBool::new(false),
             status,
             poison: Mutex::new(None),
         });
@@ -588,8 +592,10 @@ impl CommitLog {
                 segs.insert(seg.base, seg);
             }
         }
-        inner.written.store(seg_end, Ordering::Release);
-        if inner.flush == FlushMode::Sync {
+        // SeqCst with the flusher's store of `flusher_sleeping` and load of
+        // `written`: either it sees this end, or this sees it sleeping.
+        inner.written.store(seg_end, Ordering::SeqCst);
+        if inner.flush == FlushMode::Sync && inner.flusher_sleeping.load(Ordering::SeqCst) {
             let _c = lock(&inner.control);
             inner.wake.notify_one();
         }
@@ -904,14 +910,21 @@ fn flusher_loop(inner: &Inner) {
         {
             let mut c = lock(&inner.control);
             match inner.flush {
-                FlushMode::Sync => {
-                    while !c.shutdown
-                        && inner.written.load(Ordering::Acquire)
-                            <= inner.flushed.load(Ordering::Acquire)
-                    {
-                        c = inner.wake.wait(c).unwrap_or_else(|e| e.into_inner());
+                FlushMode::Sync => loop {
+                    if c.shutdown {
+                        break;
                     }
-                }
+                    inner.flusher_sleeping.store(true, Ordering::SeqCst);
+                    if inner.written.load(Ordering::SeqCst) > inner.flushed.load(Ordering::Acquire)
+                    {
+                        inner.flusher_sleeping.store(false, Ordering::SeqCst);
+                        break;
+                    }
+                    // An append that saw `flusher_sleeping` takes this lock
+                    // to notify, so it cannot notify before this wait.
+                    c = inner.wake.wait(c).unwrap_or_else(|e| e.into_inner());
+                    inner.flusher_sleeping.store(false, Ordering::SeqCst);
+                },
                 FlushMode::Async { interval_ms } => {
                     if !c.shutdown {
                         c = inner

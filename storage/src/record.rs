@@ -130,12 +130,26 @@ impl MessageId {
     }
 }
 
+impl MessageId {
+    /// The 32 upper-case hex digits of [`fmt::Display`](std::fmt::Display),
+    /// without the formatter (this runs for every message sent and
+    /// delivered).
+    pub fn to_hex(&self) -> [u8; 32] {
+        const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
+        let mut out = [0u8; 32];
+        for (i, b) in self.0.iter().enumerate() {
+            out[2 * i] = DIGITS[usize::from(b >> 4)];
+            out[2 * i + 1] = DIGITS[usize::from(b & 0x0F)];
+        }
+        out
+    }
+}
+
 impl std::fmt::Display for MessageId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for b in self.0 {
-            write!(f, "{b:02X}")?;
-        }
-        Ok(())
+        let hex = self.to_hex();
+        // invariant: to_hex writes only ASCII hex digits
+        f.write_str(std::str::from_utf8(&hex).map_err(|_| std::fmt::Error)?)
     }
 }
 
@@ -586,6 +600,9 @@ mod tests {
         let id = MessageId([0xAB; 16]);
         assert_eq!(MessageId::from_hex(&id.to_string()), Some(id));
         assert_eq!(MessageId::from_hex("zz"), None);
+        let id = MessageId([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 0xFF]);
+        assert_eq!(id.to_string(), "000102030405060708090A0B0C0D0EFF");
+        assert_eq!(MessageId::from_hex(&id.to_string()), Some(id));
     }
 
     #[test]
