@@ -20,6 +20,11 @@ use halfmq_client::{
 };
 use hdrhistogram::Histogram;
 
+/// The same allocator as the broker binary, so the embedded broker measures
+/// as the real one runs.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 20s, 1m)"))
 }
@@ -116,6 +121,9 @@ struct Run {
     errors: AtomicU64,
     ack_hist: Mutex<Histogram<u64>>,
     e2e_hist: Mutex<Histogram<u64>>,
+    /// tx mode: half send alone, and EndTransaction alone, µs.
+    half_hist: Mutex<Histogram<u64>>,
+    end_hist: Mutex<Histogram<u64>>,
     /// seq -> times consumed; inserted when acked (count 0).
     ledger: Mutex<HashMap<u64, u32>>,
     /// Consumed before their ack was recorded: (seq) counts.
@@ -253,6 +261,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         errors: AtomicU64::new(0),
         ack_hist: Mutex::new(hist()),
         e2e_hist: Mutex::new(hist()),
+        half_hist: Mutex::new(hist()),
+        end_hist: Mutex::new(hist()),
         ledger: Mutex::new(HashMap::new()),
         early: Mutex::new(HashMap::new()),
     });
@@ -374,8 +384,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     let res = if let Some(txp) = &txp {
                         let mut ok = Ok(());
                         for m in msgs {
+                            let t0 = Instant::now();
                             let r = match txp.send_half(m).await {
-                                Ok(tx) => tx.commit().await,
+                                Ok(tx) => {
+                                    let t1 = Instant::now();
+                                    let r = tx.commit().await;
+                                    if run.in_window(t0) {
+                                        let us = |a: Instant, b: Instant| {
+                                            (b.duration_since(a).as_micros() as u64).max(1)
+                                        };
+                                        let _ = run
+                                            .half_hist
+                                            .lock()
+                                            .unwrap_or_else(|e| e.into_inner())
+                                            .record(us(t0, t1));
+                                        let _ = run
+                                            .end_hist
+                                            .lock()
+                                            .unwrap_or_else(|e| e.into_inner())
+                                            .record(us(t1, Instant::now()));
+                                    }
+                                    r
+                                }
                                 Err(e) => Err(e),
                             };
                             if r.is_err() {
@@ -495,6 +525,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
+    let half = run
+        .half_hist
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let end = run
+        .end_hist
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     let summary = serde_json::json!({
         "mode": args.mode,
         "broker": if args.broker.is_some() { "external" } else { "embedded" },
@@ -520,6 +560,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "e2e_p99_us": e2e.value_at_quantile(0.99),
         "e2e_p999_us": e2e.value_at_quantile(0.999),
         "e2e_max_us": e2e.max(),
+        "half_p50_us": half.value_at_quantile(0.50),
+        "half_p99_us": half.value_at_quantile(0.99),
+        "end_p50_us": end.value_at_quantile(0.50),
+        "end_p99_us": end.value_at_quantile(0.99),
         "errors": run.errors.load(Ordering::Relaxed),
         "acked_total": acked_total,
         "lost": lost,
