@@ -76,6 +76,10 @@ pub const SEGMENT_NAME_DIGITS: usize = 20;
 /// Read buffer used by sequential scans, in bytes.
 const SCAN_CHUNK_BYTES: usize = 1 << 20;
 
+/// Bytes [`CommitLog::read`] reads at once when the record's size is
+/// unknown: one pread for any record up to this size.
+const READ_AHEAD_BYTES: usize = 4096;
+
 /// Largest single zero-filling write, in bytes.
 const ZERO_CHUNK_BYTES: usize = 1 << 20;
 
@@ -646,17 +650,23 @@ impl CommitLog {
     pub fn read(&self, offset: u64) -> Result<Record> {
         let seg = self.segment_for(offset)?;
         let limit = seg.end().min(self.written_offset());
-        let mut head = [0u8; 4];
         if offset + 4 > limit {
             return Err(self.out_of_range(offset));
         }
-        seg.read_at(offset, &mut head)?;
-        let len = u64::from(u32::from_le_bytes(head));
+        // One pread for records up to READ_AHEAD_BYTES (most messages): the
+        // length prefix and the record together.
+        let mut buf = vec![0u8; ((limit - offset) as usize).min(READ_AHEAD_BYTES)];
+        seg.read_at(offset, &mut buf)?;
+        let len = u64::from(u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]));
         if len < MIN_RECORD_BYTES as u64 || offset + len > limit {
             return Err(Error::Corrupt {
                 offset,
                 reason: format!("length {len} does not fit the segment"),
             });
+        }
+        if len as usize <= buf.len() {
+            buf.truncate(len as usize);
+            return Record::decode(Bytes::from(buf), offset);
         }
         self.read_sized_in(&seg, offset, len as usize)
     }
