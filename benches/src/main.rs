@@ -6,7 +6,6 @@
 //! temporary data directory. Bounded: stops after warm-up + duration + drain
 //! timeout. See `benches/README.md`.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -124,10 +123,59 @@ struct Run {
     /// tx mode: half send alone, and EndTransaction alone, µs.
     half_hist: Mutex<Histogram<u64>>,
     end_hist: Mutex<Histogram<u64>>,
-    /// seq -> times consumed; inserted when acked (count 0).
-    ledger: Mutex<HashMap<u64, u32>>,
-    /// Consumed before their ack was recorded: (seq) counts.
-    early: Mutex<HashMap<u64, u32>>,
+    ledger: Mutex<Ledger>,
+    /// Written into every body of 24 bytes or more: messages of an earlier
+    /// run on the same broker and topic are not counted.
+    run_id: u64,
+}
+
+/// What happened to each of this run's sequence numbers (they are dense
+/// from 0, so vectors indexed by sequence number).
+#[derive(Debug, Default)]
+struct Ledger {
+    /// The send was acknowledged.
+    acked: Vec<bool>,
+    /// Times consumed (before or after the acknowledgement was seen).
+    consumed: Vec<u32>,
+}
+
+impl Ledger {
+    fn grow(&mut self, seq: u64) -> usize {
+        let i = seq as usize;
+        if self.acked.len() <= i {
+            self.acked.resize(i + 1, false);
+            self.consumed.resize(i + 1, 0);
+        }
+        i
+    }
+    fn ack(&mut self, seq: u64) {
+        let i = self.grow(seq);
+        self.acked[i] = true;
+    }
+    fn consume(&mut self, seq: u64) {
+        let i = self.grow(seq);
+        self.consumed[i] += 1;
+    }
+    /// Every acknowledged message was consumed at least once.
+    fn drained(&self) -> bool {
+        self.acked
+            .iter()
+            .zip(&self.consumed)
+            .all(|(&a, &c)| !a || c > 0)
+    }
+    /// (acknowledged, lost: acknowledged but never consumed, duplicates:
+    /// deliveries past the first of acknowledged messages).
+    fn summary(&self) -> (u64, u64, u64) {
+        let (mut acked, mut lost, mut dup) = (0, 0, 0);
+        for (&a, &c) in self.acked.iter().zip(&self.consumed) {
+            if a {
+                acked += 1;
+                lost += u64::from(c == 0);
+                dup += u64::from(c.saturating_sub(1));
+            }
+        }
+        (acked, lost, dup)
+    }
 }
 
 impl Run {
@@ -143,10 +191,15 @@ fn hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("static bounds are valid")
 }
 
-fn body(seq: u64, sent_ns: u64, size: usize) -> Bytes {
+/// seq (8 bytes) | send time, ns since the run's start (8) | run id (8,
+/// when `size` >= 24) | filler.
+fn body(seq: u64, sent_ns: u64, run_id: u64, size: usize) -> Bytes {
     let mut b = BytesMut::with_capacity(size);
     b.put_u64(seq);
     b.put_u64(sent_ns);
+    if size >= 24 {
+        b.put_u64(run_id);
+    }
     b.resize(size, 0x5A);
     b.freeze()
 }
@@ -263,8 +316,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         e2e_hist: Mutex::new(hist()),
         half_hist: Mutex::new(hist()),
         end_hist: Mutex::new(hist()),
-        ledger: Mutex::new(HashMap::new()),
-        early: Mutex::new(HashMap::new()),
+        ledger: Mutex::new(Ledger::default()),
+        run_id: u64::from(std::process::id()) << 32
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64),
     });
 
     // Consumers.
@@ -297,17 +353,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 {
                     let mut e2e = run.e2e_hist.lock().unwrap_or_else(|e| e.into_inner());
                     let mut ledger = run.ledger.lock().unwrap_or_else(|e| e.into_inner());
-                    let mut early = run.early.lock().unwrap_or_else(|e| e.into_inner());
+                    let issued = run.next_seq.load(Ordering::Relaxed);
                     for m in &msgs {
                         if m.body.len() < 16 {
                             continue;
                         }
-                        let seq = u64::from_be_bytes(m.body[0..8].try_into().unwrap_or([0; 8]));
-                        let sent = u64::from_be_bytes(m.body[8..16].try_into().unwrap_or([0; 8]));
-                        match ledger.get_mut(&seq) {
-                            Some(n) => *n += 1,
-                            None => *early.entry(seq).or_insert(0) += 1,
+                        let word = |i: usize| {
+                            u64::from_be_bytes(m.body[i..i + 8].try_into().unwrap_or([0; 8]))
+                        };
+                        let (seq, sent) = (word(0), word(8));
+                        if seq >= issued || (m.body.len() >= 24 && word(16) != run.run_id) {
+                            continue; // another run's message
                         }
+                        ledger.consume(seq);
                         if run.in_window(now) {
                             let _ = e2e.record((now_ns.saturating_sub(sent) / 1000).max(1));
                             run.consumed_measured.fetch_add(1, Ordering::Relaxed);
@@ -379,7 +437,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         .collect();
                     let msgs: Vec<Message> = seqs
                         .iter()
-                        .map(|&s| Message::new(a.topic.clone(), body(s, sent_ns, a.size)))
+                        .map(|&s| {
+                            Message::new(a.topic.clone(), body(s, sent_ns, run.run_id, a.size))
+                        })
                         .collect();
                     let res = if let Some(txp) = &txp {
                         let mut ok = Ok(());
@@ -427,10 +487,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                             {
                                 let mut ledger =
                                     run.ledger.lock().unwrap_or_else(|e| e.into_inner());
-                                let mut early = run.early.lock().unwrap_or_else(|e| e.into_inner());
                                 for s in &seqs {
-                                    let n = early.remove(s).unwrap_or(0);
-                                    ledger.insert(*s, n);
+                                    ledger.ack(*s);
                                 }
                             }
                             run.acked.fetch_add(seqs.len() as u64, Ordering::Relaxed);
@@ -490,8 +548,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let drain_deadline = Instant::now() + args.drain_timeout;
     loop {
         let ledger_done = {
-            let ledger = run.ledger.lock().unwrap_or_else(|e| e.into_inner());
-            ledger.values().all(|&n| n > 0)
+            run.ledger
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .drained()
         };
         if ledger_done || Instant::now() >= drain_deadline {
             break;
@@ -505,13 +565,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let secs = args.duration.as_secs_f64();
     let (acked_total, lost, duplicates) = {
-        let ledger = run.ledger.lock().unwrap_or_else(|e| e.into_inner());
-        let lost = ledger.values().filter(|&&n| n == 0).count() as u64;
-        let duplicates: u64 = ledger
-            .values()
-            .map(|&n| u64::from(n.saturating_sub(1)))
-            .sum();
-        (ledger.len(), lost, duplicates)
+        run.ledger
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .summary()
     };
     let acked_per_s = run.acked_measured.load(Ordering::Relaxed) as f64 / secs;
     let consumed_per_s = run.consumed_measured.load(Ordering::Relaxed) as f64 / secs;
@@ -625,4 +682,36 @@ async fn preload_retries(addr: &str, topic: &str, group: &str, n: u64) -> anyhow
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ledger_counts_lost_and_duplicates_of_acknowledged_messages_only() {
+        let mut l = Ledger::default();
+        l.consume(3); // consumed before its ack was seen
+        l.ack(3);
+        l.ack(0);
+        l.ack(1);
+        l.consume(1);
+        l.consume(1);
+        l.consume(2); // never acknowledged (its send failed): not counted
+        assert!(!l.drained(), "0 was acknowledged and never consumed");
+        assert_eq!(l.summary(), (3, 1, 1));
+        l.consume(0);
+        assert!(l.drained());
+        assert_eq!(l.summary(), (3, 0, 1));
+    }
+
+    #[test]
+    fn body_carries_seq_time_and_run_id() {
+        let b = body(7, 99, 0xABCD, 64);
+        assert_eq!(b.len(), 64);
+        assert_eq!(&b[0..8], &7u64.to_be_bytes());
+        assert_eq!(&b[8..16], &99u64.to_be_bytes());
+        assert_eq!(&b[16..24], &0xABCDu64.to_be_bytes());
+        assert_eq!(body(7, 99, 0xABCD, 16).len(), 16);
+    }
 }
