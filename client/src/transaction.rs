@@ -204,7 +204,7 @@ impl TransactionProducer {
         let limits = BatchLimits {
             max_items: 256,
             max_weight: 4 << 20,
-            max_inflight: 4,
+            max_inflight: crate::DEFAULT_MAX_INFLIGHT_BATCHES,
         };
         let (c, g) = (client.clone(), group.clone());
         let halves = Coalescer::spawn(
