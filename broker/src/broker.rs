@@ -192,7 +192,7 @@ pub struct ReceiveRequest {
 
 /// Counters for `stats`.
 #[derive(Debug, Default)]
-struct Counters {
+pub(crate) struct Counters {
     messages_in: AtomicU64,
     bytes_in: AtomicU64,
     messages_out: AtomicU64,
@@ -200,6 +200,9 @@ struct Counters {
     acks: AtomicU64,
     redeliveries: AtomicU64,
     connections: AtomicU64,
+    pub(crate) halves_in: AtomicU64,
+    pub(crate) transactions_committed: AtomicU64,
+    pub(crate) transactions_rolled_back: AtomicU64,
 }
 
 /// Per-group figures for `stats`.
@@ -246,6 +249,15 @@ pub struct Stats {
     pub pending_halves: u64,
     /// Delayed messages not yet due.
     pub delayed_messages: u64,
+    /// Half messages stored since start.
+    pub halves_in: u64,
+    /// Transactions ended by commit since start (delayed messages not
+    /// counted).
+    pub transactions_committed: u64,
+    /// Transactions ended by rollback since start.
+    pub transactions_rolled_back: u64,
+    /// fdatasyncs of the commit log since start.
+    pub commit_log_fsyncs: u64,
 }
 
 /// A topic's configuration and runtime state.
@@ -306,7 +318,7 @@ pub struct Broker {
     clock: Arc<dyn Clock>,
     topics: RwLock<HashMap<String, Arc<TopicState>>>,
     groups: Mutex<HashMap<GroupKey, Arc<Mutex<GroupTopic>>>>,
-    counters: Counters,
+    pub(crate) counters: Counters,
     id_prefix: u64,
     id_counter: AtomicU64,
     started: Instant,
@@ -1229,6 +1241,10 @@ impl Broker {
             producer_sessions: self.tx_state().session_count() as u64,
             pending_halves: halves as u64,
             delayed_messages: delayed as u64,
+            halves_in: c.halves_in.load(Ordering::Relaxed),
+            transactions_committed: c.transactions_committed.load(Ordering::Relaxed),
+            transactions_rolled_back: c.transactions_rolled_back.load(Ordering::Relaxed),
+            commit_log_fsyncs: self.store.log().fsync_count(),
         }
     }
 

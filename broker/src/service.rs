@@ -666,6 +666,10 @@ impl pb::admin_server::Admin for Services {
             producer_sessions: s.producer_sessions,
             pending_halves: s.pending_halves,
             delayed_messages: s.delayed_messages,
+            halves_in: s.halves_in,
+            transactions_committed: s.transactions_committed,
+            transactions_rolled_back: s.transactions_rolled_back,
+            commit_log_fsyncs: s.commit_log_fsyncs,
         }))
     }
 }

@@ -769,6 +769,9 @@ impl Broker {
             (r.offsets, r.end)
         };
         self.store().wait_durable(end).await?;
+        self.counters
+            .halves_in
+            .fetch_add(offsets.len() as u64, Ordering::Relaxed);
         tx.wake.notify_one();
         Ok(offsets
             .into_iter()
@@ -914,7 +917,8 @@ impl Broker {
         }
         // 2. Under the tx lock: end records for the pending ones, one append.
         let mut lookup_later: Vec<usize> = Vec::new();
-        let mut appended: Vec<(usize, u64, bool, String)> = Vec::new();
+        // (index, half offset, commit, topic, a delayed message)
+        let mut appended: Vec<(usize, u64, bool, String, bool)> = Vec::new();
         let end = {
             let mut inner = lock(&tx.inner);
             let mut records = Vec::new();
@@ -945,7 +949,13 @@ impl Broker {
                         tag: half.tag.clone(),
                         ..Record::default()
                     });
-                    appended.push((i, id.offset, *commit, half.topic.clone()));
+                    appended.push((
+                        i,
+                        id.offset,
+                        *commit,
+                        half.topic.clone(),
+                        deliver_at(half).is_some(),
+                    ));
                 } else {
                     lookup_later.push(i);
                 }
@@ -955,7 +965,7 @@ impl Broker {
             } else {
                 match self.store().append(records) {
                     Ok(r) => {
-                        for (_, offset, commit, _) in &appended {
+                        for (_, offset, commit, _, _) in &appended {
                             inner.sched.remove(*offset);
                             tx.release_outstanding(&mut inner, *offset);
                             inner.dirty.insert(*offset);
@@ -988,9 +998,18 @@ impl Broker {
             Some(Err(e)) => Err(e),
         };
         let mut topics = std::collections::BTreeSet::new();
-        for (i, _, commit, topic) in appended {
+        for (i, _, commit, topic, delayed) in appended {
             results[i] = Some(match &durable {
                 Ok(()) => {
+                    if !delayed {
+                        let c = &self.counters;
+                        if commit {
+                            &c.transactions_committed
+                        } else {
+                            &c.transactions_rolled_back
+                        }
+                        .fetch_add(1, Ordering::Relaxed);
+                    }
                     if commit {
                         topics.insert(topic);
                     }

@@ -81,6 +81,12 @@ async fn a_delayed_message_is_invisible_until_due_then_delivered_once() {
             .iter()
             .collect()
     );
+    // A delayed message is no transaction in the counters.
+    let s = Admin::new(c.clone()).stats().await.unwrap();
+    assert_eq!(
+        (s.halves_in, s.transactions_committed, s.delayed_messages),
+        (0, 0, 0)
+    );
     b.shutdown().await.unwrap();
 }
 

@@ -97,7 +97,26 @@ async fn commit_is_visible_once_even_when_repeated() {
     // A conflicting end changes nothing.
     let e = tx.rollback().await.unwrap_err();
     assert_eq!(e.code(), Some(Code::TransactionConflict));
-    assert!(Admin::new(c).list_transactions().await.unwrap().is_empty());
+    assert!(Admin::new(c.clone())
+        .list_transactions()
+        .await
+        .unwrap()
+        .is_empty());
+    // Counted once, however often it was ended.
+    let s = Admin::new(c).stats().await.unwrap();
+    assert_eq!(
+        (
+            s.halves_in,
+            s.transactions_committed,
+            s.transactions_rolled_back
+        ),
+        (1, 1, 0)
+    );
+    assert!(
+        s.commit_log_fsyncs >= 2,
+        "sync flush: {}",
+        s.commit_log_fsyncs
+    );
     b.shutdown().await.unwrap();
 }
 
@@ -113,6 +132,15 @@ async fn rollback_is_invisible_and_final() {
     assert_eq!(
         tx.commit().await.unwrap_err().code(),
         Some(Code::TransactionConflict)
+    );
+    let s = Admin::new(c.clone()).stats().await.unwrap();
+    assert_eq!(
+        (
+            s.halves_in,
+            s.transactions_committed,
+            s.transactions_rolled_back
+        ),
+        (1, 0, 1)
     );
     // Even a checker answering COMMIT never sees it: it is resolved.
     tokio::time::sleep(Duration::from_millis(700)).await;

@@ -375,6 +375,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "commit_log_bytes": s.commit_log_bytes, "uptime_ms": s.uptime_ms,
                 "connections": s.connections, "producer_sessions": s.producer_sessions,
                 "pending_halves": s.pending_halves, "delayed_messages": s.delayed_messages,
+                "halves_in": s.halves_in, "transactions_committed": s.transactions_committed,
+                "transactions_rolled_back": s.transactions_rolled_back,
+                "commit_log_fsyncs": s.commit_log_fsyncs,
                 "groups": groups,
             });
             if json {
