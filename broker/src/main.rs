@@ -11,7 +11,9 @@ use halfmq_broker::{BrokerConfig, FlushSetting};
 
 /// mimalloc instead of glibc malloc: the broker allocates per request on
 /// several threads, and glibc's arena locks and slow paths cost about a tenth
-/// of its CPU under load (profiled with `halfmq-bench --mode tx`).
+/// of its CPU under load (profiled with `halfmq-bench --mode tx`). Built with
+/// `no_thp`: with transparent huge pages on, its arenas made an idle broker
+/// 48 MB resident instead of 8 MB.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
