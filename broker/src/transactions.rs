@@ -358,7 +358,6 @@ impl TxState {
                     due_ms: due,
                     checking: false,
                     given_up,
-                    parked: false,
                 },
             );
         }
@@ -572,7 +571,7 @@ impl TxState {
             let g = inner.strings.id(&group);
             let n = inner.sched.unpark_group(g, halfmq_storage::now_ms());
             if n > 0 {
-                tracing::info!(producer_group = %group, halves = n, "parked halves due for checks");
+                tracing::info!(producer_group = %group, halves = n, "producer group unparked: its halves are checked again");
             }
         }
         self.wake.notify_one();
@@ -1131,9 +1130,8 @@ impl Broker {
                     "given up after check_max checks; resolve with `halfmq tx end`".to_owned()
                 } else if s.checking {
                     "check sent, awaiting the answer".to_owned()
-                } else if s.parked
-                    || (!tx.has_session(&group)
-                        && now >= s.stored_ms + tx.cfg.transaction_timeout_ms)
+                } else if !tx.has_session(&group)
+                    && now >= s.stored_ms + tx.cfg.transaction_timeout_ms
                 {
                     format!("no live session of producer group {group}; checks wait for one")
                 } else {
@@ -1392,7 +1390,6 @@ mod tests {
             due_ms: 9,
             checking: false,
             given_up: true,
-            parked: false,
         };
         let d = decode_half_state(&encode_half_state(&s, "pg", "orders")).unwrap();
         assert_eq!(d, (5, 2, 9, true, "pg".into(), "orders".into()));

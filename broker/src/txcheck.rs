@@ -2,15 +2,20 @@
 //! messages, driven by events and the caller's `now_ms`. No I/O.
 //!
 //! Each pending half is keyed by its physical offset and ordered by the time
-//! of its next check in a `BTreeSet`, so every operation is O(log n).
+//! of its next check in its producer group's `BTreeSet`; a second set orders
+//! the groups by their earliest half. Every operation is O(log n), and a group
+//! with no live session is parked whole: it leaves the group order in
+//! O(log g), however many halves it holds (a million halves of a producer
+//! group that died cost one step when they time out, not a million).
 //!
 //! ```text
 //!  add ──► waiting (due = stored + transaction_timeout)
 //!            │ due, a live session of its group      │ due, no live session of its group
 //!            ▼                                       ▼
-//!        checking (attempt counted,             parked (no attempt counted, costs nothing;
-//!        due = now + check_reply_timeout)        back to waiting, due now, when a session
-//!                                                of its group opens: unpark_group)
+//!        checking (attempt counted,             parked: its whole group (no attempt
+//!        due = now + check_reply_timeout)        counted, costs nothing; due again, at its
+//!                                                own time, when a session of its group
+//!                                                opens: unpark_group)
 //!            │ answer UNKNOWN or reply timeout
 //!            ▼
 //!        waiting (due = now + check_interval)  ── after check_max attempts ──► given up
@@ -20,7 +25,7 @@
 //! Given-up halves stay in the index (listed for operators, who can still
 //! commit or roll them back) but are never checked again.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 /// Timings and limits of the scheduler.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,8 +62,6 @@ pub struct HalfState {
     pub checking: bool,
     /// No more checks; waits for an operator.
     pub given_up: bool,
-    /// Waits for a session of its producer group (not in the due queue).
-    pub parked: bool,
 }
 
 /// What to do with a due half, decided by [`CheckScheduler::next_due`].
@@ -82,10 +85,13 @@ pub enum Due {
 pub struct CheckScheduler {
     cfg: CheckConfig,
     halves: HashMap<u64, HalfState>,
-    queue: BTreeSet<(u64, u64)>,
-    /// Parked halves per producer group (may hold offsets resolved since:
-    /// skipped when unparked).
-    parked: HashMap<u32, Vec<u64>>,
+    /// Per producer group: its halves that are not given up, by (due, offset).
+    queues: HashMap<u32, BTreeSet<(u64, u64)>>,
+    /// (earliest due, group) of every group with a queued half that is not
+    /// parked.
+    heads: BTreeSet<(u64, u32)>,
+    /// Groups with no live session: their halves are not due.
+    parked: HashSet<u32>,
 }
 
 impl CheckScheduler {
@@ -94,8 +100,9 @@ impl CheckScheduler {
         CheckScheduler {
             cfg,
             halves: HashMap::new(),
-            queue: BTreeSet::new(),
-            parked: HashMap::new(),
+            queues: HashMap::new(),
+            heads: BTreeSet::new(),
+            parked: HashSet::new(),
         }
     }
 
@@ -125,9 +132,54 @@ impl CheckScheduler {
         self.halves.keys().min().copied()
     }
 
-    /// When the next thing is due, ms.
+    /// When the next thing is due, ms (parked groups aside).
     pub fn next_due_ms(&self) -> Option<u64> {
-        self.queue.iter().next().map(|(d, _)| *d)
+        self.heads.first().map(|(d, _)| *d)
+    }
+
+    /// Whether `group` is parked (no live session; see [`CheckScheduler::park`]).
+    pub fn is_parked(&self, group: u32) -> bool {
+        self.parked.contains(&group)
+    }
+
+    fn head_of(&self, group: u32) -> Option<u64> {
+        self.queues.get(&group)?.first().map(|(d, _)| *d)
+    }
+
+    /// Keeps `heads` in step after `group`'s queue changed from `before`.
+    fn fix_head(&mut self, group: u32, before: Option<u64>) {
+        if self.parked.contains(&group) {
+            return;
+        }
+        let after = self.head_of(group);
+        if before != after {
+            if let Some(b) = before {
+                self.heads.remove(&(b, group));
+            }
+            if let Some(a) = after {
+                self.heads.insert((a, group));
+            }
+        }
+    }
+
+    fn enqueue(&mut self, group: u32, due_ms: u64, offset: u64) {
+        let before = self.head_of(group);
+        self.queues
+            .entry(group)
+            .or_default()
+            .insert((due_ms, offset));
+        self.fix_head(group, before);
+    }
+
+    fn dequeue(&mut self, group: u32, due_ms: u64, offset: u64) {
+        let before = self.head_of(group);
+        if let Some(q) = self.queues.get_mut(&group) {
+            q.remove(&(due_ms, offset));
+            if q.is_empty() {
+                self.queues.remove(&group);
+            }
+        }
+        self.fix_head(group, before);
     }
 
     /// A half was stored at `stored_ms`.
@@ -142,7 +194,6 @@ impl CheckScheduler {
                 due_ms: stored_ms + self.cfg.transaction_timeout_ms,
                 checking: false,
                 given_up: false,
-                parked: false,
             },
         );
     }
@@ -158,9 +209,8 @@ impl CheckScheduler {
     pub fn restore(&mut self, offset: u64, mut state: HalfState) {
         self.remove(offset);
         state.checking = false;
-        state.parked = false;
         if !state.given_up {
-            self.queue.insert((state.due_ms, offset));
+            self.enqueue(state.group, state.due_ms, offset);
         }
         self.halves.insert(offset, state);
     }
@@ -168,27 +218,34 @@ impl CheckScheduler {
     /// The half was committed or rolled back; returns its last state.
     pub fn remove(&mut self, offset: u64) -> Option<HalfState> {
         let s = self.halves.remove(&offset)?;
-        self.queue.remove(&(s.due_ms, offset));
+        if !s.given_up {
+            self.dequeue(s.group, s.due_ms, offset);
+        }
         Some(s)
     }
 
     fn reschedule(&mut self, offset: u64, due_ms: u64) {
-        if let Some(s) = self.halves.get_mut(&offset) {
-            self.queue.remove(&(s.due_ms, offset));
-            s.due_ms = due_ms;
-            if !s.given_up {
-                self.queue.insert((due_ms, offset));
-            }
+        let Some(s) = self.halves.get_mut(&offset) else {
+            return;
+        };
+        let (group, old, given_up) = (s.group, s.due_ms, s.given_up);
+        s.due_ms = due_ms;
+        if !given_up {
+            self.dequeue(group, old, offset);
+            self.enqueue(group, due_ms, offset);
         }
     }
 
-    /// The next half due at `now_ms`, if any. A check whose reply timed out is
-    /// handled here (counted as UNKNOWN) and reported, so callers can log it.
+    /// The next half due at `now_ms`, if any (halves of parked groups are
+    /// never due). A check whose reply timed out is handled here (counted as
+    /// UNKNOWN) and reported, so callers can log it.
     pub fn next_due(&mut self, now_ms: u64) -> Option<Due> {
-        let &(due, offset) = self.queue.iter().next()?;
+        let &(due, group) = self.heads.first()?;
         if due > now_ms {
             return None;
         }
+        // invariant: a group in `heads` has a non-empty queue headed by `due`
+        let &(_, offset) = self.queues.get(&group)?.first()?;
         let s = *self.halves.get(&offset).expect("queue and map agree"); // invariant: every queued offset has a state
         if s.checking {
             let given_up = self.answered_unknown(offset, now_ms);
@@ -219,34 +276,35 @@ impl CheckScheduler {
         self.reschedule(offset, now_ms + self.cfg.check_interval_ms);
     }
 
-    /// Its producer group has no live session: not an attempt; the half
-    /// leaves the due queue until [`CheckScheduler::unpark_group`].
+    /// The producer group of `offset` has no live session: not an attempt;
+    /// the whole group is parked (none of its halves is due) until
+    /// [`CheckScheduler::unpark_group`]. O(log g) for g groups.
     pub fn park(&mut self, offset: u64) {
-        if let Some(s) = self.halves.get_mut(&offset) {
-            if s.given_up || s.parked {
-                return;
-            }
-            self.queue.remove(&(s.due_ms, offset));
-            s.parked = true;
-            self.parked.entry(s.group).or_default().push(offset);
+        if let Some(s) = self.halves.get(&offset) {
+            self.park_group(s.group);
         }
     }
 
-    /// A session of `group` opened: its parked halves are due at `now_ms`.
-    /// Returns how many.
-    pub fn unpark_group(&mut self, group: u32, now_ms: u64) -> usize {
-        let mut n = 0;
-        for offset in self.parked.remove(&group).unwrap_or_default() {
-            if let Some(s) = self.halves.get_mut(&offset) {
-                if s.parked {
-                    s.parked = false;
-                    s.due_ms = now_ms;
-                    self.queue.insert((now_ms, offset));
-                    n += 1;
-                }
+    /// Parks `group`; see [`CheckScheduler::park`].
+    pub fn park_group(&mut self, group: u32) {
+        if let Some(h) = self.head_of(group) {
+            if !self.parked.contains(&group) {
+                self.heads.remove(&(h, group));
             }
         }
-        n
+        self.parked.insert(group);
+    }
+
+    /// A session of `group` opened: its halves are due again, each at its own
+    /// time (those that came due while parked at once). Returns how many
+    /// halves wait in the group (not given up).
+    pub fn unpark_group(&mut self, group: u32, _now_ms: u64) -> usize {
+        if self.parked.remove(&group) {
+            if let Some(h) = self.head_of(group) {
+                self.heads.insert((h, group));
+            }
+        }
+        self.queues.get(&group).map_or(0, BTreeSet::len)
     }
 
     /// The session a check was sent to closed without answering: the attempt
@@ -275,8 +333,9 @@ impl CheckScheduler {
         }
         s.checking = false;
         if s.check_times >= self.cfg.check_max {
-            self.queue.remove(&(s.due_ms, offset));
             s.given_up = true;
+            let (group, due) = (s.group, s.due_ms);
+            self.dequeue(group, due, offset);
             return true;
         }
         self.reschedule(offset, now_ms + self.cfg.check_interval_ms);
@@ -365,7 +424,35 @@ mod tests {
             0,
             "parking is not an attempt"
         );
-        assert!(s.get(200).unwrap().parked);
+        assert!(s.is_parked(8) && !s.is_parked(7));
+    }
+
+    #[test]
+    fn one_park_sets_aside_a_whole_group_and_new_halves_join_it() {
+        let mut s = CheckScheduler::new(cfg());
+        for i in 0..100_000u64 {
+            s.add(1_000 + i, 1, 1, i / 100); // group 1: a dead producer's halves
+        }
+        s.add(500, 2, 1, 2_000); // group 2, due at 8,000
+        assert_eq!(s.next_due(7_000), Some(Due::Check(1_000)));
+        s.park(1_000);
+        assert_eq!(s.next_due(7_000), None, "none of group 1 is due");
+        assert_eq!(s.next_due_ms(), Some(8_000));
+        assert_eq!(s.next_due(8_000), Some(Due::Check(500)));
+        s.remove(500);
+        // A half added to the parked group is not due either, however late.
+        s.add(7, 1, 1, 9_000);
+        assert_eq!(s.next_due(u64::MAX), None);
+        assert_eq!(s.next_due_ms(), None);
+        // Resolving halves of a parked group keeps it parked.
+        s.remove(1_000);
+        assert_eq!(s.next_due(u64::MAX), None);
+        // A session opens: the earliest is due, then the rest in order.
+        assert_eq!(s.unpark_group(1, 20_000), 100_000);
+        assert_eq!(s.next_due(20_000), Some(Due::Check(1_001)));
+        s.remove(1_001);
+        assert_eq!(s.next_due(20_000), Some(Due::Check(1_002)));
+        assert_eq!(s.get(7).unwrap().due_ms, 15_000);
     }
 
     #[test]
@@ -427,7 +514,6 @@ mod tests {
             due_ms: 50_000,
             checking: true,
             given_up: false,
-            parked: false,
         };
         s.restore(100, st);
         assert!(!s.get(100).unwrap().checking);
