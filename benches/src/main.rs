@@ -106,6 +106,18 @@ fn rss_bytes() -> u64 {
         .map_or(0, |pages| pages * 4096)
 }
 
+/// Locks a mutex, taking over a poisoned one (a panicked task must not
+/// lose the run's figures).
+trait Locked<T> {
+    fn locked(&self) -> std::sync::MutexGuard<'_, T>;
+}
+
+impl<T> Locked<T> for Mutex<T> {
+    fn locked(&self) -> std::sync::MutexGuard<'_, T> {
+        self.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// Shared run state.
 struct Run {
     start: Instant,
@@ -351,8 +363,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 let now = Instant::now();
                 let now_ns = run.ns_since_start(now);
                 {
-                    let mut e2e = run.e2e_hist.lock().unwrap_or_else(|e| e.into_inner());
-                    let mut ledger = run.ledger.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut e2e = run.e2e_hist.locked();
+                    let mut ledger = run.ledger.locked();
                     let issued = run.next_seq.load(Ordering::Relaxed);
                     for m in &msgs {
                         if m.body.len() < 16 {
@@ -453,16 +465,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                                         let us = |a: Instant, b: Instant| {
                                             (b.duration_since(a).as_micros() as u64).max(1)
                                         };
-                                        let _ = run
-                                            .half_hist
-                                            .lock()
-                                            .unwrap_or_else(|e| e.into_inner())
-                                            .record(us(t0, t1));
-                                        let _ = run
-                                            .end_hist
-                                            .lock()
-                                            .unwrap_or_else(|e| e.into_inner())
-                                            .record(us(t1, Instant::now()));
+                                        let _ = run.half_hist.locked().record(us(t0, t1));
+                                        let _ =
+                                            run.end_hist.locked().record(us(t1, Instant::now()));
                                     }
                                     r
                                 }
@@ -485,8 +490,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     match res {
                         Ok(()) => {
                             {
-                                let mut ledger =
-                                    run.ledger.lock().unwrap_or_else(|e| e.into_inner());
+                                let mut ledger = run.ledger.locked();
                                 for s in &seqs {
                                     ledger.ack(*s);
                                 }
@@ -496,11 +500,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                                 run.acked_measured
                                     .fetch_add(seqs.len() as u64, Ordering::Relaxed);
                                 let us = (done.duration_since(scheduled).as_micros() as u64).max(1);
-                                let _ = run
-                                    .ack_hist
-                                    .lock()
-                                    .unwrap_or_else(|e| e.into_inner())
-                                    .record(us);
+                                let _ = run.ack_hist.locked().record(us);
                             }
                         }
                         Err(e) => {
@@ -547,12 +547,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let drain_deadline = Instant::now() + args.drain_timeout;
     loop {
-        let ledger_done = {
-            run.ledger
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .drained()
-        };
+        let ledger_done = { run.ledger.locked().drained() };
         if ledger_done || Instant::now() >= drain_deadline {
             break;
         }
@@ -564,34 +559,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     let secs = args.duration.as_secs_f64();
-    let (acked_total, lost, duplicates) = {
-        run.ledger
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .summary()
-    };
+    let (acked_total, lost, duplicates) = { run.ledger.locked().summary() };
     let acked_per_s = run.acked_measured.load(Ordering::Relaxed) as f64 / secs;
     let consumed_per_s = run.consumed_measured.load(Ordering::Relaxed) as f64 / secs;
-    let ack = run
-        .ack_hist
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
-    let e2e = run
-        .e2e_hist
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
-    let half = run
-        .half_hist
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
-    let end = run
-        .end_hist
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
+    let ack = run.ack_hist.locked().clone();
+    let e2e = run.e2e_hist.locked().clone();
+    let half = run.half_hist.locked().clone();
+    let end = run.end_hist.locked().clone();
     let summary = serde_json::json!({
         "mode": args.mode,
         "broker": if args.broker.is_some() { "external" } else { "embedded" },
