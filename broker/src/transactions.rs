@@ -569,7 +569,7 @@ impl TxState {
         {
             let mut inner = lock(&self.inner);
             let g = inner.strings.id(&group);
-            let n = inner.sched.unpark_group(g, halfmq_storage::now_ms());
+            let n = inner.sched.unpark_group(g);
             if n > 0 {
                 tracing::info!(producer_group = %group, halves = n, "producer group unparked: its halves are checked again");
             }

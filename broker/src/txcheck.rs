@@ -298,7 +298,7 @@ impl CheckScheduler {
     /// A session of `group` opened: its halves are due again, each at its own
     /// time (those that came due while parked at once). Returns how many
     /// halves wait in the group (not given up).
-    pub fn unpark_group(&mut self, group: u32, _now_ms: u64) -> usize {
+    pub fn unpark_group(&mut self, group: u32) -> usize {
         if self.parked.remove(&group) {
             if let Some(h) = self.head_of(group) {
                 self.heads.insert((h, group));
@@ -417,7 +417,7 @@ mod tests {
         s.park(200);
         assert_eq!(s.next_due(u64::MAX), None);
         s.remove(300); // resolved meanwhile (e.g. by an operator)
-        assert_eq!(s.unpark_group(7, 50_000), 1);
+        assert_eq!(s.unpark_group(7), 1);
         assert_eq!(s.next_due(50_000), Some(Due::Check(100)));
         assert_eq!(
             s.get(100).unwrap().check_times,
@@ -448,7 +448,7 @@ mod tests {
         s.remove(1_000);
         assert_eq!(s.next_due(u64::MAX), None);
         // A session opens: the earliest is due, then the rest in order.
-        assert_eq!(s.unpark_group(1, 20_000), 100_000);
+        assert_eq!(s.unpark_group(1), 100_000);
         assert_eq!(s.next_due(20_000), Some(Due::Check(1_001)));
         s.remove(1_001);
         assert_eq!(s.next_due(20_000), Some(Due::Check(1_002)));

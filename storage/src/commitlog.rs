@@ -657,6 +657,7 @@ impl CommitLog {
         // length prefix and the record together.
         let mut buf = vec![0u8; ((limit - offset) as usize).min(READ_AHEAD_BYTES)];
         seg.read_at(offset, &mut buf)?;
+        // invariant: offset + 4 <= limit was checked above, so buf holds at least 4 bytes
         let len = u64::from(u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]));
         if len < MIN_RECORD_BYTES as u64 || offset + len > limit {
             return Err(Error::Corrupt {
