@@ -63,6 +63,25 @@ fn main() {
         t.elapsed().as_nanos() as f64 / k as f64
     );
     let t = Instant::now();
+    let m = sched.min_offset();
+    println!(
+        "min_offset with {n} pending: {:.3} ms ({m:?})",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    // Realistic churn: 64 in flight, the oldest of them resolved per new one.
+    let t = Instant::now();
+    for i in 0..k {
+        let off = (n + k + i) * 1100;
+        sched.add(off, 0, 0, n + k + i);
+        if i >= 64 {
+            sched.remove((n + k + i - 64) * 1100);
+        }
+    }
+    println!(
+        "add + resolve, 64 in flight, with {n} pending: {:.0} ns per transaction",
+        t.elapsed().as_nanos() as f64 / k as f64
+    );
+    let t = Instant::now();
     let mut due = 0;
     for _ in 0..k {
         if sched.next_due(0).is_some() {

@@ -578,14 +578,15 @@ impl TxState {
         (id, rx)
     }
 
-    /// (Unresolved half messages, delayed messages not yet due): one pass
-    /// over the index.
+    /// (Unresolved half messages, delayed messages not yet due). O(1).
     pub fn pending_counts(&self) -> (usize, usize) {
         let inner = lock(&self.inner);
-        let delayed = match inner.strings.id_of(DELAY_GROUP) {
-            Some(g) => inner.sched.iter().filter(|(_, s)| s.group == g).count(),
-            None => 0,
-        };
+        // A delayed message is never given up, so its group's queue holds
+        // them all.
+        let delayed = inner
+            .strings
+            .id_of(DELAY_GROUP)
+            .map_or(0, |g| inner.sched.queued_in(g));
         (inner.sched.len() - delayed, delayed)
     }
 
@@ -1098,13 +1099,16 @@ impl Broker {
     pub fn list_transactions(&self, limit: usize) -> Vec<PendingTransaction> {
         let tx = self.tx();
         let now = self.now_ms();
+        // The index iterates in offset order: only `limit` rows are built
+        // under the lock, however many halves are pending.
         let mut rows: Vec<(u64, HalfState, String, String)> = {
             let inner = lock(&tx.inner);
             let delay_group = inner.strings.id_of(DELAY_GROUP);
-            let mut v: Vec<_> = inner
+            inner
                 .sched
                 .iter()
                 .filter(|(_, s)| Some(s.group) != delay_group)
+                .take(limit)
                 .map(|(o, s)| {
                     (
                         o,
@@ -1113,10 +1117,7 @@ impl Broker {
                         inner.strings.name(s.topic).to_owned(),
                     )
                 })
-                .collect();
-            v.sort_by_key(|r| r.0);
-            v.truncate(limit);
-            v
+                .collect()
         };
         rows.drain(..)
             .map(|(offset, s, group, topic)| {
