@@ -64,6 +64,71 @@ fn status(e: &BrokerError) -> Option<pb::Status> {
     })
 }
 
+impl Services {
+    /// Stores half messages all or nothing: (status, one receipt per half).
+    async fn halves(
+        &self,
+        group: &str,
+        msgs: Vec<pb::Message>,
+    ) -> (Option<pb::Status>, Vec<pb::HalfReceipt>) {
+        let msgs = msgs.into_iter().map(outgoing).collect();
+        match self.broker.send_halves(group, msgs).await {
+            Ok(hs) => (
+                ok(),
+                hs.into_iter()
+                    .map(|h| pb::HalfReceipt {
+                        transaction_id: h.transaction_id,
+                        message_id: h.message_id.to_string(),
+                        queue_id: h.queue_id,
+                    })
+                    .collect(),
+            ),
+            Err(e) => (status(&e), Vec::new()),
+        }
+    }
+
+    /// Ends transactions, each alone: one status per end. More than
+    /// `max_batch_messages` ends are refused as a whole (the limit bounds how
+    /// long one request holds the transaction lock).
+    async fn ends(&self, ends: Vec<pb::EndTransactionRequest>) -> Vec<pb::Status> {
+        let max = self.broker.config().max_batch_messages as usize;
+        if ends.len() > max {
+            let e = BrokerError::BadRequest(format!(
+                "{} ends exceeds max_batch_messages {max}",
+                ends.len()
+            ));
+            let s = status(&e).unwrap_or_default();
+            return vec![s; ends.len()];
+        }
+        if ends.is_empty() {
+            return Vec::new();
+        }
+        let source = match ends.first().map(|e| pb::EndSource::try_from(e.source)) {
+            Some(Ok(pb::EndSource::Check)) => EndSource::Check,
+            Some(Ok(pb::EndSource::Operator)) => EndSource::Operator,
+            _ => EndSource::Producer,
+        };
+        let ends: Vec<(String, Resolution)> = ends
+            .into_iter()
+            .map(|e| {
+                (
+                    e.transaction_id,
+                    resolution(e.resolution).unwrap_or(Resolution::Unknown),
+                )
+            })
+            .collect();
+        self.broker
+            .end_transactions(ends, source)
+            .await
+            .into_iter()
+            .map(|r| match r {
+                Ok(()) => ok().unwrap_or_default(),
+                Err(e) => status(&e).unwrap_or_default(),
+            })
+            .collect()
+    }
+}
+
 fn outgoing(m: pb::Message) -> OutgoingMessage {
     let queue = match m.queue {
         Some(pb::message::Queue::QueueId(q)) => QueueChoice::Id(q),
@@ -200,26 +265,8 @@ impl pb::producer_server::Producer for Services {
         req: Request<pb::SendHalvesRequest>,
     ) -> Rpc<pb::SendHalvesResponse> {
         let r = req.into_inner();
-        let msgs = r.messages.into_iter().map(outgoing).collect();
-        Ok(Response::new(
-            match self.broker.send_halves(&r.producer_group, msgs).await {
-                Ok(hs) => pb::SendHalvesResponse {
-                    status: ok(),
-                    receipts: hs
-                        .into_iter()
-                        .map(|h| pb::HalfReceipt {
-                            transaction_id: h.transaction_id,
-                            message_id: h.message_id.to_string(),
-                            queue_id: h.queue_id,
-                        })
-                        .collect(),
-                },
-                Err(e) => pb::SendHalvesResponse {
-                    status: status(&e),
-                    receipts: vec![],
-                },
-            },
-        ))
+        let (status, receipts) = self.halves(&r.producer_group, r.messages).await;
+        Ok(Response::new(pb::SendHalvesResponse { status, receipts }))
     }
 
     #[tracing::instrument(skip_all, fields(ends = req.get_ref().ends.len()))]
@@ -227,35 +274,35 @@ impl pb::producer_server::Producer for Services {
         &self,
         req: Request<pb::EndTransactionsRequest>,
     ) -> Rpc<pb::EndTransactionsResponse> {
-        let r = req.into_inner();
-        let source = match r.ends.first().map(|e| pb::EndSource::try_from(e.source)) {
-            Some(Ok(pb::EndSource::Check)) => EndSource::Check,
-            Some(Ok(pb::EndSource::Operator)) => EndSource::Operator,
-            _ => EndSource::Producer,
-        };
-        let ends: Vec<(String, Resolution)> = r
-            .ends
-            .into_iter()
-            .map(|e| {
-                (
-                    e.transaction_id,
-                    resolution(e.resolution).unwrap_or(Resolution::Unknown),
-                )
-            })
-            .collect();
-        let results = self
-            .broker
-            .end_transactions(ends, source)
-            .await
-            .into_iter()
-            .map(|r| match r {
-                Ok(()) => ok().unwrap_or_default(),
-                Err(e) => status(&e).unwrap_or_default(),
-            })
-            .collect();
+        let results = self.ends(req.into_inner().ends).await;
         Ok(Response::new(pb::EndTransactionsResponse {
             status: ok(),
             results,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(group = %req.get_ref().producer_group, halves = req.get_ref().halves.len(), ends = req.get_ref().ends.len()))]
+    async fn transaction_batch(
+        &self,
+        req: Request<pb::TransactionBatchRequest>,
+    ) -> Rpc<pb::TransactionBatchResponse> {
+        let r = req.into_inner();
+        // Both appends usually land before the same flush, so the two
+        // durability waits end together.
+        let ((halves_status, receipts), end_results) = tokio::join!(
+            async {
+                if r.halves.is_empty() {
+                    (ok(), Vec::new())
+                } else {
+                    self.halves(&r.producer_group, r.halves).await
+                }
+            },
+            self.ends(r.ends),
+        );
+        Ok(Response::new(pb::TransactionBatchResponse {
+            halves_status,
+            receipts,
+            end_results,
         }))
     }
 

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +16,22 @@ use crate::{check, one, per_message_refusal, Client, ClientError, Message};
 
 /// (transaction id, message id, queue id) of a stored half.
 type HalfIds = (String, String, u32);
-type EndCoalescer = Coalescer<(String, TransactionResolution), ()>;
+
+/// One call coalesced into a `TransactionBatch` request.
+#[derive(Debug)]
+enum TxItem {
+    Half(pb::Message),
+    End(String, TransactionResolution),
+}
+
+/// The result of a [`TxItem`].
+#[derive(Debug)]
+enum TxDone {
+    Half(HalfIds),
+    Ended,
+}
+
+type TxCoalescer = Coalescer<TxItem, TxDone>;
 
 /// The outcome of a local transaction, or a checker's answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,7 +96,7 @@ where
 #[derive(Debug, Clone)]
 pub struct Transaction {
     client: Client,
-    ends: Option<EndCoalescer>,
+    batches: Option<TxCoalescer>,
     /// Transaction id (48 hex digits).
     pub transaction_id: String,
     /// Message id the message has once committed.
@@ -100,8 +116,11 @@ impl Transaction {
     }
 
     async fn end(&self, r: TransactionResolution) -> Result<(), ClientError> {
-        match &self.ends {
-            Some(c) => c.call((self.transaction_id.clone(), r)).await,
+        match &self.batches {
+            Some(c) => c
+                .call(TxItem::End(self.transaction_id.clone(), r))
+                .await
+                .map(|_| ()),
             None => {
                 end_transaction(
                     &self.client,
@@ -168,8 +187,9 @@ pub struct TransactionOutcome {
 pub struct TransactionProducer {
     client: Client,
     group: String,
-    halves: Coalescer<pb::Message, HalfIds>,
-    ends: EndCoalescer,
+    /// Half sends and ends, coalesced together into `TransactionBatch`
+    /// requests: one request per flush where there were two.
+    batches: TxCoalescer,
     connected: watch::Receiver<bool>,
     _stop: Arc<watch::Sender<bool>>,
 }
@@ -207,28 +227,22 @@ impl TransactionProducer {
             max_inflight: crate::DEFAULT_MAX_INFLIGHT_BATCHES,
         };
         let (c, g) = (client.clone(), group.clone());
-        let halves = Coalescer::spawn(
+        let unsupported = Arc::new(AtomicBool::new(false));
+        let batches = Coalescer::spawn(
             limits,
-            |m: &pb::Message| m.body.len(),
-            move |msgs| {
-                let (c, g) = (c.clone(), g.clone());
-                async move { send_halves_coalesced(&c, &g, msgs).await }
+            |item: &TxItem| match item {
+                TxItem::Half(m) => m.body.len(),
+                TxItem::End(..) => 1,
             },
-        );
-        let c = client.clone();
-        let ends = Coalescer::spawn(
-            limits,
-            |_| 1,
-            move |ends| {
-                let c = c.clone();
-                async move { end_transactions(&c, ends).await }
+            move |items| {
+                let (c, g, u) = (c.clone(), g.clone(), Arc::clone(&unsupported));
+                async move { send_transaction_batch(&c, &g, &u, items).await }
             },
         );
         TransactionProducer {
             client,
             group,
-            halves,
-            ends,
+            batches,
             connected: conn_rx,
             _stop: Arc::new(stop_tx),
         }
@@ -254,10 +268,16 @@ impl TransactionProducer {
     /// Broker refusals (nothing stored), transport errors (outcome unknown:
     /// an orphan half would be resolved by check-back).
     pub async fn send_half(&self, msg: Message) -> Result<Transaction, ClientError> {
-        let (transaction_id, message_id, queue_id) = self.halves.call(msg.into_wire()).await?;
+        let TxDone::Half((transaction_id, message_id, queue_id)) =
+            self.batches.call(TxItem::Half(msg.into_wire())).await?
+        else {
+            return Err(ClientError::Connect(
+                "a half send was answered as an end".into(),
+            ));
+        };
         Ok(Transaction {
             client: self.client.clone(),
-            ends: Some(self.ends.clone()),
+            batches: Some(self.batches.clone()),
             transaction_id,
             message_id,
             queue_id,
@@ -340,18 +360,169 @@ async fn send_halves_coalesced(
     group: &str,
     msgs: Vec<pb::Message>,
 ) -> Vec<Result<HalfIds, ClientError>> {
-    let n = msgs.len();
     match send_halves_wire(client, group, msgs.clone()).await {
         Ok(v) => v.into_iter().map(Ok).collect(),
-        Err(ClientError::Broker { code, .. }) if n > 1 && per_message_refusal(code) => {
-            let mut out = Vec::with_capacity(n);
+        Err(e) => halves_refused(client, group, msgs, e).await,
+    }
+}
+
+/// A batch of halves was refused with `e` (nothing stored): on a refusal that
+/// concerns one message, resends them one by one so only the culprit fails;
+/// otherwise every half gets `e`.
+async fn halves_refused(
+    client: &Client,
+    group: &str,
+    msgs: Vec<pb::Message>,
+    e: ClientError,
+) -> Vec<Result<HalfIds, ClientError>> {
+    match e {
+        ClientError::Broker { code, .. } if msgs.len() > 1 && per_message_refusal(code) => {
+            let mut out = Vec::with_capacity(msgs.len());
             for m in msgs {
                 out.push(one(send_halves_wire(client, group, vec![m]).await));
             }
             out
         }
-        Err(e) => (0..n).map(|_| Err(e.duplicate())).collect(),
+        e => msgs.iter().map(|_| Err(e.duplicate())).collect(),
     }
+}
+
+/// Sends coalesced half sends and ends, in one `TransactionBatch` request when
+/// there are both; one result per item, in order. `unsupported` is set (and
+/// the two separate requests used from then on) when the broker predates
+/// `TransactionBatch`.
+async fn send_transaction_batch(
+    client: &Client,
+    group: &str,
+    unsupported: &AtomicBool,
+    items: Vec<TxItem>,
+) -> Vec<Result<TxDone, ClientError>> {
+    let mut halves = Vec::new();
+    let mut ends = Vec::new();
+    let kinds: Vec<bool> = items
+        .into_iter()
+        .map(|item| match item {
+            TxItem::Half(m) => {
+                halves.push(m);
+                true
+            }
+            TxItem::End(t, r) => {
+                ends.push((t, r));
+                false
+            }
+        })
+        .collect();
+    let (half_results, end_results) = if ends.is_empty() {
+        (
+            send_halves_coalesced(client, group, halves).await,
+            Vec::new(),
+        )
+    } else if halves.is_empty() {
+        (Vec::new(), end_transactions(client, ends).await)
+    } else if unsupported.load(Ordering::Relaxed) {
+        tokio::join!(
+            send_halves_coalesced(client, group, halves),
+            end_transactions(client, ends)
+        )
+    } else {
+        halves_and_ends(client, group, unsupported, halves, ends).await
+    };
+    let mut h = half_results.into_iter();
+    let mut e = end_results.into_iter();
+    kinds
+        .into_iter()
+        .map(|is_half| {
+            let r = if is_half {
+                h.next().map(|r| r.map(TxDone::Half))
+            } else {
+                e.next().map(|r| r.map(|()| TxDone::Ended))
+            };
+            r.unwrap_or_else(|| {
+                Err(ClientError::Connect(
+                    "batch answered too few results".into(),
+                ))
+            })
+        })
+        .collect()
+}
+
+/// One `TransactionBatch` request (see [`send_transaction_batch`]).
+async fn halves_and_ends(
+    client: &Client,
+    group: &str,
+    unsupported: &AtomicBool,
+    halves: Vec<pb::Message>,
+    ends: Vec<(String, TransactionResolution)>,
+) -> (
+    Vec<Result<HalfIds, ClientError>>,
+    Vec<Result<(), ClientError>>,
+) {
+    let (nh, ne) = (halves.len(), ends.len());
+    let req = pb::TransactionBatchRequest {
+        producer_group: group.to_owned(),
+        halves: halves.clone(),
+        ends: end_requests(&ends),
+    };
+    let resp = match client
+        .producer()
+        .transaction_batch(client.request(req, Duration::ZERO))
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(s) if s.code() == tonic::Code::Unimplemented => {
+            unsupported.store(true, Ordering::Relaxed);
+            return tokio::join!(
+                send_halves_coalesced(client, group, halves),
+                end_transactions(client, ends)
+            );
+        }
+        Err(s) => {
+            // The halves' outcome is unknown (an orphan half is resolved by
+            // check-back); ends are idempotent: sent again on their own, with
+            // the retries end requests get.
+            let e = ClientError::Transport(s);
+            let half_results = halves.iter().map(|_| Err(e.duplicate())).collect();
+            return (half_results, end_transactions(client, ends).await);
+        }
+    };
+    let half_results = match check(resp.halves_status) {
+        Ok(()) if resp.receipts.len() == nh => resp
+            .receipts
+            .into_iter()
+            .map(|r| Ok((r.transaction_id, r.message_id, r.queue_id)))
+            .collect(),
+        Ok(()) => {
+            let e = ClientError::Connect(format!(
+                "broker returned {} receipts for {nh} halves",
+                resp.receipts.len()
+            ));
+            halves.iter().map(|_| Err(e.duplicate())).collect()
+        }
+        Err(e) => halves_refused(client, group, halves, e).await,
+    };
+    let end_results = if resp.end_results.len() == ne {
+        resp.end_results
+            .into_iter()
+            .map(|s| check(Some(s)))
+            .collect()
+    } else {
+        let e = ClientError::Connect(format!(
+            "broker returned {} results for {ne} ends",
+            resp.end_results.len()
+        ));
+        (0..ne).map(|_| Err(e.duplicate())).collect()
+    };
+    (half_results, end_results)
+}
+
+fn end_requests(ends: &[(String, TransactionResolution)]) -> Vec<pb::EndTransactionRequest> {
+    ends.iter()
+        .map(|(t, r)| pb::EndTransactionRequest {
+            transaction_id: t.clone(),
+            resolution: r.wire() as i32,
+            source: pb::EndSource::Producer as i32,
+        })
+        .collect()
 }
 
 /// Ends several transactions in one request (retried on transport errors:
@@ -362,14 +533,7 @@ async fn end_transactions(
 ) -> Vec<Result<(), ClientError>> {
     let n = ends.len();
     let req = pb::EndTransactionsRequest {
-        ends: ends
-            .into_iter()
-            .map(|(t, r)| pb::EndTransactionRequest {
-                transaction_id: t,
-                resolution: r.wire() as i32,
-                source: pb::EndSource::Producer as i32,
-            })
-            .collect(),
+        ends: end_requests(&ends),
     };
     let resp = client
         .call(req, Duration::ZERO, |r| {

@@ -699,3 +699,146 @@ async fn concurrent_batched_ends_stay_exactly_once_and_first_wins() {
     assert_eq!(set, expect_visible);
     b.shutdown().await.unwrap();
 }
+
+/// `TransactionBatch` at the wire: halves stored all or nothing, each end
+/// alone, a refusal of one part leaves the other done, and too many ends are
+/// refused whole with nothing ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_batch_stores_halves_and_ends_each_on_its_own_terms() {
+    use halfmq_proto::v1 as pb;
+    let dir = tempfile::tempdir().unwrap();
+    let b = start(halfmq_broker::BrokerConfig {
+        max_batch_messages: 4,
+        ..tx_config(dir.path())
+    })
+    .await;
+    let mut raw = pb::producer_client::ProducerClient::connect(format!("http://{}", b.addr))
+        .await
+        .unwrap();
+    let half = |body: &str| pb::Message {
+        topic: "tb".into(),
+        body: body.as_bytes().to_vec().into(),
+        ..Default::default()
+    };
+    let end = |tid: &str, r: pb::Resolution| pb::EndTransactionRequest {
+        transaction_id: tid.into(),
+        resolution: r as i32,
+        source: pb::EndSource::Producer as i32,
+    };
+    let batch = |halves: Vec<pb::Message>, ends: Vec<pb::EndTransactionRequest>| {
+        pb::TransactionBatchRequest {
+            producer_group: "pg".into(),
+            halves,
+            ends,
+        }
+    };
+    let code = |s: &pb::Status| pb::Code::try_from(s.code).unwrap();
+    // Halves only.
+    let r = raw
+        .transaction_batch(batch(vec![half("h0"), half("h1")], vec![]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(code(r.halves_status.as_ref().unwrap()), pb::Code::Ok);
+    assert_eq!(r.receipts.len(), 2);
+    assert!(r.end_results.is_empty());
+    let (t0, t1) = (
+        r.receipts[0].transaction_id.clone(),
+        r.receipts[1].transaction_id.clone(),
+    );
+    // A new half with ends: commit h0, roll back h1, then commit h1 in the
+    // same request (the rollback came first: conflict), and a malformed id.
+    let r = raw
+        .transaction_batch(batch(
+            vec![half("h2")],
+            vec![
+                end(&t0, pb::Resolution::Commit),
+                end(&t1, pb::Resolution::Rollback),
+                end(&t1, pb::Resolution::Commit),
+                end("not-an-id", pb::Resolution::Commit),
+            ],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(code(r.halves_status.as_ref().unwrap()), pb::Code::Ok);
+    let t2 = r.receipts[0].transaction_id.clone();
+    let codes: Vec<pb::Code> = r.end_results.iter().map(code).collect();
+    assert_eq!(
+        codes[..3],
+        [pb::Code::Ok, pb::Code::Ok, pb::Code::TransactionConflict]
+    );
+    assert_ne!(
+        codes[3],
+        pb::Code::Ok,
+        "a malformed transaction id is refused"
+    );
+    // Refused halves (a reserved topic name) do not stop the ends.
+    let r = raw
+        .transaction_batch(batch(
+            vec![pb::Message {
+                topic: "%bad".into(),
+                ..half("x")
+            }],
+            vec![end(&t2, pb::Resolution::Commit)],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(code(r.halves_status.as_ref().unwrap()), pb::Code::Ok);
+    assert!(r.receipts.is_empty());
+    assert_eq!(
+        r.end_results.iter().map(code).collect::<Vec<_>>(),
+        [pb::Code::Ok]
+    );
+    // More ends than max_batch_messages (4): all refused, none applied.
+    let r = raw
+        .transaction_batch(batch(
+            vec![half("h3")],
+            (0..5).map(|_| end(&t1, pb::Resolution::Commit)).collect(),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let t3 = r.receipts[0].transaction_id.clone();
+    assert!(r
+        .end_results
+        .iter()
+        .all(|s| code(s) == pb::Code::BadRequest));
+    assert_eq!(r.end_results.len(), 5);
+    let r = raw
+        .transaction_batch(batch(
+            vec![],
+            (0..5).map(|_| end(&t3, pb::Resolution::Commit)).collect(),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r
+        .end_results
+        .iter()
+        .all(|s| code(s) == pb::Code::BadRequest));
+    assert_eq!(
+        code(r.halves_status.as_ref().unwrap()),
+        pb::Code::Ok,
+        "no halves: OK"
+    );
+    let c = client(b.addr).await;
+    let pending: Vec<String> = Admin::new(c.clone())
+        .list_transactions()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.transaction_id)
+        .collect();
+    assert_eq!(pending, vec![t3.clone()], "h3 is still pending");
+    // Committed: h0 and h2, once each; h1 (rolled back) and h3 (pending) never.
+    let got = consume_all(&Consumer::new(c, "g", "tb"), Duration::from_millis(300)).await;
+    let mut bodies: Vec<String> = got
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+        .collect();
+    bodies.sort();
+    assert_eq!(bodies, ["h0", "h2"]);
+    b.shutdown().await.unwrap();
+}
