@@ -401,9 +401,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     // Producers.
     let mut producer_tasks = Vec::new();
-    let per_task_interval = args.rate.map(|r| {
-        Duration::from_secs_f64((args.producers * args.inflight) as f64 / r.max(1) as f64)
-    });
+    let per_task_interval = args
+        .rate
+        .map(|r| send_interval(r, args.producers * args.inflight, args.batch));
     let tasks_total = (args.producers * args.inflight).max(1);
     let mut task_index = 0usize;
     for _ in 0..args.producers {
@@ -658,9 +658,23 @@ async fn preload_retries(addr: &str, topic: &str, group: &str, n: u64) -> anyhow
     Ok(())
 }
 
+/// Open loop: how often each of `tasks` sending tasks sends one request of
+/// `batch` messages, so that together they send `rate` messages/s.
+fn send_interval(rate: u64, tasks: usize, batch: usize) -> Duration {
+    Duration::from_secs_f64((tasks * batch.max(1)) as f64 / rate.max(1) as f64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn open_loop_rate_counts_messages_not_requests() {
+        // 64 tasks at 8,000 messages/s: one send each per 8 ms; with batches
+        // of 16, one request each per 128 ms (still 8,000 messages/s).
+        assert_eq!(send_interval(8_000, 64, 1), Duration::from_millis(8));
+        assert_eq!(send_interval(8_000, 64, 16), Duration::from_millis(128));
+    }
 
     #[test]
     fn ledger_counts_lost_and_duplicates_of_acknowledged_messages_only() {
