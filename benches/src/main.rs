@@ -106,6 +106,61 @@ fn rss_bytes() -> u64 {
         .map_or(0, |pages| pages * 4096)
 }
 
+/// CPU counters from `/proc` (Linux), in USER_HZ ticks (1/100 s, fixed by
+/// the kernel ABI).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct CpuSample {
+    /// This process's user + system time.
+    process_ticks: u64,
+    /// Time the hypervisor gave the machine's CPUs to someone else.
+    steal_ticks: u64,
+    /// All CPU time of the machine (user, nice, system, idle, iowait, irq,
+    /// softirq, steal).
+    total_ticks: u64,
+}
+
+impl CpuSample {
+    /// A sample now; `None` where `/proc` does not say.
+    fn now() -> Option<CpuSample> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let own = std::fs::read_to_string("/proc/self/stat").ok()?;
+        CpuSample::parse(&stat, &own)
+    }
+
+    fn parse(proc_stat: &str, self_stat: &str) -> Option<CpuSample> {
+        let cpu: Vec<u64> = proc_stat
+            .lines()
+            .next()?
+            .strip_prefix("cpu ")?
+            .split_whitespace()
+            .map(|s| s.parse().ok())
+            .collect::<Option<_>>()?;
+        // Fields after the command name (which may hold spaces and ')'):
+        // state is field 3, utime 14, stime 15.
+        let rest: Vec<&str> = self_stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let utime: u64 = rest.get(11)?.parse().ok()?;
+        let stime: u64 = rest.get(12)?.parse().ok()?;
+        Some(CpuSample {
+            process_ticks: utime + stime,
+            steal_ticks: *cpu.get(7)?,
+            total_ticks: cpu.iter().take(8).sum(),
+        })
+    }
+}
+
+/// (CPU µs of this process per message, % of the machine's CPU time
+/// stolen) between two samples.
+fn cpu_figures(a: CpuSample, b: CpuSample, messages: u64) -> (Option<f64>, Option<f64>) {
+    let own_us = b.process_ticks.saturating_sub(a.process_ticks) as f64 * 10_000.0;
+    let total = b.total_ticks.saturating_sub(a.total_ticks);
+    let per_msg = (messages > 0).then(|| (own_us / messages as f64 * 10.0).round() / 10.0);
+    let steal = (total > 0).then(|| {
+        let pct = b.steal_ticks.saturating_sub(a.steal_ticks) as f64 * 100.0 / total as f64;
+        (pct * 10.0).round() / 10.0
+    });
+    (per_msg, steal)
+}
+
 /// Locks a mutex, taking over a poisoned one (a panicked task must not
 /// lose the run's figures).
 trait Locked<T> {
@@ -515,6 +570,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
 
+    // CPU counters at both ends of the measured window.
+    let (from, to) = (run.measure_from, run.measure_to);
+    let cpu_window = tokio::spawn(async move {
+        tokio::time::sleep_until(from.into()).await;
+        let a = CpuSample::now();
+        tokio::time::sleep_until(to.into()).await;
+        a.zip(CpuSample::now())
+    });
+
     // Progress, then stop.
     let end = run.measure_to;
     let mut last = (0u64, 0u64);
@@ -559,6 +623,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     let secs = args.duration.as_secs_f64();
+    let (cpu_us_per_msg, steal_pct) = match cpu_window.await.ok().flatten() {
+        Some((a, b)) => cpu_figures(a, b, run.acked_measured.load(Ordering::Relaxed)),
+        None => (None, None),
+    };
     let (acked_total, lost, duplicates) = { run.ledger.locked().summary() };
     let acked_per_s = run.acked_measured.load(Ordering::Relaxed) as f64 / secs;
     let consumed_per_s = run.consumed_measured.load(Ordering::Relaxed) as f64 / secs;
@@ -601,6 +669,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "duplicates": duplicates,
         "preload_halves": args.preload_halves,
         "preload_rss_bytes": preload_rss_bytes,
+        "process_cpu_us_per_msg": cpu_us_per_msg,
+        "steal_pct": steal_pct,
     });
     if args.json {
         println!("{summary}");
@@ -667,6 +737,25 @@ fn send_interval(rate: u64, tasks: usize, batch: usize) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_figures_from_proc() {
+        let stat = |user: u64, idle: u64, steal: u64| {
+            format!("cpu  {user} 0 0 {idle} 0 0 0 {steal} 0 0\ncpu0 1 2 3\n")
+        };
+        // A command name with spaces and a parenthesis.
+        let own = |t: u64| format!("42 (halfmq bench) x) S 1 2 3 4 5 6 7 8 9 10 {t} {t} 0 0 20");
+        let a = CpuSample::parse(&stat(1000, 5000, 100), &own(300)).unwrap();
+        assert_eq!(a.process_ticks, 600);
+        assert_eq!(a.steal_ticks, 100);
+        assert_eq!(a.total_ticks, 6100);
+        // 1 s later on 2 CPUs: 200 ticks, 50 of them stolen; the process
+        // used 80 ticks (0.8 s) for 1,000 messages.
+        let b = CpuSample::parse(&stat(1100, 5050, 150), &own(340)).unwrap();
+        assert_eq!(cpu_figures(a, b, 1_000), (Some(800.0), Some(25.0)));
+        assert_eq!(cpu_figures(a, b, 0), (None, Some(25.0)));
+        assert!(CpuSample::parse("intr 1 2", &own(1)).is_none());
+    }
 
     #[test]
     fn open_loop_rate_counts_messages_not_requests() {
