@@ -92,6 +92,12 @@ struct Args {
     /// and nacked with a 2 h delay), to measure with a large retry backlog.
     #[arg(long, default_value_t = 0)]
     preload_retries: u64,
+    /// Threads of this process's async runtime, which runs the clients and
+    /// the embedded broker; 0 = one per CPU core (tokio's default). With 1,
+    /// an embedded broker and its clients share one thread: no cross-thread
+    /// wake-ups, but no separate-process figure either.
+    #[arg(long, default_value_t = 0)]
+    worker_threads: usize,
 }
 
 /// Resident memory of this process, bytes (Linux).
@@ -278,9 +284,11 @@ fn main() -> anyhow::Result<()> {
         args.batch >= 1 && args.inflight >= 1,
         "--batch and --inflight must be at least 1"
     );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if args.worker_threads > 0 {
+        builder.worker_threads(args.worker_threads);
+    }
+    let rt = builder.enable_all().build()?;
     rt.block_on(run(args))
 }
 
@@ -669,6 +677,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "duplicates": duplicates,
         "preload_halves": args.preload_halves,
         "preload_rss_bytes": preload_rss_bytes,
+        "worker_threads": args.worker_threads,
         "process_cpu_us_per_msg": cpu_us_per_msg,
         "steal_pct": steal_pct,
     });

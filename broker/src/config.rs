@@ -19,6 +19,9 @@ pub enum FlushSetting {
     Async,
 }
 
+/// Largest `worker_threads`.
+pub const MAX_WORKER_THREADS: u32 = 1024;
+
 /// Broker configuration. Field docs give defaults and units.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -121,6 +124,10 @@ pub struct BrokerConfig {
     /// Longest delay a delayed send may ask for, ms. Default 3 days
     /// (RocketMQ 5's timerMaxDelaySec).
     pub max_delay_ms: u64,
+    /// Threads of the async runtime (network, request handling); 0 = one per
+    /// CPU core (tokio's default). Default 0, at most 1,024. The commit-log
+    /// flusher and blocking work have threads of their own.
+    pub worker_threads: u32,
 }
 
 impl Default for BrokerConfig {
@@ -153,6 +160,7 @@ impl Default for BrokerConfig {
             min_free_disk_bytes: 64 << 20,
             preallocate_bytes: 1 << 20,
             max_delay_ms: 3 * 24 * 3600 * 1000,
+            worker_threads: 0,
             transaction_replay_bytes: 1 << 30,
             transaction_timeout_ms: 6_000,
             check_interval_ms: 30_000,
@@ -297,6 +305,12 @@ impl BrokerConfig {
             1,
         )?;
         at_least("max_pending_halves", self.max_pending_halves, 1)?;
+        if self.worker_threads > MAX_WORKER_THREADS {
+            return bad(
+                "worker_threads",
+                format!("{} is more than {MAX_WORKER_THREADS}", self.worker_threads),
+            );
+        }
         if let Err(reason) = crate::retry::parse_delays(&self.retry_delays) {
             return bad("retry_delays", reason);
         }
@@ -367,5 +381,12 @@ mod tests {
             ..BrokerConfig::default()
         };
         assert_eq!(c.validate().unwrap_err().key, "default_queues");
+        let c = BrokerConfig::from_toml("worker_threads = 1").unwrap();
+        c.validate().unwrap();
+        let c = BrokerConfig {
+            worker_threads: MAX_WORKER_THREADS + 1,
+            ..BrokerConfig::default()
+        };
+        assert_eq!(c.validate().unwrap_err().key, "worker_threads");
     }
 }

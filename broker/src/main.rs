@@ -91,6 +91,9 @@ struct Args {
     /// `max_connections`.
     #[arg(long)]
     max_connections: Option<u32>,
+    /// `worker_threads` (0 = one per CPU core).
+    #[arg(long)]
+    worker_threads: Option<u32>,
     /// `max_requests_per_connection`.
     #[arg(long)]
     max_requests_per_connection: Option<u32>,
@@ -171,6 +174,7 @@ fn load_config(args: &Args) -> anyhow::Result<BrokerConfig> {
         max_receive_messages => max_receive_messages, max_receive_wait => max_receive_wait_ms,
         max_inflight_per_queue => max_inflight_per_queue, max_unacked_window => max_unacked_window,
         max_connections => max_connections, max_requests_per_connection => max_requests_per_connection,
+        worker_threads => worker_threads,
         checkpoint_interval => checkpoint_interval_ms, retention => retention_ms,
         retention_bytes => retention_bytes, retention_check_interval => retention_check_interval_ms,
         min_free_disk_bytes => min_free_disk_bytes, preallocate_bytes => preallocate_bytes,
@@ -242,10 +246,11 @@ fn main() -> std::process::ExitCode {
             }
         }
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if cfg.worker_threads > 0 {
+        builder.worker_threads(cfg.worker_threads as usize);
+    }
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("halfmq-broker: runtime: {e}");

@@ -29,12 +29,21 @@ fn invalid_config_exits_2_naming_the_key() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("flush"));
+    let out = Command::new(binary("halfmq-broker"))
+        .args(["--data-dir"])
+        .arg(dir.path())
+        .args(["--worker-threads", "100000"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("worker_threads"));
 }
 
 #[test]
 fn cli_send_and_consume_json() {
     let dir = tempfile::tempdir().unwrap();
-    let b = BrokerProcess::start(dir.path(), &[]);
+    // One runtime thread: the broker must serve everything on it.
+    let b = BrokerProcess::start(dir.path(), &["--worker-threads", "1"]);
     let cli = |args: &[&str]| {
         let out = Command::new(binary("halfmq"))
             .args(["--broker", &b.addr])
