@@ -11,32 +11,28 @@ use halfmq_tests::{binary, BrokerProcess};
 #[test]
 fn invalid_config_exits_2_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(binary("halfmq-broker"))
-        .args(["--data-dir"])
-        .arg(dir.path())
-        .args(["--default-queues", "0"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("default_queues"), "{err}");
     let toml = dir.path().join("bad.toml");
     std::fs::write(&toml, "flush = \"sometimes\"\n").unwrap();
-    let out = Command::new(binary("halfmq-broker"))
-        .arg("--config")
-        .arg(&toml)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("flush"));
-    let out = Command::new(binary("halfmq-broker"))
-        .args(["--data-dir"])
-        .arg(dir.path())
-        .args(["--worker-threads", "100000"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("worker_threads"));
+    let data_dir = dir.path().to_str().unwrap();
+    for (args, key) in [
+        (
+            vec!["--data-dir", data_dir, "--default-queues", "0"],
+            "default_queues",
+        ),
+        (vec!["--config", toml.to_str().unwrap()], "flush"),
+        (
+            vec!["--data-dir", data_dir, "--worker-threads", "100000"],
+            "worker_threads",
+        ),
+    ] {
+        let out = Command::new(binary("halfmq-broker"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key), "{args:?}: {err}");
+    }
 }
 
 #[test]
