@@ -90,6 +90,11 @@ pub struct BrokerConfig {
     /// Default 1 MiB, at most 64 MiB. Each fdatasync then skips the inode
     /// update of a growing file (RocketMQ preallocates whole segments).
     pub preallocate_bytes: u64,
+    /// The most recently appended commit-log bytes kept in memory, so that
+    /// reads near the log's end (consumers keeping up, EndTransaction reading
+    /// its half) need no `pread`, bytes; 0 = off. Default 16 MiB, at most
+    /// 1 GiB. (RocketMQ reads its mmapped segments, in the page cache.)
+    pub read_cache_bytes: u64,
     /// A half message younger than this is never checked back, ms. Default
     /// 6,000 (RocketMQ's transactionTimeOut).
     pub transaction_timeout_ms: u64,
@@ -159,6 +164,7 @@ impl Default for BrokerConfig {
             retention_check_interval_ms: 60_000,
             min_free_disk_bytes: 64 << 20,
             preallocate_bytes: 1 << 20,
+            read_cache_bytes: 16 << 20,
             max_delay_ms: 3 * 24 * 3600 * 1000,
             worker_threads: 0,
             transaction_replay_bytes: 1 << 30,
@@ -244,6 +250,16 @@ impl BrokerConfig {
                     "{} exceeds the most, {} (64 MiB)",
                     self.preallocate_bytes,
                     halfmq_storage::config::MAX_PREALLOCATE_BYTES
+                ),
+            );
+        }
+        if self.read_cache_bytes > halfmq_storage::config::MAX_READ_CACHE_BYTES {
+            return bad(
+                "read_cache_bytes",
+                format!(
+                    "{} exceeds the most, {} (1 GiB)",
+                    self.read_cache_bytes,
+                    halfmq_storage::config::MAX_READ_CACHE_BYTES
                 ),
             );
         }
@@ -354,6 +370,7 @@ impl BrokerConfig {
         };
         s.min_free_disk_bytes = self.min_free_disk_bytes;
         s.preallocate_bytes = self.preallocate_bytes;
+        s.read_cache_bytes = self.read_cache_bytes;
         s
     }
 }

@@ -121,6 +121,9 @@ struct Args {
     /// `preallocate_bytes`: zero-filled space kept ahead of the commit log's end; 0 = off.
     #[arg(long)]
     preallocate_bytes: Option<u64>,
+    /// `read_cache_bytes`: recent commit-log bytes kept in memory for reads; 0 = off.
+    #[arg(long)]
+    read_cache_bytes: Option<u64>,
     /// `transaction_timeout_ms`, as a duration: halves younger than this are
     /// never checked back.
     #[arg(long, value_parser = duration_ms)]
@@ -178,6 +181,7 @@ fn load_config(args: &Args) -> anyhow::Result<BrokerConfig> {
         checkpoint_interval => checkpoint_interval_ms, retention => retention_ms,
         retention_bytes => retention_bytes, retention_check_interval => retention_check_interval_ms,
         min_free_disk_bytes => min_free_disk_bytes, preallocate_bytes => preallocate_bytes,
+        read_cache_bytes => read_cache_bytes,
         max_delay => max_delay_ms,
         transaction_replay_bytes => transaction_replay_bytes,
         transaction_timeout => transaction_timeout_ms, check_interval => check_interval_ms,

@@ -39,6 +39,15 @@
 //! 4. [`CommitLog::wait_durable`] completes when the flushed offset passes the
 //!    end of the caller's records (sync mode), at once in async mode.
 //!
+//! # Read path
+//!
+//! The last `read_cache_bytes` (default 16 MiB) of appended bytes are also
+//! kept in memory, as the batches were written. A read that falls inside
+//! one cached batch (a consumer keeping up with the log, an EndTransaction
+//! reading its half) is served from there without a `pread`; any other read
+//! goes to the segment file. The cache only ever holds bytes whose write
+//! succeeded, so both paths return the same record.
+//!
 //! An fdatasync error poisons the log: every waiter and every later append
 //! gets [`Error::Poisoned`]; the process must restart and recover from disk.
 //!
@@ -54,7 +63,7 @@
 //!
 //! Nothing is ever deleted unaccounted for.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -224,6 +233,58 @@ struct FlushControl {
     shutdown: bool,
 }
 
+/// Recently appended bytes, kept in memory for reads near the log's end
+/// (see the module docs).
+struct TailCache {
+    /// Most bytes kept; 0 = off.
+    limit_bytes: usize,
+    /// Bytes held in `chunks`.
+    held_bytes: usize,
+    /// (physical offset of the first byte, the bytes of one append), oldest
+    /// first, contiguous.
+    chunks: VecDeque<(u64, Bytes)>,
+}
+
+impl TailCache {
+    fn new(limit_bytes: usize) -> TailCache {
+        TailCache {
+            limit_bytes,
+            held_bytes: 0,
+            chunks: VecDeque::new(),
+        }
+    }
+
+    /// Keeps `data`, written at physical offset `start`, dropping the oldest
+    /// chunks beyond the limit.
+    fn push(&mut self, start: u64, data: &[u8]) {
+        if self.limit_bytes == 0 || data.is_empty() {
+            return;
+        }
+        if let Some((s, b)) = self.chunks.back() {
+            if s + b.len() as u64 != start {
+                // Not contiguous with what is held (never expected): start over.
+                self.chunks.clear();
+                self.held_bytes = 0;
+            }
+        }
+        self.held_bytes += data.len();
+        self.chunks.push_back((start, Bytes::copy_from_slice(data)));
+        while self.held_bytes > self.limit_bytes {
+            match self.chunks.pop_front() {
+                Some((_, b)) => self.held_bytes -= b.len(),
+                None => break,
+            }
+        }
+    }
+
+    /// The cached bytes from `offset` to the end of the chunk holding it.
+    fn from(&self, offset: u64) -> Option<&[u8]> {
+        let i = self.chunks.partition_point(|(s, _)| *s <= offset);
+        let (s, b) = self.chunks.get(i.checked_sub(1)?)?;
+        b.get(usize::try_from(offset - s).ok()?..)
+    }
+}
+
 struct Writer {
     active: Arc<Segment>,
     buf: Vec<u8>,
@@ -352,6 +413,7 @@ struct Inner {
     flusher_sleeping: AtomicBool,
     status: watch::Sender<FlushStatus>,
     poison: Mutex<Option<Arc<str>>>,
+    tail: Mutex<TailCache>,
 }
 
 /// The segmented commit log. Cheap to share behind an `Arc`; all methods take
@@ -388,6 +450,9 @@ pub struct LogOptions {
     /// Zero-filled bytes kept ahead of the active segment's end; 0 = off.
     /// See the module docs.
     pub preallocate_bytes: u64,
+    /// Most recently appended bytes kept in memory for reads; 0 = off. See
+    /// the module docs.
+    pub read_cache_bytes: u64,
 }
 
 impl CommitLog {
@@ -497,6 +562,9 @@ impl CommitLog {
             flusher_sleeping: AtomicBool::new(false),
             status,
             poison: Mutex::new(None),
+            tail: Mutex::new(TailCache::new(
+                usize::try_from(opts.read_cache_bytes).unwrap_or(usize::MAX),
+            )),
         });
         let flusher_inner = Arc::clone(&inner);
         let flusher = std::thread::Builder::new()
@@ -596,6 +664,8 @@ impl CommitLog {
                 segs.insert(seg.base, seg);
             }
         }
+        // Still under the writer lock: chunks enter the cache in log order.
+        lock(&inner.tail).push(undo_end, &w.buf);
         // SeqCst with the flusher's store of `flusher_sleeping` and load of
         // `written`: either it sees this end, or this sees it sleeping.
         inner.written.store(seg_end, Ordering::SeqCst);
@@ -653,6 +723,9 @@ impl CommitLog {
         if offset + 4 > limit {
             return Err(self.out_of_range(offset));
         }
+        if let Some(rec) = self.read_cached(offset, None) {
+            return rec;
+        }
         // One pread for records up to READ_AHEAD_BYTES (most messages): the
         // length prefix and the record together.
         let mut buf = vec![0u8; ((limit - offset) as usize).min(READ_AHEAD_BYTES)];
@@ -683,7 +756,26 @@ impl CommitLog {
         if offset + u64::from(size) > limit {
             return Err(self.out_of_range(offset));
         }
+        if let Some(rec) = self.read_cached(offset, Some(size as usize)) {
+            return rec;
+        }
         self.read_sized_in(&seg, offset, size as usize)
+    }
+
+    /// The record at `offset` from the tail cache, when one cached chunk
+    /// holds all of it (`size` when known, else its length prefix); `None`
+    /// sends the caller to the file. The bytes are copied out, so a record
+    /// kept long holds no cache memory.
+    fn read_cached(&self, offset: u64, size: Option<usize>) -> Option<Result<Record>> {
+        let tail = lock(&self.inner.tail);
+        let held = tail.from(offset)?;
+        let len = match size {
+            Some(n) => n,
+            None => peek_len(held)?,
+        };
+        let bytes = Bytes::copy_from_slice(held.get(..len)?);
+        drop(tail);
+        Some(Record::decode(bytes, offset))
     }
 
     fn read_sized_in(&self, seg: &Segment, offset: u64, size: usize) -> Result<Record> {

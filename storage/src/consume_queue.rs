@@ -19,6 +19,10 @@
 //! (entries past the checkpoint are re-dispatched at open; a queue found
 //! shorter than its checkpoint is rebuilt from the whole log). Consume-queue
 //! files are fsynced only at checkpoints, never on the append path.
+//!
+//! The last [`CQ_TAIL_CACHE_ENTRIES`] entries written are also kept in memory,
+//! so a consumer keeping up with its queue reads its entries without a
+//! `pread`.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
@@ -78,7 +82,41 @@ struct Files {
     /// File base → bytes from the file's start whose disk space is allocated
     /// (see [`ConsumeQueue::reserve`]).
     reserved: BTreeMap<u64, u64>,
+    /// Queue offset of `tail[0]`.
+    tail_first: u64,
+    /// The last entries written, contiguous from `tail_first`.
+    tail: VecDeque<CqEntry>,
 }
+
+impl Files {
+    /// The cached entry at `queue_offset`: `None` when not cached,
+    /// `Some(None)` for a hole.
+    fn cached(&self, queue_offset: u64) -> Option<Option<CqEntry>> {
+        let i = usize::try_from(queue_offset.checked_sub(self.tail_first)?).ok()?;
+        self.tail.get(i).map(|e| (e.size != 0).then_some(*e))
+    }
+
+    /// Records that `entries` were written from `first` on.
+    fn cache(&mut self, first: u64, entries: &[CqEntry]) {
+        if first != self.tail_first + self.tail.len() as u64 {
+            self.forget();
+            self.tail_first = first;
+        }
+        self.tail.extend(entries.iter().copied());
+        while self.tail.len() > CQ_TAIL_CACHE_ENTRIES {
+            self.tail.pop_front();
+            self.tail_first += 1;
+        }
+    }
+
+    fn forget(&mut self) {
+        self.tail.clear();
+    }
+}
+
+/// Entries of each consume queue kept in memory after they are written
+/// (24 KiB of memory per queue at most).
+pub const CQ_TAIL_CACHE_ENTRIES: usize = 1024;
 
 /// Disk space a consume-queue file allocates at a time ahead of its writes,
 /// in bytes (3,276 entries).
@@ -176,6 +214,8 @@ impl ConsumeQueue {
                 dirty: BTreeSet::new(),
                 pending: VecDeque::new(),
                 reserved: BTreeMap::new(),
+                tail_first: 0,
+                tail: VecDeque::new(),
             }),
             next: AtomicU64::new(next),
             visible: AtomicU64::new(next),
@@ -215,13 +255,24 @@ impl ConsumeQueue {
     /// I/O errors.
     pub fn put(&self, first: u64, entries: &[CqEntry]) -> Result<()> {
         let mut inner = lock(&self.inner);
+        // Whatever happens below, the cache must not keep an old entry
+        // where the file may now hold a new one: re-filled on success.
+        let written = self.put_files(&mut inner, first, entries);
+        match written {
+            Ok(()) => inner.cache(first, entries),
+            Err(_) => inner.forget(),
+        }
+        written
+    }
+
+    fn put_files(&self, inner: &mut Files, first: u64, entries: &[CqEntry]) -> Result<()> {
         let mut qo = first;
         let mut rest = entries;
         while !rest.is_empty() {
             let base = qo - qo % self.entries_per_file;
             let room = (base + self.entries_per_file - qo) as usize;
             let (now, later) = rest.split_at(room.min(rest.len()));
-            let file = self.file(&mut inner, base)?;
+            let file = self.file(inner, base)?;
             let mut bytes = Vec::with_capacity(now.len() * CQ_ENTRY_BYTES as usize);
             for e in now {
                 bytes.extend_from_slice(&e.encode());
@@ -327,8 +378,15 @@ impl ConsumeQueue {
             return Ok(None);
         }
         let base = queue_offset - queue_offset % self.entries_per_file;
-        let Some(file) = lock(&self.inner).files.get(&base).cloned() else {
-            return Ok(None);
+        let file = {
+            let inner = lock(&self.inner);
+            if let Some(e) = inner.cached(queue_offset) {
+                return Ok(e);
+            }
+            match inner.files.get(&base) {
+                Some(f) => Arc::clone(f),
+                None => return Ok(None),
+            }
         };
         let mut b = [0u8; 20];
         match file.read_exact_at(&mut b, (queue_offset - base) * CQ_ENTRY_BYTES) {
@@ -371,6 +429,7 @@ impl ConsumeQueue {
     /// I/O errors.
     pub fn truncate(&self, len: u64) -> Result<()> {
         let mut inner = lock(&self.inner);
+        inner.forget();
         let bases: Vec<u64> = inner
             .files
             .range(len - len % self.entries_per_file..)
@@ -403,6 +462,7 @@ impl ConsumeQueue {
     /// I/O errors.
     pub fn delete_expired(&self, min_physical: u64) -> Result<usize> {
         let mut inner = lock(&self.inner);
+        inner.forget();
         let next = self.next_offset();
         let mut removed = 0;
         let bases: Vec<u64> = inner.files.keys().copied().collect();
@@ -513,6 +573,49 @@ mod tests {
         let cq = ConsumeQueue::open(dir.path(), "t", 0, 4).unwrap();
         assert_eq!(cq.next_offset(), 4);
         assert_eq!(cq.get(3).unwrap(), Some(e(4)));
+    }
+
+    #[test]
+    fn the_last_entries_are_read_from_memory_and_forgotten_on_truncate() {
+        let dir = tempfile::tempdir().unwrap();
+        let cq = ConsumeQueue::open(dir.path(), "t", 0, 4096).unwrap();
+        let n = CQ_TAIL_CACHE_ENTRIES as u64 + 100;
+        let entries: Vec<_> = (1..=n).map(e).collect();
+        for (i, chunk) in entries.chunks(64).enumerate() {
+            cq.put(i as u64 * 64, chunk).unwrap();
+        }
+        // Zero the file behind the queue's back: from the file every entry
+        // now reads as a hole.
+        let path = ConsumeQueue::queue_dir(dir.path(), "t", 0).join(segment_file_name(0));
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&vec![0u8; (n * CQ_ENTRY_BYTES) as usize], 0)
+            .unwrap();
+        let first_cached = n - CQ_TAIL_CACHE_ENTRIES as u64;
+        assert_eq!(
+            cq.get(first_cached - 1).unwrap(),
+            None,
+            "evicted: from the file"
+        );
+        assert_eq!(cq.get(first_cached).unwrap(), Some(e(first_cached + 1)));
+        assert_eq!(cq.get(n - 1).unwrap(), Some(e(n)));
+        // An overwrite (recovery) replaces what is cached.
+        cq.put(n - 2, &[e(7), e(8)]).unwrap();
+        assert_eq!(cq.get(n - 1).unwrap(), Some(e(8)));
+        assert_eq!(
+            cq.get(n - 3).unwrap(),
+            None,
+            "no longer cached: from the file"
+        );
+        cq.truncate(n - 1).unwrap();
+        assert_eq!(
+            cq.get(n - 2).unwrap(),
+            Some(e(7)),
+            "written through to the file"
+        );
+        assert_eq!(cq.get(n - 1).unwrap(), None);
+        f.write_all_at(&[0u8; CQ_ENTRY_BYTES as usize], (n - 2) * CQ_ENTRY_BYTES)
+            .unwrap();
+        assert_eq!(cq.get(n - 2).unwrap(), None, "truncate forgets the cache");
     }
 
     #[test]

@@ -222,6 +222,7 @@ impl Store {
                 flush: cfg.flush,
                 min_free_disk_bytes: cfg.min_free_disk_bytes,
                 preallocate_bytes: cfg.preallocate_bytes,
+                read_cache_bytes: cfg.read_cache_bytes,
             },
             scan_from,
             &mut |offset, rec| {

@@ -24,6 +24,10 @@ fn invalid_config_exits_2_naming_the_key() {
             vec!["--data-dir", data_dir, "--worker-threads", "100000"],
             "worker_threads",
         ),
+        (
+            vec!["--data-dir", data_dir, "--read-cache-bytes", "2000000000"],
+            "read_cache_bytes",
+        ),
     ] {
         let out = Command::new(binary("halfmq-broker"))
             .args(&args)
