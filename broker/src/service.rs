@@ -561,11 +561,22 @@ impl pb::admin_server::Admin for Services {
         &self,
         _req: Request<pb::ListTransactionsRequest>,
     ) -> Rpc<pb::ListTransactionsResponse> {
+        // The walk (delayed messages are skipped) and a log read per row run
+        // off the async workers.
+        let b = Arc::clone(&self.broker);
+        let listed = match tokio::task::spawn_blocking(move || b.list_transactions(10_000)).await {
+            Ok(v) => v,
+            Err(e) => {
+                let e = BrokerError::Internal(format!("listing transactions: {e}"));
+                return Ok(Response::new(pb::ListTransactionsResponse {
+                    status: status(&e),
+                    transactions: Vec::new(),
+                }));
+            }
+        };
         Ok(Response::new(pb::ListTransactionsResponse {
             status: ok(),
-            transactions: self
-                .broker
-                .list_transactions(10_000)
+            transactions: listed
                 .into_iter()
                 .map(|t| pb::PendingTransaction {
                     transaction_id: t.transaction_id,

@@ -53,6 +53,10 @@ pub const GIVEN_UP_TOPIC: &str = "%TRANS_CHECK_MAX_TIME%";
 /// half of this group, due at its delivery time, and committed then by the
 /// check driver instead of being checked (no client can use `%` names).
 pub const DELAY_GROUP: &str = "%DELAY%";
+
+/// Index entries [`Broker::list_transactions`] looks at per hold of the
+/// transaction lock.
+const LIST_SCAN_CHUNK: usize = 4_096;
 /// System property holding a delayed message's delivery time, ms since the
 /// epoch by the broker's clock: the one retries use (one name, one meaning).
 pub use crate::redelivery::DELIVER_AT_PROPERTY;
@@ -257,7 +261,10 @@ pub struct TxState {
     max_checks_per_session: usize,
     /// `transaction_replay_bytes`: how much log a restart may replay.
     replay_bytes: u64,
-    inner: Mutex<TxInner>,
+    /// parking_lot's: a long walk ([`Broker::list_transactions`]) can hand
+    /// the lock to a waiter between chunks (`MutexGuard::bump`), which std's
+    /// barging mutex cannot.
+    inner: parking_lot::Mutex<TxInner>,
     sessions: Mutex<Vec<Session>>,
     next_session: AtomicU64,
     round_robin: AtomicUsize,
@@ -390,7 +397,7 @@ impl TxState {
             max_pending,
             max_checks_per_session,
             replay_bytes,
-            inner: Mutex::new(inner),
+            inner: parking_lot::Mutex::new(inner),
             sessions: Mutex::new(Vec::new()),
             next_session: AtomicU64::new(1),
             round_robin: AtomicUsize::new(0),
@@ -400,12 +407,12 @@ impl TxState {
 
     /// Smallest offset of an unresolved half (retention keeps its segment).
     pub fn min_pending_offset(&self) -> Option<u64> {
-        lock(&self.inner).sched.min_offset()
+        self.inner.lock().sched.min_offset()
     }
 
     /// Number of unresolved halves.
     pub fn pending_count(&self) -> usize {
-        lock(&self.inner).sched.len()
+        self.inner.lock().sched.len()
     }
 
     /// Saves what a restart could not rebuild from the last
@@ -427,7 +434,7 @@ impl TxState {
         sync_log: impl FnOnce() -> Result<(), BrokerError>,
     ) -> Result<(), BrokerError> {
         let (scan_from, pending, removed) = {
-            let mut inner = lock(&self.inner);
+            let mut inner = self.inner.lock();
             let written = store.log().written_offset();
             let inner = &mut *inner;
             inner.save_points.push_back(written);
@@ -526,7 +533,7 @@ impl TxState {
     /// record (a resolved half always has one after it, so the scan is as
     /// long as the transaction was open). `None`: no end record found.
     fn resolution_of(&self, store: &Store, offset: u64) -> Result<Option<bool>, BrokerError> {
-        if let Some(&c) = lock(&self.inner).recent.get(&offset) {
+        if let Some(&c) = self.inner.lock().recent.get(&offset) {
             return Ok(Some(c));
         }
         if let Some(b) = store
@@ -542,7 +549,7 @@ impl TxState {
                 && matches!(rec.kind, RecordKind::TxCommit | RecordKind::TxRollback)
             {
                 let commit = rec.kind == RecordKind::TxCommit;
-                lock(&self.inner).recent.insert(offset, commit);
+                self.inner.lock().recent.insert(offset, commit);
                 return Ok(Some(commit));
             }
         }
@@ -567,7 +574,7 @@ impl TxState {
         });
         tracing::info!(session = id, producer_group = %group, "producer session opened");
         {
-            let mut inner = lock(&self.inner);
+            let mut inner = self.inner.lock();
             let g = inner.strings.id(&group);
             let n = inner.sched.unpark_group(g);
             if n > 0 {
@@ -580,7 +587,7 @@ impl TxState {
 
     /// (Unresolved half messages, delayed messages not yet due). O(1).
     pub fn pending_counts(&self) -> (usize, usize) {
-        let inner = lock(&self.inner);
+        let inner = self.inner.lock();
         // A delayed message is never given up, so its group's queue holds
         // them all.
         let delayed = inner
@@ -601,7 +608,7 @@ impl TxState {
     pub fn close_session(&self, id: u64) {
         lock(&self.sessions).retain(|s| s.id != id);
         let lost = {
-            let mut inner = lock(&self.inner);
+            let mut inner = self.inner.lock();
             let offsets: Vec<u64> = inner
                 .outstanding
                 .iter()
@@ -755,7 +762,7 @@ impl Broker {
             .collect();
         let tx = self.tx();
         let (offsets, end) = {
-            let mut inner = lock(&tx.inner);
+            let mut inner = tx.inner.lock();
             if inner.sched.len() + records.len() > tx.max_pending {
                 return Err(BrokerError::TooManyPendingHalves(tx.max_pending));
             }
@@ -813,7 +820,7 @@ impl Broker {
         let delayed = info.iter().filter(|i| i.4.is_some()).count();
         let tx = self.tx();
         let receipt = {
-            let mut inner = lock(&tx.inner);
+            let mut inner = tx.inner.lock();
             if inner.sched.len() + delayed > tx.max_pending {
                 return Err(BrokerError::TooManyPendingHalves(tx.max_pending));
             }
@@ -920,7 +927,7 @@ impl Broker {
         // (index, half offset, commit, topic, a delayed message)
         let mut appended: Vec<(usize, u64, bool, String, bool)> = Vec::new();
         let end = {
-            let mut inner = lock(&tx.inner);
+            let mut inner = tx.inner.lock();
             let mut records = Vec::new();
             let mut in_batch: HashMap<u64, bool> = HashMap::new();
             for (i, item) in items.iter().enumerate() {
@@ -1058,7 +1065,7 @@ impl Broker {
                 let now = self.now_ms();
                 let tx = self.tx();
                 let given_up = {
-                    let mut inner = lock(&tx.inner);
+                    let mut inner = tx.inner.lock();
                     tx.release_outstanding(&mut inner, id.offset);
                     inner.dirty.insert(id.offset);
                     inner.sched.answered_unknown(id.offset, now)
@@ -1073,7 +1080,7 @@ impl Broker {
     async fn give_up(&self, offset: u64) {
         let tx = self.tx();
         let res = {
-            let mut inner = lock(&tx.inner);
+            let mut inner = tx.inner.lock();
             inner.dirty.insert(offset);
             self.store().append(vec![Record {
                 kind: RecordKind::System,
@@ -1097,28 +1104,49 @@ impl Broker {
 
     /// Unresolved halves (given-up ones included), oldest first, at most `limit`.
     pub fn list_transactions(&self, limit: usize) -> Vec<PendingTransaction> {
+        self.list_transactions_in_chunks(limit, LIST_SCAN_CHUNK)
+    }
+
+    /// [`Broker::list_transactions`], looking at no more than `chunk` index
+    /// entries per hold of the transaction lock: delayed messages share the
+    /// index and are skipped, and a million of them ahead of the first half
+    /// must not stall sends and ends for the whole walk. Between chunks the
+    /// lock goes to any waiting sender first (a fair hand-over: with an
+    /// unfair unlock the walk would take the lock straight back).
+    fn list_transactions_in_chunks(&self, limit: usize, chunk: usize) -> Vec<PendingTransaction> {
         let tx = self.tx();
         let now = self.now_ms();
-        // The index iterates in offset order: only `limit` rows are built
-        // under the lock, however many halves are pending.
-        let mut rows: Vec<(u64, HalfState, String, String)> = {
-            let inner = lock(&tx.inner);
+        let chunk = chunk.max(1);
+        // The index iterates in offset order: only `limit` rows are built,
+        // however many halves are pending. Each chunk resumes at the offset
+        // where the last stopped, so no row is listed twice.
+        let mut rows: Vec<(u64, HalfState, String, String)> = Vec::new();
+        let mut from = 0;
+        let mut inner = tx.inner.lock();
+        while rows.len() < limit {
             let delay_group = inner.strings.id_of(DELAY_GROUP);
-            inner
-                .sched
-                .iter()
-                .filter(|(_, s)| Some(s.group) != delay_group)
-                .take(limit)
-                .map(|(o, s)| {
-                    (
+            let mut resume_at = None;
+            for (seen, (o, s)) in inner.sched.iter_from(from).enumerate() {
+                if seen == chunk || rows.len() == limit {
+                    resume_at = Some(o);
+                    break;
+                }
+                if Some(s.group) != delay_group {
+                    rows.push((
                         o,
                         *s,
                         inner.strings.name(s.group).to_owned(),
                         inner.strings.name(s.topic).to_owned(),
-                    )
-                })
-                .collect()
-        };
+                    ));
+                }
+            }
+            match resume_at {
+                Some(o) => from = o,
+                None => break,
+            }
+            parking_lot::MutexGuard::bump(&mut inner);
+        }
+        drop(inner);
         rows.drain(..)
             .map(|(offset, s, group, topic)| {
                 let message_id = self
@@ -1173,7 +1201,7 @@ impl Broker {
             let mut to_deliver = Vec::new();
             let mut timed_out = Vec::new();
             let more = {
-                let mut inner = lock(&tx.inner);
+                let mut inner = tx.inner.lock();
                 let live_ids: Vec<u32> = live.iter().map(|g| inner.strings.id(g)).collect();
                 let delay_group = inner.strings.id(DELAY_GROUP);
                 let mut handled = 0;
@@ -1222,7 +1250,7 @@ impl Broker {
             }
             tokio::task::yield_now().await;
         }
-        lock(&tx.inner).sched.next_due_ms()
+        tx.inner.lock().sched.next_due_ms()
     }
 
     /// Commits due delayed messages (one append, one durability wait).
@@ -1260,7 +1288,7 @@ impl Broker {
     fn send_check(&self, offset: u64, now: u64) {
         let tx = self.tx();
         let (group, topic, check_times) = {
-            let inner = lock(&tx.inner);
+            let inner = tx.inner.lock();
             match inner.sched.get(offset) {
                 Some(s) => (
                     inner.strings.name(s.group).to_owned(),
@@ -1274,7 +1302,7 @@ impl Broker {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(offset, error = %e, "cannot read half for a check; retrying later");
-                lock(&tx.inner).sched.no_session(offset, now);
+                tx.inner.lock().sched.no_session(offset, now);
                 return;
             }
         };
@@ -1332,7 +1360,7 @@ impl Broker {
             }
             (sent, any)
         };
-        let mut inner = lock(&tx.inner);
+        let mut inner = tx.inner.lock();
         match sent_to {
             (Some(sid), _) => {
                 inner.sched.check_sent(offset, now);
@@ -1367,6 +1395,7 @@ pub(crate) async fn check_driver(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::BrokerConfig;
 
     #[test]
     fn transaction_id_round_trip() {
@@ -1395,5 +1424,50 @@ mod tests {
         let d = decode_half_state(&encode_half_state(&s, "pg", "orders")).unwrap();
         assert_eq!(d, (5, 2, 9, true, "pg".into(), "orders".into()));
         assert!(decode_half_state(&[1, 2]).is_none());
+    }
+
+    fn message(body: &str, delay_ms: u64) -> OutgoingMessage {
+        OutgoingMessage {
+            topic: "orders".into(),
+            queue: crate::broker::QueueChoice::RoundRobin,
+            tag: String::new(),
+            keys: Vec::new(),
+            properties: Vec::new(),
+            body: bytes::Bytes::copy_from_slice(body.as_bytes()),
+            delay_ms,
+        }
+    }
+
+    #[tokio::test]
+    async fn listing_skips_delayed_messages_and_resumes_between_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = BrokerConfig {
+            data_dir: dir.path().to_path_buf(),
+            ..BrokerConfig::default()
+        };
+        let b = Broker::open(cfg, Arc::new(crate::broker::SystemClock)).unwrap();
+        // Physical order: 3 delayed, half, 3 delayed, half, ... The delayed
+        // messages share the offset-ordered index with the halves.
+        let mut halves = Vec::new();
+        for i in 0..4 {
+            let delayed = (0..3).map(|_| message("later", 3_600_000)).collect();
+            b.send(delayed).await.unwrap();
+            let h = b.send_half("pg", message(&format!("half {i}"), 0)).await;
+            halves.push(h.unwrap().transaction_id);
+        }
+        for chunk in [1, 2, 3, 4, 5, 4_096] {
+            let ids = |limit| -> Vec<String> {
+                b.list_transactions_in_chunks(limit, chunk)
+                    .into_iter()
+                    .map(|t| t.transaction_id)
+                    .collect()
+            };
+            assert_eq!(ids(100), halves, "chunk {chunk}");
+            assert_eq!(ids(3), halves[..3], "chunk {chunk}");
+            assert_eq!(ids(1), halves[..1], "chunk {chunk}");
+            assert!(ids(0).is_empty());
+        }
+        assert_eq!(b.list_transactions(100).len(), 4);
+        b.shutdown().await.unwrap();
     }
 }

@@ -133,6 +133,12 @@ impl CheckScheduler {
         self.halves.iter().map(|(o, s)| (*o, s))
     }
 
+    /// Pending halves from physical offset `from` on, by physical offset.
+    /// O(log n) to start.
+    pub fn iter_from(&self, from: u64) -> impl Iterator<Item = (u64, &HalfState)> {
+        self.halves.range(from..).map(|(o, s)| (*o, s))
+    }
+
     /// The smallest physical offset of a pending half (retention must keep
     /// its segment). O(log n).
     pub fn min_offset(&self) -> Option<u64> {
