@@ -57,6 +57,7 @@ pub const DELAY_GROUP: &str = "%DELAY%";
 /// Index entries [`Broker::list_transactions`] looks at per hold of the
 /// transaction lock.
 const LIST_SCAN_CHUNK: usize = 4_096;
+
 /// System property holding a delayed message's delivery time, ms since the
 /// epoch by the broker's clock: the one retries use (one name, one meaning).
 pub use crate::redelivery::DELIVER_AT_PROPERTY;
@@ -1103,6 +1104,8 @@ impl Broker {
     }
 
     /// Unresolved halves (given-up ones included), oldest first, at most `limit`.
+    /// Blocking: it walks the pending index and reads each listed half from
+    /// the log, so async callers run it with `spawn_blocking`.
     pub fn list_transactions(&self, limit: usize) -> Vec<PendingTransaction> {
         self.list_transactions_in_chunks(limit, LIST_SCAN_CHUNK)
     }
