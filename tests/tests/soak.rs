@@ -10,7 +10,9 @@
 //! At the end (all halves resolved, retries fired) it checks: every
 //! acknowledged send and every acknowledged half whose decision is commit was
 //! delivered (lost = 0); no rolled-back half was ever delivered; one message
-//! id per transaction; every acknowledged poison message is in the DLQ, once;
+//! id per transaction; every acknowledged poison message is in the DLQ, once,
+//! and every other DLQ entry is explained by a kill (an expired lease
+//! delivered shortly before one);
 //! duplicates (at-least-once) are counted and reported.
 //!
 //! With async flush a kill may also be made a simulated **power loss**: the
@@ -277,9 +279,12 @@ fn run_soak_with(kills: usize, flush: &str, power_loss: bool) {
     let mut rng = rand::thread_rng();
     let mut power_losses: Vec<Instant> = Vec::new();
     let mut cut_bytes = 0;
+    // Broker clock (the same machine's), ms: to match DLQ entries to kills.
+    let mut kills_ms: Vec<u64> = Vec::new();
     for i in 0..kills {
         std::thread::sleep(Duration::from_millis(rng.gen_range(200..700)));
         if let Some(b) = broker.take() {
+            kills_ms.push(halfmq_storage::now_ms());
             b.kill9();
         }
         if power_loss && i % 2 == 0 {
@@ -402,15 +407,42 @@ fn run_soak_with(kills: usize, flush: &str, power_loss: bool) {
             }
         });
     let dlq_twice = dlq_ids.values().filter(|n| **n > 1).count();
+    // Poison by body: a kill may store a send whose ack never arrived.
+    let poison_delivered: HashSet<&str> = l
+        .ids_per_body
+        .iter()
+        .filter(|(body, _)| body.starts_with("p-"))
+        .flat_map(|(_, ids)| ids.iter().map(String::as_str))
+        .collect();
     let non_poison_in_dlq = dlq_ids
         .keys()
-        .filter(|id| !l.poison_acked.contains(**id))
+        .filter(|id| !poison_delivered.contains(**id))
         .count();
+    // A message that is not poison reaches the DLQ only when kills replay
+    // its failures past max_reconsume_times (a lease restored at start-up
+    // and expiring counts as a failure; acks after the last progress save
+    // are lost). Its last failure is then an expired lease (after a first
+    // delivery the consumers ack every message that is not poison), and a
+    // kill came after that delivery and before its ack could be saved: the
+    // invisible duration, the checkpoint interval, and 1 s of slack for a
+    // loaded machine.
+    const KILL_WINDOW_MS: u64 = 400 + 500 + 1_000;
+    let unexplained: Vec<(&str, &str, u64)> = dlq
+        .iter()
+        .filter(|d| !poison_delivered.contains(d.message_id.as_str()))
+        .filter(|d| {
+            let after_a_kill = kills_ms
+                .iter()
+                .any(|&k| k >= d.last_delivery_ms && k <= d.last_delivery_ms + KILL_WINDOW_MS);
+            !(d.reason.contains("expired") && after_a_kill)
+        })
+        .map(|d| (d.message_id.as_str(), d.reason.as_str(), d.last_delivery_ms))
+        .collect();
     eprintln!(
         "soak ({flush} flush): {kills} kills, {} sends acked ({} poison), {} halves acked, {} deliveries, \
          lost {}, duplicates {duplicates}, rolled back delivered {}, transactions with 2+ ids {}, \
          DLQ {} (poison missing {poison_missing}, missing but acked within the loss bound {poison_excused}, \
-         twice {dlq_twice}, unexpected {non_poison_in_dlq}); \
+         twice {dlq_twice}, not poison {non_poison_in_dlq}, of them not explained by a kill {}); \
          power losses {}, log bytes cut {cut_bytes}, acked messages lost within the bound {} (acked at most {worst_age:?} before the loss)",
         l.normal_acked.len(),
         l.poison_acked.len(),
@@ -420,6 +452,7 @@ fn run_soak_with(kills: usize, flush: &str, power_loss: bool) {
         l.rolled_back_delivered.len(),
         tx_twice.len(),
         dlq.len(),
+        unexplained.len(),
         power_losses.len(),
         lost_in_bound.len(),
     );
@@ -445,11 +478,12 @@ fn run_soak_with(kills: usize, flush: &str, power_loss: bool) {
     );
     assert_eq!(poison_missing, 0, "poison messages missing from the DLQ");
     assert_eq!(dlq_twice, 0, "a message listed twice in the DLQ");
-    // Non-poison messages reach the DLQ only if kills replayed failures past
-    // max_reconsume_times; report them, they must be rare.
     assert!(
-        non_poison_in_dlq * 20 <= l.normal_acked.len().max(20),
-        "{non_poison_in_dlq} unexpected DLQ entries"
+        unexplained.is_empty(),
+        "{} of {non_poison_in_dlq} DLQ entries that are not poison are not explained by a kill \
+         (message id, last failure, last delivery ms): {:?}; kills at {kills_ms:?}",
+        unexplained.len(),
+        &unexplained[..unexplained.len().min(5)]
     );
 }
 
