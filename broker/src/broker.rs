@@ -310,6 +310,13 @@ type GroupKey = (String, String);
 
 const TOPICS_SPACE: &str = "topics";
 const GROUPS_SPACE: &str = "groups";
+/// Keyspace of the broker's own flags.
+const BROKER_SPACE: &str = "broker";
+/// Present while stopped after a clean shutdown: written last at shutdown,
+/// removed (durably) at start-up. Its absence at start-up means the last run
+/// ended without one (kill -9, power loss, panic), so acks taken after the
+/// last checkpoint may have been lost.
+const CLEAN_STOP_KEY: &[u8] = b"clean_stop";
 
 /// The broker.
 pub struct Broker {
@@ -390,7 +397,14 @@ impl Broker {
             topics.insert(name, Arc::new(TopicState::new(u32::from_le_bytes(q))));
         }
         restore_topics(&store, &mut topics)?;
-        let groups = load_groups(&store)?;
+        let clean_stop = store.meta().get(BROKER_SPACE, CLEAN_STOP_KEY)?.is_some();
+        if clean_stop {
+            store.meta().remove(BROKER_SPACE, CLEAN_STOP_KEY)?;
+            store.meta().flush()?;
+        } else {
+            tracing::info!("the last run did not shut down cleanly: leases restored from the last checkpoint will not count as failed deliveries when they expire");
+        }
+        let groups = load_groups(&store, clean_stop)?;
         let dlq = DlqState::load(&store)?;
         let retry = cfg.retry_policy();
         let tx = TxState::load(
@@ -585,7 +599,12 @@ impl Broker {
         for t in tasks {
             let _ = t.await;
         }
-        let saved = self.save_state();
+        let saved = self.save_state().and_then(|()| {
+            self.store
+                .meta()
+                .put(BROKER_SPACE, CLEAN_STOP_KEY, b"1")
+                .map_err(BrokerError::from)
+        });
         let closed = self.store.close().map_err(BrokerError::from);
         saved.and(closed)
     }
@@ -968,6 +987,15 @@ impl Broker {
                     let min = self.store.queue(&rt, l).map_or(0, |q| q.min_offset());
                     let p = &mut g.retry[level];
                     p.skip_to(min);
+                    // Offsets to deliver again in place (a crash-restored
+                    // lease expired) were due already.
+                    while out.len() + picked.len() < max {
+                        let Some(d) = p.next_redelivery(now, invisible_ms, inflight_max) else {
+                            break;
+                        };
+                        let head = self.store.read_queue(&rt, l, d.queue_offset);
+                        picked.push((Some(l), l, d, head.ok().map(|m| m.record)));
+                    }
                     while out.len() + picked.len() < max && p.next_offset() < max_visible {
                         let qo = p.next_offset();
                         let head = self.store.read_queue(&rt, l, qo).map(|m| m.record);
@@ -997,8 +1025,18 @@ impl Broker {
                     let p = &mut g.queues[qid];
                     p.skip_to(min);
                     while out.len() + picked.len() < max {
-                        match p.next_delivery(now, invisible_ms, max_visible, inflight_max, window)
-                        {
+                        let next =
+                            p.next_redelivery(now, invisible_ms, inflight_max)
+                                .or_else(|| {
+                                    p.next_delivery(
+                                        now,
+                                        invisible_ms,
+                                        max_visible,
+                                        inflight_max,
+                                        window,
+                                    )
+                                });
+                        match next {
                             Some(d) => picked.push((None, qid as u32, d, None)),
                             None => break,
                         }
@@ -1040,7 +1078,7 @@ impl Broker {
                 };
                 match read {
                     Ok((r, reconsume_times)) if filter.matches(&r.tag) => {
-                        if reconsume_times > 0 {
+                        if reconsume_times > 0 || d.again {
                             self.counters.redeliveries.fetch_add(1, Ordering::Relaxed);
                         }
                         self.counters.messages_out.fetch_add(1, Ordering::Relaxed);
@@ -1290,20 +1328,36 @@ fn expired(
 
 /// Snapshot of one queue's progress (little-endian):
 /// `ack_offset u64 | acked_count u32 | acked u64* | lease_count u32 |
-///  (queue_offset u64, invisible_until_ms u64, reconsume_times u32)*`.
+///  (queue_offset u64, invisible_until_ms u64, reconsume_times u32,
+///  delivered_ms u64)*`, then (since session 6; older snapshots end here)
+/// `last_seq u64 | (seq u64, flags u8)*` for the same leases in the same
+/// order (flags bit 0: restored after a crash) `| redeliver_count u32 |
+/// (queue_offset u64, reconsume_times u32, delivered_ms u64)*`.
 pub(crate) fn encode_progress(p: &QueueProgress) -> Vec<u8> {
     let acked: Vec<u64> = p.acked().collect();
     let leases: Vec<_> = p.leases().collect();
-    let mut v = Vec::with_capacity(16 + acked.len() * 8 + leases.len() * 28);
+    let again: Vec<_> = p.redeliveries().collect();
+    let mut v = Vec::with_capacity(32 + acked.len() * 8 + leases.len() * 37 + again.len() * 20);
     v.extend_from_slice(&p.ack_offset().to_le_bytes());
     v.extend_from_slice(&(acked.len() as u32).to_le_bytes());
     for a in acked {
         v.extend_from_slice(&a.to_le_bytes());
     }
     v.extend_from_slice(&(leases.len() as u32).to_le_bytes());
-    for (qo, l) in leases {
+    for (qo, l) in &leases {
         v.extend_from_slice(&qo.to_le_bytes());
         v.extend_from_slice(&l.invisible_until_ms.to_le_bytes());
+        v.extend_from_slice(&l.reconsume_times.to_le_bytes());
+        v.extend_from_slice(&l.delivered_ms.to_le_bytes());
+    }
+    v.extend_from_slice(&p.last_seq().to_le_bytes());
+    for (_, l) in &leases {
+        v.extend_from_slice(&l.seq.to_le_bytes());
+        v.push(u8::from(l.restored_after_crash));
+    }
+    v.extend_from_slice(&(again.len() as u32).to_le_bytes());
+    for (qo, l) in again {
+        v.extend_from_slice(&qo.to_le_bytes());
         v.extend_from_slice(&l.reconsume_times.to_le_bytes());
         v.extend_from_slice(&l.delivered_ms.to_le_bytes());
     }
@@ -1311,11 +1365,14 @@ pub(crate) fn encode_progress(p: &QueueProgress) -> Vec<u8> {
 }
 
 pub(crate) fn decode_progress(b: &[u8]) -> Option<QueueProgress> {
-    let mut p = 0usize;
+    let mut rest = b;
     let mut take = |n: usize| -> Option<&[u8]> {
-        let s = b.get(p..p + n)?;
-        p += n;
-        Some(s)
+        if rest.len() < n {
+            return None;
+        }
+        let (head, tail) = rest.split_at(n);
+        rest = tail;
+        Some(head)
     };
     let u64_ = |s: &[u8]| u64::from_le_bytes(s.try_into().unwrap_or([0; 8]));
     let u32_ = |s: &[u8]| u32::from_le_bytes(s.try_into().unwrap_or([0; 4]));
@@ -1326,20 +1383,61 @@ pub(crate) fn decode_progress(b: &[u8]) -> Option<QueueProgress> {
         acked.push(u64_(take(8)?));
     }
     let n = u32_(take(4)?);
+    let mut leases = Vec::new();
     for _ in 0..n {
         let qo = u64_(take(8)?);
         let until = u64_(take(8)?);
         let rt = u32_(take(4)?);
         let delivered_ms = u64_(take(8)?);
-        q.restore_lease(
+        leases.push((
             qo,
             crate::delivery::Lease {
                 invisible_until_ms: until,
                 reconsume_times: rt,
                 seq: 0,
                 delivered_ms,
+                restored_after_crash: false,
             },
-        );
+        ));
+    }
+    let mut again = Vec::new();
+    // The older layout ends after the leases.
+    let last_seq = take(8);
+    if last_seq.is_none() {
+        if take(1).is_some() {
+            return None; // a torn trailer
+        }
+        // An older snapshot: no sequence numbers. Start past any handle an
+        // older broker may have given out.
+        q.restore_last_seq(crate::delivery::SEQ_GAP_AFTER_CRASH);
+    } else {
+        q.restore_last_seq(u64_(last_seq?));
+        for (_, l) in &mut leases {
+            l.seq = u64_(take(8)?);
+            l.restored_after_crash = take(1)?[0] & 1 != 0;
+        }
+        let n = u32_(take(4)?);
+        for _ in 0..n {
+            let qo = u64_(take(8)?);
+            let rt = u32_(take(4)?);
+            let delivered_ms = u64_(take(8)?);
+            again.push((
+                qo,
+                crate::delivery::Again {
+                    reconsume_times: rt,
+                    delivered_ms,
+                },
+            ));
+        }
+        if take(1).is_some() {
+            return None; // trailing bytes: not a snapshot this broker wrote
+        }
+    }
+    for (qo, l) in leases {
+        q.restore_lease(qo, l);
+    }
+    for (qo, l) in again {
+        q.restore_redeliver(qo, l);
     }
     for a in acked {
         q.restore_acked(a);
@@ -1347,7 +1445,13 @@ pub(crate) fn decode_progress(b: &[u8]) -> Option<QueueProgress> {
     Some(q)
 }
 
-fn load_groups(store: &Store) -> Result<HashMap<GroupKey, Arc<Mutex<GroupTopic>>>, BrokerError> {
+/// Consumer progress as last saved. After an unclean stop (`clean_stop`
+/// false) every restored lease is flagged: see
+/// [`QueueProgress::after_unclean_stop`].
+fn load_groups(
+    store: &Store,
+    clean_stop: bool,
+) -> Result<HashMap<GroupKey, Arc<Mutex<GroupTopic>>>, BrokerError> {
     let mut map: HashMap<GroupKey, GroupTopic> = HashMap::new();
     for (k, v) in store.meta().scan_prefix(GROUPS_SPACE, b"")? {
         let parts: Vec<&[u8]> = k.splitn(3, |b| *b == 0).collect();
@@ -1361,7 +1465,7 @@ fn load_groups(store: &Store) -> Result<HashMap<GroupKey, Arc<Mutex<GroupTopic>>
         ) else {
             continue;
         };
-        let Some(progress) = decode_progress(&v) else {
+        let Some(mut progress) = decode_progress(&v) else {
             tracing::error!(
                 group = g,
                 topic = t,
@@ -1370,6 +1474,9 @@ fn load_groups(store: &Store) -> Result<HashMap<GroupKey, Arc<Mutex<GroupTopic>>
             );
             continue;
         };
+        if !clean_stop {
+            progress.after_unclean_stop();
+        }
         let gt = map.entry((g.to_owned(), t.to_owned())).or_default();
         let (list, idx) = if q & RETRY_QUEUE_BIT != 0 {
             (&mut gt.retry, (q & !RETRY_QUEUE_BIT) as usize)
@@ -1423,5 +1530,67 @@ mod tests {
         assert_eq!(q.acked().collect::<Vec<_>>(), vec![11]);
         assert_eq!(q.leases().next().unwrap().0, a.queue_offset);
         assert!(decode_progress(&[1, 2, 3]).is_none());
+    }
+
+    #[test]
+    fn progress_snapshot_keeps_seqs_crash_flags_and_queued_redeliveries() {
+        let mut p = QueueProgress::starting_at(0);
+        let a = p.next_delivery(0, 100, 20, 100, 100).unwrap();
+        let b = p.next_delivery(0, 100, 20, 100, 100).unwrap();
+        let c = p.next_delivery(0, 300, 20, 100, 100).unwrap();
+        // Round trip through an unclean stop: every lease is flagged, and
+        // one expires into the redelivery queue.
+        let mut q = decode_progress(&encode_progress(&p)).unwrap();
+        q.after_unclean_stop();
+        assert!(q.take_expired(100, 10).is_empty());
+        assert_eq!(q.redeliver_count(), 2);
+        let q2 = decode_progress(&encode_progress(&q)).unwrap();
+        assert_eq!(q2, q, "seqs, flags, queue and counter all survive");
+        assert_eq!(
+            q2.leases().collect::<Vec<_>>(),
+            vec![(
+                c.queue_offset,
+                crate::delivery::Lease {
+                    restored_after_crash: true,
+                    ..c.lease
+                }
+            )]
+        );
+        assert_eq!(
+            q2.redeliveries().map(|(o, _)| o).collect::<Vec<_>>(),
+            vec![a.queue_offset, b.queue_offset]
+        );
+        // Torn or extended snapshots are refused, not half read.
+        let full = encode_progress(&q);
+        assert!(decode_progress(&full[..full.len() - 1]).is_none());
+        let mut longer = full.clone();
+        longer.push(0);
+        assert!(decode_progress(&longer).is_none());
+    }
+
+    #[test]
+    fn older_progress_snapshots_still_load() {
+        // The layout before sequence numbers were saved: one lease at 3.
+        let mut v = Vec::new();
+        v.extend_from_slice(&2u64.to_le_bytes()); // ack_offset
+        v.extend_from_slice(&1u32.to_le_bytes()); // acked count
+        v.extend_from_slice(&4u64.to_le_bytes());
+        v.extend_from_slice(&1u32.to_le_bytes()); // lease count
+        v.extend_from_slice(&3u64.to_le_bytes());
+        v.extend_from_slice(&900u64.to_le_bytes());
+        v.extend_from_slice(&1u32.to_le_bytes());
+        v.extend_from_slice(&800u64.to_le_bytes());
+        let q = decode_progress(&v).unwrap();
+        assert_eq!(
+            (q.ack_offset(), q.next_offset(), q.acked_count()),
+            (2, 5, 1)
+        );
+        let (qo, l) = q.leases().next().unwrap();
+        assert_eq!((qo, l.invisible_until_ms, l.reconsume_times), (3, 900, 1));
+        assert!(
+            l.seq > crate::delivery::SEQ_GAP_AFTER_CRASH,
+            "past any handle an older broker gave out"
+        );
+        assert!(decode_progress(&v[..v.len() - 1]).is_none());
     }
 }

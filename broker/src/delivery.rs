@@ -16,7 +16,14 @@
 //!   (see `retry.rs`) and then marks the offset done with
 //!   [`QueueProgress::skip`], or puts the lease back if that failed.
 //! - Every lease has a sequence number; a receipt handle carries it, so a
-//!   handle from before a redelivery is refused.
+//!   handle from before a redelivery is refused. Sequence numbers are saved
+//!   with the leases, so a handle stays valid across a restart.
+//! - **After a crash** the saved progress is the last checkpoint's: acks taken
+//!   since were lost, so a restored lease proves nothing about its consumer.
+//!   [`QueueProgress::after_unclean_stop`] flags every restored lease; when a
+//!   flagged lease expires it is not a failure: the offset is queued to be
+//!   delivered again in place ([`QueueProgress::next_redelivery`]) with the
+//!   same reconsume times, and never moves the message towards the DLQ.
 //!
 //! Bounds: at most `max_inflight` leases, and the window `next_offset -
 //! ack_offset` at most `max_window`: fresh offsets are not handed out beyond
@@ -36,6 +43,10 @@ pub struct Lease {
     pub seq: u64,
     /// Broker clock when this delivery was made, ms.
     pub delivered_ms: u64,
+    /// Restored at start-up after the broker stopped without a clean
+    /// shutdown: its expiry is not counted as a failed delivery (the ack may
+    /// have been taken and lost with the crash).
+    pub restored_after_crash: bool,
 }
 
 /// Why an ack, nack or change of invisible duration was refused.
@@ -55,7 +66,25 @@ pub struct QueueProgress {
     /// (invisible_until_ms, queue offset) of every lease: expiry order.
     deadlines: BTreeSet<(u64, u64)>,
     acked: BTreeSet<u64>,
+    /// Offsets to deliver again in place, not as a retry: flagged leases
+    /// (restored after a crash) that expired.
+    redeliver: BTreeMap<u64, Again>,
     next_seq: u64,
+}
+
+/// Sequence numbers skipped at start-up after an unclean stop: leases handed
+/// out after the last save (at most this many between two saves) must not
+/// share a number with new ones, or a stale receipt handle could ack.
+pub const SEQ_GAP_AFTER_CRASH: u64 = 1 << 32;
+
+/// An offset queued to be delivered again in place: what its expired lease
+/// carried over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Again {
+    /// Failed deliveries so far (unchanged by the crash).
+    pub reconsume_times: u32,
+    /// Broker clock of the delivery whose lease expired, ms.
+    pub delivered_ms: u64,
 }
 
 /// A delivery decided by [`QueueProgress::next_delivery`].
@@ -65,6 +94,9 @@ pub struct Delivery {
     pub queue_offset: u64,
     /// The lease taken for it.
     pub lease: Lease,
+    /// Delivered before (an offset queued by a crash-restored lease's
+    /// expiry), not fresh.
+    pub again: bool,
 }
 
 impl QueueProgress {
@@ -93,6 +125,17 @@ impl QueueProgress {
         self.leases.len()
     }
 
+    /// Offsets waiting to be delivered again in place (see
+    /// [`QueueProgress::next_redelivery`]).
+    pub fn redeliver_count(&self) -> usize {
+        self.redeliver.len()
+    }
+
+    /// The sequence number the next lease gets, less one (for snapshots).
+    pub fn last_seq(&self) -> u64 {
+        self.next_seq
+    }
+
     /// Acked offsets at or above the consumer offset.
     pub fn acked_count(&self) -> usize {
         self.acked.len()
@@ -113,6 +156,7 @@ impl QueueProgress {
                 self.remove_lease(q);
             }
             self.acked = self.acked.split_off(&min);
+            self.redeliver = self.redeliver.split_off(&min);
         }
     }
 
@@ -136,15 +180,40 @@ impl QueueProgress {
             return Some(Delivery {
                 queue_offset: qo,
                 lease,
+                again: false,
             });
         }
         None
     }
 
+    /// Decides the next delivery of an offset queued to be delivered again
+    /// in place (lowest first), if the in-flight bound allows: a new lease
+    /// until `now_ms + invisible_ms` with the expired lease's reconsume
+    /// times. Callers serve these before [`QueueProgress::next_delivery`].
+    pub fn next_redelivery(
+        &mut self,
+        now_ms: u64,
+        invisible_ms: u64,
+        max_inflight: usize,
+    ) -> Option<Delivery> {
+        if self.leases.len() >= max_inflight {
+            return None;
+        }
+        let (qo, old) = self.redeliver.pop_first()?;
+        let lease = self.take_lease(qo, now_ms + invisible_ms, old.reconsume_times, now_ms);
+        Some(Delivery {
+            queue_offset: qo,
+            lease,
+            again: true,
+        })
+    }
+
     /// Removes and returns up to `max` leases whose invisible deadline is at
-    /// or before `now_ms`, oldest deadline first. The offsets stay unacked:
-    /// call [`QueueProgress::skip`] once their retry is scheduled, or
-    /// [`QueueProgress::restore_lease`] if that failed.
+    /// or before `now_ms`, oldest deadline first: each is a failed delivery.
+    /// The offsets stay unacked: call [`QueueProgress::skip`] once their
+    /// retry is scheduled, or [`QueueProgress::restore_lease`] if that
+    /// failed. An expired lease flagged `restored_after_crash` is not
+    /// returned: its offset is queued for [`QueueProgress::next_redelivery`].
     pub fn take_expired(&mut self, now_ms: u64, max: usize) -> Vec<(u64, Lease)> {
         let due: Vec<(u64, u64)> = self
             .deadlines
@@ -153,9 +222,33 @@ impl QueueProgress {
             .take(max)
             .copied()
             .collect();
-        due.into_iter()
-            .filter_map(|(_, qo)| self.remove_lease(qo).map(|l| (qo, l)))
-            .collect()
+        let mut failed = Vec::with_capacity(due.len());
+        for (_, qo) in due {
+            match self.remove_lease(qo) {
+                Some(l) if l.restored_after_crash => {
+                    self.redeliver.insert(
+                        qo,
+                        Again {
+                            reconsume_times: l.reconsume_times,
+                            delivered_ms: l.delivered_ms,
+                        },
+                    );
+                }
+                Some(l) => failed.push((qo, l)),
+                None => {}
+            }
+        }
+        failed
+    }
+
+    /// Called once at start-up, after restoring a snapshot, when the broker
+    /// did not stop cleanly: flags every lease `restored_after_crash` and
+    /// moves the sequence numbers [`SEQ_GAP_AFTER_CRASH`] ahead.
+    pub fn after_unclean_stop(&mut self) {
+        for l in self.leases.values_mut() {
+            l.restored_after_crash = true;
+        }
+        self.next_seq = self.next_seq.saturating_add(SEQ_GAP_AFTER_CRASH);
     }
 
     /// Removes the lease `seq` of `queue_offset` without acking it (a nack:
@@ -170,23 +263,50 @@ impl QueueProgress {
         }
     }
 
-    /// Restores a lease (from a snapshot at start-up).
+    /// Restores a lease (from a snapshot at start-up, or after a failed
+    /// retry hand-off), keeping its sequence number; seq 0 (a snapshot that
+    /// saved none) takes a new one.
     pub fn restore_lease(&mut self, queue_offset: u64, lease: Lease) {
         if queue_offset < self.ack_offset || self.acked.contains(&queue_offset) {
             return;
         }
         self.next_offset = self.next_offset.max(queue_offset + 1);
-        self.take_lease(
-            queue_offset,
-            lease.invisible_until_ms,
-            lease.reconsume_times,
-            lease.delivered_ms,
-        );
+        self.redeliver.remove(&queue_offset);
+        // A snapshot holds one lease per offset; replacing keeps the
+        // deadline index consistent whatever it holds.
+        self.remove_lease(queue_offset);
+        let seq = if lease.seq == 0 {
+            self.next_seq += 1;
+            self.next_seq
+        } else {
+            self.next_seq = self.next_seq.max(lease.seq);
+            lease.seq
+        };
+        self.insert_lease(queue_offset, Lease { seq, ..lease });
+    }
+
+    /// Restores an offset queued to be delivered again in place (from a
+    /// snapshot at start-up).
+    pub fn restore_redeliver(&mut self, queue_offset: u64, again: Again) {
+        if self.is_done(queue_offset) || self.leases.contains_key(&queue_offset) {
+            return;
+        }
+        self.next_offset = self.next_offset.max(queue_offset + 1);
+        self.redeliver.insert(queue_offset, again);
+    }
+
+    /// Restores the sequence counter (from a snapshot at start-up); never
+    /// moves it back.
+    pub fn restore_last_seq(&mut self, seq: u64) {
+        self.next_seq = self.next_seq.max(seq);
     }
 
     /// Restores an acked offset (from a snapshot at start-up).
     pub fn restore_acked(&mut self, queue_offset: u64) {
-        if queue_offset >= self.ack_offset && !self.leases.contains_key(&queue_offset) {
+        if queue_offset >= self.ack_offset
+            && !self.leases.contains_key(&queue_offset)
+            && !self.redeliver.contains_key(&queue_offset)
+        {
             self.next_offset = self.next_offset.max(queue_offset + 1);
             self.acked.insert(queue_offset);
             self.advance();
@@ -214,6 +334,7 @@ impl QueueProgress {
     pub fn skip(&mut self, queue_offset: u64) {
         if queue_offset >= self.ack_offset {
             self.remove_lease(queue_offset);
+            self.redeliver.remove(&queue_offset);
             self.acked.insert(queue_offset);
             self.advance();
         }
@@ -268,6 +389,11 @@ impl QueueProgress {
         self.acked.iter().copied()
     }
 
+    /// Every offset queued to be delivered again in place, for snapshots.
+    pub fn redeliveries(&self) -> impl Iterator<Item = (u64, Again)> + '_ {
+        self.redeliver.iter().map(|(q, l)| (*q, *l))
+    }
+
     fn take_lease(
         &mut self,
         qo: u64,
@@ -281,10 +407,15 @@ impl QueueProgress {
             reconsume_times,
             seq: self.next_seq,
             delivered_ms,
+            restored_after_crash: false,
         };
-        self.leases.insert(qo, lease);
-        self.deadlines.insert((invisible_until_ms, qo));
+        self.insert_lease(qo, lease);
         lease
+    }
+
+    fn insert_lease(&mut self, qo: u64, lease: Lease) {
+        self.leases.insert(qo, lease);
+        self.deadlines.insert((lease.invisible_until_ms, qo));
     }
 
     fn remove_lease(&mut self, qo: u64) -> Option<Lease> {
@@ -418,6 +549,7 @@ mod tests {
             reconsume_times: 2,
             seq: 1,
             delivered_ms: 400,
+            restored_after_crash: false,
         };
         p.restore_lease(10, lease);
         p.restore_acked(10); // ignored: leased
@@ -427,6 +559,116 @@ mod tests {
         assert_eq!(
             (x[0].0, x[0].1.reconsume_times, x[0].1.delivered_ms),
             (10, 2, 400)
+        );
+    }
+
+    fn restored(seq: u64, until: u64, reconsume_times: u32) -> Lease {
+        Lease {
+            invisible_until_ms: until,
+            reconsume_times,
+            seq,
+            delivered_ms: 100,
+            restored_after_crash: false,
+        }
+    }
+
+    #[test]
+    fn restored_leases_keep_their_sequence_numbers() {
+        let mut p = QueueProgress::starting_at(0);
+        p.restore_lease(0, restored(41, 500, 0));
+        p.restore_lease(1, restored(0, 500, 0)); // an older snapshot: no seq
+        p.restore_last_seq(50);
+        assert_eq!(p.ack(0, 40), Err(LeaseError::NotFound), "another handle");
+        p.ack(0, 41).expect("the handle from before the restart");
+        let l1 = p.leases().next().unwrap().1;
+        assert!(l1.seq > 0 && l1.seq != 41, "a fresh seq for the older form");
+        let d = p.next_delivery(0, 10, 3, INF, WIN).unwrap();
+        assert!(d.lease.seq > 50, "new leases continue after the saved seq");
+    }
+
+    #[test]
+    fn after_a_clean_stop_an_expired_restored_lease_is_a_failure() {
+        let mut p = QueueProgress::starting_at(0);
+        p.restore_lease(0, restored(7, 500, 1));
+        let x = p.take_expired(500, 10);
+        assert_eq!(x.len(), 1);
+        assert_eq!(x[0].1.reconsume_times, 1);
+        assert_eq!(p.next_redelivery(500, 10, INF), None);
+    }
+
+    #[test]
+    fn after_a_crash_an_expired_restored_lease_is_delivered_again_in_place() {
+        let mut p = QueueProgress::starting_at(0);
+        p.restore_lease(0, restored(7, 500, 1));
+        p.restore_lease(2, restored(8, 900, 0));
+        p.restore_acked(1);
+        p.restore_last_seq(8);
+        p.after_unclean_stop();
+        assert_eq!(p.next_offset(), 3);
+        // A consumer that still holds the lease may ack it.
+        p.ack(2, 8).unwrap();
+        assert!(p.take_expired(499, 10).is_empty());
+        assert!(p.take_expired(500, 10).is_empty(), "not a failure");
+        assert_eq!((p.inflight(), p.redeliver_count()), (0, 1));
+        assert_eq!(p.next_delivery(600, 10, 3, INF, WIN), None, "nothing fresh");
+        assert_eq!(p.next_redelivery(600, 10, 0), None, "in-flight bound");
+        let d = p.next_redelivery(600, 10, INF).unwrap();
+        assert_eq!(d.queue_offset, 0);
+        assert!(d.again);
+        assert_eq!(d.lease.reconsume_times, 1, "the same reconsume times");
+        assert_eq!(d.lease.invisible_until_ms, 610);
+        assert!(d.lease.seq > SEQ_GAP_AFTER_CRASH, "past any lost handle");
+        assert!(!d.lease.restored_after_crash);
+        assert_eq!(p.next_redelivery(600, 10, INF), None);
+        assert_eq!(p.ack_offset(), 0);
+        // Its expiry now counts: this delivery happened in this run.
+        let x = p.take_expired(610, 10);
+        assert_eq!(x, vec![(0, d.lease)]);
+        p.skip(0);
+        assert_eq!(p.ack_offset(), 3);
+    }
+
+    #[test]
+    fn extending_a_crash_restored_lease_makes_it_count_again() {
+        let mut p = QueueProgress::starting_at(0);
+        p.restore_lease(0, restored(7, 500, 0));
+        p.after_unclean_stop();
+        let l = p.change_invisible(0, 7, 400, 200).unwrap();
+        assert!(!l.restored_after_crash, "the consumer is alive");
+        assert_eq!(p.take_expired(600, 10), vec![(0, l)]);
+    }
+
+    #[test]
+    fn queued_redeliveries_go_with_skip_and_retention() {
+        let mut p = QueueProgress::starting_at(0);
+        for qo in 0..4 {
+            p.restore_lease(qo, restored(qo + 1, 10, 0));
+        }
+        p.after_unclean_stop();
+        assert!(p.take_expired(10, 10).is_empty());
+        assert_eq!(p.redeliver_count(), 4);
+        p.skip(0);
+        assert_eq!((p.ack_offset(), p.redeliver_count()), (1, 3));
+        p.skip_to(3);
+        assert_eq!((p.ack_offset(), p.redeliver_count()), (3, 1));
+        assert_eq!(p.next_redelivery(20, 10, INF).unwrap().queue_offset, 3);
+        // A snapshot's queued offset is restored unless acked or leased.
+        let mut q = QueueProgress::starting_at(0);
+        q.restore_redeliver(
+            5,
+            Again {
+                reconsume_times: 2,
+                delivered_ms: 0,
+            },
+        );
+        q.restore_acked(5);
+        assert_eq!(
+            (q.redeliver_count(), q.acked_count(), q.next_offset()),
+            (1, 0, 6)
+        );
+        assert_eq!(
+            q.next_redelivery(0, 10, INF).unwrap().lease.reconsume_times,
+            2
         );
     }
 }

@@ -280,6 +280,121 @@ fn sigkill_with_scheduled_retries_pending_fires_them_all_after_restart() {
     b.kill9();
 }
 
+/// A broker crash loses the acks taken since the last checkpoint; the leases
+/// restored from it then expire. That must not count as a failed delivery:
+/// with `max_reconsume_times` 0 any counted failure dead-letters at once.
+/// Also: receipt handles stay valid across restarts.
+#[test]
+fn sigkill_does_not_count_against_max_reconsume_times() {
+    let dir = tempfile::tempdir().unwrap();
+    // No periodic checkpoint in the test's lifetime: what a run saves, it
+    // saves at a clean shutdown.
+    let flags = [
+        "--max-reconsume-times",
+        "0",
+        "--retry-delays",
+        "100ms",
+        "--checkpoint-interval",
+        "1h",
+    ];
+    let rt = halfmq_tests::runtime();
+    let invisible = Duration::from_secs(3);
+
+    // Run 1: three messages received, none acked; clean stop.
+    let b = BrokerProcess::start(dir.path(), &flags);
+    let addr = b.addr.clone();
+    let held = rt.block_on(async move {
+        let c = client(&addr).await;
+        let p = Producer::new(c.clone());
+        for i in 0..3 {
+            p.send(Message::new("c", format!("m{i}")).with_queue_id(0))
+                .await
+                .unwrap();
+        }
+        let cons = Consumer::new(c, "g", "c").with_invisible_duration(invisible);
+        let mut held = Vec::new();
+        while held.len() < 3 {
+            held.extend(cons.receive(3, Duration::from_secs(2)).await.unwrap());
+        }
+        held.sort_by_key(|m| m.queue_offset);
+        held
+    });
+    let leased_at = Instant::now();
+    assert!(b.terminate().success());
+
+    // Run 2: m0 acked with its handle from run 1; clean stop.
+    let b = BrokerProcess::start(dir.path(), &flags);
+    let addr = b.addr.clone();
+    let m0 = held[0].clone();
+    rt.block_on(async move {
+        let cons = Consumer::new(client(&addr).await, "g", "c");
+        cons.ack(&m0)
+            .await
+            .expect("a receipt handle survives a clean restart");
+    });
+    assert!(b.terminate().success());
+
+    // Run 3: m1 acked, then kill -9: the ack is lost with the crash.
+    let b = BrokerProcess::start(dir.path(), &flags);
+    let addr = b.addr.clone();
+    let m1 = held[1].clone();
+    rt.block_on(async move {
+        let cons = Consumer::new(client(&addr).await, "g", "c");
+        cons.ack(&m1).await.unwrap();
+    });
+    b.kill9();
+    assert!(
+        leased_at.elapsed() < invisible,
+        "the machine was too slow for this test's invisible duration"
+    );
+
+    // Run 4: m1 and m2's leases expire. Neither is a failure: both come back
+    // in place with reconsume times 0, none is dead-lettered.
+    let b = BrokerProcess::start(dir.path(), &flags);
+    let addr = b.addr.clone();
+    let ids: Vec<String> = held.iter().map(|m| m.message_id.clone()).collect();
+    rt.block_on(async move {
+        let c = client(&addr).await;
+        let cons =
+            Consumer::new(c.clone(), "g", "c").with_invisible_duration(Duration::from_millis(300));
+        let mut again = Vec::new();
+        let deadline = Instant::now() + invisible + Duration::from_secs(5);
+        while again.len() < 2 && Instant::now() < deadline {
+            again.extend(cons.receive(3, Duration::from_millis(500)).await.unwrap());
+        }
+        let got: Vec<(&str, u64, u32)> = again
+            .iter()
+            .map(|m| (m.message_id.as_str(), m.queue_offset, m.reconsume_times))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (ids[1].as_str(), held[1].queue_offset, 0),
+                (ids[2].as_str(), held[2].queue_offset, 0)
+            ],
+            "the two unacked messages, again, in their own queue, not counted"
+        );
+        let admin = Admin::new(c);
+        assert!(admin.list_dead_letters("g").await.unwrap().is_empty());
+        // These deliveries belong to this run: m2 is acked, m1's expiry now
+        // counts and (max_reconsume_times 0) dead-letters it.
+        cons.ack(&again[1]).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut dlq = Vec::new();
+        while dlq.is_empty() && Instant::now() < deadline {
+            assert!(cons
+                .receive(3, Duration::from_millis(500))
+                .await
+                .unwrap()
+                .is_empty());
+            dlq = admin.list_dead_letters("g").await.unwrap();
+        }
+        let dead: Vec<&str> = dlq.iter().map(|d| d.message_id.as_str()).collect();
+        assert_eq!(dead, vec![ids[1].as_str()]);
+    });
+    b.kill9();
+}
+
 #[test]
 fn cli_dlq_list_and_redrive() {
     let dir = tempfile::tempdir().unwrap();
