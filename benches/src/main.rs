@@ -94,8 +94,9 @@ struct Args {
     preload_retries: u64,
     /// Threads of this process's async runtime, which runs the clients and
     /// the embedded broker; 0 = one per CPU core (tokio's default). With 1,
-    /// an embedded broker and its clients share one thread: no cross-thread
-    /// wake-ups, but no separate-process figure either.
+    /// an embedded broker and its clients share one thread (tokio's
+    /// current-thread scheduler): no cross-thread wake-ups, but no
+    /// separate-process figure either.
     #[arg(long, default_value_t = 0)]
     worker_threads: usize,
 }
@@ -284,10 +285,17 @@ fn main() -> anyhow::Result<()> {
         args.batch >= 1 && args.inflight >= 1,
         "--batch and --inflight must be at least 1"
     );
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if args.worker_threads > 0 {
-        builder.worker_threads(args.worker_threads);
-    }
+    // As the broker does: one thread is tokio's current-thread scheduler.
+    let mut builder = match args.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            if n > 0 {
+                b.worker_threads(n);
+            }
+            b
+        }
+    };
     let rt = builder.enable_all().build()?;
     rt.block_on(run(args))
 }

@@ -130,8 +130,9 @@ pub struct BrokerConfig {
     /// (RocketMQ 5's timerMaxDelaySec).
     pub max_delay_ms: u64,
     /// Threads of the async runtime (network, request handling); 0 = one per
-    /// CPU core (tokio's default). Default 0, at most 1,024. The commit-log
-    /// flusher and blocking work have threads of their own.
+    /// CPU core (tokio's default); 1 = tokio's current-thread scheduler.
+    /// Default 0, at most 1,024. The commit-log flusher and blocking work
+    /// have threads of their own.
     pub worker_threads: u32,
 }
 

@@ -288,8 +288,11 @@ fn sigkill_with_scheduled_retries_pending_fires_them_all_after_restart() {
 fn sigkill_does_not_count_against_max_reconsume_times() {
     let dir = tempfile::tempdir().unwrap();
     // No periodic checkpoint in the test's lifetime: what a run saves, it
-    // saves at a clean shutdown.
+    // saves at a clean shutdown. One runtime thread (tokio's current-thread
+    // scheduler): SIGTERM must still stop it cleanly.
     let flags = [
+        "--worker-threads",
+        "1",
         "--max-reconsume-times",
         "0",
         "--retry-delays",
