@@ -277,11 +277,13 @@ impl TailCache {
         }
     }
 
-    /// The cached bytes from `offset` to the end of the chunk holding it.
-    fn from(&self, offset: u64) -> Option<&[u8]> {
+    /// The cached bytes from `offset` to the end of the chunk holding it: a
+    /// view sharing the chunk's buffer, not a copy.
+    fn from(&self, offset: u64) -> Option<Bytes> {
         let i = self.chunks.partition_point(|(s, _)| *s <= offset);
         let (s, b) = self.chunks.get(i.checked_sub(1)?)?;
-        b.get(usize::try_from(offset - s).ok()?..)
+        let start = usize::try_from(offset - s).ok()?;
+        (start <= b.len()).then(|| b.slice(start..))
     }
 }
 
@@ -769,12 +771,13 @@ impl CommitLog {
     fn read_cached(&self, offset: u64, size: Option<usize>) -> Option<Result<Record>> {
         let tail = lock(&self.inner.tail);
         let held = tail.from(offset)?;
+        drop(tail);
         let len = match size {
             Some(n) => n,
-            None => peek_len(held)?,
+            None => peek_len(&held)?,
         };
-        let bytes = Bytes::copy_from_slice(held.get(..len)?);
-        drop(tail);
+        // A view of the cached chunk: the record (and its body) share it.
+        let bytes = (len <= held.len()).then(|| held.slice(..len))?;
         Some(Record::decode(bytes, offset))
     }
 
