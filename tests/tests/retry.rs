@@ -325,27 +325,22 @@ fn sigkill_does_not_count_against_max_reconsume_times() {
     let leased_at = Instant::now();
     assert!(b.terminate().success());
 
-    // Run 2: m0 acked with its handle from run 1; clean stop.
-    let b = BrokerProcess::start(dir.path(), &flags);
-    let addr = b.addr.clone();
-    let m0 = held[0].clone();
-    rt.block_on(async move {
-        let cons = Consumer::new(client(&addr).await, "g", "c");
-        cons.ack(&m0)
-            .await
-            .expect("a receipt handle survives a clean restart");
-    });
-    assert!(b.terminate().success());
-
+    // A new broker run that acks `m` with its handle from run 1.
+    let ack_in_new_run = |m: &halfmq_client::ReceivedMessage| {
+        let b = BrokerProcess::start(dir.path(), &flags);
+        let (addr, m) = (b.addr.clone(), m.clone());
+        rt.block_on(async move {
+            let cons = Consumer::new(client(&addr).await, "g", "c");
+            cons.ack(&m)
+                .await
+                .expect("a receipt handle survives restarts");
+        });
+        b
+    };
+    // Run 2: m0 acked; clean stop.
+    assert!(ack_in_new_run(&held[0]).terminate().success());
     // Run 3: m1 acked, then kill -9: the ack is lost with the crash.
-    let b = BrokerProcess::start(dir.path(), &flags);
-    let addr = b.addr.clone();
-    let m1 = held[1].clone();
-    rt.block_on(async move {
-        let cons = Consumer::new(client(&addr).await, "g", "c");
-        cons.ack(&m1).await.unwrap();
-    });
-    b.kill9();
+    ack_in_new_run(&held[1]).kill9();
     assert!(
         leased_at.elapsed() < invisible,
         "the machine was too slow for this test's invisible duration"
