@@ -6,6 +6,7 @@
 //! temporary data directory. Bounded: stops after warm-up + duration + drain
 //! timeout. See `benches/README.md`.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -153,6 +154,54 @@ impl CpuSample {
             total_ticks: cpu.iter().take(8).sum(),
         })
     }
+}
+
+/// The name and CPU ticks (user + system) of one thread, from its
+/// `/proc/self/task/TID/stat`.
+fn parse_thread_stat(stat: &str) -> Option<(String, u64)> {
+    let (head, rest) = stat.rsplit_once(')')?;
+    let name = head.split_once('(')?.1.to_owned();
+    let rest: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = rest.get(11)?.parse().ok()?;
+    let stime: u64 = rest.get(12)?.parse().ok()?;
+    Some((name, utime + stime))
+}
+
+/// CPU ticks of this process's live threads, summed by thread name (threads
+/// that exited are not counted); empty where `/proc` does not say.
+fn thread_ticks() -> BTreeMap<String, u64> {
+    let mut by_name = BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return by_name;
+    };
+    for e in dir.flatten() {
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        if let Some((name, ticks)) = parse_thread_stat(&stat) {
+            *by_name.entry(name).or_insert(0) += ticks;
+        }
+    }
+    by_name
+}
+
+/// CPU µs per message of each thread name between two [`thread_ticks`]
+/// samples; names that used none are left out.
+fn thread_cpu_per_msg(
+    a: &BTreeMap<String, u64>,
+    b: &BTreeMap<String, u64>,
+    messages: u64,
+) -> BTreeMap<String, f64> {
+    if messages == 0 {
+        return BTreeMap::new();
+    }
+    b.iter()
+        .filter_map(|(name, &t)| {
+            let used = t.saturating_sub(a.get(name).copied().unwrap_or(0));
+            (used > 0).then(|| {
+                let us = used as f64 * 10_000.0 / messages as f64;
+                (name.clone(), (us * 10.0).round() / 10.0)
+            })
+        })
+        .collect()
 }
 
 /// (CPU µs of this process per message, % of the machine's CPU time
@@ -590,9 +639,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (from, to) = (run.measure_from, run.measure_to);
     let cpu_window = tokio::spawn(async move {
         tokio::time::sleep_until(from.into()).await;
-        let a = CpuSample::now();
+        let (a, ta) = (CpuSample::now(), thread_ticks());
         tokio::time::sleep_until(to.into()).await;
-        a.zip(CpuSample::now())
+        let (b, tb) = (CpuSample::now(), thread_ticks());
+        (a.zip(b), ta, tb)
     });
 
     // Progress, then stop.
@@ -639,9 +689,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     let secs = args.duration.as_secs_f64();
-    let (cpu_us_per_msg, steal_pct) = match cpu_window.await.ok().flatten() {
-        Some((a, b)) => cpu_figures(a, b, run.acked_measured.load(Ordering::Relaxed)),
-        None => (None, None),
+    let measured = run.acked_measured.load(Ordering::Relaxed);
+    let (cpu_us_per_msg, steal_pct, thread_cpu) = match cpu_window.await {
+        Ok((samples, ta, tb)) => {
+            let (c, s) = samples.map_or((None, None), |(a, b)| cpu_figures(a, b, measured));
+            (c, s, thread_cpu_per_msg(&ta, &tb, measured))
+        }
+        Err(_) => (None, None, BTreeMap::new()),
     };
     let (acked_total, lost, duplicates) = { run.ledger.locked().summary() };
     let acked_per_s = run.acked_measured.load(Ordering::Relaxed) as f64 / secs;
@@ -687,6 +741,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "preload_rss_bytes": preload_rss_bytes,
         "worker_threads": args.worker_threads,
         "process_cpu_us_per_msg": cpu_us_per_msg,
+        "thread_cpu_us_per_msg": thread_cpu,
         "steal_pct": steal_pct,
     });
     if args.json {
@@ -772,6 +827,34 @@ mod tests {
         assert_eq!(cpu_figures(a, b, 1_000), (Some(800.0), Some(25.0)));
         assert_eq!(cpu_figures(a, b, 0), (None, Some(25.0)));
         assert!(CpuSample::parse("intr 1 2", &own(1)).is_none());
+    }
+
+    #[test]
+    fn thread_cpu_by_name_from_proc() {
+        let stat = |name: &str, t: u64| format!("7 ({name}) S 1 2 3 4 5 6 7 8 9 10 {t} {t} 0 0");
+        assert_eq!(
+            parse_thread_stat(&stat("tokio-rt-worker", 5)),
+            Some(("tokio-rt-worker".to_owned(), 10))
+        );
+        // A name with a space and a parenthesis.
+        assert_eq!(
+            parse_thread_stat(&stat("a) b", 1)),
+            Some(("a) b".to_owned(), 2))
+        );
+        assert_eq!(parse_thread_stat("7 (x) S 1"), None);
+        let a = BTreeMap::from([("main".to_owned(), 100), ("flusher".to_owned(), 7)]);
+        // 1,000 messages: main used 30 ticks (300 ms), the flusher none, a
+        // new thread 2 ticks.
+        let b = BTreeMap::from([
+            ("main".to_owned(), 130),
+            ("flusher".to_owned(), 7),
+            ("sled-io".to_owned(), 2),
+        ]);
+        assert_eq!(
+            thread_cpu_per_msg(&a, &b, 1_000),
+            BTreeMap::from([("main".to_owned(), 300.0), ("sled-io".to_owned(), 20.0)])
+        );
+        assert!(thread_cpu_per_msg(&a, &b, 0).is_empty());
     }
 
     #[test]
