@@ -405,6 +405,7 @@ impl Broker {
             tracing::info!("the last run did not shut down cleanly: leases restored from the last checkpoint will not count as failed deliveries when they expire");
         }
         let groups = load_groups(&store, clean_stop)?;
+        cut_progress_to_queues(&store, &groups);
         let dlq = DlqState::load(&store)?;
         let retry = cfg.retry_policy();
         let tx = TxState::load(
@@ -1443,6 +1444,32 @@ pub(crate) fn decode_progress(b: &[u8]) -> Option<QueueProgress> {
         q.restore_acked(a);
     }
     Some(q)
+}
+
+/// Consumer progress saved ahead of what recovery kept (the log's tail was
+/// lost, so its queues are shorter) is cut back to the queues: new messages
+/// take those queue offsets again and must not be taken for acked ones.
+fn cut_progress_to_queues(store: &Store, groups: &HashMap<GroupKey, Arc<Mutex<GroupTopic>>>) {
+    let len = |topic: &str, qid: usize| {
+        store
+            .queue(topic, qid as u32)
+            .map_or(0, |q| q.next_offset())
+    };
+    for ((group, topic), gt) in groups {
+        let mut g = lock(gt);
+        let rt = retry_topic(group, topic);
+        let mut cut = false;
+        for (qid, p) in g.queues.iter_mut().enumerate() {
+            cut |= p.truncate_to(len(topic, qid));
+        }
+        for (level, p) in g.retry.iter_mut().enumerate() {
+            cut |= p.truncate_to(len(&rt, level));
+        }
+        if cut {
+            tracing::error!(group, topic, "consumer progress was ahead of the recovered consume queues (the commit log lost its tail); cut back: messages there will be delivered again");
+            g.dirty = true;
+        }
+    }
 }
 
 /// Consumer progress as last saved. After an unclean stop (`clean_stop`

@@ -160,6 +160,26 @@ impl QueueProgress {
         }
     }
 
+    /// Cuts this progress back to a queue that now holds only `len` entries
+    /// (its tail was lost with the commit log's: a power loss, a damaged
+    /// tail). New messages will take those offsets again, so nothing at or
+    /// above `len` may count as delivered or acked. Returns whether anything
+    /// changed.
+    pub fn truncate_to(&mut self, len: u64) -> bool {
+        if self.next_offset <= len {
+            return false;
+        }
+        let gone: Vec<u64> = self.leases.range(len..).map(|(q, _)| *q).collect();
+        for q in gone {
+            self.remove_lease(q);
+        }
+        self.acked.split_off(&len);
+        self.redeliver.split_off(&len);
+        self.next_offset = len;
+        self.ack_offset = self.ack_offset.min(len);
+        true
+    }
+
     /// Decides the next delivery: the next fresh offset below `max_visible`
     /// if the bounds allow. Takes a lease until `now_ms + invisible_ms`.
     pub fn next_delivery(
@@ -527,6 +547,32 @@ mod tests {
         );
         p.ack(d.queue_offset, d.lease.seq).unwrap();
         assert!(p.next_delivery(0, 10, 100, INF, 2).is_some());
+    }
+
+    #[test]
+    fn truncate_to_a_shorter_queue_forgets_what_lay_beyond() {
+        let mut p = QueueProgress::starting_at(0);
+        let d: Vec<Delivery> = (0..6)
+            .map(|_| p.next_delivery(0, 10, 6, INF, WIN).unwrap())
+            .collect();
+        p.ack(0, d[0].lease.seq).unwrap();
+        p.ack(4, d[4].lease.seq).unwrap();
+        assert!(!p.truncate_to(6), "nothing beyond");
+        assert!(p.truncate_to(3));
+        assert_eq!((p.ack_offset(), p.next_offset()), (1, 3));
+        assert_eq!(p.leases().map(|(q, _)| q).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(p.acked_count(), 0);
+        assert_eq!(p.next_deadline_ms(), Some(10));
+        // Offset 3 is delivered again as a fresh message.
+        assert_eq!(p.next_delivery(0, 10, 4, INF, WIN).unwrap().queue_offset, 3);
+        // Acked past the new end: the consumer offset comes back too.
+        let mut q = QueueProgress::starting_at(0);
+        for _ in 0..4 {
+            let x = q.next_delivery(0, 10, 4, INF, WIN).unwrap();
+            q.ack(x.queue_offset, x.lease.seq).unwrap();
+        }
+        assert!(q.truncate_to(2));
+        assert_eq!((q.ack_offset(), q.next_offset()), (2, 2));
     }
 
     #[test]
