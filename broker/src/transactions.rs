@@ -1187,15 +1187,6 @@ impl Broker {
     /// next thing is due (ms), if anything is pending.
     pub async fn run_due_checks(&self) -> Option<u64> {
         let tx = self.tx();
-        // Groups with a live session, interned: halves of other groups are
-        // rescheduled in bulk under one lock hold, without reading them.
-        let live: Vec<String> = {
-            let sessions = lock(&tx.sessions);
-            let mut v: Vec<String> = sessions.iter().map(|s| s.group.clone()).collect();
-            v.sort();
-            v.dedup();
-            v
-        };
         // Bounded per pass so one pass never runs long; the lock is taken per
         // chunk so sends and ends are never held up for long.
         for _chunk in 0..100 {
@@ -1205,7 +1196,22 @@ impl Broker {
             let mut timed_out = Vec::new();
             let more = {
                 let mut inner = tx.inner.lock();
-                let live_ids: Vec<u32> = live.iter().map(|g| inner.strings.id(g)).collect();
+                // Groups with a live session, read under the transaction
+                // lock: a session registered after this read unparks (under
+                // the same lock, in `open_session`) whatever this chunk
+                // parks. Read once per pass instead, a session opening
+                // between that read and the park was missed and its group's
+                // halves stayed parked, unchecked, until another one opened.
+                let live_ids: Vec<u32> = {
+                    let sessions = lock(&tx.sessions);
+                    let mut v: Vec<u32> = sessions
+                        .iter()
+                        .map(|s| inner.strings.id(&s.group))
+                        .collect();
+                    v.sort_unstable();
+                    v.dedup();
+                    v
+                };
                 let delay_group = inner.strings.id(DELAY_GROUP);
                 let mut handled = 0;
                 while handled < 1024 && to_send.len() < 64 {
