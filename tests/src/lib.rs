@@ -144,6 +144,39 @@ impl Drop for BrokerProcess {
     }
 }
 
+/// Cuts the commit log of a stopped broker in `dir` back to log offset
+/// `end`, as if its tail were lost (segments wholly below `end` are left
+/// alone). Returns the bytes cut.
+///
+/// # Panics
+/// On I/O errors.
+pub fn cut_commit_log(dir: &Path, end: u64) -> u64 {
+    let mut cut = 0;
+    for e in std::fs::read_dir(dir.join("commitlog")).expect("read commitlog/") {
+        let path = e.expect("commitlog entry").path();
+        let Some(base) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        let len = std::fs::metadata(&path).expect("segment metadata").len();
+        if base + len <= end {
+            continue;
+        }
+        let keep = end.saturating_sub(base);
+        cut += len - keep;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("open segment");
+        f.set_len(keep).expect("cut segment");
+        f.sync_all().expect("sync segment");
+    }
+    cut
+}
+
 /// A tmpfs mounted on a temporary directory (needs root); unmounted on drop.
 #[derive(Debug)]
 pub struct Tmpfs {

@@ -247,26 +247,6 @@ fn checkpoint_log_offset(dir: &std::path::Path) -> u64 {
     meta.checkpoint().unwrap().unwrap().log_offset
 }
 
-/// Cuts the (stopped) broker's commit log back to `end`, as if its tail were
-/// lost.
-fn cut_log(dir: &std::path::Path, end: u64) {
-    for e in std::fs::read_dir(dir.join("commitlog")).unwrap() {
-        let path = e.unwrap().path();
-        let Some(base) = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.parse::<u64>().ok())
-        else {
-            continue;
-        };
-        let len = std::fs::metadata(&path).unwrap().len();
-        if base + len > end {
-            let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-            f.set_len(end.saturating_sub(base)).unwrap();
-        }
-    }
-}
-
 /// Consumer progress saved ahead of a commit log that lost its tail: the
 /// queue offsets past the recovered end are taken again by new messages,
 /// which must be delivered, not skipped as already acked.
@@ -294,7 +274,7 @@ async fn progress_ahead_of_a_cut_log_does_not_skip_new_messages() {
     assert_eq!(all.len(), 10);
     b.shutdown().await.unwrap();
     // The group acked 10; the log keeps the first 5.
-    cut_log(dir.path(), five);
+    halfmq_tests::cut_commit_log(dir.path(), five);
 
     let b = start(cfg).await;
     let c = client(b.addr).await;

@@ -89,27 +89,7 @@ fn lose_unsynced_log(dir: &std::path::Path) -> u64 {
         let meta = halfmq_storage::Meta::open(&dir.join("meta")).unwrap();
         meta.checkpoint().unwrap().map_or(0, |c| c.log_offset)
     };
-    let mut cut = 0;
-    for e in std::fs::read_dir(dir.join("commitlog")).unwrap() {
-        let path = e.unwrap().path();
-        let Some(base) = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.parse::<u64>().ok())
-        else {
-            continue;
-        };
-        let len = std::fs::metadata(&path).unwrap().len();
-        if base + len <= cp {
-            continue;
-        }
-        let keep = cp.saturating_sub(base);
-        cut += len - keep;
-        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-        f.set_len(keep).unwrap();
-        f.sync_all().unwrap();
-    }
-    cut
+    halfmq_tests::cut_commit_log(dir, cp)
 }
 
 /// Async flush's loss bound under power loss, as the README states it:
