@@ -335,17 +335,9 @@ fn main() -> anyhow::Result<()> {
         "--batch and --inflight must be at least 1"
     );
     // As the broker does: one thread is tokio's current-thread scheduler.
-    let mut builder = match args.worker_threads {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        n => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            if n > 0 {
-                b.worker_threads(n);
-            }
-            b
-        }
-    };
-    let rt = builder.enable_all().build()?;
+    let rt = halfmq_broker::server::runtime_builder(args.worker_threads)
+        .enable_all()
+        .build()?;
     rt.block_on(run(args))
 }
 

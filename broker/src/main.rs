@@ -250,19 +250,10 @@ fn main() -> std::process::ExitCode {
             }
         }
     }
-    // One thread: tokio's current-thread scheduler, which costs less per
-    // task switch than a one-worker work-stealing pool (benches/README.md).
-    let mut builder = match cfg.worker_threads {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        n => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            if n > 0 {
-                b.worker_threads(n as usize);
-            }
-            b
-        }
-    };
-    let rt = match builder.enable_all().build() {
+    let rt = match halfmq_broker::server::runtime_builder(cfg.worker_threads as usize)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("halfmq-broker: runtime: {e}");

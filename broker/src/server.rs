@@ -20,6 +20,24 @@ use crate::config::BrokerConfig;
 use crate::error::BrokerError;
 use crate::service::Services;
 
+/// The tokio runtime builder for `worker_threads` (the `worker_threads`
+/// config key): 1 is tokio's current-thread scheduler, which costs less per
+/// task switch than a one-worker work-stealing pool (benches/README.md);
+/// 0 is a multi-thread pool with one worker per CPU core; any other n a
+/// multi-thread pool of n workers. The caller enables drivers and builds.
+pub fn runtime_builder(worker_threads: usize) -> tokio::runtime::Builder {
+    match worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            if n > 0 {
+                b.worker_threads(n);
+            }
+            b
+        }
+    }
+}
+
 /// Binds the listening socket of `cfg.listen`, with an accept backlog of
 /// `max_connections` (at least 1,024): a burst of clients connecting at once
 /// then waits in the kernel instead of having its SYNs dropped.
