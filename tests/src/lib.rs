@@ -117,6 +117,24 @@ impl BrokerProcess {
         BrokerProcess { child, addr }
     }
 
+    /// Runs the `halfmq` CLI against this broker with `args`; returns
+    /// (exit success, stdout, stderr).
+    ///
+    /// # Panics
+    /// When the CLI cannot be run.
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(binary("halfmq"))
+            .args(["--broker", &self.addr])
+            .args(args)
+            .output()
+            .expect("run halfmq");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     /// SIGKILL, and reap.
     pub fn kill9(mut self) {
         let _ = self.child.kill();

@@ -44,18 +44,7 @@ fn cli_send_and_consume_json() {
     let dir = tempfile::tempdir().unwrap();
     // One runtime thread: the broker must serve everything on it.
     let b = BrokerProcess::start(dir.path(), &["--worker-threads", "1"]);
-    let cli = |args: &[&str]| {
-        let out = Command::new(binary("halfmq"))
-            .args(["--broker", &b.addr])
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let cli = |args: &[&str]| b.cli(args);
     let (ok, out, err) = cli(&["topic", "create", "cli", "--queues", "2"]);
     assert!(ok, "{err}");
     let (ok, out2, err) = cli(&[
@@ -108,6 +97,132 @@ fn cli_send_and_consume_json() {
     // A failing send exits non-zero.
     let (ok, _, err) = cli(&["send", "%nope", "x"]);
     assert!(!ok && err.contains("reserved"), "{err}");
+    assert!(b.terminate().success(), "clean exit on SIGTERM");
+}
+
+fn json_lines(out: &str) -> Vec<serde_json::Value> {
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// The `halfmq tx` commands end to end, with their JSON fields: a crashed
+/// producer's half resolved by a checker, a rollback, halves given up after
+/// `--check-max` unknown answers and then resolved by hand.
+#[test]
+fn cli_tx_send_checker_pending_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = BrokerProcess::start(
+        dir.path(),
+        &[
+            "--transaction-timeout",
+            "500ms",
+            "--check-interval",
+            "300ms",
+            "--check-max",
+            "2",
+        ],
+    );
+    let cli = |args: &[&str]| b.cli(args);
+    let (ok, _, err) = cli(&["topic", "create", "txcli", "--queues", "1"]);
+    assert!(ok, "{err}");
+
+    // A crashed producer: no EndTransaction.
+    let (ok, out, err) = cli(&[
+        "tx", "send", "txcli", "crashed", "--group", "pg", "--local", "exit", "--json",
+    ]);
+    assert!(ok, "{err}");
+    let sent = json_lines(&out);
+    assert_eq!(sent.len(), 1, "{out}");
+    let crashed_tx = sent[0]["transaction_id"].as_str().unwrap().to_owned();
+    let crashed_id = sent[0]["message_id"].as_str().unwrap().to_owned();
+    let (ok, out, err) = cli(&["tx", "pending", "--json"]);
+    assert!(ok, "{err}");
+    let pending = json_lines(&out);
+    assert_eq!(pending.len(), 1, "{out}");
+    let p = &pending[0];
+    assert_eq!(p["transaction_id"], crashed_tx.as_str());
+    assert_eq!(p["message_id"], crashed_id.as_str());
+    assert_eq!(p["topic"], "txcli");
+    assert_eq!(p["producer_group"], "pg");
+    assert_eq!(p["check_times"], 0);
+    assert_eq!(p["given_up"], false);
+    assert!(p["age_ms"].is_u64(), "{p}");
+    // Another instance of the group answers the check-back with commit.
+    let (ok, out, err) = cli(&[
+        "tx", "checker", "--group", "pg", "--answer", "commit", "--for", "2s",
+    ]);
+    assert!(ok, "{err}");
+    let checks = json_lines(&out);
+    assert_eq!(checks.len(), 1, "one check, answered commit: {out}");
+    assert_eq!(checks[0]["transaction_id"], crashed_tx.as_str());
+    assert_eq!(checks[0]["message_id"], crashed_id.as_str());
+    assert_eq!(checks[0]["topic"], "txcli");
+    assert_eq!(checks[0]["check_times"], 0);
+
+    // A rolled-back transaction is never delivered.
+    let (ok, _, err) = cli(&[
+        "tx", "send", "txcli", "rolled", "--group", "pg", "--local", "rollback",
+    ]);
+    assert!(ok, "{err}");
+
+    // Unknown to every check: given up after --check-max 2 checks.
+    let (ok, out, err) = cli(&[
+        "tx", "send", "txcli", "unsure", "--group", "pg2", "--count", "2", "--local", "unknown",
+        "--for", "20s", "--json",
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("2 given up"), "{err}");
+    let unsure: Vec<String> = json_lines(&out)
+        .iter()
+        .map(|v| v["transaction_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(unsure.len(), 2, "{out}");
+    let (ok, out, err) = cli(&["tx", "pending", "--json"]);
+    assert!(ok, "{err}");
+    let pending = json_lines(&out);
+    assert_eq!(pending.len(), 2, "{out}");
+    for p in &pending {
+        assert!(unsure.contains(&p["transaction_id"].as_str().unwrap().to_owned()));
+        assert_eq!(p["given_up"], true, "{p}");
+        assert_eq!(p["check_times"], 2, "{p}");
+    }
+    // By hand: commit one (twice: the same answer again is fine), roll the
+    // other back; a conflicting or unknown end exits non-zero.
+    let (ok, out, err) = cli(&["tx", "end", &unsure[0], "--commit"]);
+    assert!(ok, "{out} {err}");
+    let (ok, _, err) = cli(&["tx", "end", &unsure[0], "--commit"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli(&["tx", "end", &unsure[0], "--rollback"]);
+    assert!(!ok && err.contains("first resolution is final"), "{err}");
+    let (ok, _, err) = cli(&["tx", "end", &unsure[1], "--rollback"]);
+    assert!(ok, "{err}");
+    // Well formed, but no half at that physical offset.
+    let unknown_tx = format!("0FFFFFFFFFFFFFFF{}", &crashed_tx[16..]);
+    let (ok, _, err) = cli(&["tx", "end", &unknown_tx, "--commit"]);
+    assert!(!ok && err.contains("NotFound"), "{err}");
+    let (ok, out, err) = cli(&["tx", "pending", "--json"]);
+    assert!(ok && out.trim().is_empty(), "{out} {err}");
+
+    // Delivered: the checker's commit and the hand commit, once each.
+    let (ok, out, err) = cli(&[
+        "consume",
+        "txcli",
+        "--group",
+        "g",
+        "--count",
+        "10",
+        "--timeout",
+        "1s",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let mut bodies: Vec<String> = json_lines(&out)
+        .iter()
+        .map(|v| v["body"].as_str().unwrap().to_owned())
+        .collect();
+    bodies.sort();
+    assert_eq!(bodies, ["crashed", "unsure"], "{out}");
     assert!(b.terminate().success(), "clean exit on SIGTERM");
 }
 

@@ -2,11 +2,10 @@
 //! configured delays.
 
 use std::collections::HashSet;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use halfmq_client::{Admin, Client, Consumer, Message, Producer};
-use halfmq_tests::{binary, start, test_config, BrokerProcess};
+use halfmq_tests::{start, test_config, BrokerProcess};
 
 fn retry_config(dir: &std::path::Path) -> halfmq_broker::BrokerConfig {
     halfmq_broker::BrokerConfig {
@@ -400,18 +399,7 @@ fn cli_dlq_list_and_redrive() {
         dir.path(),
         &["--retry-delays", "100ms", "--max-reconsume-times", "0"],
     );
-    let cli = |args: &[&str]| {
-        let out = Command::new(binary("halfmq"))
-            .args(["--broker", &b.addr])
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let cli = |args: &[&str]| b.cli(args);
     let (ok, sent, err) = cli(&["send", "cli", "bad", "--json"]);
     assert!(ok, "{err}");
     let id = serde_json::from_str::<serde_json::Value>(sent.trim()).unwrap()["message_id"]

@@ -508,16 +508,29 @@ async fn run_tx(client: Client, cmd: TxCmd) -> anyhow::Result<()> {
                 let admin = Admin::new(client);
                 let deadline = tokio::time::Instant::now() + wait_for;
                 loop {
-                    let pending: std::collections::HashSet<String> = admin
+                    // transaction id -> given up
+                    let pending: std::collections::HashMap<String, bool> = admin
                         .list_transactions()
                         .await?
                         .into_iter()
-                        .filter(|t| !t.given_up)
-                        .map(|t| t.transaction_id)
+                        .map(|t| (t.transaction_id, t.given_up))
                         .collect();
-                    let left = sent.iter().filter(|t| pending.contains(*t)).count();
+                    let left = sent
+                        .iter()
+                        .filter(|t| pending.get(*t) == Some(&false))
+                        .count();
                     if left == 0 {
-                        eprintln!("all {} transactions resolved", sent.len());
+                        // Nothing more will check them: ended, or given up.
+                        let given_up = sent.iter().filter(|t| pending.contains_key(*t)).count();
+                        if given_up == 0 {
+                            eprintln!("all {} transactions resolved", sent.len());
+                        } else {
+                            eprintln!(
+                                "{} transactions resolved, {given_up} given up after check_max \
+                                 checks (resolve them with `halfmq tx end`)",
+                                sent.len() - given_up
+                            );
+                        }
                         break;
                     }
                     if tokio::time::Instant::now() >= deadline {
