@@ -2,7 +2,7 @@
 //! persistence, stats and background tasks. Domain types only; `service.rs`
 //! converts to and from the wire.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -387,7 +387,7 @@ impl Broker {
     pub fn open(cfg: BrokerConfig, clock: Arc<dyn Clock>) -> Result<Arc<Broker>, BrokerError> {
         cfg.validate()?;
         let store = Arc::new(Store::open(cfg.store_config())?);
-        let mut topics = HashMap::new();
+        let mut topics = HashMap::default();
         for (k, v) in store.meta().scan_prefix(TOPICS_SPACE, b"")? {
             let (Ok(name), Ok(q)) = (String::from_utf8(k), <[u8; 4]>::try_from(v.as_slice()))
             else {
@@ -1479,7 +1479,7 @@ fn load_groups(
     store: &Store,
     clean_stop: bool,
 ) -> Result<HashMap<GroupKey, Arc<Mutex<GroupTopic>>>, BrokerError> {
-    let mut map: HashMap<GroupKey, GroupTopic> = HashMap::new();
+    let mut map: HashMap<GroupKey, GroupTopic> = HashMap::default();
     for (k, v) in store.meta().scan_prefix(GROUPS_SPACE, b"")? {
         let parts: Vec<&[u8]> = k.splitn(3, |b| *b == 0).collect();
         let (Some(g), Some(t), Some(q)) = (parts.first(), parts.get(1), parts.get(2)) else {

@@ -20,7 +20,7 @@
 //! Entries removed from a DLQ (redriven or purged) are recorded per group as
 //! a [`QueueProgress`] (its "acked" offsets), saved in sled keyspace `dlq`.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::Mutex;
 
 use halfmq_storage::{MessageId, Record, RecordKind};
@@ -117,7 +117,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl DlqState {
     pub(crate) fn load(store: &halfmq_storage::Store) -> Result<DlqState, BrokerError> {
-        let mut removed = HashMap::new();
+        let mut removed = HashMap::default();
         for (k, v) in store.meta().scan_prefix(DLQ_SPACE, b"")? {
             if let (Ok(g), Some(p)) = (String::from_utf8(k), crate::broker::decode_progress(&v)) {
                 removed.insert(g, p);
@@ -287,7 +287,7 @@ impl Broker {
             .ack_offset()
             .max(self.store().queue(&topic, 0).map_or(0, |q| q.min_offset()));
         let mut out: Vec<(Vec<u64>, Record)> = Vec::new();
-        let mut index: HashMap<MessageId, usize> = HashMap::new();
+        let mut index: HashMap<MessageId, usize> = HashMap::default();
         for qo in (start..max).filter(|qo| !removed.is_done(*qo)) {
             let Ok(m) = self.store().read_queue(&topic, 0, qo) else {
                 continue;

@@ -30,7 +30,7 @@
 //! # Transaction id
 //! `<physical offset of the half, 16 hex digits><message id, 32 hex digits>`.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -233,10 +233,10 @@ struct TxInner {
     /// Recent resolutions (bounded); the log holds them all.
     recent: ResolvedCache,
     /// Pending offsets whose saved form changed since the last save.
-    dirty: std::collections::HashSet<u64>,
+    dirty: foldhash::HashSet<u64>,
     /// Pending offsets present in sled's `tx_pending` (only those need a delete
     /// when resolved: a half resolved between two saves costs no sled write).
-    saved: std::collections::HashSet<u64>,
+    saved: foldhash::HashSet<u64>,
     /// Outstanding checks: half offset -> session id.
     outstanding: HashMap<u64, u64>,
     /// Log offsets written at recent saves (record boundaries), oldest
@@ -332,9 +332,9 @@ impl TxState {
             sched: CheckScheduler::new(cfg),
             strings: Interner::default(),
             recent: ResolvedCache::default(),
-            dirty: std::collections::HashSet::new(),
-            saved: std::collections::HashSet::new(),
-            outstanding: HashMap::new(),
+            dirty: foldhash::HashSet::default(),
+            saved: foldhash::HashSet::default(),
+            outstanding: HashMap::default(),
             save_points: std::collections::VecDeque::new(),
             unsaved_from: 0,
         };
@@ -930,7 +930,7 @@ impl Broker {
         let end = {
             let mut inner = tx.inner.lock();
             let mut records = Vec::new();
-            let mut in_batch: HashMap<u64, bool> = HashMap::new();
+            let mut in_batch: HashMap<u64, bool> = HashMap::default();
             for (i, item) in items.iter().enumerate() {
                 let Some((id, half, commit)) = item else {
                     continue;

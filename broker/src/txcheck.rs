@@ -27,7 +27,8 @@
 //! Given-up halves stay in the index (listed for operators, who can still
 //! commit or roll them back) but are never checked again.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use foldhash::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Timings and limits of the scheduler.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,9 +103,9 @@ impl CheckScheduler {
         CheckScheduler {
             cfg,
             halves: BTreeMap::new(),
-            queues: HashMap::new(),
+            queues: HashMap::default(),
             heads: BTreeSet::new(),
-            parked: HashSet::new(),
+            parked: HashSet::default(),
         }
     }
 

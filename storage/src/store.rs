@@ -24,7 +24,7 @@
 //! corrupt checkpoint, makes the store rebuild every consume queue from the
 //! whole log.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -179,7 +179,7 @@ impl Store {
             lost_writes,
         };
 
-        let mut queues: HashMap<QueueKey, Arc<ConsumeQueue>> = HashMap::new();
+        let mut queues: HashMap<QueueKey, Arc<ConsumeQueue>> = HashMap::default();
         let mut scan_from = None;
         if let Some(cp) = &checkpoint {
             let mut short = None;
@@ -268,7 +268,7 @@ impl Store {
             checkpoint_lock: Mutex::new(()),
             meta,
             recovery,
-            repaired: Mutex::new(HashMap::new()),
+            repaired: Mutex::new(HashMap::default()),
             meta_report,
         };
         store.check_consume_queues()?;
@@ -327,7 +327,7 @@ impl Store {
     /// I/O errors of the consume queues. Unreadable log ranges (reported by
     /// recovery) are stepped over.
     pub fn repair_queues(&self, keys: &[QueueKey]) -> Result<u64> {
-        let mut cqs: HashMap<QueueKey, Arc<ConsumeQueue>> = HashMap::new();
+        let mut cqs: HashMap<QueueKey, Arc<ConsumeQueue>> = HashMap::default();
         for k in keys {
             if let Some(cq) = self.queue(&k.0, k.1) {
                 lock(&self.repaired).insert(k.clone(), cq.next_offset());
@@ -413,7 +413,7 @@ impl Store {
             return Err(Error::Poisoned(e.to_string()));
         }
         let now = now_ms();
-        let mut next: HashMap<QueueKey, (Arc<ConsumeQueue>, u64)> = HashMap::new();
+        let mut next: HashMap<QueueKey, (Arc<ConsumeQueue>, u64)> = HashMap::default();
         for r in &mut records {
             if r.store_timestamp_ms == 0 {
                 r.store_timestamp_ms = now;
@@ -442,7 +442,7 @@ impl Store {
         let appended = self.log.append(&records)?;
 
         // Dispatch: entries of one queue in one batch have consecutive offsets.
-        let mut batches: HashMap<QueueKey, (u64, Vec<CqEntry>)> = HashMap::new();
+        let mut batches: HashMap<QueueKey, (u64, Vec<CqEntry>)> = HashMap::default();
         let mut queue_offsets = Vec::with_capacity(records.len());
         for (i, r) in records.iter().enumerate() {
             queue_offsets.push(r.queue_offset);
