@@ -100,6 +100,11 @@ struct Args {
     /// separate-process figure either.
     #[arg(long, default_value_t = 0)]
     worker_threads: usize,
+    /// The embedded broker's `sync_wait_spin_us`, as a duration (200us):
+    /// with sync flush, how long a request polls for its fdatasync before it
+    /// sleeps; 0 = off (the broker's default).
+    #[arg(long, value_parser = duration, default_value = "0s")]
+    sync_wait_spin: Duration,
 }
 
 /// Resident memory of this process, bytes (Linux).
@@ -359,6 +364,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     halfmq_broker::FlushSetting::Sync
                 },
                 max_inflight_per_queue: 65_536,
+                sync_wait_spin_us: args.sync_wait_spin.as_micros() as u64,
                 ..halfmq_broker::BrokerConfig::default()
             };
             let b = halfmq_broker::start(cfg)
@@ -732,6 +738,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "preload_halves": args.preload_halves,
         "preload_rss_bytes": preload_rss_bytes,
         "worker_threads": args.worker_threads,
+        "sync_wait_spin_us": if args.broker.is_some() { None } else { Some(args.sync_wait_spin.as_micros() as u64) },
         "process_cpu_us_per_msg": cpu_us_per_msg,
         "thread_cpu_us_per_msg": thread_cpu,
         "steal_pct": steal_pct,

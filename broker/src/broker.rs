@@ -12,7 +12,7 @@ use halfmq_storage::{MessageId, Record, RecordKind, Store};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
-use crate::config::BrokerConfig;
+use crate::config::{BrokerConfig, FlushSetting};
 use crate::delivery::{LeaseError, QueueProgress};
 use crate::error::BrokerError;
 use crate::names::{check_group, check_message_fields, check_topic, TagFilter};
@@ -446,6 +446,29 @@ impl Broker {
         &self.store
     }
 
+    /// Waits until the commit log is durable up to `end`, as
+    /// [`Store::wait_durable`] does. With sync flush and
+    /// `sync_wait_spin_us` > 0 it first polls the flushed offset for up to
+    /// that long, yielding to the runtime's other tasks between polls, and
+    /// sleeps only if the fdatasync has not completed by then.
+    ///
+    /// # Errors
+    /// [`Store::wait_durable`]'s: a poisoned or closed log.
+    pub(crate) async fn wait_durable(&self, end: u64) -> Result<(), BrokerError> {
+        let spin_us = self.cfg.sync_wait_spin_us;
+        if spin_us > 0 && self.cfg.flush == FlushSetting::Sync {
+            let log = self.store.log();
+            let until = Instant::now() + Duration::from_micros(spin_us);
+            while log.flushed_offset() < end && Instant::now() < until {
+                tokio::task::yield_now().await;
+            }
+        }
+        // Covered at once when the spin saw the fdatasync complete; else
+        // sleeps until it does. Poisoning is reported either way.
+        self.store.wait_durable(end).await?;
+        Ok(())
+    }
+
     /// Completes (changes to `true`) when the broker begins shutting down.
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
         self.shutdown_tx.subscribe()
@@ -833,7 +856,7 @@ impl Broker {
             .map(|r| (r.message_id, r.queue_id, r.topic.clone()))
             .collect();
         let receipt = self.store.append(records)?;
-        self.store.wait_durable(receipt.end).await?;
+        self.wait_durable(receipt.end).await?;
         self.counters
             .messages_in
             .fetch_add(ids.len() as u64, Ordering::Relaxed);

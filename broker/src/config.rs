@@ -95,6 +95,14 @@ pub struct BrokerConfig {
     /// its half) need no `pread`, bytes; 0 = off. Default 16 MiB, at most
     /// 1 GiB. (RocketMQ reads its mmapped segments, in the page cache.)
     pub read_cache_bytes: u64,
+    /// Sync flush only: how long a request waiting for the fdatasync that
+    /// covers its records keeps polling for it (yielding to other tasks
+    /// between polls) before it sleeps, µs; 0 = off (sleep at once).
+    /// Default 0, at most [`MAX_SYNC_WAIT_SPIN_US`]. Spinning spends CPU so
+    /// that a runtime thread does not sleep and get woken for each
+    /// fdatasync, which raised one-thread throughput on this project's VM
+    /// (benches/README.md); it hurts when the host is short of CPU.
+    pub sync_wait_spin_us: u64,
     /// A half message younger than this is never checked back, ms. Default
     /// 6,000 (RocketMQ's transactionTimeOut).
     pub transaction_timeout_ms: u64,
@@ -166,6 +174,7 @@ impl Default for BrokerConfig {
             min_free_disk_bytes: 64 << 20,
             preallocate_bytes: 1 << 20,
             read_cache_bytes: 16 << 20,
+            sync_wait_spin_us: 0,
             max_delay_ms: 3 * 24 * 3600 * 1000,
             worker_threads: 0,
             transaction_replay_bytes: 1 << 30,
@@ -190,6 +199,10 @@ pub struct ConfigError {
     /// Why.
     pub reason: String,
 }
+
+/// Largest accepted [`BrokerConfig::sync_wait_spin_us`]: 10 ms, far above
+/// an fdatasync's usual latency.
+pub const MAX_SYNC_WAIT_SPIN_US: u64 = 10_000;
 
 /// Extra bytes a record needs beyond its body (headers, topic, tag, keys,
 /// properties are capped separately); used to derive the storage record limit.
@@ -261,6 +274,15 @@ impl BrokerConfig {
                     "{} exceeds the most, {} (1 GiB)",
                     self.read_cache_bytes,
                     halfmq_storage::config::MAX_READ_CACHE_BYTES
+                ),
+            );
+        }
+        if self.sync_wait_spin_us > MAX_SYNC_WAIT_SPIN_US {
+            return bad(
+                "sync_wait_spin_us",
+                format!(
+                    "{} exceeds the most, {MAX_SYNC_WAIT_SPIN_US} (10 ms)",
+                    self.sync_wait_spin_us
                 ),
             );
         }

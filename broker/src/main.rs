@@ -17,6 +17,12 @@ use halfmq_broker::{BrokerConfig, FlushSetting};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+fn duration_us(s: &str) -> Result<u64, String> {
+    humantime::parse_duration(s)
+        .map(|d| d.as_micros() as u64)
+        .map_err(|e| format!("{e} (examples: 200us, 1ms)"))
+}
+
 fn duration_ms(s: &str) -> Result<u64, String> {
     humantime::parse_duration(s)
         .map(|d| d.as_millis() as u64)
@@ -124,6 +130,10 @@ struct Args {
     /// `read_cache_bytes`: recent commit-log bytes kept in memory for reads; 0 = off.
     #[arg(long)]
     read_cache_bytes: Option<u64>,
+    /// `sync_wait_spin_us`, as a duration (200us): with sync flush, how long
+    /// a request polls for its fdatasync before it sleeps; 0 = off.
+    #[arg(long, value_parser = duration_us)]
+    sync_wait_spin: Option<u64>,
     /// `transaction_timeout_ms`, as a duration: halves younger than this are
     /// never checked back.
     #[arg(long, value_parser = duration_ms)]
@@ -181,7 +191,7 @@ fn load_config(args: &Args) -> anyhow::Result<BrokerConfig> {
         checkpoint_interval => checkpoint_interval_ms, retention => retention_ms,
         retention_bytes => retention_bytes, retention_check_interval => retention_check_interval_ms,
         min_free_disk_bytes => min_free_disk_bytes, preallocate_bytes => preallocate_bytes,
-        read_cache_bytes => read_cache_bytes,
+        read_cache_bytes => read_cache_bytes, sync_wait_spin => sync_wait_spin_us,
         max_delay => max_delay_ms,
         transaction_replay_bytes => transaction_replay_bytes,
         transaction_timeout => transaction_timeout_ms, check_interval => check_interval_ms,

@@ -237,11 +237,7 @@ impl Broker {
             Ok(())
         } else {
             match self.store().append(records) {
-                Ok(r) => self
-                    .store()
-                    .wait_durable(r.end)
-                    .await
-                    .map_err(BrokerError::from),
+                Ok(r) => self.wait_durable(r.end).await,
                 Err(e) => Err(e.into()),
             }
         };
@@ -394,7 +390,7 @@ impl Broker {
             })
             .collect();
         let r = self.store().append(records)?;
-        self.store().wait_durable(r.end).await?;
+        self.wait_durable(r.end).await?;
         {
             let mut removed = lock(&self.dlq_state().removed);
             let p = removed.entry(group.to_owned()).or_default();

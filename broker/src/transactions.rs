@@ -776,7 +776,7 @@ impl Broker {
             }
             (r.offsets, r.end)
         };
-        self.store().wait_durable(end).await?;
+        self.wait_durable(end).await?;
         self.counters
             .halves_in
             .fetch_add(offsets.len() as u64, Ordering::Relaxed);
@@ -836,7 +836,7 @@ impl Broker {
             }
             r
         };
-        self.store().wait_durable(receipt.end).await?;
+        self.wait_durable(receipt.end).await?;
         tx.wake.notify_one();
         let mut out = Vec::with_capacity(info.len());
         for (i, (message_id, queue_id, topic, _, due)) in info.into_iter().enumerate() {
@@ -998,11 +998,7 @@ impl Broker {
         // 4. One durability wait for every end record.
         let durable = match end {
             None => Ok(()),
-            Some(Ok(end)) => self
-                .store()
-                .wait_durable(end)
-                .await
-                .map_err(|e| e.to_string()),
+            Some(Ok(end)) => self.wait_durable(end).await.map_err(|e| e.to_string()),
             Some(Err(e)) => Err(e),
         };
         let mut topics = std::collections::BTreeSet::new();
@@ -1092,7 +1088,7 @@ impl Broker {
         };
         match res {
             Ok(r) => {
-                let _ = self.store().wait_durable(r.end).await;
+                let _ = self.wait_durable(r.end).await;
                 tracing::warn!(
                     offset,
                     check_max = tx.cfg.check_max,

@@ -28,6 +28,10 @@ fn invalid_config_exits_2_naming_the_key() {
             vec!["--data-dir", data_dir, "--read-cache-bytes", "2000000000"],
             "read_cache_bytes",
         ),
+        (
+            vec!["--data-dir", data_dir, "--sync-wait-spin", "20ms"],
+            "sync_wait_spin_us",
+        ),
     ] {
         let out = Command::new(binary("halfmq-broker"))
             .args(&args)

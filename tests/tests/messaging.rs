@@ -473,3 +473,59 @@ async fn auto_batched_concurrent_sends_each_get_their_receipt() {
     assert_eq!(got.len(), 301);
     b.shutdown().await.unwrap();
 }
+
+/// `sync_wait_spin_us` changes how a sync send waits, not what its ack
+/// means: every acknowledged send and end is covered by an fdatasync, both
+/// when the spin outlasts the fdatasync (5 ms) and when it gives up first
+/// (1 µs) and sleeps. Sequential calls and no other writer, so the log's
+/// whole written end must be flushed when each call returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_wait_spin_acks_only_what_an_fdatasync_covered() {
+    for spin_us in [1, 5_000] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = test_config(dir.path());
+        cfg.sync_wait_spin_us = spin_us;
+        let b = start(cfg).await;
+        let log = || {
+            let l = b.broker.store().log();
+            (l.flushed_offset(), l.written_offset())
+        };
+        let c = client(b.addr).await;
+        let p = Producer::new(c.clone());
+        for i in 0..20 {
+            p.send(Message::new("spin", format!("m{i}"))).await.unwrap();
+            let (flushed, written) = log();
+            assert!(
+                flushed >= written,
+                "spin {spin_us} us: send {i} acked at {flushed} < {written}"
+            );
+        }
+        let tp = halfmq_client::TransactionProducer::new(
+            c.clone(),
+            "spin-pg",
+            |_m: halfmq_client::MessageView| async {
+                halfmq_client::TransactionResolution::Unknown
+            },
+        );
+        for i in 0..10 {
+            let tx = tp
+                .send_half(Message::new("spin", format!("t{i}")))
+                .await
+                .unwrap();
+            let (flushed, written) = log();
+            assert!(
+                flushed >= written,
+                "spin {spin_us} us: half {i} acked at {flushed} < {written}"
+            );
+            tx.commit().await.unwrap();
+            let (flushed, written) = log();
+            assert!(
+                flushed >= written,
+                "spin {spin_us} us: end {i} acked at {flushed} < {written}"
+            );
+        }
+        let consumer = Consumer::new(c, "g", "spin");
+        assert_eq!(drain(&consumer, 30).await.len(), 30);
+        b.shutdown().await.unwrap();
+    }
+}
