@@ -513,13 +513,19 @@ impl Broker {
 
     /// Starts the periodic checkpoint and retention tasks and the check driver.
     pub fn start_background(self: &Arc<Self>) {
-        let checkpoint = self.spawn_periodic(self.cfg.checkpoint_interval_ms, "checkpoint", |b| {
-            b.save_state()
-        });
-        let retention =
-            self.spawn_periodic(self.cfg.retention_check_interval_ms, "retention", |b| {
-                b.apply_retention().map(|_| ())
+        // The first save comes one interval after start-up (the state was
+        // just loaded); retention runs at once (a restart may find expired
+        // segments on a disk that is short of space).
+        let checkpoint =
+            self.spawn_periodic(self.cfg.checkpoint_interval_ms, false, "checkpoint", |b| {
+                b.save_state()
             });
+        let retention = self.spawn_periodic(
+            self.cfg.retention_check_interval_ms,
+            true,
+            "retention",
+            |b| b.apply_retention().map(|_| ()),
+        );
         let mut tasks = lock(&self.tasks);
         tasks.push(checkpoint);
         tasks.push(retention);
@@ -531,17 +537,22 @@ impl Broker {
     }
 
     /// Runs blocking `work` every `every_ms` on the blocking pool until
-    /// shutdown; failures are logged and retried at the next tick.
+    /// shutdown, the first time at once when `at_start`, else after
+    /// `every_ms`; failures are logged and retried at the next tick.
     fn spawn_periodic(
         self: &Arc<Self>,
         every_ms: u64,
+        at_start: bool,
         what: &'static str,
         work: fn(&Broker) -> Result<(), BrokerError>,
     ) -> JoinHandle<()> {
         let b = Arc::clone(self);
         let mut stop = self.shutdown_tx.subscribe();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(every_ms));
+            let period = Duration::from_millis(every_ms);
+            let first =
+                tokio::time::Instant::now() + if at_start { Duration::ZERO } else { period };
+            let mut tick = tokio::time::interval_at(first, period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
