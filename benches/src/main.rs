@@ -246,6 +246,8 @@ struct Run {
     consumed: AtomicU64,
     consumed_measured: AtomicU64,
     errors: AtomicU64,
+    /// Error messages printed so far (the first [`PRINTED_ERRORS`]).
+    errors_printed: AtomicU64,
     ack_hist: Mutex<Histogram<u64>>,
     e2e_hist: Mutex<Histogram<u64>>,
     /// tx mode: half send alone, and EndTransaction alone, µs.
@@ -306,7 +308,19 @@ impl Ledger {
     }
 }
 
+/// Error messages a run prints (the rest are only counted).
+const PRINTED_ERRORS: u64 = 5;
+
 impl Run {
+    /// Counts `n` failed messages of `what` (send, receive, ack) and prints
+    /// the error while fewer than [`PRINTED_ERRORS`] have been.
+    fn failed(&self, n: u64, what: &str, e: &dyn std::fmt::Display) {
+        self.errors.fetch_add(n, Ordering::Relaxed);
+        if self.errors_printed.fetch_add(1, Ordering::Relaxed) < PRINTED_ERRORS {
+            eprintln!("halfmq-bench: {what} failed: {e}");
+        }
+    }
+
     fn in_window(&self, t: Instant) -> bool {
         t >= self.measure_from && t < self.measure_to
     }
@@ -332,8 +346,20 @@ fn body(seq: u64, sent_ns: u64, run_id: u64, size: usize) -> Bytes {
     b.freeze()
 }
 
-fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+fn main() -> std::process::ExitCode {
+    match bench(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!(
+                "halfmq-bench: {}",
+                halfmq_broker::logging::report(e.as_ref())
+            );
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn bench(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(args.size >= 16, "--size must be at least 16 bytes");
     anyhow::ensure!(
         args.batch >= 1 && args.inflight >= 1,
@@ -356,7 +382,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 std::env::var("HALFMQ_BENCH_DIR").unwrap_or_else(|_| ".".into()),
             )?;
             let cfg = halfmq_broker::BrokerConfig {
-                listen: "127.0.0.1:0".parse()?,
+                listen: "127.0.0.1:0".into(),
                 data_dir: dir.path().to_path_buf(),
                 flush: if args.flush == "async" {
                     halfmq_broker::FlushSetting::Async
@@ -442,6 +468,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         consumed: AtomicU64::new(0),
         consumed_measured: AtomicU64::new(0),
         errors: AtomicU64::new(0),
+        errors_printed: AtomicU64::new(0),
         ack_hist: Mutex::new(hist()),
         e2e_hist: Mutex::new(hist()),
         half_hist: Mutex::new(hist()),
@@ -469,8 +496,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 let msgs = match c.receive(256, Duration::from_millis(200)).await {
                     Ok(m) => m,
                     Err(e) => {
-                        eprintln!("receive: {e}");
-                        run.errors.fetch_add(1, Ordering::Relaxed);
+                        run.failed(1, "receive", &e);
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
@@ -505,13 +531,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 run.consumed.fetch_add(msgs.len() as u64, Ordering::Relaxed);
                 match c.ack_batch(&msgs).await {
                     Ok(rs) => {
-                        let bad = rs.iter().filter(|r| r.is_err()).count() as u64;
-                        run.errors.fetch_add(bad, Ordering::Relaxed);
+                        for e in rs.iter().filter_map(|r| r.as_ref().err()) {
+                            run.failed(1, "ack", e);
+                        }
                     }
-                    Err(e) => {
-                        eprintln!("ack: {e}");
-                        run.errors.fetch_add(msgs.len() as u64, Ordering::Relaxed);
-                    }
+                    Err(e) => run.failed(msgs.len() as u64, "ack", &e),
                 }
             }
         }));
@@ -621,12 +645,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                                 let _ = run.ack_hist.locked().record(us);
                             }
                         }
-                        Err(e) => {
-                            run.errors.fetch_add(seqs.len() as u64, Ordering::Relaxed);
-                            if run.errors.load(Ordering::Relaxed) < 5 {
-                                eprintln!("send: {e}");
-                            }
-                        }
+                        Err(e) => run.failed(seqs.len() as u64, "send", &e),
                     }
                 }
             }));
@@ -751,6 +770,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(b) = embedded {
         b.shutdown().await.map_err(|e| anyhow::anyhow!("{e}"))?;
     }
+    let errors = run.errors.load(Ordering::Relaxed);
+    anyhow::ensure!(
+        errors == 0,
+        "{errors} messages failed (the first errors are printed above); the figures are not a clean run's"
+    );
     Ok(())
 }
 

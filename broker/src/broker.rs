@@ -74,8 +74,9 @@ pub struct SendReceipt {
     pub message_id: MessageId,
     /// Queue id.
     pub queue_id: u32,
-    /// Queue offset (0 for a delayed message: given when it becomes due).
-    pub queue_offset: u64,
+    /// Queue offset; `None` for a delayed message, which gets one when it
+    /// becomes due.
+    pub queue_offset: Option<u64>,
     /// When a delayed message becomes visible, broker clock, ms since the
     /// epoch; 0 for an ordinary one.
     pub deliver_at_ms: u64,
@@ -171,6 +172,12 @@ pub struct DeliveredMessage {
     pub store_timestamp_ms: u64,
     /// When it becomes visible again unless acked, ms since the epoch.
     pub invisible_until_ms: u64,
+    /// Whether this delivery comes from the group's retry queue (then
+    /// `queue_offset` is its position there).
+    pub retry: bool,
+    /// For a retry: the message's queue offset in `queue_id` of its topic,
+    /// when the retry record says (retries scheduled by older brokers do not).
+    pub original_queue_offset: Option<u64>,
 }
 
 /// A receive request, in domain form.
@@ -306,10 +313,11 @@ impl GroupTopic {
     }
 }
 
-type GroupKey = (String, String);
+/// (consumer group, topic).
+pub(crate) type GroupKey = (String, String);
 
-const TOPICS_SPACE: &str = "topics";
-const GROUPS_SPACE: &str = "groups";
+pub(crate) const TOPICS_SPACE: &str = "topics";
+pub(crate) const GROUPS_SPACE: &str = "groups";
 /// Keyspace of the broker's own flags.
 const BROKER_SPACE: &str = "broker";
 /// Present while stopped after a clean shutdown: written last at shutdown,
@@ -332,6 +340,9 @@ pub struct Broker {
     shutting_down: AtomicBool,
     shutdown_tx: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Held while consumer progress is written to sled and while a topic
+    /// deletion forgets its groups.
+    pub(crate) progress_lock: Mutex<()>,
     tx: TxState,
     retry: RetryPolicy,
     dlq: DlqState,
@@ -345,7 +356,7 @@ impl std::fmt::Debug for Broker {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding the lock leaves bookkeeping that is still
     // consistent (every mutation is a few field writes); carry on.
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -401,7 +412,7 @@ impl Broker {
         if clean_stop {
             store.meta().remove(BROKER_SPACE, CLEAN_STOP_KEY)?;
             store.meta().flush()?;
-        } else {
+        } else if !store.is_new() {
             tracing::info!("the last run did not shut down cleanly: leases restored from the last checkpoint will not count as failed deliveries when they expire");
         }
         let groups = load_groups(&store, clean_stop)?;
@@ -430,6 +441,7 @@ impl Broker {
             shutting_down: AtomicBool::new(false),
             shutdown_tx,
             tasks: Mutex::new(Vec::new()),
+            progress_lock: Mutex::new(()),
             tx,
             retry,
             dlq,
@@ -595,32 +607,70 @@ impl Broker {
             .iter()
             .map(|(k, v)| (k.clone(), Arc::clone(v)))
             .collect();
-        for ((group, topic), gt) in groups {
-            let mut g = lock(&gt);
-            if !g.dirty {
-                continue;
+        {
+            // Topic deletion holds this while it forgets groups, so no
+            // progress of a deleted topic is written back after.
+            let _saving = lock(&self.progress_lock);
+            for ((group, topic), gt) in groups {
+                if self.topic(&topic).is_some() {
+                    self.save_group(&group, &topic, &mut lock(&gt))?;
+                }
             }
-            for (qid, p) in g.queues.iter().enumerate() {
-                self.store.meta().put(
-                    GROUPS_SPACE,
-                    &group_key(&group, &topic, qid as u32),
-                    &encode_progress(p),
-                )?;
-            }
-            for (level, p) in g.retry.iter().enumerate() {
-                self.store.meta().put(
-                    GROUPS_SPACE,
-                    &group_key(&group, &topic, RETRY_QUEUE_BIT | level as u32),
-                    &encode_progress(p),
-                )?;
-            }
-            g.dirty = false;
         }
         self.dlq.save(&self.store)?;
         self.tx.save(&self.store, || {
             self.store.checkpoint()?;
             Ok(())
         })
+    }
+
+    /// Writes one group's progress on one topic to sled if it changed (no
+    /// flush).
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub(crate) fn save_group(
+        &self,
+        group: &str,
+        topic: &str,
+        g: &mut GroupTopic,
+    ) -> Result<(), BrokerError> {
+        if !g.dirty {
+            return Ok(());
+        }
+        for (qid, p) in g.queues.iter().enumerate() {
+            self.store.meta().put(
+                GROUPS_SPACE,
+                &group_key(group, topic, qid as u32),
+                &encode_progress(p),
+            )?;
+        }
+        for (level, p) in g.retry.iter().enumerate() {
+            self.store.meta().put(
+                GROUPS_SPACE,
+                &group_key(group, topic, RETRY_QUEUE_BIT | level as u32),
+                &encode_progress(p),
+            )?;
+        }
+        g.dirty = false;
+        Ok(())
+    }
+
+    /// The topics map, for changes (topic deletion).
+    pub(crate) fn topics_mut(
+        &self,
+    ) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<TopicState>>> {
+        self.topics.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Forgets every group's progress on `topic` (in memory); returns what
+    /// was removed.
+    pub(crate) fn remove_groups_of(&self, topic: &str) -> Vec<(GroupKey, Arc<Mutex<GroupTopic>>)> {
+        let mut groups = lock(&self.groups);
+        let keys: Vec<GroupKey> = groups.keys().filter(|(_, t)| t == topic).cloned().collect();
+        keys.into_iter()
+            .filter_map(|k| groups.remove(&k).map(|v| (k, v)))
+            .collect()
     }
 
     /// Stops background tasks, wakes long polls, saves state, closes the
@@ -884,16 +934,21 @@ impl Broker {
             out.push(SendReceipt {
                 message_id: *id,
                 queue_id: *qid,
-                queue_offset: receipt.queue_offsets[i].ok_or_else(|| {
+                queue_offset: Some(receipt.queue_offsets[i].ok_or_else(|| {
                     BrokerError::Internal("a normal message got no queue offset".into())
-                })?,
+                })?),
                 deliver_at_ms: 0,
             });
         }
         Ok(out)
     }
 
-    fn group_topic(&self, group: &str, topic: &str, queues: u32) -> Arc<Mutex<GroupTopic>> {
+    pub(crate) fn group_topic(
+        &self,
+        group: &str,
+        topic: &str,
+        queues: u32,
+    ) -> Arc<Mutex<GroupTopic>> {
         let mut groups = lock(&self.groups);
         let gt = groups
             .entry((group.to_owned(), topic.to_owned()))
@@ -935,7 +990,7 @@ impl Broker {
             .ok_or_else(|| BrokerError::TopicNotFound(req.topic.clone()))?;
         let invisible_ms = match req.invisible_duration_ms {
             0 => self.cfg.default_invisible_duration_ms,
-            d => d.min(self.cfg.max_invisible_duration_ms),
+            d => self.check_invisible(d)?,
         };
         let max = req.max_messages.clamp(1, self.cfg.max_receive_messages) as usize;
         let wait = Duration::from_millis(req.wait_ms.min(self.cfg.max_receive_wait_ms));
@@ -1101,18 +1156,24 @@ impl Broker {
                     (None, _) => self
                         .store
                         .read_queue(&req.topic, qid, d.queue_offset)
-                        .map(|m| (m.record, d.lease.reconsume_times)),
+                        .map(|m| (m.record, d.lease.reconsume_times, None)),
                     (Some(_), Some(r)) => self
                         .store
                         .log()
                         .read_sized(r.ref_offset.unwrap_or(u64::MAX), r.ref_size)
-                        .map(|orig| (orig, r.reconsume_times)),
+                        .map(|orig| {
+                            (
+                                orig,
+                                r.reconsume_times,
+                                crate::redelivery::origin(&r).map(|(_, o)| o),
+                            )
+                        }),
                     (Some(_), None) => Err(halfmq_storage::Error::InvalidRecord(
                         "unreadable retry entry".into(),
                     )),
                 };
                 match read {
-                    Ok((r, reconsume_times)) if filter.matches(&r.tag) => {
+                    Ok((r, reconsume_times, original_queue_offset)) if filter.matches(&r.tag) => {
                         if reconsume_times > 0 || d.again {
                             self.counters.redeliveries.fetch_add(1, Ordering::Relaxed);
                         }
@@ -1146,6 +1207,8 @@ impl Broker {
                             },
                             store_timestamp_ms: r.store_timestamp_ms,
                             invisible_until_ms: d.lease.invisible_until_ms,
+                            retry: level.is_some(),
+                            original_queue_offset,
                         });
                     }
                     Ok(_) => skipped.push((level, qid, d.queue_offset)),
@@ -1171,6 +1234,18 @@ impl Broker {
             }
         }
         Ok((out, None))
+    }
+
+    /// An invisible duration a consumer asked for, if within
+    /// `max_invisible_duration_ms`.
+    fn check_invisible(&self, ms: u64) -> Result<u64, BrokerError> {
+        if ms > self.cfg.max_invisible_duration_ms {
+            return Err(BrokerError::BadRequest(format!(
+                "invisible duration {ms} ms exceeds max_invisible_duration_ms {}",
+                self.cfg.max_invisible_duration_ms
+            )));
+        }
+        Ok(ms)
     }
 
     fn with_lease<T>(
@@ -1256,7 +1331,7 @@ impl Broker {
         invisible_ms: u64,
     ) -> Result<(Receipt, u64), BrokerError> {
         let now = self.clock.now_ms();
-        let d = invisible_ms.min(self.cfg.max_invisible_duration_ms);
+        let d = self.check_invisible(invisible_ms)?;
         let lease = self.with_lease(group, receipt, |p| {
             p.change_invisible(receipt.queue_offset, receipt.seq, now, d)
         })?;
@@ -1332,6 +1407,11 @@ impl Broker {
 }
 
 impl TopicState {
+    /// Wakes every long poll waiting on the topic.
+    pub(crate) fn wake_all(&self) {
+        self.notify.notify_waiters();
+    }
+
     fn new(queues: u32) -> Self {
         TopicState {
             queues,

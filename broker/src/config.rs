@@ -4,7 +4,7 @@
 //! ("Broker configuration"). Command-line flags override TOML keys (see
 //! `main.rs`); [`BrokerConfig::validate`] runs before anything starts.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -26,21 +26,27 @@ pub const MAX_WORKER_THREADS: u32 = 1024;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BrokerConfig {
-    /// Address to listen on. Default `127.0.0.1:8081`.
-    pub listen: SocketAddr,
+    /// Address to listen on, `HOST:PORT` (a host name such as `localhost`
+    /// is resolved at start-up; its first IPv4 address is used when it has
+    /// one). Port 0 picks a free port. Default `127.0.0.1:8081`.
+    pub listen: String,
     /// Data directory. Default `./halfmq-data`.
     pub data_dir: PathBuf,
     /// Flush policy. Default `sync`.
     pub flush: FlushSetting,
     /// Async flush interval, ms. Default 500 (RocketMQ's flushIntervalCommitLog).
+    #[serde(deserialize_with = "crate::units::ms")]
     pub flush_interval_ms: u64,
     /// Commit-log segment size, bytes. Default 1 GiB (RocketMQ's mappedFileSizeCommitLog).
+    #[serde(deserialize_with = "crate::units::bytes")]
     pub segment_bytes: u64,
     /// Largest message body, bytes. Default 4 MiB (RocketMQ's maxMessageSize).
+    #[serde(deserialize_with = "crate::units::bytes")]
     pub max_message_bytes: u64,
     /// Most messages in one send request. Default 1024.
     pub max_batch_messages: u32,
     /// Most body bytes in one send request. Default 16 MiB.
+    #[serde(deserialize_with = "crate::units::bytes")]
     pub max_batch_bytes: u64,
     /// Create a topic on first send to it. Default true.
     pub auto_create_topics: bool,
@@ -52,12 +58,15 @@ pub struct BrokerConfig {
     pub max_topics: u32,
     /// Invisible duration of a received message when the receive names none, ms.
     /// Default 30,000.
+    #[serde(deserialize_with = "crate::units::ms")]
     pub default_invisible_duration_ms: u64,
     /// Longest invisible duration a consumer may ask for, ms. Default 12 h.
+    #[serde(deserialize_with = "crate::units::ms")]
     pub max_invisible_duration_ms: u64,
     /// Most messages one receive returns. Default 256.
     pub max_receive_messages: u32,
     /// Longest long-poll wait of a receive, ms. Default 30,000.
+    #[serde(deserialize_with = "crate::units::ms")]
     pub max_receive_wait_ms: u64,
     /// Most messages in flight (delivered, not acked) per consumer group and
     /// queue. Default 4,096.
@@ -71,29 +80,36 @@ pub struct BrokerConfig {
     pub max_requests_per_connection: u32,
     /// How often the store checkpoint and consumer progress are saved, ms.
     /// Default 1,000. Bounds recovery work and what kill -9 can redeliver.
+    #[serde(deserialize_with = "crate::units::ms")]
     pub checkpoint_interval_ms: u64,
     /// Delete sealed commit-log segments older than this, ms. Default 72 h
     /// (RocketMQ's fileReservedTime).
+    #[serde(deserialize_with = "crate::units::ms")]
     pub retention_ms: u64,
     /// Delete the oldest sealed segments while the log exceeds this, bytes;
     /// 0 = no size budget. Default 0.
+    #[serde(deserialize_with = "crate::units::bytes")]
     pub retention_bytes: u64,
     /// How often retention runs, ms. Default 60,000.
+    #[serde(deserialize_with = "crate::units::ms")]
     pub retention_check_interval_ms: u64,
     /// Writes are refused with `STORAGE_FULL` when they would leave less
     /// than this many bytes free on the data directory's filesystem, so the
     /// metadata and consume queues keep room and the broker goes on at once
     /// when space returns; 0 = no floor. Default 64 MiB (RocketMQ refuses
     /// writes past diskSpaceWarningLevelRatio, 90 % used).
+    #[serde(deserialize_with = "crate::units::bytes")]
     pub min_free_disk_bytes: u64,
     /// Zero-filled space kept ahead of the commit log's end, bytes; 0 = off.
     /// Default 1 MiB, at most 64 MiB. Each fdatasync then skips the inode
     /// update of a growing file (RocketMQ preallocates whole segments).
+    #[serde(deserialize_with = "crate::units::bytes")]
     pub preallocate_bytes: u64,
     /// The most recently appended commit-log bytes kept in memory, so that
     /// reads near the log's end (consumers keeping up, EndTransaction reading
     /// its half) need no `pread`, bytes; 0 = off. Default 16 MiB, at most
     /// 1 GiB. (RocketMQ reads its mmapped segments, in the page cache.)
+    #[serde(deserialize_with = "crate::units::bytes")]
     pub read_cache_bytes: u64,
     /// Sync flush only: how long a request waiting for the fdatasync that
     /// covers its records keeps polling for it (yielding to other tasks
@@ -102,18 +118,22 @@ pub struct BrokerConfig {
     /// that a runtime thread does not sleep and get woken for each
     /// fdatasync, which raised one-thread throughput on this project's VM
     /// (benches/README.md); it hurts when the host is short of CPU.
+    #[serde(deserialize_with = "crate::units::us")]
     pub sync_wait_spin_us: u64,
     /// A half message younger than this is never checked back, ms. Default
     /// 6,000 (RocketMQ's transactionTimeOut).
+    #[serde(deserialize_with = "crate::units::ms")]
     pub transaction_timeout_ms: u64,
     /// Wait between two check-backs of one half, ms. Default 30,000
     /// (RocketMQ's transactionCheckInterval).
+    #[serde(deserialize_with = "crate::units::ms")]
     pub check_interval_ms: u64,
     /// Check-backs delivered before a half is given up. Default 15
     /// (RocketMQ's transactionCheckMax).
     pub check_max: u32,
     /// How long a delivered check may go unanswered before it counts as
     /// UNKNOWN, ms. Default 10,000.
+    #[serde(deserialize_with = "crate::units::ms")]
     pub check_reply_timeout_ms: u64,
     /// Unanswered checks per producer session. Default 64.
     pub max_checks_inflight_per_session: u32,
@@ -133,9 +153,11 @@ pub struct BrokerConfig {
     /// than that, or already checked, are saved in sled at checkpoints; the
     /// rest are found again in the log. Default 1 GiB (about a second of
     /// recovery here); 0 saves every pending half.
+    #[serde(deserialize_with = "crate::units::bytes")]
     pub transaction_replay_bytes: u64,
     /// Longest delay a delayed send may ask for, ms. Default 3 days
     /// (RocketMQ 5's timerMaxDelaySec).
+    #[serde(deserialize_with = "crate::units::ms")]
     pub max_delay_ms: u64,
     /// Threads of the async runtime (network, request handling); 0 = one per
     /// CPU core (tokio's default); 1 = tokio's current-thread scheduler.
@@ -147,7 +169,7 @@ pub struct BrokerConfig {
 impl Default for BrokerConfig {
     fn default() -> Self {
         BrokerConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            listen: "127.0.0.1:8081".to_owned(),
             data_dir: PathBuf::from("./halfmq-data"),
             flush: FlushSetting::Sync,
             flush_interval_ms: 500,
@@ -204,6 +226,14 @@ pub struct ConfigError {
 /// an fdatasync's usual latency.
 pub const MAX_SYNC_WAIT_SPIN_US: u64 = 10_000;
 
+/// Bytes a request may carry beyond `max_batch_bytes` of bodies: topics,
+/// tags, keys and properties of a batch (see [`BrokerConfig::max_request_bytes`]).
+pub const REQUEST_OVERHEAD_BYTES: u64 = 4 << 20;
+
+/// Largest accepted `max_batch_bytes`: 1 GiB (a gRPC message's length is
+/// a 32-bit number, and one request is held in memory whole).
+pub const MAX_BATCH_BYTES: u64 = 1 << 30;
+
 /// Extra bytes a record needs beyond its body (headers, topic, tag, keys,
 /// properties are capped separately); used to derive the storage record limit.
 pub const RECORD_OVERHEAD_BYTES: u64 = 64 * 1024;
@@ -214,14 +244,81 @@ impl BrokerConfig {
     /// # Errors
     /// [`ConfigError`] naming the key when possible.
     pub fn from_toml(text: &str) -> Result<BrokerConfig, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError {
-            key: e
-                .message()
-                .split('`')
-                .nth(1)
-                .map_or_else(|| "toml".to_owned(), str::to_owned),
-            reason: e.to_string().trim().to_owned(),
+        let de = toml::Deserializer::new(text);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let message = inner.message().trim().to_owned();
+            // An unknown key has no path of its own: toml names it in the
+            // message between backticks.
+            let key = if path.is_empty() || path == "." {
+                message
+                    .split('`')
+                    .nth(1)
+                    .map_or_else(|| "toml".to_owned(), str::to_owned)
+            } else {
+                path
+            };
+            let line = inner
+                .span()
+                .map(|sp| text[..sp.start.min(text.len())].lines().count().max(1));
+            ConfigError {
+                key,
+                reason: match line {
+                    Some(l) => format!("{message} (line {l})"),
+                    None => message,
+                },
+            }
         })
+    }
+
+    /// The address [`BrokerConfig::listen`] names: its first IPv4 address
+    /// when it resolves to several, else its first.
+    ///
+    /// # Errors
+    /// [`ConfigError`] for `listen` when it is not `HOST:PORT` or does not
+    /// resolve.
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        let bad = |reason: String| ConfigError {
+            key: "listen".into(),
+            reason,
+        };
+        if let Ok(a) = self.listen.parse::<SocketAddr>() {
+            return Ok(a);
+        }
+        let Some((host, port)) = self.listen.rsplit_once(':') else {
+            return Err(bad(format!(
+                "{:?} has no port: use HOST:PORT, e.g. 127.0.0.1:8081",
+                self.listen
+            )));
+        };
+        if host.is_empty() || port.parse::<u16>().is_err() {
+            return Err(bad(format!(
+                "{:?} is not HOST:PORT, e.g. 127.0.0.1:8081",
+                self.listen
+            )));
+        }
+        let addrs: Vec<SocketAddr> = self
+            .listen
+            .to_socket_addrs()
+            .map_err(|e| bad(format!("cannot resolve {:?}: {e}", self.listen)))?
+            .collect();
+        addrs
+            .iter()
+            .find(|a| a.is_ipv4())
+            .or(addrs.first())
+            .copied()
+            .ok_or_else(|| bad(format!("{:?} resolves to no address", self.listen)))
+    }
+
+    /// The largest gRPC request the broker reads, bytes:
+    /// `max_batch_bytes` plus [`REQUEST_OVERHEAD_BYTES`] for names, keys and
+    /// properties. A larger request is refused by the transport before it is
+    /// read (gRPC `OUT_OF_RANGE`; the Rust client reports it as
+    /// `MESSAGE_TOO_LARGE` or `BATCH_TOO_LARGE`).
+    pub fn max_request_bytes(&self) -> usize {
+        usize::try_from(self.max_batch_bytes.saturating_add(REQUEST_OVERHEAD_BYTES))
+            .unwrap_or(usize::MAX)
     }
 
     /// Checks every key.
@@ -242,6 +339,7 @@ impl BrokerConfig {
                 Ok(())
             }
         };
+        self.listen_addr()?;
         at_least("flush_interval_ms", self.flush_interval_ms, 1)?;
         at_least("segment_bytes", self.segment_bytes, 64 * 1024)?;
         at_least("max_message_bytes", self.max_message_bytes, 1)?;
@@ -292,6 +390,15 @@ impl BrokerConfig {
             self.max_batch_bytes,
             self.max_message_bytes,
         )?;
+        if self.max_batch_bytes > MAX_BATCH_BYTES {
+            return bad(
+                "max_batch_bytes",
+                format!(
+                    "{} exceeds the most, {MAX_BATCH_BYTES} (1 GiB)",
+                    self.max_batch_bytes
+                ),
+            );
+        }
         at_least("default_queues", u64::from(self.default_queues), 1)?;
         at_least(
             "max_queues",
@@ -407,7 +514,7 @@ mod tests {
         BrokerConfig::default().validate().unwrap();
         let c =
             BrokerConfig::from_toml("listen = \"127.0.0.1:9999\"\nflush = \"async\"\n").unwrap();
-        assert_eq!(c.listen.port(), 9999);
+        assert_eq!(c.listen_addr().unwrap().port(), 9999);
         assert_eq!(c.flush, FlushSetting::Async);
         assert_eq!(c.default_queues, 4);
     }
@@ -428,5 +535,41 @@ mod tests {
             ..BrokerConfig::default()
         };
         assert_eq!(c.validate().unwrap_err().key, "worker_threads");
+    }
+
+    #[test]
+    fn toml_takes_units_and_names_the_key_of_a_bad_value() {
+        let c = BrokerConfig::from_toml(
+            "check_interval_ms = \"2s\"\nsegment_bytes = \"64MiB\"\nsync_wait_spin_us = \"300us\"\nretention_ms = 1000\n",
+        )
+        .unwrap();
+        assert_eq!(c.check_interval_ms, 2000);
+        assert_eq!(c.segment_bytes, 64 << 20);
+        assert_eq!(c.sync_wait_spin_us, 300);
+        assert_eq!(c.retention_ms, 1000);
+        let e = BrokerConfig::from_toml("flush = \"sync\"\ncheck_interval_ms = \"2 sec ago\"\n")
+            .unwrap_err();
+        assert_eq!(e.key, "check_interval_ms", "{e}");
+        assert!(e.reason.contains("line 2"), "{e}");
+        let e = BrokerConfig::from_toml("segment_bytes = true").unwrap_err();
+        assert_eq!(e.key, "segment_bytes", "{e}");
+        let e = BrokerConfig::from_toml("max_topics = \"many\"").unwrap_err();
+        assert_eq!(e.key, "max_topics", "{e}");
+    }
+
+    #[test]
+    fn listen_takes_host_names_and_needs_a_port() {
+        let mut c = BrokerConfig {
+            listen: "localhost:0".into(),
+            ..BrokerConfig::default()
+        };
+        assert!(c.listen_addr().unwrap().ip().is_loopback());
+        c.validate().unwrap();
+        for bad in ["127.0.0.1", "localhost", ":8081", "127.0.0.1:http"] {
+            c.listen = bad.into();
+            assert_eq!(c.validate().unwrap_err().key, "listen", "{bad}");
+        }
+        c.listen = "[::1]:8081".into();
+        assert!(c.listen_addr().unwrap().is_ipv6());
     }
 }

@@ -315,6 +315,17 @@ impl QueueProgress {
         self.redeliver.insert(queue_offset, again);
     }
 
+    /// Moves the consumer offset to `offset` (an operator's reset): every
+    /// lease, ack above the offset and queued redelivery is dropped, so their
+    /// receipt handles go stale; the sequence counter is kept, so no handle
+    /// is ever given out twice.
+    pub fn reset_to(&mut self, offset: u64) {
+        *self = QueueProgress {
+            next_seq: self.next_seq,
+            ..QueueProgress::starting_at(offset)
+        };
+    }
+
     /// Restores the sequence counter (from a snapshot at start-up); never
     /// moves it back.
     pub fn restore_last_seq(&mut self, seq: u64) {
@@ -714,6 +725,29 @@ mod tests {
         );
         assert_eq!(
             q.next_redelivery(0, 10, INF).unwrap().lease.reconsume_times,
+            2
+        );
+    }
+
+    #[test]
+    fn reset_drops_leases_and_acks_but_never_reuses_a_sequence_number() {
+        let mut p = QueueProgress::starting_at(0);
+        let a = p.next_delivery(0, 100, 10, 100, 100).unwrap();
+        let b = p.next_delivery(0, 100, 10, 100, 100).unwrap();
+        p.ack(b.queue_offset, b.lease.seq).unwrap();
+        p.reset_to(7);
+        assert_eq!((p.ack_offset(), p.next_offset(), p.inflight()), (7, 7, 0));
+        assert_eq!(p.acked_count(), 0);
+        assert!(
+            p.ack(a.queue_offset, a.lease.seq).is_err(),
+            "old handle is stale"
+        );
+        let c = p.next_delivery(0, 100, 10, 100, 100).unwrap();
+        assert_eq!(c.queue_offset, 7);
+        assert!(c.lease.seq > b.lease.seq);
+        p.reset_to(2);
+        assert_eq!(
+            p.next_delivery(0, 100, 10, 100, 100).unwrap().queue_offset,
             2
         );
     }

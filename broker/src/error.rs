@@ -53,6 +53,9 @@ pub enum BrokerError {
     /// Topic exists already.
     #[error("topic {0} exists already")]
     TopicExists(String),
+    /// The topic cannot be deleted now (pending halves or delayed messages).
+    #[error("{0}")]
+    TopicBusy(String),
     /// A body over `max_message_bytes`.
     #[error("message body of {size_bytes} bytes exceeds max_message_bytes {limit_bytes}")]
     MessageTooLarge {
@@ -67,8 +70,8 @@ pub enum BrokerError {
     /// A limit reached.
     #[error("{0}")]
     TooManyRequests(String),
-    /// The storage engine failed.
-    #[error("storage: {0}")]
+    /// The storage engine failed (its messages say what and where).
+    #[error(transparent)]
     Storage(#[from] halfmq_storage::Error),
     /// The configuration was rejected.
     #[error("{0}")]

@@ -8,6 +8,7 @@
 //!   (leases, invisible deadlines, acks, consumer offset).
 //! - [`broker`]: [`Broker`]: topics, send, receive (long polling), ack, nack,
 //!   progress persistence, stats, background checkpoint and retention.
+//! - [`admin`]: operator actions: consumer-offset reset, topic deletion.
 //! - [`txcheck`]: pure check-back scheduler (deadline-ordered pending halves).
 //! - [`transactions`]: half messages, EndTransaction, producer sessions,
 //!   the check driver, transaction state persistence and replay.
@@ -16,12 +17,16 @@
 //!   deliveries, due retries, DLQ list / redrive / purge.
 //! - [`service`]: gRPC services; wire types convert to domain types here.
 //! - [`server`]: listener, connection limit, graceful shutdown.
+//! - [`units`]: durations and sizes with units, for flags and TOML.
+//! - [`logging`]: log set-up (colour only on a terminal) and one-line error reports for the binaries.
 //! - [`error`]: the crate error type, [`BrokerError`].
 
+pub mod admin;
 pub mod broker;
 pub mod config;
 pub mod delivery;
 pub mod error;
+pub mod logging;
 pub mod names;
 pub mod redelivery;
 pub mod retry;
@@ -29,6 +34,7 @@ pub mod server;
 pub mod service;
 pub mod transactions;
 pub mod txcheck;
+pub mod units;
 
 pub use broker::{Broker, Clock, SystemClock};
 pub use config::{BrokerConfig, ConfigError, FlushSetting};

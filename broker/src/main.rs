@@ -17,17 +17,9 @@ use halfmq_broker::{BrokerConfig, FlushSetting};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn duration_us(s: &str) -> Result<u64, String> {
-    humantime::parse_duration(s)
-        .map(|d| d.as_micros() as u64)
-        .map_err(|e| format!("{e} (examples: 200us, 1ms)"))
-}
-
-fn duration_ms(s: &str) -> Result<u64, String> {
-    humantime::parse_duration(s)
-        .map(|d| d.as_millis() as u64)
-        .map_err(|e| format!("{e} (examples: 500ms, 30s, 2m, 72h)"))
-}
+use halfmq_broker::units::{
+    parse_bytes, parse_duration_ms as duration_ms, parse_duration_us as duration_us,
+};
 
 /// halfmq broker. Flags override the TOML file's keys; durations take units
 /// (500ms, 30s, 72h). Every key is documented in README.md.
@@ -42,7 +34,7 @@ struct Args {
     print_config: bool,
     /// `listen`: address to listen on.
     #[arg(long)]
-    listen: Option<std::net::SocketAddr>,
+    listen: Option<String>,
     /// `data_dir`: data directory.
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -53,16 +45,16 @@ struct Args {
     #[arg(long, value_parser = duration_ms)]
     flush_interval: Option<u64>,
     /// `segment_bytes`.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_bytes)]
     segment_bytes: Option<u64>,
     /// `max_message_bytes`.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_bytes)]
     max_message_bytes: Option<u64>,
     /// `max_batch_messages`.
     #[arg(long)]
     max_batch_messages: Option<u32>,
     /// `max_batch_bytes`.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_bytes)]
     max_batch_bytes: Option<u64>,
     /// `auto_create_topics`: true or false.
     #[arg(long)]
@@ -110,25 +102,25 @@ struct Args {
     #[arg(long, value_parser = duration_ms)]
     retention: Option<u64>,
     /// `retention_bytes` (0 = no size budget).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_bytes)]
     retention_bytes: Option<u64>,
     /// `retention_check_interval_ms`, as a duration.
     #[arg(long, value_parser = duration_ms)]
     retention_check_interval: Option<u64>,
     /// `transaction_replay_bytes`: log a restart may replay for the transaction state.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_bytes)]
     transaction_replay_bytes: Option<u64>,
     /// `max_delay_ms`, as a duration: longest delay of a delayed send.
     #[arg(long, value_parser = duration_ms)]
     max_delay: Option<u64>,
     /// `min_free_disk_bytes`: writes are refused (STORAGE_FULL) below this much free disk; 0 = no floor.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_bytes)]
     min_free_disk_bytes: Option<u64>,
     /// `preallocate_bytes`: zero-filled space kept ahead of the commit log's end; 0 = off.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_bytes)]
     preallocate_bytes: Option<u64>,
     /// `read_cache_bytes`: recent commit-log bytes kept in memory for reads; 0 = off.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_bytes)]
     read_cache_bytes: Option<u64>,
     /// `sync_wait_spin_us`, as a duration (200us): with sync flush, how long
     /// a request polls for its fdatasync before it sleeps; 0 = off.
@@ -234,17 +226,15 @@ async fn shutdown_signal() {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    halfmq_broker::logging::init("info");
     let args = Args::parse();
     let cfg = match load_config(&args) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("halfmq-broker: {e:#}");
+            eprintln!(
+                "halfmq-broker: {}",
+                halfmq_broker::logging::report(e.as_ref())
+            );
             return std::process::ExitCode::from(2);
         }
     };
@@ -296,7 +286,10 @@ fn main() -> std::process::ExitCode {
     match res {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("halfmq-broker: {e:#}");
+            eprintln!(
+                "halfmq-broker: {}",
+                halfmq_broker::logging::report(e.as_ref())
+            );
             std::process::ExitCode::FAILURE
         }
     }

@@ -41,6 +41,8 @@ pub const FIRST_DELIVERY_PROPERTY: &str = "halfmq.first_delivery_ms";
 pub const LAST_DELIVERY_PROPERTY: &str = "halfmq.last_delivery_ms";
 /// Property: the message's original topic.
 pub const TOPIC_PROPERTY: &str = "halfmq.topic";
+/// Property: where the message was in its topic, `<queue id>:<queue offset>`.
+pub const ORIGIN_PROPERTY: &str = "halfmq.origin";
 /// Saved queue ids of retry levels carry this bit.
 pub const RETRY_QUEUE_BIT: u32 = 0x8000_0000;
 
@@ -67,6 +69,20 @@ fn prop_u64(r: &Record, key: &str) -> u64 {
     prop(r, key).and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
+/// The (queue id, queue offset) a message had in its topic, as a
+/// Redelivery record carries it (records of older brokers do not).
+pub fn origin(r: &Record) -> Option<(u32, u64)> {
+    let (q, o) = prop(r, ORIGIN_PROPERTY)?.split_once(':')?;
+    Some((q.parse().ok()?, o.parse().ok()?))
+}
+
+fn origin_property(origin: (u32, u64)) -> (String, String) {
+    (
+        ORIGIN_PROPERTY.to_owned(),
+        format!("{}:{}", origin.0, origin.1),
+    )
+}
+
 /// When a Redelivery record falls due.
 pub fn deliver_at_ms(r: &Record) -> u64 {
     prop_u64(r, DELIVER_AT_PROPERTY)
@@ -83,6 +99,18 @@ pub(crate) struct Failure {
     pub lease: Lease,
     pub reason: String,
     pub custom_delay_ms: Option<u64>,
+}
+
+/// The record holding a failed delivery's body and where it is.
+struct FailedOriginal {
+    record: Record,
+    /// Its physical offset and size, for the Redelivery record's reference.
+    offset: u64,
+    size: u32,
+    /// First delivery to the group, ms since the epoch.
+    first_delivery_ms: u64,
+    /// (queue id, queue offset) in its topic, when known.
+    origin: Option<(u32, u64)>,
 }
 
 /// A dead-lettered message, for operators.
@@ -102,6 +130,28 @@ pub struct DeadLetter {
     pub last_delivery_ms: u64,
     /// Position in the DLQ.
     pub dlq_offset: u64,
+    /// The (queue id, queue offset) it had in its topic, when the DLQ record
+    /// says (older brokers' do not).
+    pub origin: Option<(u32, u64)>,
+    /// Body, tag, keys and user properties, when asked for (see
+    /// [`Broker::dead_letters`]).
+    pub content: Option<DeadLetterContent>,
+    /// Asked for with bodies, but left out to keep the listing within its
+    /// byte budget.
+    pub body_omitted: bool,
+}
+
+/// What a dead letter carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterContent {
+    /// Body.
+    pub body: bytes::Bytes,
+    /// Tag.
+    pub tag: String,
+    /// Keys.
+    pub keys: Vec<String>,
+    /// User properties.
+    pub properties: Vec<(String, String)>,
 }
 
 /// DLQ removal state of every group.
@@ -140,29 +190,38 @@ impl DlqState {
 }
 
 impl Broker {
-    /// The record holding the body of a failed delivery, with its
-    /// (physical offset, size) and first delivery time.
+    /// The record holding the body of a failed delivery, and where it is.
     fn failed_original(
         &self,
         group: &str,
         topic: &str,
         f: &Failure,
-    ) -> Result<(Record, u64, u32, u64), BrokerError> {
+    ) -> Result<FailedOriginal, BrokerError> {
         match f.retry_level {
             None => {
                 let m = self.store().read_queue(topic, f.queue_id, f.queue_offset)?;
                 let size = m.record.encoded_len() as u32;
-                Ok((m.record, m.physical_offset, size, f.lease.delivered_ms))
+                Ok(FailedOriginal {
+                    record: m.record,
+                    offset: m.physical_offset,
+                    size,
+                    first_delivery_ms: f.lease.delivered_ms,
+                    origin: Some((f.queue_id, f.queue_offset)),
+                })
             }
             Some(level) => {
                 let r = self
                     .store()
                     .read_queue(&retry_topic(group, topic), level, f.queue_offset)?
                     .record;
-                let first = prop_u64(&r, FIRST_DELIVERY_PROPERTY);
-                let (off, size) = (r.ref_offset.unwrap_or(u64::MAX), r.ref_size);
-                let orig = self.store().log().read_sized(off, size)?;
-                Ok((orig, off, size, first))
+                let (offset, size) = (r.ref_offset.unwrap_or(u64::MAX), r.ref_size);
+                Ok(FailedOriginal {
+                    record: self.store().log().read_sized(offset, size)?,
+                    offset,
+                    size,
+                    first_delivery_ms: prop_u64(&r, FIRST_DELIVERY_PROPERTY),
+                    origin: origin(&r),
+                })
             }
         }
     }
@@ -188,16 +247,21 @@ impl Broker {
         let mut unreadable = Vec::new();
         let mut scheduled = Vec::new();
         for f in failures {
-            let (orig, ref_offset, ref_size, first_ms) =
-                match self.failed_original(group, topic, &f) {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::error!(group, topic, queue_offset = f.queue_offset, error = %e,
+            let FailedOriginal {
+                record: orig,
+                offset: ref_offset,
+                size: ref_size,
+                first_delivery_ms: first_ms,
+                origin: original_qo,
+            } = match self.failed_original(group, topic, &f) {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::error!(group, topic, queue_offset = f.queue_offset, error = %e,
                         "failed message unreadable; it cannot be retried");
-                        unreadable.push(f);
-                        continue;
-                    }
-                };
+                    unreadable.push(f);
+                    continue;
+                }
+            };
             let reconsume_times = f.lease.reconsume_times + 1;
             let (dest, queue_id, deliver_at) =
                 match policy.after_failure(f.lease.reconsume_times, f.custom_delay_ms) {
@@ -228,7 +292,10 @@ impl Broker {
                         f.lease.delivered_ms.to_string(),
                     ),
                     (TOPIC_PROPERTY.to_owned(), topic.to_owned()),
-                ],
+                ]
+                .into_iter()
+                .chain(original_qo.map(origin_property))
+                .collect(),
                 ..Record::default()
             });
             scheduled.push(f);
@@ -299,24 +366,70 @@ impl Broker {
         out
     }
 
-    /// The live entries of a group's dead-letter queue, oldest first, at most `limit`.
+    /// The live entries of a group's dead-letter queue, oldest first, at
+    /// most `limit`; only the one with `message_id` when given. With
+    /// `with_bodies`, each carries its body, tag, keys and user properties,
+    /// up to `max_batch_bytes` of bodies in all: later ones are marked
+    /// `body_omitted` (ask for them by message id). A body that cannot be
+    /// read (retention, corruption) is left out and logged.
     ///
     /// # Errors
     /// Invalid group name.
-    pub fn dead_letters(&self, group: &str, limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {
+    pub fn dead_letters(
+        &self,
+        group: &str,
+        limit: usize,
+        with_bodies: bool,
+        message_id: Option<MessageId>,
+    ) -> Result<Vec<DeadLetter>, BrokerError> {
         check_group(group)?;
+        let mut budget = self.config().max_batch_bytes;
         Ok(self
             .dlq_live(group)
             .into_iter()
+            .filter(|(_, r)| message_id.is_none_or(|id| r.message_id == id))
             .take(limit)
-            .map(|(qos, r)| DeadLetter {
-                message_id: r.message_id,
-                topic: prop(&r, TOPIC_PROPERTY).unwrap_or("").to_owned(),
-                reconsume_times: r.reconsume_times,
-                reason: prop(&r, REASON_PROPERTY).unwrap_or("").to_owned(),
-                first_delivery_ms: prop_u64(&r, FIRST_DELIVERY_PROPERTY),
-                last_delivery_ms: prop_u64(&r, LAST_DELIVERY_PROPERTY),
-                dlq_offset: qos[0],
+            .map(|(qos, r)| {
+                let mut body_omitted = false;
+                let content = if !with_bodies {
+                    None
+                } else {
+                    let orig = self
+                        .store()
+                        .log()
+                        .read_sized(r.ref_offset.unwrap_or(u64::MAX), r.ref_size);
+                    match orig {
+                        Ok(o) if o.body.len() as u64 <= budget => {
+                            budget -= o.body.len() as u64;
+                            Some(DeadLetterContent {
+                                body: o.body,
+                                tag: o.tag,
+                                keys: o.keys,
+                                properties: crate::transactions::user_properties(o.properties),
+                            })
+                        }
+                        Ok(_) => {
+                            body_omitted = true;
+                            None
+                        }
+                        Err(e) => {
+                            tracing::error!(group, message_id = %r.message_id, error = %e, "dead letter's body unreadable");
+                            None
+                        }
+                    }
+                };
+                DeadLetter {
+                    message_id: r.message_id,
+                    topic: prop(&r, TOPIC_PROPERTY).unwrap_or("").to_owned(),
+                    reconsume_times: r.reconsume_times,
+                    reason: prop(&r, REASON_PROPERTY).unwrap_or("").to_owned(),
+                    first_delivery_ms: prop_u64(&r, FIRST_DELIVERY_PROPERTY),
+                    last_delivery_ms: prop_u64(&r, LAST_DELIVERY_PROPERTY),
+                    dlq_offset: qos[0],
+                    origin: origin(&r),
+                    content,
+                    body_omitted,
+                }
             })
             .collect())
     }
@@ -384,7 +497,10 @@ impl Broker {
                         (FIRST_DELIVERY_PROPERTY.to_owned(), "0".into()),
                         (LAST_DELIVERY_PROPERTY.to_owned(), "0".into()),
                         (TOPIC_PROPERTY.to_owned(), topic),
-                    ],
+                    ]
+                    .into_iter()
+                    .chain(origin(r).map(origin_property))
+                    .collect(),
                     ..Record::default()
                 }
             })

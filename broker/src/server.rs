@@ -43,15 +43,19 @@ pub fn runtime_builder(worker_threads: usize) -> tokio::runtime::Builder {
 /// then waits in the kernel instead of having its SYNs dropped.
 ///
 /// # Errors
-/// The operating system's, from socket, bind or listen.
+/// The operating system's, from socket, bind or listen; `InvalidInput` when
+/// `listen` does not resolve.
 pub fn bind(cfg: &BrokerConfig) -> std::io::Result<TcpListener> {
-    let socket = if cfg.listen.is_ipv4() {
+    let addr = cfg
+        .listen_addr()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+    let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
         tokio::net::TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
-    socket.bind(cfg.listen)?;
+    socket.bind(addr)?;
     socket.listen(cfg.max_connections.max(1024))
 }
 
@@ -176,11 +180,27 @@ pub async fn serve(
         b.begin_shutdown();
     };
     let svc = Services::new(Arc::clone(&broker));
+    // Requests up to max_batch_bytes plus headroom are read, so the broker
+    // itself answers MESSAGE_TOO_LARGE / BATCH_TOO_LARGE for what its
+    // limits refuse (tonic's default would cut every request at 4 MiB).
+    let max_request = cfg.max_request_bytes();
     let result = tonic::transport::Server::builder()
         .concurrency_limit_per_connection(cfg.max_requests_per_connection as usize)
-        .add_service(pb::producer_server::ProducerServer::new(svc.clone()))
-        .add_service(pb::consumer_server::ConsumerServer::new(svc.clone()))
-        .add_service(pb::admin_server::AdminServer::new(svc))
+        .add_service(
+            pb::producer_server::ProducerServer::new(svc.clone())
+                .max_decoding_message_size(max_request)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .add_service(
+            pb::consumer_server::ConsumerServer::new(svc.clone())
+                .max_decoding_message_size(max_request)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .add_service(
+            pb::admin_server::AdminServer::new(svc)
+                .max_decoding_message_size(max_request)
+                .max_encoding_message_size(usize::MAX),
+        )
         .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(conn_rx), signal)
         .await;
     accept.abort();

@@ -7,10 +7,12 @@ use std::sync::Arc;
 use halfmq_proto::v1 as pb;
 use tonic::{Request, Response};
 
+use crate::admin::ResetTo;
 use crate::broker::{
     Broker, DeliveredMessage, OutgoingMessage, QueueChoice, Receipt, ReceiveRequest,
 };
 use crate::error::BrokerError;
+use crate::redelivery::DeadLetterContent;
 use crate::transactions::{EndSource, Resolution};
 
 /// The wire status code of an error. Stable: see README "Status codes".
@@ -31,6 +33,7 @@ pub fn code_of(e: &BrokerError) -> pb::Code {
         BrokerError::TransactionConflict(_) => Code::TransactionConflict,
         BrokerError::TooManyPendingHalves(_) => Code::TooManyPendingHalves,
         BrokerError::TopicExists(_) => Code::TopicExists,
+        BrokerError::TopicBusy(_) => Code::TopicBusy,
         BrokerError::MessageTooLarge { .. } => Code::MessageTooLarge,
         BrokerError::BatchTooLarge(_) => Code::BatchTooLarge,
         BrokerError::TooManyRequests(_) => Code::TooManyRequests,
@@ -129,6 +132,16 @@ impl Services {
     }
 }
 
+/// An optional message id: empty = none, else 32 hex digits.
+fn parse_message_id(s: &str) -> Result<Option<halfmq_storage::MessageId>, BrokerError> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    halfmq_storage::MessageId::from_hex(s)
+        .map(Some)
+        .ok_or_else(|| BrokerError::BadRequest(format!("message id {s:?} is not 32 hex digits")))
+}
+
 fn outgoing(m: pb::Message) -> OutgoingMessage {
     let queue = match m.queue {
         Some(pb::message::Queue::QueueId(q)) => QueueChoice::Id(q),
@@ -181,6 +194,8 @@ fn wire_message(m: DeliveredMessage, with_receipt: bool) -> pb::ReceivedMessage 
         },
         store_timestamp_ms: m.store_timestamp_ms,
         invisible_until_ms: m.invisible_until_ms,
+        original_queue_offset: m.original_queue_offset,
+        retry: m.retry,
     }
 }
 
@@ -439,23 +454,7 @@ impl pb::consumer_server::Consumer for Services {
         Ok(Response::new(match res {
             Ok(msgs) => pb::ReceiveResponse {
                 status: ok(),
-                messages: msgs
-                    .into_iter()
-                    .map(|m| pb::ReceivedMessage {
-                        message_id: m.message_id.to_string(),
-                        topic: m.topic,
-                        queue_id: m.queue_id,
-                        queue_offset: m.queue_offset,
-                        tag: m.tag,
-                        keys: m.keys,
-                        properties: m.properties.into_iter().collect(),
-                        body: m.body,
-                        reconsume_times: m.reconsume_times,
-                        receipt_handle: m.receipt.encode(),
-                        store_timestamp_ms: m.store_timestamp_ms,
-                        invisible_until_ms: m.invisible_until_ms,
-                    })
-                    .collect(),
+                messages: msgs.into_iter().map(|m| wire_message(m, true)).collect(),
             },
             Err(e) => pb::ReceiveResponse {
                 status: status(&e),
@@ -603,13 +602,35 @@ impl pb::admin_server::Admin for Services {
         } else {
             r.limit as usize
         };
-        Ok(Response::new(
-            match self.broker.dead_letters(&r.group, limit) {
-                Ok(v) => pb::ListDeadLettersResponse {
-                    status: ok(),
-                    dead_letters: v
-                        .into_iter()
-                        .map(|d| pb::DeadLetter {
+        let id = match parse_message_id(&r.message_id) {
+            Ok(id) => id,
+            Err(e) => {
+                return Ok(Response::new(pb::ListDeadLettersResponse {
+                    status: status(&e),
+                    dead_letters: vec![],
+                }))
+            }
+        };
+        let b = Arc::clone(&self.broker);
+        let listed =
+            tokio::task::spawn_blocking(move || b.dead_letters(&r.group, limit, r.with_bodies, id))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(BrokerError::Internal(format!("listing dead letters: {e}")))
+                });
+        Ok(Response::new(match listed {
+            Ok(v) => pb::ListDeadLettersResponse {
+                status: ok(),
+                dead_letters: v
+                    .into_iter()
+                    .map(|d| {
+                        let c = d.content.unwrap_or_else(|| DeadLetterContent {
+                            body: bytes::Bytes::new(),
+                            tag: String::new(),
+                            keys: Vec::new(),
+                            properties: Vec::new(),
+                        });
+                        pb::DeadLetter {
                             message_id: d.message_id.to_string(),
                             topic: d.topic,
                             reconsume_times: d.reconsume_times,
@@ -617,15 +638,22 @@ impl pb::admin_server::Admin for Services {
                             first_delivery_ms: d.first_delivery_ms,
                             last_delivery_ms: d.last_delivery_ms,
                             dlq_offset: d.dlq_offset,
-                        })
-                        .collect(),
-                },
-                Err(e) => pb::ListDeadLettersResponse {
-                    status: status(&e),
-                    dead_letters: vec![],
-                },
+                            body: c.body,
+                            tag: c.tag,
+                            keys: c.keys,
+                            properties: c.properties.into_iter().collect(),
+                            queue_id: d.origin.map_or(0, |o| o.0),
+                            queue_offset: d.origin.map(|o| o.1),
+                            body_omitted: d.body_omitted,
+                        }
+                    })
+                    .collect(),
             },
-        ))
+            Err(e) => pb::ListDeadLettersResponse {
+                status: status(&e),
+                dead_letters: vec![],
+            },
+        }))
     }
 
     async fn dead_letter_counts(
@@ -649,18 +677,7 @@ impl pb::admin_server::Admin for Services {
         req: Request<pb::RedriveDeadLettersRequest>,
     ) -> Rpc<pb::RedriveDeadLettersResponse> {
         let r = req.into_inner();
-        let id = if r.message_id.is_empty() {
-            Ok(None)
-        } else {
-            halfmq_storage::MessageId::from_hex(&r.message_id)
-                .map(Some)
-                .ok_or_else(|| {
-                    BrokerError::BadRequest(format!(
-                        "message id {:?} is not 32 hex digits",
-                        r.message_id
-                    ))
-                })
-        };
+        let id = parse_message_id(&r.message_id);
         let res = match id {
             Ok(id) => self.broker.redrive(&r.group, id).await,
             Err(e) => Err(e),
@@ -695,6 +712,63 @@ impl pb::admin_server::Admin for Services {
                 },
             },
         ))
+    }
+
+    #[tracing::instrument(skip_all, fields(group = %req.get_ref().group, topic = %req.get_ref().topic))]
+    async fn reset_offset(
+        &self,
+        req: Request<pb::ResetOffsetRequest>,
+    ) -> Rpc<pb::ResetOffsetResponse> {
+        let r = req.into_inner();
+        let to = match r.to {
+            Some(pb::reset_offset_request::To::Earliest(true)) => Ok(ResetTo::Earliest),
+            Some(pb::reset_offset_request::To::Latest(true)) => Ok(ResetTo::Latest),
+            Some(pb::reset_offset_request::To::TimestampMs(t)) => Ok(ResetTo::Timestamp(t)),
+            _ => Err(BrokerError::BadRequest(
+                "say where to: earliest, latest or timestamp_ms".into(),
+            )),
+        };
+        let b = Arc::clone(&self.broker);
+        let res = match to {
+            Ok(to) => tokio::task::spawn_blocking(move || b.reset_offset(&r.group, &r.topic, to))
+                .await
+                .unwrap_or_else(|e| Err(BrokerError::Internal(format!("reset offset: {e}")))),
+            Err(e) => Err(e),
+        };
+        Ok(Response::new(match res {
+            Ok(v) => pb::ResetOffsetResponse {
+                status: ok(),
+                offsets: v
+                    .into_iter()
+                    .map(|(queue_id, queue_offset)| pb::QueueOffset {
+                        queue_id,
+                        queue_offset,
+                    })
+                    .collect(),
+            },
+            Err(e) => pb::ResetOffsetResponse {
+                status: status(&e),
+                offsets: vec![],
+            },
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(topic = %req.get_ref().name))]
+    async fn delete_topic(
+        &self,
+        req: Request<pb::DeleteTopicRequest>,
+    ) -> Rpc<pb::DeleteTopicResponse> {
+        let name = req.into_inner().name;
+        let b = Arc::clone(&self.broker);
+        let res = tokio::task::spawn_blocking(move || b.delete_topic(&name))
+            .await
+            .unwrap_or_else(|e| Err(BrokerError::Internal(format!("delete topic: {e}"))));
+        Ok(Response::new(pb::DeleteTopicResponse {
+            status: match res {
+                Ok(()) => ok(),
+                Err(e) => status(&e),
+            },
+        }))
     }
 
     async fn stats(&self, _req: Request<pb::StatsRequest>) -> Rpc<pb::StatsResponse> {

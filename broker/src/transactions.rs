@@ -126,6 +126,67 @@ impl TransactionId {
     }
 }
 
+/// A broker-clock time for people: RFC 3339, UTC, milliseconds.
+fn clock_text(ms: u64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Why a pending half is still pending, and what comes next, for
+/// `tx pending`: every half gets a note.
+fn pending_note(
+    s: &HalfState,
+    group: &str,
+    has_session: bool,
+    now: u64,
+    cfg: &CheckConfig,
+) -> String {
+    let checks = match s.check_times {
+        1 => "1 check".to_owned(),
+        n => format!("{n} checks"),
+    };
+    if s.given_up {
+        return format!(
+            "given up after {checks} (check_max) went unanswered or answered unknown; \
+             resolve with `halfmq tx end TRANSACTION_ID --commit|--rollback`"
+        );
+    }
+    if s.checking {
+        return format!(
+            "check {} sent to a session of {group}, awaiting its answer until {}",
+            s.check_times,
+            clock_text(s.due_ms)
+        );
+    }
+    let first_check = s.stored_ms + cfg.transaction_timeout_ms;
+    if now < first_check {
+        return format!(
+            "younger than transaction_timeout ({} ms): first check at {}",
+            cfg.transaction_timeout_ms,
+            clock_text(first_check.max(s.due_ms))
+        );
+    }
+    if !has_session {
+        return format!(
+            "no live session of producer group {group}; checks wait for one to open ({checks} so far)"
+        );
+    }
+    if s.check_times == 0 {
+        if s.due_ms <= now {
+            format!("first check due now, waiting for a session of {group} with room")
+        } else {
+            format!("first check at {}", clock_text(s.due_ms))
+        }
+    } else if s.due_ms <= now {
+        format!("answered unknown to {checks}; next check due now")
+    } else {
+        format!(
+            "answered unknown (or unanswered) to {checks}; next check at {}",
+            clock_text(s.due_ms)
+        )
+    }
+}
+
 /// A check request for a producer session.
 #[derive(Debug, Clone)]
 pub struct CheckRequest {
@@ -133,7 +194,7 @@ pub struct CheckRequest {
     pub transaction_id: String,
     /// Producer group.
     pub producer_group: String,
-    /// Checks delivered before this one.
+    /// This check's number for the half: 1 for the first check-back.
     pub check_times: u32,
     /// The half message.
     pub message: DeliveredMessage,
@@ -598,6 +659,25 @@ impl TxState {
         (inner.sched.len() - delayed, delayed)
     }
 
+    /// Pending (half messages, delayed messages) of `topic`. O(pending):
+    /// for operator actions such as topic deletion.
+    pub fn pending_in_topic(&self, topic: &str) -> (usize, usize) {
+        let inner = self.inner.lock();
+        let Some(t) = inner.strings.id_of(topic) else {
+            return (0, 0);
+        };
+        let delay = inner.strings.id_of(DELAY_GROUP);
+        let (mut halves, mut delayed) = (0, 0);
+        for (_, s) in inner.sched.iter().filter(|(_, s)| s.topic == t) {
+            if Some(s.group) == delay {
+                delayed += 1;
+            } else {
+                halves += 1;
+            }
+        }
+        (halves, delayed)
+    }
+
     /// Open producer sessions.
     pub fn session_count(&self) -> usize {
         lock(&self.sessions).len()
@@ -846,7 +926,7 @@ impl Broker {
             out.push(crate::broker::SendReceipt {
                 message_id,
                 queue_id,
-                queue_offset: receipt.queue_offsets[i].unwrap_or(0),
+                queue_offset: receipt.queue_offsets[i],
                 deliver_at_ms: due.unwrap_or(0),
             });
         }
@@ -1154,17 +1234,7 @@ impl Broker {
                     .read(offset)
                     .map(|r| r.message_id)
                     .unwrap_or_default();
-                let note = if s.given_up {
-                    "given up after check_max checks; resolve with `halfmq tx end`".to_owned()
-                } else if s.checking {
-                    "check sent, awaiting the answer".to_owned()
-                } else if !tx.has_session(&group)
-                    && now >= s.stored_ms + tx.cfg.transaction_timeout_ms
-                {
-                    format!("no live session of producer group {group}; checks wait for one")
-                } else {
-                    String::new()
-                };
+                let note = pending_note(&s, &group, tx.has_session(&group), now, &tx.cfg);
                 PendingTransaction {
                     transaction_id: TransactionId { offset, message_id }.encode(),
                     message_id: message_id.to_string(),
@@ -1318,7 +1388,8 @@ impl Broker {
             }
             .encode(),
             producer_group: group.clone(),
-            check_times,
+            // This check's number, from 1 (RocketMQ counts the same way).
+            check_times: check_times + 1,
             message: DeliveredMessage {
                 message_id: half.message_id,
                 topic: half.topic.clone(),
@@ -1338,6 +1409,8 @@ impl Broker {
                 },
                 store_timestamp_ms: half.store_timestamp_ms,
                 invisible_until_ms: 0,
+                retry: false,
+                original_queue_offset: None,
             },
         };
         // Pick a live session of the group that declared this topic (or all

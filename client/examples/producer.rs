@@ -26,7 +26,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let r = receipt?;
         println!(
             "{} -> queue {} offset {}",
-            r.message_id, r.queue_id, r.queue_offset
+            r.message_id,
+            r.queue_id,
+            r.queue_offset.unwrap_or_default() // no delay: always an offset
         );
     }
     Ok(())

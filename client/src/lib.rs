@@ -67,13 +67,83 @@ pub enum ClientError {
         /// The broker's message.
         message: String,
     },
+    /// No connection to the broker could be opened (refused, no route, host
+    /// name unknown, connect timeout): the request was not sent, so nothing
+    /// of it was stored.
+    #[error("cannot connect to {addr}: {reason} (is the broker running?)")]
+    Unreachable {
+        /// The broker address as given to [`Client::connect`].
+        addr: String,
+        /// Why, e.g. `connection refused`.
+        reason: String,
+    },
     /// The request did not reach the broker, or its answer did not come back
-    /// (connection refused, timeout...). A send may or may not have been stored.
-    #[error("transport: {0}")]
-    Transport(#[from] tonic::Status),
-    /// Could not set up the connection (bad address).
+    /// (connection lost, timeout...). A send may or may not have been stored.
+    #[error("transport: {}", describe_status(.0))]
+    Transport(tonic::Status),
+    /// Could not set up the connection (bad address), or the broker's answer
+    /// made no sense.
     #[error("connect: {0}")]
     Connect(String),
+}
+
+/// A transport status in one line: its message, the code, and the deepest
+/// cause when it adds something.
+fn describe_status(s: &tonic::Status) -> String {
+    let mut text = format!("{} ({:?})", s.message(), s.code());
+    if let Some(root) = root_cause(s) {
+        if !text.contains(&root) {
+            text = format!("{}: {root} ({:?})", s.message(), s.code());
+        }
+    }
+    text
+}
+
+/// The text of the innermost error under a status, if it has any.
+fn root_cause(s: &tonic::Status) -> Option<String> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
+    let mut last = None;
+    while let Some(c) = cause {
+        last = Some(c.to_string());
+        cause = c.source();
+    }
+    last
+}
+
+/// Why a status says the connection could not be opened, if it does.
+fn connect_failure(s: &tonic::Status) -> Option<String> {
+    if s.code() != tonic::Code::Unavailable {
+        return None;
+    }
+    let mut io_kind = None;
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            io_kind = Some(io.kind());
+        }
+        cause = c.source();
+    }
+    let msg = s.message();
+    let root = root_cause(s).unwrap_or_default();
+    use std::io::ErrorKind as K;
+    match io_kind {
+        Some(K::ConnectionRefused) => return Some("connection refused".into()),
+        Some(K::TimedOut) => return Some("connect timed out".into()),
+        Some(K::HostUnreachable) => return Some("host unreachable".into()),
+        Some(K::NetworkUnreachable) => return Some("network unreachable".into()),
+        Some(K::AddrNotAvailable) => return Some("address not available".into()),
+        _ => {}
+    }
+    if msg.contains("dns error") {
+        return Some(format!("cannot resolve the host name ({root})"));
+    }
+    if msg.contains("connect error") {
+        return Some(root);
+    }
+    if msg.contains("timeout") && root.contains("elapsed") {
+        return Some("connect timed out".into());
+    }
+    None
 }
 
 impl ClientError {
@@ -84,8 +154,12 @@ impl ClientError {
                 code: *code,
                 message: message.clone(),
             },
+            ClientError::Unreachable { addr, reason } => ClientError::Unreachable {
+                addr: addr.clone(),
+                reason: reason.clone(),
+            },
             ClientError::Transport(s) => {
-                ClientError::Transport(tonic::Status::new(s.code(), s.message()))
+                ClientError::Transport(tonic::Status::new(s.code(), describe_status(s)))
             }
             ClientError::Connect(m) => ClientError::Connect(m.clone()),
         }
@@ -98,7 +172,26 @@ impl ClientError {
             _ => None,
         }
     }
+
+    /// A request of several messages refused whole for its size is a batch
+    /// refusal, not one message's.
+    pub(crate) fn for_batch(self, messages: usize) -> ClientError {
+        match self {
+            ClientError::Broker {
+                code: Code::MessageTooLarge,
+                message,
+            } if messages > 1 && message.starts_with(REQUEST_TOO_LARGE) => ClientError::Broker {
+                code: Code::BatchTooLarge,
+                message,
+            },
+            e => e,
+        }
+    }
 }
+
+/// How [`Client::transport_error`] starts the message of a request the
+/// broker's transport refused for its size.
+const REQUEST_TOO_LARGE: &str = "the request is larger than the broker reads";
 
 fn check(status: Option<pb::Status>) -> Result<(), ClientError> {
     let s = status.unwrap_or_default();
@@ -143,6 +236,8 @@ impl Default for ClientOptions {
 pub struct Client {
     channel: Channel,
     opts: Arc<ClientOptions>,
+    /// The address as given, for error messages.
+    addr: Arc<str>,
 }
 
 impl Client {
@@ -161,11 +256,7 @@ impl Client {
     /// # Errors
     /// [`ClientError::Connect`] for an unusable address.
     pub async fn connect_with(addr: &str, opts: ClientOptions) -> Result<Client, ClientError> {
-        let url = if addr.contains("://") {
-            addr.to_owned()
-        } else {
-            format!("http://{addr}")
-        };
+        let url = endpoint_url(addr)?;
         let ep = Endpoint::from_shared(url)
             .map_err(|e| ClientError::Connect(format!("{addr}: {e}")))?
             .connect_timeout(opts.connect_timeout)
@@ -175,7 +266,34 @@ impl Client {
         Ok(Client {
             channel: ep.connect_lazy(),
             opts: Arc::new(opts),
+            addr: Arc::from(addr),
         })
+    }
+
+    /// The broker address as given to [`Client::connect`].
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The error of a failed call: [`ClientError::Unreachable`] when no
+    /// connection could be opened, a `MESSAGE_TOO_LARGE` refusal when the
+    /// broker's transport refused the request for its size (gRPC
+    /// `OUT_OF_RANGE`: it is larger than `max_batch_bytes` plus 4 MiB),
+    /// else [`ClientError::Transport`].
+    pub(crate) fn transport_error(&self, s: tonic::Status) -> ClientError {
+        if let Some(reason) = connect_failure(&s) {
+            return ClientError::Unreachable {
+                addr: self.addr.to_string(),
+                reason,
+            };
+        }
+        if s.code() == tonic::Code::OutOfRange && s.message().contains("message length too large") {
+            return ClientError::Broker {
+                code: Code::MessageTooLarge,
+                message: format!("{REQUEST_TOO_LARGE}: {}", s.message()),
+            };
+        }
+        ClientError::Transport(s)
     }
 
     fn producer(&self) -> pb::producer_client::ProducerClient<Channel> {
@@ -187,10 +305,13 @@ impl Client {
     fn consumer(&self) -> pb::consumer_client::ConsumerClient<Channel> {
         pb::consumer_client::ConsumerClient::new(self.channel.clone())
             .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX)
     }
 
     fn admin(&self) -> pb::admin_client::AdminClient<Channel> {
         pb::admin_client::AdminClient::new(self.channel.clone())
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX)
     }
 
     fn request<T>(&self, msg: T, extra: Duration) -> tonic::Request<T> {
@@ -215,7 +336,11 @@ impl Client {
     {
         self.retry(|| {
             let fut = rpc(self.request(req.clone(), extra));
-            async move { Ok(fut.await?.into_inner()) }
+            async move {
+                fut.await
+                    .map(tonic::Response::into_inner)
+                    .map_err(|s| self.transport_error(s))
+            }
         })
         .await
     }
@@ -231,10 +356,15 @@ impl Client {
         let mut attempt = 1;
         loop {
             match call().await {
-                Err(ClientError::Transport(s))
-                    if attempt < self.opts.max_attempts && retryable(&s) =>
+                Err(e)
+                    if attempt < self.opts.max_attempts
+                        && match &e {
+                            ClientError::Transport(s) => retryable(s),
+                            ClientError::Unreachable { .. } => true,
+                            _ => false,
+                        } =>
                 {
-                    tracing::debug!(attempt, error = %s, "retrying after transport error");
+                    tracing::debug!(attempt, error = %e, "retrying after transport error");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                     attempt += 1;
@@ -242,6 +372,37 @@ impl Client {
                 other => return other,
             }
         }
+    }
+}
+
+/// The URL of a broker address: `HOST:PORT` (or a full `http://` URL with a
+/// port); a missing port is an error rather than port 80.
+fn endpoint_url(addr: &str) -> Result<String, ClientError> {
+    let no_port = || {
+        ClientError::Connect(format!(
+            "broker address {addr:?} has no port: use HOST:PORT, e.g. 127.0.0.1:8081"
+        ))
+    };
+    if addr.contains("://") {
+        let uri: tonic::codegen::http::Uri = addr
+            .parse()
+            .map_err(|e| ClientError::Connect(format!("{addr}: {e}")))?;
+        return if uri.port().is_some() {
+            Ok(addr.to_owned())
+        } else {
+            Err(no_port())
+        };
+    }
+    if addr.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(format!("http://{addr}"));
+    }
+    match addr.rsplit_once(':') {
+        Some((host, port))
+            if !host.is_empty() && !host.contains(':') && port.parse::<u16>().is_ok() =>
+        {
+            Ok(format!("http://{addr}"))
+        }
+        _ => Err(no_port()),
     }
 }
 
@@ -356,8 +517,9 @@ pub struct SendReceipt {
     pub message_id: String,
     /// Queue id.
     pub queue_id: u32,
-    /// Queue offset (0 for a delayed message: it gets one when due).
-    pub queue_offset: u64,
+    /// Queue offset; `None` for a delayed message, which gets one when it
+    /// becomes due.
+    pub queue_offset: Option<u64>,
     /// When a delayed message becomes visible, broker clock, ms since the
     /// epoch; 0 for an ordinary message.
     pub deliver_at_ms: u64,
@@ -494,7 +656,8 @@ async fn send_wire(
     let resp = client
         .producer()
         .send(client.request(pb::SendRequest { messages: msgs }, Duration::ZERO))
-        .await?
+        .await
+        .map_err(|s| client.transport_error(s).for_batch(n))?
         .into_inner();
     check(resp.status)?;
     if resp.receipts.len() != n {
@@ -557,6 +720,13 @@ pub struct ReceivedMessage {
     pub store_timestamp_ms: u64,
     /// When it becomes visible again unless acked, ms since the epoch.
     pub invisible_until_ms: u64,
+    /// Whether this delivery comes from the group's retry queue (a nack or
+    /// an expired invisible duration before): `queue_offset` is then its
+    /// position in the retry queue.
+    pub retry: bool,
+    /// For a retry, the message's queue offset in `queue_id` of its topic
+    /// (`None` for retries scheduled by an older broker).
+    pub original_queue_offset: Option<u64>,
 }
 
 /// What a handler of [`Consumer::run`] decided.
@@ -649,6 +819,8 @@ impl Consumer {
                 receipt_handle: m.receipt_handle,
                 store_timestamp_ms: m.store_timestamp_ms,
                 invisible_until_ms: m.invisible_until_ms,
+                retry: m.retry,
+                original_queue_offset: m.original_queue_offset,
             })
             .collect())
     }
@@ -753,7 +925,8 @@ impl Consumer {
             .client
             .consumer()
             .change_invisible_duration(self.client.request(req, Duration::ZERO))
-            .await?
+            .await
+            .map_err(|s| self.client.transport_error(s))?
             .into_inner();
         check(resp.status)?;
         msg.receipt_handle = resp.receipt_handle;
@@ -814,6 +987,18 @@ impl Consumer {
         }
         let _ = slots.acquire_many(concurrency.max(1) as u32).await;
     }
+}
+
+/// Where [`Admin::reset_offset`] moves a group's consumer offsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetTo {
+    /// The earliest retained message of each queue.
+    Earliest,
+    /// The end of each queue: only messages sent from now on.
+    Latest,
+    /// The first message of each queue stored at or after this time (broker
+    /// clock, ms since the epoch).
+    Timestamp(u64),
 }
 
 /// A topic as listed by [`Admin::list_topics`].
@@ -911,14 +1096,55 @@ impl Admin {
             .collect())
     }
 
-    /// A group's dead letters, oldest first.
+    /// A group's dead letters, oldest first (without bodies).
     ///
     /// # Errors
     /// [`Code::InvalidGroup`], transport errors.
     pub async fn list_dead_letters(&self, group: &str) -> Result<Vec<pb::DeadLetter>, ClientError> {
+        self.dead_letters(group, false, None).await
+    }
+
+    /// A group's dead letters, oldest first, with body, tag, keys and
+    /// properties; bodies past the broker's `max_batch_bytes` in all are
+    /// left out (`body_omitted`): get those with [`Admin::dead_letter`].
+    ///
+    /// # Errors
+    /// As [`Admin::list_dead_letters`].
+    pub async fn list_dead_letters_with_bodies(
+        &self,
+        group: &str,
+    ) -> Result<Vec<pb::DeadLetter>, ClientError> {
+        self.dead_letters(group, true, None).await
+    }
+
+    /// One dead letter of a group by message id, with its body.
+    ///
+    /// # Errors
+    /// As [`Admin::list_dead_letters`]; [`Code::BadRequest`] for a message id
+    /// that is not 32 hex digits.
+    pub async fn dead_letter(
+        &self,
+        group: &str,
+        message_id: &str,
+    ) -> Result<Option<pb::DeadLetter>, ClientError> {
+        Ok(self
+            .dead_letters(group, true, Some(message_id))
+            .await?
+            .into_iter()
+            .next())
+    }
+
+    async fn dead_letters(
+        &self,
+        group: &str,
+        with_bodies: bool,
+        message_id: Option<&str>,
+    ) -> Result<Vec<pb::DeadLetter>, ClientError> {
         let req = pb::ListDeadLettersRequest {
             group: group.to_owned(),
             limit: 0,
+            with_bodies,
+            message_id: message_id.unwrap_or_default().to_owned(),
         };
         let resp = self
             .client
@@ -929,6 +1155,62 @@ impl Admin {
             .await?;
         check(resp.status)?;
         Ok(resp.dead_letters)
+    }
+
+    /// Moves `group`'s consumer offsets on `topic` (see [`ResetTo`]); its
+    /// in-flight deliveries of the topic go stale. Returns (queue id, new
+    /// consumer offset) per queue.
+    ///
+    /// # Errors
+    /// [`Code::TopicNotFound`], bad names, transport errors.
+    pub async fn reset_offset(
+        &self,
+        group: &str,
+        topic: &str,
+        to: ResetTo,
+    ) -> Result<Vec<(u32, u64)>, ClientError> {
+        use pb::reset_offset_request::To;
+        let req = pb::ResetOffsetRequest {
+            group: group.to_owned(),
+            topic: topic.to_owned(),
+            to: Some(match to {
+                ResetTo::Earliest => To::Earliest(true),
+                ResetTo::Latest => To::Latest(true),
+                ResetTo::Timestamp(t) => To::TimestampMs(t),
+            }),
+        };
+        let resp = self
+            .client
+            .call(req, Duration::ZERO, |r| {
+                let mut c = self.client.admin();
+                async move { c.reset_offset(r).await }
+            })
+            .await?;
+        check(resp.status)?;
+        Ok(resp
+            .offsets
+            .into_iter()
+            .map(|o| (o.queue_id, o.queue_offset))
+            .collect())
+    }
+
+    /// Deletes a topic (its consume queues and every group's progress on it).
+    ///
+    /// # Errors
+    /// [`Code::TopicNotFound`]; [`Code::TopicBusy`] while half messages or
+    /// delayed messages of it are pending; transport errors.
+    pub async fn delete_topic(&self, name: &str) -> Result<(), ClientError> {
+        let req = pb::DeleteTopicRequest {
+            name: name.to_owned(),
+        };
+        let resp = self
+            .client
+            .admin()
+            .delete_topic(self.client.request(req, Duration::ZERO))
+            .await
+            .map_err(|s| self.client.transport_error(s))?
+            .into_inner();
+        check(resp.status)
     }
 
     /// (group, dead letters) for every group with a dead-letter queue.
@@ -969,7 +1251,8 @@ impl Admin {
             .client
             .admin()
             .redrive_dead_letters(self.client.request(req, Duration::ZERO))
-            .await?
+            .await
+            .map_err(|s| self.client.transport_error(s))?
             .into_inner();
         check(resp.status)?;
         Ok(resp.count)
@@ -987,7 +1270,8 @@ impl Admin {
             .client
             .admin()
             .purge_dead_letters(self.client.request(req, Duration::ZERO))
-            .await?
+            .await
+            .map_err(|s| self.client.transport_error(s))?
             .into_inner();
         check(resp.status)?;
         Ok(resp.count)

@@ -71,7 +71,7 @@ pub struct MessageView {
     pub properties: HashMap<String, String>,
     /// Body.
     pub body: Bytes,
-    /// Checks delivered for this half before this one.
+    /// This check-back's number for the half: 1 for the first.
     pub check_times: u32,
 }
 
@@ -339,7 +339,8 @@ async fn send_halves_wire(
     let resp = client
         .producer()
         .send_halves(client.request(req, Duration::ZERO))
-        .await?
+        .await
+        .map_err(|s| client.transport_error(s).for_batch(n))?
         .into_inner();
     check(resp.status)?;
     if resp.receipts.len() != n {
@@ -480,7 +481,7 @@ async fn halves_and_ends(
             // The halves' outcome is unknown (an orphan half is resolved by
             // check-back); ends are idempotent: sent again on their own, with
             // the retries end requests get.
-            let e = ClientError::Transport(s);
+            let e = client.transport_error(s).for_batch(nh);
             let half_results = halves.iter().map(|_| Err(e.duplicate())).collect();
             return (half_results, end_transactions(client, ends).await);
         }

@@ -77,6 +77,15 @@ pub enum Error {
     /// Restart the process to recover from the commit log on disk.
     #[error("commit log is failed after an earlier I/O error: {0}")]
     Poisoned(String),
+    /// Another open store (another broker process, or this one) holds the
+    /// data directory's lock.
+    #[error("data dir {} is in use by another broker{}", dir.display(), pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    DataDirInUse {
+        /// The data directory.
+        dir: PathBuf,
+        /// The holder's process id, as it wrote it in the lock file.
+        pid: Option<u32>,
+    },
     /// The store has been closed.
     #[error("store is closed")]
     Closed,

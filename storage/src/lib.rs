@@ -13,6 +13,7 @@
 //! - [`retention`]: the pure policy choosing segments to delete.
 //! - [`store`]: [`Store`], which ties them together and recovers at open.
 //! - [`config`]: [`StoreConfig`] and [`FlushMode`].
+//! - [`lock`]: the data directory's lock file (one store per directory).
 //! - [`error`]: the crate's [`Error`].
 //!
 //! # Example
@@ -35,6 +36,7 @@ pub mod commitlog;
 pub mod config;
 pub mod consume_queue;
 pub mod error;
+pub mod lock;
 pub mod meta;
 pub mod record;
 pub mod retention;

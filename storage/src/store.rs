@@ -128,6 +128,10 @@ pub struct Store {
     /// below that already say what the log says.
     repaired: Mutex<HashMap<QueueKey, u64>>,
     meta_report: MetaReport,
+    /// The data directory held no store before this open.
+    new_dir: bool,
+    /// Held while the store is open: one store per data directory.
+    _dir_lock: crate::lock::DirLock,
 }
 
 impl std::fmt::Debug for Store {
@@ -160,6 +164,9 @@ impl Store {
         cfg.validate()?;
         let root = cfg.data_dir.clone();
         std::fs::create_dir_all(&root).map_err(|e| Error::io("create dir", &root, e))?;
+        let dir_lock = crate::lock::DirLock::acquire(&root)?;
+        let new_dir = !root.join("meta").exists() && !root.join("commitlog").exists();
+        empty_trash(&root)?;
         let (meta, set_aside) = Meta::open_or_set_aside(&root.join("meta"))?;
         let cq_root = root.join("consumequeue");
         let checkpoint = meta.checkpoint()?;
@@ -270,6 +277,8 @@ impl Store {
             recovery,
             repaired: Mutex::new(HashMap::default()),
             meta_report,
+            new_dir,
+            _dir_lock: dir_lock,
         };
         store.check_consume_queues()?;
         Ok(store)
@@ -613,6 +622,12 @@ impl Store {
         }
     }
 
+    /// Whether the data directory held no store before this open (no
+    /// metadata store and no commit log): a first start, not a recovery.
+    pub fn is_new(&self) -> bool {
+        self.new_dir
+    }
+
     /// What opening the metadata store found.
     pub fn meta_report(&self) -> &MetaReport {
         &self.meta_report
@@ -681,6 +696,46 @@ impl Store {
         Ok(doomed)
     }
 
+    /// Deletes every consume queue of each topic in `topics` (all queue ids)
+    /// and returns how many there were. Under the writer lock the queues
+    /// leave the store and their directories move to `<data_dir>/trash/`; a
+    /// checkpoint then records the log offset past their last records (so a
+    /// restart never dispatches those records again), and the moved
+    /// directories are removed. A later append to the same topic starts a
+    /// new queue at queue offset 0. The commit-log records stay until
+    /// retention deletes their segments.
+    ///
+    /// # Errors
+    /// I/O and metadata errors. Queues already moved stay deleted; a restart
+    /// removes what is left in `trash/`.
+    pub fn delete_queues(&self, topics: &[String]) -> Result<usize> {
+        let trash = self.cfg.data_dir.join(TRASH_DIR);
+        let stamp = format!("{}-{}", now_ms(), std::process::id());
+        let mut removed = 0;
+        {
+            let _w = lock(&self.writer);
+            let mut qs = self.queues.write().unwrap_or_else(|e| e.into_inner());
+            let mut repaired = lock(&self.repaired);
+            for topic in topics {
+                let before = qs.len();
+                qs.retain(|(t, _), _| t != topic);
+                repaired.retain(|(t, _), _| t != topic);
+                removed += before - qs.len();
+                let dir = self.cq_root.join(topic);
+                if dir.exists() {
+                    let dest = trash.join(&stamp);
+                    std::fs::create_dir_all(&dest)
+                        .map_err(|e| Error::io("create dir", &dest, e))?;
+                    let to = dest.join(topic);
+                    std::fs::rename(&dir, &to).map_err(|e| Error::io("rename", &dir, e))?;
+                }
+            }
+        }
+        self.checkpoint()?;
+        empty_trash(&self.cfg.data_dir)?;
+        Ok(removed)
+    }
+
     /// Checkpoints, stops the flusher after a last fdatasync, flushes sled.
     ///
     /// # Errors
@@ -729,6 +784,19 @@ fn dispatch_entry(offset: u64, rec: &Record) -> Option<(u64, CqEntry)> {
             tag_hash: tag_hash(&rec.tag),
         },
     ))
+}
+
+/// Where [`Store::delete_queues`] moves the directories of deleted queues
+/// before removing them.
+const TRASH_DIR: &str = "trash";
+
+/// Removes what deleted queues left in `<data_dir>/trash/`.
+fn empty_trash(data_dir: &Path) -> Result<()> {
+    let trash = data_dir.join(TRASH_DIR);
+    if trash.exists() {
+        std::fs::remove_dir_all(&trash).map_err(|e| Error::io("remove", &trash, e))?;
+    }
+    Ok(())
 }
 
 fn list_queue_dirs(root: &Path) -> Result<Vec<(String, u32)>> {

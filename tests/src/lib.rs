@@ -11,7 +11,7 @@ use halfmq_broker::{BrokerConfig, RunningBroker};
 /// A configuration for tests: ephemeral port, data in `dir`, small segments.
 pub fn test_config(dir: &Path) -> BrokerConfig {
     BrokerConfig {
-        listen: "127.0.0.1:0".parse().expect("literal address"),
+        listen: "127.0.0.1:0".into(),
         data_dir: dir.to_path_buf(),
         segment_bytes: 8 << 20,
         max_message_bytes: 64 * 1024,
@@ -43,7 +43,8 @@ pub async fn start(cfg: BrokerConfig) -> RunningBroker {
     halfmq_broker::start(cfg).await.expect("start broker")
 }
 
-/// The path of a workspace binary (`halfmq-broker`, `halfmq`), built by
+/// The path of a workspace binary (`halfmq-broker`, `halfmq`,
+/// `halfmq-bench`), built by
 /// `cargo test --workspace`; built on demand when missing.
 ///
 /// # Panics
@@ -55,10 +56,10 @@ pub fn binary(name: &str) -> PathBuf {
     let path = dir.join(name);
     if !path.exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let package = if name == "halfmq" {
-            "halfmq-client"
-        } else {
-            "halfmq-broker"
+        let package = match name {
+            "halfmq" => "halfmq-client",
+            "halfmq-bench" => "halfmq-bench",
+            _ => "halfmq-broker",
         };
         let status = Command::new(cargo)
             .args(["build", "-p", package, "--bin", name])

@@ -162,7 +162,10 @@ fn cli_tx_send_checker_pending_end() {
     assert_eq!(checks[0]["transaction_id"], crashed_tx.as_str());
     assert_eq!(checks[0]["message_id"], crashed_id.as_str());
     assert_eq!(checks[0]["topic"], "txcli");
-    assert_eq!(checks[0]["check_times"], 0);
+    assert_eq!(
+        checks[0]["check_times"], 1,
+        "check-backs are counted from 1"
+    );
 
     // A rolled-back transaction is never delivered.
     let (ok, _, err) = cli(&[

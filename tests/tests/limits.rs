@@ -281,10 +281,16 @@ async fn topic_queue_and_receive_limits_at_the_edge() {
     for i in 0..10 {
         p.send(Message::new("b", format!("{i}"))).await.unwrap();
     }
-    let cons = Consumer::new(c.clone(), "g", "b").with_invisible_duration(Duration::from_secs(60));
-    let got = cons.receive(100, Duration::ZERO).await.unwrap();
+    // max_invisible_duration_ms (30 s): 60 s asked is refused, like a
+    // delay over max_delay_ms, and delivers nothing.
+    let too_long =
+        Consumer::new(c.clone(), "g", "b").with_invisible_duration(Duration::from_secs(60));
+    let e = too_long.receive(100, Duration::ZERO).await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::BadRequest), "{e}");
+    assert!(e.to_string().contains("max_invisible_duration_ms"), "{e}");
+    let cons = Consumer::new(c.clone(), "g", "b").with_invisible_duration(Duration::from_secs(30));
+    let mut got = cons.receive(100, Duration::ZERO).await.unwrap();
     assert_eq!(got.len(), 5);
-    // max_invisible_duration_ms: 60 s asked, 30 s given.
     let now = halfmq_storage::now_ms();
     for m in &got {
         assert!(
@@ -293,6 +299,13 @@ async fn topic_queue_and_receive_limits_at_the_edge() {
             m.invisible_until_ms - now
         );
     }
+    // Extending a lease past the limit is refused too; the lease stays.
+    let e = too_long
+        .change_invisible_duration(&mut got[0], Duration::from_secs(60))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(Code::BadRequest), "{e}");
+    cons.ack(&got[0]).await.unwrap();
     // max_receive_wait_ms: a 10 s long poll on an empty topic ends after 300 ms.
     let empty = Consumer::new(c.clone(), "g", "a");
     let t0 = std::time::Instant::now();

@@ -47,7 +47,10 @@ async fn round_trip_with_all_fields() {
     assert_eq!(got.len(), 1);
     let m = &got[0];
     assert_eq!(m.message_id, r.message_id);
-    assert_eq!((m.queue_id, m.queue_offset), (r.queue_id, r.queue_offset));
+    assert_eq!(
+        (m.queue_id, Some(m.queue_offset)),
+        (r.queue_id, r.queue_offset)
+    );
     assert_eq!(&m.body[..], b"hello");
     assert_eq!(m.tag, "t1");
     assert_eq!(m.keys, vec!["k1".to_string()]);

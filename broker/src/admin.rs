@@ -1,0 +1,151 @@
+//! Operator actions on topics and consumer groups: consumer-offset reset and
+//! topic deletion. Both are rare, take locks for a while and may fdatasync,
+//! so callers run them off the async workers (`spawn_blocking`).
+
+use std::sync::Arc;
+
+use crate::broker::{Broker, GroupKey, GROUPS_SPACE, TOPICS_SPACE};
+use crate::error::BrokerError;
+use crate::names::{check_group, check_topic};
+use crate::redelivery::retry_topic;
+
+/// Where [`Broker::reset_offset`] moves a group's consumer offsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetTo {
+    /// The earliest retained message of each queue.
+    Earliest,
+    /// The end of each queue: only messages sent from now on are delivered.
+    Latest,
+    /// The first message of each queue stored at or after this time (broker
+    /// clock, ms since the epoch); the end of the queue when there is none.
+    Timestamp(u64),
+}
+
+impl Broker {
+    /// Moves `group`'s consumer offsets on `topic` as `to` says and saves
+    /// them at once. Its in-flight deliveries of the topic are dropped (their
+    /// receipt handles go stale); scheduled retries are kept. A group that
+    /// never consumed the topic is created at those offsets. Returns (queue
+    /// id, new consumer offset) per queue.
+    ///
+    /// # Errors
+    /// Invalid names, [`BrokerError::TopicNotFound`], storage errors (the
+    /// offsets are moved in memory then, and saved at the next checkpoint).
+    pub fn reset_offset(
+        &self,
+        group: &str,
+        topic: &str,
+        to: ResetTo,
+    ) -> Result<Vec<(u32, u64)>, BrokerError> {
+        check_group(group)?;
+        check_topic(topic)?;
+        let t = self
+            .topic(topic)
+            .ok_or_else(|| BrokerError::TopicNotFound(topic.to_owned()))?;
+        let targets: Vec<(u32, u64)> = (0..t.queues)
+            .map(|qid| (qid, self.reset_target(topic, qid, to)))
+            .collect();
+        let gt = self.group_topic(group, topic, t.queues);
+        {
+            let mut g = crate::broker::lock(&gt);
+            for &(qid, offset) in &targets {
+                if let Some(p) = g.queues.get_mut(qid as usize) {
+                    p.reset_to(offset);
+                }
+            }
+            g.dirty = true;
+            self.save_group(group, topic, &mut g)?;
+        }
+        self.store().meta().flush()?;
+        self.notify_topic(topic);
+        tracing::info!(group, topic, ?to, offsets = ?targets, "consumer offsets reset");
+        Ok(targets)
+    }
+
+    /// The queue offset [`ResetTo`] names in one queue.
+    fn reset_target(&self, topic: &str, queue_id: u32, to: ResetTo) -> u64 {
+        let min = self
+            .store()
+            .queue(topic, queue_id)
+            .map_or(0, |q| q.min_offset());
+        let end = self.store().max_queue_offset(topic, queue_id).max(min);
+        match to {
+            ResetTo::Earliest => min,
+            ResetTo::Latest => end,
+            ResetTo::Timestamp(ts) => {
+                // Store times grow with queue offsets (one broker clock,
+                // appends in order), so the first one at or after `ts` is
+                // found by bisection. An unreadable entry counts as older:
+                // the search moves past it.
+                let (mut lo, mut hi) = (min, end);
+                while lo < hi {
+                    let mid = lo + (hi - lo) / 2;
+                    let older = self
+                        .store()
+                        .read_queue(topic, queue_id, mid)
+                        .map_or(true, |m| m.record.store_timestamp_ms < ts);
+                    if older {
+                        lo = mid + 1;
+                    } else {
+                        hi = mid;
+                    }
+                }
+                lo
+            }
+        }
+    }
+
+    /// Deletes a topic: its consume queues, and every consumer group's
+    /// progress and retry queues on it; its commit-log records stay until
+    /// retention deletes their segments, and its dead letters stay in their
+    /// groups' DLQs. A send to it afterwards creates it anew (when
+    /// `auto_create_topics`), with queue offsets from 0.
+    ///
+    /// # Errors
+    /// Invalid or reserved name, [`BrokerError::TopicNotFound`],
+    /// [`BrokerError::TopicBusy`] while half messages or delayed messages of
+    /// it are pending, storage errors.
+    pub fn delete_topic(&self, name: &str) -> Result<(), BrokerError> {
+        check_topic(name)?;
+        let _saving = crate::broker::lock(&self.progress_lock);
+        {
+            let mut topics = self.topics_mut();
+            if !topics.contains_key(name) {
+                return Err(BrokerError::TopicNotFound(name.to_owned()));
+            }
+            let (halves, delayed) = self.tx_state().pending_in_topic(name);
+            if halves + delayed > 0 {
+                return Err(BrokerError::TopicBusy(format!(
+                    "topic {name} has {halves} pending half messages and {delayed} delayed messages: \
+                     resolve them (halfmq tx pending / tx end) or wait until they are delivered, then delete it"
+                )));
+            }
+            if let Some(t) = topics.remove(name) {
+                t.wake_all();
+            }
+            self.store().meta().remove(TOPICS_SPACE, name.as_bytes())?;
+        }
+        let groups: Vec<(GroupKey, Arc<std::sync::Mutex<crate::broker::GroupTopic>>)> =
+            self.remove_groups_of(name);
+        let mut queues = vec![name.to_owned()];
+        for ((group, _), _) in &groups {
+            queues.push(retry_topic(group, name));
+        }
+        for (k, _) in self.store().meta().scan_prefix(GROUPS_SPACE, b"")? {
+            let mut parts = k.splitn(3, |b| *b == 0);
+            let _group = parts.next();
+            if parts.next() == Some(name.as_bytes()) {
+                self.store().meta().remove(GROUPS_SPACE, &k)?;
+            }
+        }
+        self.store().meta().flush()?;
+        let n = self.store().delete_queues(&queues)?;
+        tracing::info!(
+            topic = name,
+            groups = groups.len(),
+            consume_queues = n,
+            "topic deleted"
+        );
+        Ok(())
+    }
+}
