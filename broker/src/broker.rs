@@ -200,8 +200,8 @@ pub struct ReceiveRequest {
 /// Counters for `stats`.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
-    messages_in: AtomicU64,
-    bytes_in: AtomicU64,
+    pub(crate) messages_in: AtomicU64,
+    pub(crate) bytes_in: AtomicU64,
     messages_out: AtomicU64,
     bytes_out: AtomicU64,
     acks: AtomicU64,

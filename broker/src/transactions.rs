@@ -899,6 +899,7 @@ impl Broker {
             })
             .collect();
         let delayed = info.iter().filter(|i| i.4.is_some()).count();
+        let body_bytes: u64 = records.iter().map(|r| r.body.len() as u64).sum();
         let tx = self.tx();
         let receipt = {
             let mut inner = tx.inner.lock();
@@ -918,6 +919,12 @@ impl Broker {
         };
         self.wait_durable(receipt.end).await?;
         tx.wake.notify_one();
+        self.counters
+            .messages_in
+            .fetch_add(info.len() as u64, Ordering::Relaxed);
+        self.counters
+            .bytes_in
+            .fetch_add(body_bytes, Ordering::Relaxed);
         let mut out = Vec::with_capacity(info.len());
         for (i, (message_id, queue_id, topic, _, due)) in info.into_iter().enumerate() {
             if due.is_none() {
@@ -1474,6 +1481,63 @@ pub(crate) async fn check_driver(
 mod tests {
     use super::*;
     use crate::BrokerConfig;
+
+    #[test]
+    fn every_pending_half_gets_a_note() {
+        let cfg = CheckConfig {
+            transaction_timeout_ms: 6_000,
+            check_interval_ms: 30_000,
+            check_max: 3,
+            check_reply_timeout_ms: 10_000,
+        };
+        let half = HalfState {
+            group: 0,
+            topic: 0,
+            stored_ms: 1_000,
+            check_times: 0,
+            due_ms: 7_000,
+            checking: false,
+            given_up: false,
+        };
+        let note =
+            |s: HalfState, session: bool, now: u64| pending_note(&s, "pg", session, now, &cfg);
+        let young = note(half, true, 2_000);
+        assert!(young.starts_with("younger than transaction_timeout (6000 ms): first check at 1970-01-01T00:00:07.000Z"), "{young}");
+        assert!(note(half, false, 8_000).contains("no live session of producer group pg"));
+        assert!(note(half, true, 8_000).contains("first check due now"));
+        let checked = HalfState {
+            check_times: 2,
+            due_ms: 40_000,
+            ..half
+        };
+        assert!(note(checked, true, 20_000)
+            .contains("to 2 checks; next check at 1970-01-01T00:00:40.000Z"));
+        let out = HalfState {
+            checking: true,
+            check_times: 1,
+            due_ms: 18_000,
+            ..half
+        };
+        assert!(note(out, true, 9_000)
+            .starts_with("check 1 sent to a session of pg, awaiting its answer until"));
+        let given_up = HalfState {
+            given_up: true,
+            check_times: 3,
+            ..half
+        };
+        assert!(note(given_up, true, 99_000).contains("given up after 3 checks"));
+        for (s, session, now) in [
+            (half, true, 2_000),
+            (half, false, 8_000),
+            (half, true, 8_000),
+            (checked, true, 20_000),
+            (checked, true, 50_000),
+            (out, true, 9_000),
+            (given_up, false, 1),
+        ] {
+            assert!(!note(s, session, now).is_empty());
+        }
+    }
 
     #[test]
     fn transaction_id_round_trip() {
