@@ -55,7 +55,10 @@ async fn a_delayed_message_is_invisible_until_due_then_delivered_once() {
     let s = Admin::new(c.clone()).stats().await.unwrap();
     assert_eq!((s.pending_halves, s.delayed_messages), (0, 1));
     assert_eq!(s.messages_in, 2, "a delayed send is a message in");
-    assert!(r[0].queue_offset.is_none(), "no queue offset until it is due");
+    assert!(
+        r[0].queue_offset.is_none(),
+        "no queue offset until it is due"
+    );
     // Due: delivered once to each group, not before its time.
     let mut got = Vec::new();
     while got.is_empty() {

@@ -53,19 +53,8 @@ enum Cmd {
     /// Sends BODY (or standard input when BODY is absent) COUNT times; prints
     /// each message id as soon as its send is acknowledged.
     Send {
-        /// Topic.
-        topic: String,
-        /// Body; read from standard input when absent.
-        body: Option<String>,
-        /// Tag.
-        #[arg(long)]
-        tag: Option<String>,
-        /// Key (repeatable).
-        #[arg(long = "key")]
-        keys: Vec<String>,
-        /// How many times to send it.
-        #[arg(long, default_value_t = 1)]
-        count: u64,
+        #[command(flatten)]
+        msg: MessageArgs,
         /// Delayed delivery: consumers see it this long after it is stored (e.g. 30s, 2h).
         #[arg(long, value_parser = duration)]
         delay: Option<Duration>,
@@ -185,16 +174,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Dlq { cmd } => admin::dlq(client, cmd).await?,
         Cmd::Stats { json } => admin::stats(client, json).await?,
         Cmd::Tx { cmd } => tx::run(client, cmd).await?,
-        Cmd::Send {
-            topic,
-            body,
-            tag,
-            keys,
-            count,
-            delay,
-            json,
-        } => {
-            let body = read_body(body)?;
+        Cmd::Send { msg, delay, json } => {
+            let template = msg.message()?;
             let producer = Producer::with_options(
                 client,
                 ProducerOptions {
@@ -202,13 +183,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     ..ProducerOptions::default()
                 },
             );
-            for _ in 0..count {
-                let m = message(&topic, &body, tag.as_deref(), &keys)
-                    .with_delay(delay.unwrap_or_default());
+            for _ in 0..msg.count {
+                let m = template.clone().with_delay(delay.unwrap_or_default());
                 let r = producer.send(m).await?;
                 if json {
-                    let mut v =
-                        json!({"message_id": r.message_id, "topic": topic, "queue_id": r.queue_id});
+                    let mut v = json!({"message_id": r.message_id, "topic": msg.topic, "queue_id": r.queue_id});
                     if let Some(o) = r.queue_offset {
                         v["queue_offset"] = json!(o);
                     }
@@ -268,30 +247,46 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// BODY, or standard input when it is absent.
-fn read_body(body: Option<String>) -> anyhow::Result<Vec<u8>> {
-    match body {
-        Some(b) => Ok(b.into_bytes()),
-        None => {
-            let mut v = Vec::new();
-            std::io::stdin()
-                .read_to_end(&mut v)
-                .context("reading the body from standard input")?;
-            Ok(v)
-        }
-    }
+/// What `send` and `tx send` build their messages from.
+#[derive(Debug, clap::Args)]
+struct MessageArgs {
+    /// Topic.
+    topic: String,
+    /// Body; read from standard input when absent.
+    body: Option<String>,
+    /// Tag.
+    #[arg(long)]
+    tag: Option<String>,
+    /// Key (repeatable).
+    #[arg(long = "key")]
+    keys: Vec<String>,
+    /// How many to send.
+    #[arg(long, default_value_t = 1)]
+    count: u64,
 }
 
-/// The message `send` and `tx send` build from their flags.
-fn message(topic: &str, body: &[u8], tag: Option<&str>, keys: &[String]) -> Message {
-    let mut m = Message::new(topic.to_owned(), body.to_vec());
-    if let Some(t) = tag {
-        m = m.with_tag(t);
+impl MessageArgs {
+    /// The message (BODY, or standard input when it is absent).
+    fn message(&self) -> anyhow::Result<Message> {
+        let body = match &self.body {
+            Some(b) => b.clone().into_bytes(),
+            None => {
+                let mut v = Vec::new();
+                std::io::stdin()
+                    .read_to_end(&mut v)
+                    .context("reading the body from standard input")?;
+                v
+            }
+        };
+        let mut m = Message::new(self.topic.clone(), body);
+        if let Some(t) = &self.tag {
+            m = m.with_tag(t);
+        }
+        for k in &self.keys {
+            m = m.with_key(k.clone());
+        }
+        Ok(m)
     }
-    for k in keys {
-        m = m.with_key(k.clone());
-    }
-    m
 }
 
 /// One received message on one line: JSON, or text with the body escaped

@@ -10,29 +10,18 @@ use halfmq_client::{
 };
 use serde_json::json;
 
-use crate::{duration, message, out, read_body, resolution};
+use crate::{duration, out, resolution, MessageArgs};
 
 #[derive(Debug, Subcommand)]
 pub enum TxCmd {
     /// Sends half messages and resolves them as --local says. Prints each
     /// half as soon as it is acknowledged (JSON: message_id, transaction_id).
     Send {
-        /// Topic.
-        topic: String,
-        /// Body; read from standard input when absent.
-        body: Option<String>,
+        #[command(flatten)]
+        msg: MessageArgs,
         /// Producer group.
         #[arg(long)]
         group: String,
-        /// Tag.
-        #[arg(long)]
-        tag: Option<String>,
-        /// Key (repeatable).
-        #[arg(long = "key")]
-        keys: Vec<String>,
-        /// How many transactions.
-        #[arg(long, default_value_t = 1)]
-        count: u64,
         /// The local transaction's result: commit, rollback, unknown (no
         /// EndTransaction; stay and wait for check-backs), exit (no
         /// EndTransaction; exit at once, like a crashed producer).
@@ -97,18 +86,14 @@ fn check_line(v: &MessageView) -> String {
 pub async fn run(client: Client, cmd: TxCmd) -> anyhow::Result<()> {
     match cmd {
         TxCmd::Send {
-            topic,
-            body,
+            msg,
             group,
-            tag,
-            keys,
-            count,
             local,
             answer,
             wait_for,
             json,
         } => {
-            let body = read_body(body)?;
+            let template = msg.message()?;
             let producer =
                 TransactionProducer::new(client.clone(), group, move |v: MessageView| async move {
                     eprintln!(
@@ -118,12 +103,11 @@ pub async fn run(client: Client, cmd: TxCmd) -> anyhow::Result<()> {
                     answer
                 });
             let mut sent = Vec::new();
-            for _ in 0..count {
-                let m = message(&topic, &body, tag.as_deref(), &keys);
-                let tx = producer.send_half(m).await?;
+            for _ in 0..msg.count {
+                let tx = producer.send_half(template.clone()).await?;
                 if json {
                     out::line(
-                        json!({"message_id": tx.message_id, "transaction_id": tx.transaction_id, "topic": topic, "local": local}),
+                        json!({"message_id": tx.message_id, "transaction_id": tx.transaction_id, "topic": msg.topic, "local": local}),
                     )?;
                 } else {
                     out::line(format!("{} {}", tx.message_id, tx.transaction_id))?;
