@@ -35,7 +35,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use halfmq_storage::{MessageId, Record, RecordKind, Store};
+use halfmq_storage::{MessageId, Record, RecordKind, ScanItem, Store};
 use tokio::sync::{mpsc, Notify};
 
 use crate::broker::{Broker, DeliveredMessage, OutgoingMessage, Receipt};
@@ -437,21 +437,33 @@ impl TxState {
         let scan_from = scan_from.max(store.log().min_offset()).min(written);
         inner.save_points.push_back(scan_from);
         let mut replayed = 0u64;
-        for item in store.log().iter_from(scan_from) {
-            let (offset, rec) = match item {
-                Ok(x) => x,
+        let mut skipped_bytes = 0u64;
+        for item in store.log().scan_from(scan_from) {
+            match item {
+                Ok(ScanItem::Record(offset, rec)) => {
+                    replayed += 1;
+                    apply_record(&mut inner, offset, &rec);
+                }
+                Ok(ScanItem::Skipped(r)) => {
+                    // Whatever was in it (halves, ends, delayed messages) is
+                    // unreadable; everything around it is replayed.
+                    skipped_bytes += r.end - r.start;
+                    tracing::error!(
+                        start = r.start, end = r.end, reason = %r.reason,
+                        "transaction replay stepped over an unreadable commit-log range: a half, end or delayed message in it is lost (an end lost there leaves its half pending: it is checked back)"
+                    );
+                }
                 Err(e) => {
-                    tracing::error!(error = %e, "transaction replay stopped at an unreadable record");
+                    tracing::error!(error = %e, "transaction replay stopped at an I/O error");
                     break;
                 }
-            };
-            replayed += 1;
-            apply_record(&mut inner, offset, &rec);
+            }
         }
         tracing::info!(
             pending = inner.sched.len(),
             scan_from,
             replayed,
+            skipped_bytes,
             "transaction state rebuilt"
         );
         Ok(TxState {
@@ -605,8 +617,12 @@ impl TxState {
         {
             return Ok(Some(b == 1));
         }
-        for item in store.log().iter_from(offset) {
-            let Ok((_, rec)) = item else { break };
+        for item in store.log().scan_from(offset) {
+            let rec = match item {
+                Ok(ScanItem::Record(_, rec)) => rec,
+                Ok(ScanItem::Skipped(_)) => continue,
+                Err(_) => break,
+            };
             if rec.ref_offset == Some(offset)
                 && matches!(rec.kind, RecordKind::TxCommit | RecordKind::TxRollback)
             {

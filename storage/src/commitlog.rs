@@ -787,6 +787,75 @@ impl CommitLog {
         Record::decode(Bytes::from(buf), offset)
     }
 
+    /// Like [`CommitLog::iter_from`], but steps over damaged ranges instead
+    /// of stopping at the first: each is yielded as a
+    /// [`ScanItem::Skipped`], and the scan goes on at the next valid record
+    /// (see [`LogScan`]). Stops after an I/O error.
+    pub fn scan_from(&self, offset: u64) -> LogScan<'_> {
+        LogScan {
+            log: self,
+            iter: self.iter_from(offset),
+        }
+    }
+
+    /// Where reading can resume after the damaged record at `bad`: the end
+    /// the record's own length field names, when a valid record (or its
+    /// segment's end) is there; else the next position in the segment where
+    /// a complete valid record starts; else the segment's end.
+    fn resync(&self, bad: u64) -> Result<u64> {
+        let seg = self.segment_for(bad)?;
+        let limit = seg.end().min(self.written_offset());
+        let valid_at = |pos: u64| -> Result<bool> {
+            if pos == limit {
+                return Ok(true);
+            }
+            if pos + MIN_RECORD_BYTES as u64 > limit {
+                return Ok(false);
+            }
+            let mut head = [0u8; 10];
+            seg.read_at(pos, &mut head)?;
+            let len = peek_len(&head).unwrap_or(0);
+            if head[8] != MAGIC
+                || head[9] != VERSION
+                || len < MIN_RECORD_BYTES
+                || pos + len as u64 > limit
+            {
+                return Ok(false);
+            }
+            let mut frame = vec![0u8; len];
+            seg.read_at(pos, &mut frame)?;
+            Ok(check_frame(&frame, pos).is_ok())
+        };
+        // A flipped bit in the body or header leaves the length intact.
+        if bad + 4 <= limit {
+            let mut len = [0u8; 4];
+            seg.read_at(bad, &mut len)?;
+            let len = peek_len(&len).unwrap_or(0) as u64;
+            if len >= MIN_RECORD_BYTES as u64 && bad + len <= limit && valid_at(bad + len)? {
+                return Ok(bad + len);
+            }
+        }
+        // Otherwise look for the next valid frame, a window at a time.
+        let mut window_start = bad + 1;
+        let mut buf = Vec::new();
+        while window_start + MIN_RECORD_BYTES as u64 <= limit {
+            let n = (SCAN_CHUNK_BYTES as u64).min(limit - window_start) as usize;
+            buf.resize(n, 0);
+            seg.read_at(window_start, &mut buf)?;
+            for i in 0..n.saturating_sub(9) {
+                if buf[i + 8] == MAGIC && buf[i + 9] == VERSION {
+                    let pos = window_start + i as u64;
+                    if valid_at(pos)? {
+                        return Ok(pos);
+                    }
+                }
+            }
+            // Windows overlap by the 10 header bytes a candidate needs.
+            window_start += n.saturating_sub(9).max(1) as u64;
+        }
+        Ok(limit)
+    }
+
     /// Iterates over records from `offset` (a record boundary) to the end of
     /// what was written when each read happens. Yields `(physical offset,
     /// record)`; stops after the first error.
@@ -1247,6 +1316,51 @@ fn find_next_frame(buf: &[u8]) -> Option<usize> {
             && buf.get(i + 9) == Some(&VERSION)
             && check_frame(&buf[i..], 0).is_ok()
     })
+}
+
+/// What [`CommitLog::scan_from`] yields.
+#[derive(Debug)]
+pub enum ScanItem {
+    /// A valid record at its physical offset.
+    Record(u64, Record),
+    /// A damaged range that was stepped over (nothing in it is trusted).
+    Skipped(CorruptRange),
+}
+
+/// Sequential reader over the log that steps over damaged ranges; see
+/// [`CommitLog::scan_from`].
+///
+/// After a record fails its checks, reading resumes where the record's own
+/// length says it ends if a valid record starts there (a flipped bit in a
+/// body or header), else at the next complete valid frame of the segment,
+/// else at the next segment. Like recovery's search, a body that embeds a
+/// byte-exact valid record could be taken for one there; only a damaged
+/// record right before it leads the scan into a body.
+pub struct LogScan<'a> {
+    log: &'a CommitLog,
+    iter: LogIter<'a>,
+}
+
+impl Iterator for LogScan<'_> {
+    type Item = Result<ScanItem>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self.iter.next()? {
+            Ok((offset, rec)) => Some(Ok(ScanItem::Record(offset, rec))),
+            Err(Error::Corrupt { offset, reason }) => match self.log.resync(offset) {
+                Ok(next) => {
+                    self.iter = self.log.iter_from(next);
+                    Some(Ok(ScanItem::Skipped(CorruptRange {
+                        start: offset,
+                        end: next,
+                        reason,
+                    })))
+                }
+                Err(e) => Some(Err(e)),
+            },
+            Err(e) => Some(Err(e)),
+        }
+    }
 }
 
 /// Sequential reader over the log; see [`CommitLog::iter_from`].

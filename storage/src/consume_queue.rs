@@ -10,9 +10,15 @@
 //! entry (20 bytes, little-endian), entry n of the queue at byte (n - file base) * 20:
 //!  offset size field
 //!       0    8 physical_offset   u64: where the record (for a commit: the half) starts
-//!       8    4 size              u32: the record's size in bytes; 0 = hole (no entry)
+//!       8    4 size              u32: the record's size in bytes; 0 = no entry
 //!      12    8 tag_hash          u64: [`crate::record::tag_hash`] of the tag
 //! ```
+//!
+//! An entry with size 0 is a **hole** only when its physical offset is
+//! `u64::MAX` (written by a repair that found no record for that queue
+//! offset in the log). Any other size-0 entry below the queue's end was
+//! damaged (zeroed bytes): it is repaired from the log like any entry that
+//! cannot be right.
 //!
 //! Files hold `cq_entries_per_file` entries and start at multiples of it. A
 //! consume queue is derived data: the store rebuilds it from the commit log
@@ -46,6 +52,46 @@ pub struct CqEntry {
     pub size: u32,
     /// Hash of the message's tag.
     pub tag_hash: u64,
+}
+
+/// What one 20-byte slot of a consume queue holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slot {
+    /// An entry.
+    Entry(CqEntry),
+    /// A known hole: a repair found no record for it in the log.
+    Hole,
+    /// Size 0 without the hole marker: damaged bytes, to repair.
+    Damaged,
+}
+
+/// The bytes of a known hole: physical offset `u64::MAX`, size 0.
+const HOLE_BYTES: [u8; 20] = {
+    let mut b = [0u8; 20];
+    let mut i = 0;
+    while i < 8 {
+        b[i] = 0xff;
+        i += 1;
+    }
+    b
+};
+
+impl Slot {
+    fn decode(b: &[u8]) -> Slot {
+        match CqEntry::decode(b) {
+            Some(e) => Slot::Entry(e),
+            None if b[0..8] == HOLE_BYTES[0..8] => Slot::Hole,
+            None => Slot::Damaged,
+        }
+    }
+
+    /// The entry, if the slot holds one.
+    pub fn entry(self) -> Option<CqEntry> {
+        match self {
+            Slot::Entry(e) => Some(e),
+            _ => None,
+        }
+    }
 }
 
 impl CqEntry {
@@ -369,11 +415,21 @@ impl ConsumeQueue {
         self.visible.load(Ordering::Acquire)
     }
 
-    /// Reads the entry at `queue_offset`; `None` for a hole or outside the queue.
+    /// Reads the entry at `queue_offset`; `None` for a hole, a damaged slot
+    /// or outside the queue.
     ///
     /// # Errors
     /// I/O errors.
     pub fn get(&self, queue_offset: u64) -> Result<Option<CqEntry>> {
+        Ok(self.slot(queue_offset)?.and_then(Slot::entry))
+    }
+
+    /// Reads the slot at `queue_offset`; `None` outside the queue (past its
+    /// end, or in a file retention deleted).
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn slot(&self, queue_offset: u64) -> Result<Option<Slot>> {
         if queue_offset >= self.next_offset() {
             return Ok(None);
         }
@@ -381,7 +437,7 @@ impl ConsumeQueue {
         let file = {
             let inner = lock(&self.inner);
             if let Some(e) = inner.cached(queue_offset) {
-                return Ok(e);
+                return Ok(Some(e.map_or(Slot::Damaged, Slot::Entry)));
             }
             match inner.files.get(&base) {
                 Some(f) => Arc::clone(f),
@@ -390,18 +446,59 @@ impl ConsumeQueue {
         };
         let mut b = [0u8; 20];
         match file.read_exact_at(&mut b, (queue_offset - base) * CQ_ENTRY_BYTES) {
-            Ok(()) => Ok(CqEntry::decode(&b)),
+            Ok(()) => Ok(Some(Slot::decode(&b))),
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
             Err(e) => Err(Error::io("read consume queue", &self.dir, e)),
         }
     }
 
-    /// Calls `f(queue_offset, entry)` for every non-hole entry of the last
+    /// Marks every damaged slot of the queue (size 0 without the hole
+    /// marker) as a known hole; returns how many. A repair calls it after
+    /// rewriting every entry the log has, so what is left has no record.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn mark_damaged_as_holes(&self) -> Result<u64> {
+        let mut damaged = Vec::new();
+        self.for_each_slot(usize::MAX, |qo, s| {
+            if s == Slot::Damaged {
+                damaged.push(qo);
+            }
+        })?;
+        let mut inner = lock(&self.inner);
+        for &qo in &damaged {
+            let base = qo - qo % self.entries_per_file;
+            let file = self.file(&mut inner, base)?;
+            file.write_all_at(&HOLE_BYTES, (qo - base) * CQ_ENTRY_BYTES)
+                .map_err(|e| Error::io("write consume queue", &self.dir, e))?;
+            inner.dirty.insert(base);
+        }
+        if !damaged.is_empty() {
+            inner.forget();
+        }
+        Ok(damaged.len() as u64)
+    }
+
+    /// Calls `f(queue_offset, entry)` for every entry of the last
     /// `last_files` files, in order, reading each file whole.
     ///
     /// # Errors
     /// I/O errors.
     pub fn for_each_entry(&self, last_files: usize, mut f: impl FnMut(u64, CqEntry)) -> Result<()> {
+        self.for_each_slot(last_files, |qo, s| {
+            if let Slot::Entry(e) = s {
+                f(qo, e);
+            }
+        })
+    }
+
+    /// Calls `f(queue_offset, slot)` for every slot below the queue's end in
+    /// the last `last_files` files, in order, reading each file whole.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn for_each_slot(&self, last_files: usize, mut f: impl FnMut(u64, Slot)) -> Result<()> {
+        let end = self.next_offset();
         let files: Vec<(u64, Arc<File>)> = lock(&self.inner)
             .files
             .iter()
@@ -415,8 +512,9 @@ impl ConsumeQueue {
             let n = read_up_to(&file, &mut buf)
                 .map_err(|e| Error::io("read consume queue", &self.dir, e))?;
             for (i, b) in buf[..n - n % 20].chunks_exact(20).enumerate() {
-                if let Some(e) = CqEntry::decode(b) {
-                    f(base + i as u64, e);
+                let qo = base + i as u64;
+                if qo < end {
+                    f(qo, Slot::decode(b));
                 }
             }
         }

@@ -61,6 +61,17 @@ pub enum Error {
         /// The queue offset asked for.
         queue_offset: u64,
     },
+    /// A consume-queue entry below the queue's end is zeroed (size 0 without
+    /// the hole marker): damaged bytes, repaired from the log when read.
+    #[error("consume-queue entry {queue_offset} of {topic}/{queue_id} is damaged (size 0)")]
+    QueueEntryDamaged {
+        /// Topic name.
+        topic: String,
+        /// Queue id within the topic.
+        queue_id: u32,
+        /// The queue offset of the entry.
+        queue_offset: u64,
+    },
     /// The configuration was rejected by [`crate::StoreConfig::validate`].
     #[error("invalid storage config `{key}`: {reason}")]
     Config {

@@ -42,9 +42,9 @@ pub mod record;
 pub mod retention;
 pub mod store;
 
-pub use commitlog::{CommitLog, CorruptRange, RecoveryReport, SegmentInfo};
+pub use commitlog::{CommitLog, CorruptRange, LogScan, RecoveryReport, ScanItem, SegmentInfo};
 pub use config::{FlushMode, StoreConfig};
-pub use consume_queue::{ConsumeQueue, CqEntry};
+pub use consume_queue::{ConsumeQueue, CqEntry, Slot};
 pub use error::{Error, Result};
 pub use meta::{Checkpoint, Meta};
 pub use record::{tag_hash, MessageId, Record, RecordKind};

@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use crate::commitlog::{CommitLog, LogOptions, RecoveryReport, SegmentInfo};
 use crate::config::{FlushMode, StoreConfig};
-use crate::consume_queue::{ConsumeQueue, CqEntry};
+use crate::consume_queue::{ConsumeQueue, CqEntry, Slot};
 use crate::error::{Error, Result};
 use crate::meta::{Checkpoint, Meta};
 use crate::record::{tag_hash, Record, RecordKind, MIN_RECORD_BYTES};
@@ -287,7 +287,8 @@ impl Store {
     /// Start-up check of the consume-queue entries of each queue's last
     /// three files (as RocketMQ recovers its consume queues: start-up cost
     /// stays bounded however long the queues are) against what any entry
-    /// must satisfy (a record size within limits, ending inside the log);
+    /// must satisfy (a record size within limits, ending inside the log; a
+    /// size of 0 only as a repair's hole marker);
     /// queues with an entry that cannot be right are repaired from the log.
     /// Older entries, and entries that pass but point at the wrong record,
     /// are caught when read (see [`Store::read_queue`]).
@@ -297,24 +298,29 @@ impl Store {
         let mut bad: Vec<QueueKey> = Vec::new();
         for cq in self.all_queues() {
             let mut first_bad = None;
-            cq.for_each_entry(3, |qo, e| {
-                let size = u64::from(e.size);
-                let ok = size >= MIN_RECORD_BYTES as u64
-                    && size <= max
-                    && e.physical_offset
-                        .checked_add(size)
-                        .is_some_and(|x| x <= end);
+            cq.for_each_slot(3, |qo, slot| {
+                let ok = match slot {
+                    Slot::Entry(e) => {
+                        let size = u64::from(e.size);
+                        size >= MIN_RECORD_BYTES as u64
+                            && size <= max
+                            && e.physical_offset
+                                .checked_add(size)
+                                .is_some_and(|x| x <= end)
+                    }
+                    Slot::Hole => true,
+                    Slot::Damaged => false,
+                };
                 if !ok && first_bad.is_none() {
-                    first_bad = Some((qo, e));
+                    first_bad = Some((qo, slot));
                 }
             })?;
-            if let Some((qo, e)) = first_bad {
+            if let Some((qo, slot)) = first_bad {
                 tracing::error!(
                     topic = cq.topic(),
                     queue_id = cq.queue_id(),
                     queue_offset = qo,
-                    physical_offset = e.physical_offset,
-                    size = e.size,
+                    entry = ?slot,
                     log_end = end,
                     "corrupt consume-queue entry; repairing the queue from the commit log"
                 );
@@ -333,8 +339,8 @@ impl Store {
     /// twice gets the same value). Returns how many entries changed.
     ///
     /// # Errors
-    /// I/O errors of the consume queues. Unreadable log ranges (reported by
-    /// recovery) are stepped over.
+    /// I/O errors of the consume queues. Unreadable log ranges are stepped
+    /// over (logged).
     pub fn repair_queues(&self, keys: &[QueueKey]) -> Result<u64> {
         let mut cqs: HashMap<QueueKey, Arc<ConsumeQueue>> = HashMap::default();
         for k in keys {
@@ -344,44 +350,40 @@ impl Store {
             }
         }
         let mut changed = 0u64;
-        let mut pos = self.log.min_offset();
         let end = self.log.written_offset();
-        while pos < end {
-            let mut it = self.log.iter_from(pos);
-            for item in it.by_ref() {
-                let Ok((offset, rec)) = item else { break };
-                if offset >= end {
+        for item in self.log.scan_from(self.log.min_offset()) {
+            let (offset, rec) = match item {
+                Ok(crate::commitlog::ScanItem::Record(o, r)) => (o, r),
+                Ok(crate::commitlog::ScanItem::Skipped(r)) => {
+                    tracing::error!(start = r.start, end = r.end, reason = %r.reason,
+                        "consume-queue repair stepped over an unreadable commit-log range");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "consume-queue repair stopped at an I/O error");
                     break;
                 }
-                let Some(cq) = cqs.get(&(rec.topic.clone(), rec.queue_id)) else {
-                    continue;
-                };
-                if let Some((qo, entry)) = dispatch_entry(offset, &rec) {
-                    if cq.get(qo)? != Some(entry) {
-                        cq.put(qo, &[entry])?;
-                        changed += 1;
-                    }
-                }
-            }
-            let stopped = it.position();
-            if stopped >= end {
+            };
+            if offset >= end {
                 break;
             }
-            // Step over a corrupt range recovery reported, or give up.
-            match self
-                .recovery
-                .corrupt
-                .iter()
-                .find(|r| r.start <= stopped && stopped < r.end)
-            {
-                Some(r) => pos = r.end,
-                None => {
-                    tracing::error!(
-                        physical_offset = stopped,
-                        "consume-queue repair stopped at an unreadable record"
-                    );
-                    break;
+            let Some(cq) = cqs.get(&(rec.topic.clone(), rec.queue_id)) else {
+                continue;
+            };
+            if let Some((qo, entry)) = dispatch_entry(offset, &rec) {
+                if cq.get(qo)? != Some(entry) {
+                    cq.put(qo, &[entry])?;
+                    changed += 1;
                 }
+            }
+        }
+        for (k, cq) in &cqs {
+            let holes = cq.mark_damaged_as_holes()?;
+            if holes > 0 {
+                tracing::error!(
+                    topic = %k.0, queue_id = k.1, holes,
+                    "queue offsets with no record in the commit log (lost to damage): marked as holes, skipped by consumers"
+                );
             }
         }
         tracing::warn!(queues = ?keys, entries = changed, "consume queues repaired from the commit log");
@@ -566,8 +568,17 @@ impl Store {
         if queue_offset >= cq.visible_offset(self.log.flushed_offset()) {
             return Err(not_found());
         }
+        let damaged_entry = || Error::QueueEntryDamaged {
+            topic: topic.to_owned(),
+            queue_id,
+            queue_offset,
+        };
         let read = || -> Result<QueueMessage> {
-            let entry = cq.get(queue_offset)?.ok_or_else(not_found)?;
+            let entry = match cq.slot(queue_offset)? {
+                Some(Slot::Entry(e)) => e,
+                Some(Slot::Damaged) => return Err(damaged_entry()),
+                Some(Slot::Hole) | None => return Err(not_found()),
+            };
             let record = self.log.read_sized(entry.physical_offset, entry.size)?;
             if !entry_matches(topic, queue_id, queue_offset, &record) {
                 return Err(Error::Corrupt {
@@ -585,7 +596,11 @@ impl Store {
             })
         };
         match read() {
-            Err(e @ (Error::Corrupt { .. } | Error::OffsetOutOfRange { .. })) => {
+            Err(
+                e @ (Error::Corrupt { .. }
+                | Error::OffsetOutOfRange { .. }
+                | Error::QueueEntryDamaged { .. }),
+            ) => {
                 // The entry may be what is damaged: repair the queue from the
                 // log once, then read again (a damaged record stays an error).
                 let key = (topic.to_owned(), queue_id);
