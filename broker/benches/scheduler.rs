@@ -6,8 +6,8 @@
 #![allow(missing_docs)]
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
-use halfmq_broker::retry::{parse_delays, RetryPolicy, DEFAULT_RETRY_DELAYS};
-use halfmq_broker::txcheck::{CheckConfig, CheckScheduler};
+use halfmq_broker::core::retry::{parse_delays, RetryPolicy, DEFAULT_RETRY_DELAYS};
+use halfmq_broker::core::txcheck::{CheckConfig, CheckScheduler};
 
 fn cfg() -> CheckConfig {
     CheckConfig {
@@ -47,7 +47,7 @@ fn scheduler(c: &mut Criterion) {
             |mut s| {
                 let now = 1_000_000;
                 for _ in 0..100 {
-                    if let Some(halfmq_broker::txcheck::Due::Check(o)) = s.next_due(now) {
+                    if let Some(halfmq_broker::core::txcheck::Due::Check(o)) = s.next_due(now) {
                         s.check_sent(o, now);
                         s.answered_unknown(o, now);
                     }

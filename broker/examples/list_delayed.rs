@@ -12,9 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use halfmq_broker::broker::{OutgoingMessage, QueueChoice, SystemClock};
 use halfmq_broker::config::FlushSetting;
-use halfmq_broker::transactions::{EndSource, Resolution};
+use halfmq_broker::core::transactions::{EndSource, Resolution};
+use halfmq_broker::core::{OutgoingMessage, QueueChoice, SystemClock};
 use halfmq_broker::{Broker, BrokerConfig};
 
 fn message(delay_ms: u64) -> OutgoingMessage {

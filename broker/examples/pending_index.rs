@@ -10,7 +10,7 @@
 use std::collections::HashSet;
 use std::time::Instant;
 
-use halfmq_broker::txcheck::{CheckConfig, CheckScheduler};
+use halfmq_broker::core::txcheck::{CheckConfig, CheckScheduler};
 
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();

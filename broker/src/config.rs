@@ -206,8 +206,8 @@ impl Default for BrokerConfig {
             check_reply_timeout_ms: 10_000,
             max_checks_inflight_per_session: 64,
             max_pending_halves: 2_000_000,
-            retry_delays: crate::retry::DEFAULT_RETRY_DELAYS.to_owned(),
-            max_reconsume_times: crate::retry::DEFAULT_MAX_RECONSUME_TIMES,
+            retry_delays: crate::core::retry::DEFAULT_RETRY_DELAYS.to_owned(),
+            max_reconsume_times: crate::core::retry::DEFAULT_MAX_RECONSUME_TIMES,
         }
     }
 }
@@ -457,23 +457,23 @@ impl BrokerConfig {
                 format!("{} is more than {MAX_WORKER_THREADS}", self.worker_threads),
             );
         }
-        if let Err(reason) = crate::retry::parse_delays(&self.retry_delays) {
+        if let Err(reason) = crate::core::retry::parse_delays(&self.retry_delays) {
             return bad("retry_delays", reason);
         }
         Ok(())
     }
 
     /// The retry policy (call after [`BrokerConfig::validate`]).
-    pub fn retry_policy(&self) -> crate::retry::RetryPolicy {
-        crate::retry::RetryPolicy {
-            delays_ms: crate::retry::parse_delays(&self.retry_delays).unwrap_or_default(),
+    pub fn retry_policy(&self) -> crate::core::retry::RetryPolicy {
+        crate::core::retry::RetryPolicy {
+            delays_ms: crate::core::retry::parse_delays(&self.retry_delays).unwrap_or_default(),
             max_reconsume_times: self.max_reconsume_times,
         }
     }
 
     /// The check-back scheduler's settings.
-    pub fn check_config(&self) -> crate::txcheck::CheckConfig {
-        crate::txcheck::CheckConfig {
+    pub fn check_config(&self) -> crate::core::txcheck::CheckConfig {
+        crate::core::txcheck::CheckConfig {
             transaction_timeout_ms: self.transaction_timeout_ms,
             check_interval_ms: self.check_interval_ms,
             check_max: self.check_max,

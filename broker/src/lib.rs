@@ -2,41 +2,37 @@
 //! background tasks.
 //!
 //! # Layout
-//! - [`config`]: [`BrokerConfig`], defaults, TOML, validation.
-//! - [`names`]: topic/group name rules, tag expressions, fixed field limits.
-//! - [`delivery`]: pure state machine of one consumer group on one queue
-//!   (leases, invisible deadlines, acks, consumer offset).
-//! - [`broker`]: [`Broker`]: topics, send, receive (long polling), ack, nack,
-//!   progress persistence, stats, background checkpoint and retention.
-//! - [`admin`]: operator actions: consumer-offset reset, topic deletion.
-//! - [`txcheck`]: pure check-back scheduler (deadline-ordered pending halves).
-//! - [`transactions`]: half messages, EndTransaction, producer sessions,
-//!   the check driver, transaction state persistence and replay.
-//! - [`retry`]: pure retry/DLQ policy (delay levels, max reconsume times).
-//! - [`redelivery`]: retry queues and dead-letter queues: hand-off of failed
-//!   deliveries, due retries, DLQ list / redrive / purge.
-//! - [`service`]: gRPC services; wire types convert to domain types here.
+//! - [`core`]: the broker itself, [`Broker`]: topics, sends, deliveries,
+//!   transactions, retries and DLQs, consumer progress, stats. Domain types
+//!   only: no protobuf, no sockets. Its pure state machines
+//!   ([`core::delivery`], [`core::retry`], [`core::txcheck`]) take `now`
+//!   from the caller.
+//! - [`api`]: the API edges, converting the wire to the core and back:
+//!   [`api::halfmq`] (`halfmq.v1`).
+//! - [`services`]: background work: checkpoints, retention, the check-back
+//!   driver (the leader's, once there is replication).
 //! - [`server`]: listener, connection limit, graceful shutdown.
-//! - [`units`]: durations and sizes with units, for flags and TOML.
-//! - [`logging`]: log set-up (colour only on a terminal) and one-line error reports for the binaries.
+//! - [`config`]: [`BrokerConfig`], defaults, TOML, validation; [`units`]:
+//!   durations and sizes with units.
+//! - [`logging`]: log set-up and one-line error reports for the binaries.
 //! - [`error`]: the crate error type, [`BrokerError`].
+//!
+//! Dependencies point one way: `api`, `services` and `server` use `core`;
+//! `core` uses none of them. Inside `core`, the module defining [`Broker`]
+//! holds only state and its lifecycle; each operation module (`send`,
+//! `receive`, `redelivery`, `transactions`, `admin`) extends it and uses
+//! only lower modules and its siblings' operations.
 
-pub mod admin;
-pub mod broker;
+pub mod api;
 pub mod config;
-pub mod delivery;
+pub mod core;
 pub mod error;
 pub mod logging;
-pub mod names;
-pub mod redelivery;
-pub mod retry;
 pub mod server;
-pub mod service;
-pub mod transactions;
-pub mod txcheck;
+pub mod services;
 pub mod units;
 
-pub use broker::{Broker, Clock, SystemClock};
 pub use config::{BrokerConfig, ConfigError, FlushSetting};
+pub use core::{Broker, Clock, SystemClock};
 pub use error::BrokerError;
 pub use server::{serve, start, start_with_clock, RunningBroker};

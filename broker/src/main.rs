@@ -203,26 +203,22 @@ fn load_config(args: &Args) -> anyhow::Result<BrokerConfig> {
     Ok(cfg)
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
+/// Installs the SIGINT and SIGTERM handlers at once (so a signal during
+/// start-up, recovery included, is not the default "terminate now") and
+/// returns the future that completes on the first of them.
+///
+/// # Errors
+/// When a handler cannot be installed.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
+    })
 }
 
 fn main() -> std::process::ExitCode {
@@ -261,6 +257,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     let res: anyhow::Result<()> = rt.block_on(async move {
+        let stop = shutdown_signal().context("installing the SIGINT/SIGTERM handlers")?;
         let listener =
             halfmq_broker::server::bind(&cfg).with_context(|| format!("binding {}", cfg.listen))?;
         let addr = listener.local_addr()?;
@@ -279,7 +276,7 @@ fn main() -> std::process::ExitCode {
         );
         // Printed on stdout for scripts and tests that start the broker on port 0.
         println!("listening on {addr}");
-        halfmq_broker::serve(broker, listener, shutdown_signal()).await?;
+        halfmq_broker::serve(broker, listener, stop).await?;
         Ok(())
     });
     rt.shutdown_timeout(Duration::from_secs(5));

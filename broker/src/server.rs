@@ -15,10 +15,10 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
-use crate::broker::{Broker, Clock, SystemClock};
+use crate::api::halfmq::Services;
 use crate::config::BrokerConfig;
+use crate::core::{Broker, Clock, SystemClock};
 use crate::error::BrokerError;
-use crate::service::Services;
 
 /// The tokio runtime builder for `worker_threads` (the `worker_threads`
 /// config key): 1 is tokio's current-thread scheduler, which costs less per

@@ -16,37 +16,26 @@
 //! they survive kill -9 per the flush policy, cost memory only per level, and
 //! fire at start-up when due.
 //!
-//! # DLQ state
-//! Entries removed from a DLQ (redriven or purged) are recorded per group as
-//! a [`QueueProgress`] (its "acked" offsets), saved in sled keyspace `dlq`.
+//! The removal state of each group's DLQ is `dlq::DlqState`.
 
 use foldhash::HashMap;
 use std::sync::Mutex;
 
 use halfmq_storage::{MessageId, Record, RecordKind};
 
-use crate::broker::{Broker, GroupTopic};
-use crate::delivery::{Lease, QueueProgress};
+use crate::core::delivery::Lease;
+use crate::core::dlq::lock;
+use crate::core::names::check_group;
+use crate::core::props::{
+    prop, prop_u64, DELIVER_AT_PROPERTY, FIRST_DELIVERY_PROPERTY, LAST_DELIVERY_PROPERTY,
+    ORIGIN_PROPERTY, REASON_PROPERTY, TOPIC_PROPERTY,
+};
+use crate::core::retry::Step;
+use crate::core::{Broker, GroupTopic};
 use crate::error::BrokerError;
-use crate::names::check_group;
-use crate::retry::Step;
 
-/// Property: when a retry falls due, ms since the epoch.
-pub const DELIVER_AT_PROPERTY: &str = "halfmq.deliver_at_ms";
-/// Property: the consumer's last failure reason.
-pub const REASON_PROPERTY: &str = "halfmq.reason";
-/// Property: first delivery to the group, ms since the epoch.
-pub const FIRST_DELIVERY_PROPERTY: &str = "halfmq.first_delivery_ms";
-/// Property: last (failed) delivery, ms since the epoch.
-pub const LAST_DELIVERY_PROPERTY: &str = "halfmq.last_delivery_ms";
-/// Property: the message's original topic.
-pub const TOPIC_PROPERTY: &str = "halfmq.topic";
-/// Property: where the message was in its topic, `<queue id>:<queue offset>`.
-pub const ORIGIN_PROPERTY: &str = "halfmq.origin";
 /// Saved queue ids of retry levels carry this bit.
 pub const RETRY_QUEUE_BIT: u32 = 0x8000_0000;
-
-const DLQ_SPACE: &str = "dlq";
 
 /// The retry topic of (group, topic).
 pub fn retry_topic(group: &str, topic: &str) -> String {
@@ -56,17 +45,6 @@ pub fn retry_topic(group: &str, topic: &str) -> String {
 /// The dead-letter topic of a group.
 pub fn dlq_topic(group: &str) -> String {
     format!("%DLQ%{group}")
-}
-
-fn prop<'a>(r: &'a Record, key: &str) -> Option<&'a str> {
-    r.properties
-        .iter()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v.as_str())
-}
-
-fn prop_u64(r: &Record, key: &str) -> u64 {
-    prop(r, key).and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
 /// The (queue id, queue offset) a message had in its topic, as a
@@ -152,41 +130,6 @@ pub struct DeadLetterContent {
     pub keys: Vec<String>,
     /// User properties.
     pub properties: Vec<(String, String)>,
-}
-
-/// DLQ removal state of every group.
-#[derive(Debug, Default)]
-pub(crate) struct DlqState {
-    removed: Mutex<HashMap<String, QueueProgress>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Bookkeeping maps only; a panic elsewhere cannot leave them half written.
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-impl DlqState {
-    pub(crate) fn load(store: &halfmq_storage::Store) -> Result<DlqState, BrokerError> {
-        let mut removed = HashMap::default();
-        for (k, v) in store.meta().scan_prefix(DLQ_SPACE, b"")? {
-            if let (Ok(g), Some(p)) = (String::from_utf8(k), crate::broker::decode_progress(&v)) {
-                removed.insert(g, p);
-            }
-        }
-        Ok(DlqState {
-            removed: Mutex::new(removed),
-        })
-    }
-
-    pub(crate) fn save(&self, store: &halfmq_storage::Store) -> Result<(), BrokerError> {
-        let removed = lock(&self.removed).clone();
-        for (g, p) in removed {
-            store
-                .meta()
-                .put(DLQ_SPACE, g.as_bytes(), &crate::broker::encode_progress(&p))?;
-        }
-        Ok(())
-    }
 }
 
 impl Broker {
@@ -405,7 +348,7 @@ impl Broker {
                                 body: o.body,
                                 tag: o.tag,
                                 keys: o.keys,
-                                properties: crate::transactions::user_properties(o.properties),
+                                properties: crate::core::transactions::user_properties(o.properties),
                             })
                         }
                         Ok(_) => {

@@ -4,10 +4,12 @@
 
 use std::sync::Arc;
 
-use crate::broker::{Broker, GroupKey, GROUPS_SPACE, TOPICS_SPACE};
+use crate::core::names::{check_group, check_topic};
+use crate::core::progress::{GroupKey, GroupTopic, GROUPS_SPACE};
+use crate::core::redelivery::retry_topic;
+use crate::core::topics::TOPICS_SPACE;
+use crate::core::Broker;
 use crate::error::BrokerError;
-use crate::names::{check_group, check_topic};
-use crate::redelivery::retry_topic;
 
 /// Where [`Broker::reset_offset`] moves a group's consumer offsets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,7 +49,7 @@ impl Broker {
             .collect();
         let gt = self.group_topic(group, topic, t.queues);
         {
-            let mut g = crate::broker::lock(&gt);
+            let mut g = crate::core::lock(&gt);
             for &(qid, offset) in &targets {
                 if let Some(p) = g.queues.get_mut(qid as usize) {
                     p.reset_to(offset);
@@ -107,7 +109,7 @@ impl Broker {
     /// it are pending, storage errors.
     pub fn delete_topic(&self, name: &str) -> Result<(), BrokerError> {
         check_topic(name)?;
-        let _saving = crate::broker::lock(&self.progress_lock);
+        let _saving = crate::core::lock(&self.progress_lock);
         {
             let mut topics = self.topics_mut();
             if !topics.contains_key(name) {
@@ -125,7 +127,7 @@ impl Broker {
             }
             self.store().meta().remove(TOPICS_SPACE, name.as_bytes())?;
         }
-        let groups: Vec<(GroupKey, Arc<std::sync::Mutex<crate::broker::GroupTopic>>)> =
+        let groups: Vec<(GroupKey, Arc<std::sync::Mutex<GroupTopic>>)> =
             self.remove_groups_of(name);
         let mut queues = vec![name.to_owned()];
         for ((group, _), _) in &groups {

@@ -1,0 +1,297 @@
+//! The `Admin` service: topics, stats, pending transactions, dead letters,
+//! offset resets.
+
+use std::sync::Arc;
+
+use halfmq_proto::v1 as pb;
+use tonic::{Request, Response};
+
+use super::{ok, parse_message_id, status, Rpc, Services};
+use crate::core::admin::ResetTo;
+use crate::core::redelivery::DeadLetterContent;
+use crate::error::BrokerError;
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for Services {
+    #[tracing::instrument(skip_all, fields(topic = %req.get_ref().name))]
+    async fn create_topic(
+        &self,
+        req: Request<pb::CreateTopicRequest>,
+    ) -> Rpc<pb::CreateTopicResponse> {
+        let r = req.into_inner();
+        Ok(Response::new(pb::CreateTopicResponse {
+            status: match self.broker.create_topic(&r.name, r.queues) {
+                Ok(_) => ok(),
+                Err(e) => status(&e),
+            },
+        }))
+    }
+
+    async fn list_topics(
+        &self,
+        _req: Request<pb::ListTopicsRequest>,
+    ) -> Rpc<pb::ListTopicsResponse> {
+        Ok(Response::new(pb::ListTopicsResponse {
+            status: ok(),
+            topics: self
+                .broker
+                .list_topics()
+                .into_iter()
+                .map(|t| pb::TopicInfo {
+                    name: t.name,
+                    queues: t.queues,
+                    messages: t.messages,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn list_transactions(
+        &self,
+        _req: Request<pb::ListTransactionsRequest>,
+    ) -> Rpc<pb::ListTransactionsResponse> {
+        // The walk (delayed messages are skipped) and a log read per row run
+        // off the async workers.
+        let b = Arc::clone(&self.broker);
+        let listed = match tokio::task::spawn_blocking(move || b.list_transactions(10_000)).await {
+            Ok(v) => v,
+            Err(e) => {
+                let e = BrokerError::Internal(format!("listing transactions: {e}"));
+                return Ok(Response::new(pb::ListTransactionsResponse {
+                    status: status(&e),
+                    transactions: Vec::new(),
+                }));
+            }
+        };
+        Ok(Response::new(pb::ListTransactionsResponse {
+            status: ok(),
+            transactions: listed
+                .into_iter()
+                .map(|t| pb::PendingTransaction {
+                    transaction_id: t.transaction_id,
+                    message_id: t.message_id,
+                    topic: t.topic,
+                    producer_group: t.producer_group,
+                    age_ms: t.age_ms,
+                    check_times: t.check_times,
+                    given_up: t.given_up,
+                    note: t.note,
+                })
+                .collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(group = %req.get_ref().group))]
+    async fn list_dead_letters(
+        &self,
+        req: Request<pb::ListDeadLettersRequest>,
+    ) -> Rpc<pb::ListDeadLettersResponse> {
+        let r = req.into_inner();
+        let limit = if r.limit == 0 {
+            10_000
+        } else {
+            r.limit as usize
+        };
+        let id = match parse_message_id(&r.message_id) {
+            Ok(id) => id,
+            Err(e) => {
+                return Ok(Response::new(pb::ListDeadLettersResponse {
+                    status: status(&e),
+                    dead_letters: vec![],
+                }))
+            }
+        };
+        let b = Arc::clone(&self.broker);
+        let listed =
+            tokio::task::spawn_blocking(move || b.dead_letters(&r.group, limit, r.with_bodies, id))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(BrokerError::Internal(format!("listing dead letters: {e}")))
+                });
+        Ok(Response::new(match listed {
+            Ok(v) => pb::ListDeadLettersResponse {
+                status: ok(),
+                dead_letters: v
+                    .into_iter()
+                    .map(|d| {
+                        let c = d.content.unwrap_or_else(|| DeadLetterContent {
+                            body: bytes::Bytes::new(),
+                            tag: String::new(),
+                            keys: Vec::new(),
+                            properties: Vec::new(),
+                        });
+                        pb::DeadLetter {
+                            message_id: d.message_id.to_string(),
+                            topic: d.topic,
+                            reconsume_times: d.reconsume_times,
+                            reason: d.reason,
+                            first_delivery_ms: d.first_delivery_ms,
+                            last_delivery_ms: d.last_delivery_ms,
+                            dlq_offset: d.dlq_offset,
+                            body: c.body,
+                            tag: c.tag,
+                            keys: c.keys,
+                            properties: c.properties.into_iter().collect(),
+                            queue_id: d.origin.map_or(0, |o| o.0),
+                            queue_offset: d.origin.map(|o| o.1),
+                            body_omitted: d.body_omitted,
+                        }
+                    })
+                    .collect(),
+            },
+            Err(e) => pb::ListDeadLettersResponse {
+                status: status(&e),
+                dead_letters: vec![],
+            },
+        }))
+    }
+
+    async fn dead_letter_counts(
+        &self,
+        _req: Request<pb::DeadLetterCountsRequest>,
+    ) -> Rpc<pb::DeadLetterCountsResponse> {
+        Ok(Response::new(pb::DeadLetterCountsResponse {
+            status: ok(),
+            counts: self
+                .broker
+                .dead_letter_counts()
+                .into_iter()
+                .map(|(group, count)| pb::DeadLetterCount { group, count })
+                .collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(group = %req.get_ref().group))]
+    async fn redrive_dead_letters(
+        &self,
+        req: Request<pb::RedriveDeadLettersRequest>,
+    ) -> Rpc<pb::RedriveDeadLettersResponse> {
+        let r = req.into_inner();
+        let id = parse_message_id(&r.message_id);
+        let res = match id {
+            Ok(id) => self.broker.redrive(&r.group, id).await,
+            Err(e) => Err(e),
+        };
+        Ok(Response::new(match res {
+            Ok(n) => pb::RedriveDeadLettersResponse {
+                status: ok(),
+                count: n as u64,
+            },
+            Err(e) => pb::RedriveDeadLettersResponse {
+                status: status(&e),
+                count: 0,
+            },
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(group = %req.get_ref().group))]
+    async fn purge_dead_letters(
+        &self,
+        req: Request<pb::PurgeDeadLettersRequest>,
+    ) -> Rpc<pb::PurgeDeadLettersResponse> {
+        let r = req.into_inner();
+        Ok(Response::new(
+            match self.broker.purge_dead_letters(&r.group) {
+                Ok(n) => pb::PurgeDeadLettersResponse {
+                    status: ok(),
+                    count: n as u64,
+                },
+                Err(e) => pb::PurgeDeadLettersResponse {
+                    status: status(&e),
+                    count: 0,
+                },
+            },
+        ))
+    }
+
+    #[tracing::instrument(skip_all, fields(group = %req.get_ref().group, topic = %req.get_ref().topic))]
+    async fn reset_offset(
+        &self,
+        req: Request<pb::ResetOffsetRequest>,
+    ) -> Rpc<pb::ResetOffsetResponse> {
+        let r = req.into_inner();
+        let to = match r.to {
+            Some(pb::reset_offset_request::To::Earliest(true)) => Ok(ResetTo::Earliest),
+            Some(pb::reset_offset_request::To::Latest(true)) => Ok(ResetTo::Latest),
+            Some(pb::reset_offset_request::To::TimestampMs(t)) => Ok(ResetTo::Timestamp(t)),
+            _ => Err(BrokerError::BadRequest(
+                "say where to: earliest, latest or timestamp_ms".into(),
+            )),
+        };
+        let b = Arc::clone(&self.broker);
+        let res = match to {
+            Ok(to) => tokio::task::spawn_blocking(move || b.reset_offset(&r.group, &r.topic, to))
+                .await
+                .unwrap_or_else(|e| Err(BrokerError::Internal(format!("reset offset: {e}")))),
+            Err(e) => Err(e),
+        };
+        Ok(Response::new(match res {
+            Ok(v) => pb::ResetOffsetResponse {
+                status: ok(),
+                offsets: v
+                    .into_iter()
+                    .map(|(queue_id, queue_offset)| pb::QueueOffset {
+                        queue_id,
+                        queue_offset,
+                    })
+                    .collect(),
+            },
+            Err(e) => pb::ResetOffsetResponse {
+                status: status(&e),
+                offsets: vec![],
+            },
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(topic = %req.get_ref().name))]
+    async fn delete_topic(
+        &self,
+        req: Request<pb::DeleteTopicRequest>,
+    ) -> Rpc<pb::DeleteTopicResponse> {
+        let name = req.into_inner().name;
+        let b = Arc::clone(&self.broker);
+        let res = tokio::task::spawn_blocking(move || b.delete_topic(&name))
+            .await
+            .unwrap_or_else(|e| Err(BrokerError::Internal(format!("delete topic: {e}"))));
+        Ok(Response::new(pb::DeleteTopicResponse {
+            status: match res {
+                Ok(()) => ok(),
+                Err(e) => status(&e),
+            },
+        }))
+    }
+
+    async fn stats(&self, _req: Request<pb::StatsRequest>) -> Rpc<pb::StatsResponse> {
+        let s = self.broker.stats();
+        Ok(Response::new(pb::StatsResponse {
+            status: ok(),
+            messages_in: s.messages_in,
+            bytes_in: s.bytes_in,
+            messages_out: s.messages_out,
+            bytes_out: s.bytes_out,
+            acks: s.acks,
+            redeliveries: s.redeliveries,
+            groups: s
+                .groups
+                .into_iter()
+                .map(|g| pb::GroupStats {
+                    group: g.group,
+                    topic: g.topic,
+                    inflight: g.inflight,
+                    lag: g.lag,
+                    acked: g.acked,
+                })
+                .collect(),
+            commit_log_bytes: s.commit_log_bytes,
+            uptime_ms: s.uptime_ms,
+            connections: s.connections,
+            producer_sessions: s.producer_sessions,
+            pending_halves: s.pending_halves,
+            delayed_messages: s.delayed_messages,
+            halves_in: s.halves_in,
+            transactions_committed: s.transactions_committed,
+            transactions_rolled_back: s.transactions_rolled_back,
+            commit_log_fsyncs: s.commit_log_fsyncs,
+        }))
+    }
+}

@@ -1,0 +1,157 @@
+//! The `halfmq.v1` gRPC services: convert wire types to domain types, call
+//! the broker, convert back. Every broker decision is a `Status` in the
+//! response; gRPC errors are left to transport failures.
+//!
+//! # Layout
+//! - this module: [`Services`], status codes ([`code_of`]), conversions.
+//! - `producer`, `consumer`, `admin`: one gRPC service each.
+
+mod admin;
+mod consumer;
+mod producer;
+
+use std::sync::Arc;
+
+use halfmq_proto::v1 as pb;
+use tonic::Response;
+
+use crate::core::transactions::Resolution;
+use crate::core::types::{DeliveredMessage, OutgoingMessage, QueueChoice};
+use crate::core::Broker;
+use crate::error::BrokerError;
+
+/// The wire status code of an error. Stable: see README "Status codes".
+pub fn code_of(e: &BrokerError) -> pb::Code {
+    use pb::Code;
+    match e {
+        BrokerError::BadRequest(_) | BrokerError::Config(_) => Code::BadRequest,
+        BrokerError::InvalidTopic(_) => Code::InvalidTopic,
+        BrokerError::InvalidGroup(_) => Code::InvalidGroup,
+        BrokerError::InvalidTagExpression(_) => Code::InvalidTagExpression,
+        BrokerError::InvalidQueueId { .. } => Code::InvalidQueueId,
+        BrokerError::InvalidReceiptHandle(_) => Code::InvalidReceiptHandle,
+        BrokerError::ReservedName(_) => Code::ReservedName,
+        BrokerError::TopicNotFound(_) => Code::TopicNotFound,
+        BrokerError::ReceiptNotFound => Code::ReceiptNotFound,
+        BrokerError::InvalidTransactionId(_) => Code::InvalidTransactionId,
+        BrokerError::TransactionNotFound(_) => Code::TransactionNotFound,
+        BrokerError::TransactionConflict(_) => Code::TransactionConflict,
+        BrokerError::TooManyPendingHalves(_) => Code::TooManyPendingHalves,
+        BrokerError::TopicExists(_) => Code::TopicExists,
+        BrokerError::TopicBusy(_) => Code::TopicBusy,
+        BrokerError::MessageTooLarge { .. } => Code::MessageTooLarge,
+        BrokerError::BatchTooLarge(_) => Code::BatchTooLarge,
+        BrokerError::TooManyRequests(_) => Code::TooManyRequests,
+        BrokerError::Storage(halfmq_storage::Error::RecordTooLarge { .. }) => Code::MessageTooLarge,
+        BrokerError::Storage(e) if e.is_storage_full() => Code::StorageFull,
+        BrokerError::Storage(_) => Code::StorageError,
+        BrokerError::Internal(_) => Code::Internal,
+        BrokerError::ShuttingDown => Code::ShuttingDown,
+    }
+}
+
+pub(super) fn ok() -> Option<pb::Status> {
+    Some(pb::Status {
+        code: pb::Code::Ok as i32,
+        message: String::new(),
+    })
+}
+
+pub(super) fn status(e: &BrokerError) -> Option<pb::Status> {
+    let code = code_of(e);
+    if code == pb::Code::Internal || code == pb::Code::StorageError {
+        tracing::error!(error = %e, "request failed");
+    } else if code == pb::Code::StorageFull {
+        tracing::warn!(error = %e, "request refused: disk full");
+    } else {
+        tracing::debug!(error = %e, "request refused");
+    }
+    Some(pb::Status {
+        code: code as i32,
+        message: e.to_string(),
+    })
+}
+
+/// An optional message id: empty = none, else 32 hex digits.
+pub(super) fn parse_message_id(s: &str) -> Result<Option<halfmq_storage::MessageId>, BrokerError> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    halfmq_storage::MessageId::from_hex(s)
+        .map(Some)
+        .ok_or_else(|| BrokerError::BadRequest(format!("message id {s:?} is not 32 hex digits")))
+}
+
+pub(super) fn outgoing(m: pb::Message) -> OutgoingMessage {
+    let queue = match m.queue {
+        Some(pb::message::Queue::QueueId(q)) => QueueChoice::Id(q),
+        Some(pb::message::Queue::ShardingKey(k)) => QueueChoice::Key(k),
+        None => QueueChoice::RoundRobin,
+    };
+    let mut properties: Vec<(String, String)> = m.properties.into_iter().collect();
+    properties.sort();
+    OutgoingMessage {
+        topic: m.topic,
+        queue,
+        tag: m.tag,
+        keys: m.keys,
+        delay_ms: m.delay_ms,
+        properties,
+        body: m.body,
+    }
+}
+
+/// Implements the `Producer`, `Consumer` and `Admin` services over a broker.
+#[derive(Debug, Clone)]
+pub struct Services {
+    broker: Arc<Broker>,
+}
+
+impl Services {
+    /// Services over `broker`.
+    pub fn new(broker: Arc<Broker>) -> Self {
+        Services { broker }
+    }
+}
+
+pub(super) type Rpc<T> = Result<Response<T>, tonic::Status>;
+
+pub(super) fn wire_message(m: DeliveredMessage, with_receipt: bool) -> pb::ReceivedMessage {
+    pb::ReceivedMessage {
+        message_id: m.message_id.to_string(),
+        topic: m.topic,
+        queue_id: m.queue_id,
+        queue_offset: m.queue_offset,
+        tag: m.tag,
+        keys: m.keys,
+        properties: m.properties.into_iter().collect(),
+        body: m.body,
+        reconsume_times: m.reconsume_times,
+        receipt_handle: if with_receipt {
+            m.receipt.encode()
+        } else {
+            String::new()
+        },
+        store_timestamp_ms: m.store_timestamp_ms,
+        invisible_until_ms: m.invisible_until_ms,
+        original_queue_offset: m.original_queue_offset,
+        retry: m.retry,
+    }
+}
+
+pub(super) fn resolution(r: i32) -> Option<Resolution> {
+    match pb::Resolution::try_from(r).ok()? {
+        pb::Resolution::Commit => Some(Resolution::Commit),
+        pb::Resolution::Rollback => Some(Resolution::Rollback),
+        pb::Resolution::Unknown => Some(Resolution::Unknown),
+        pb::Resolution::Unspecified => None,
+    }
+}
+
+pub(super) type SessionStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<pb::SessionDown, tonic::Status>> + Send>,
+>;
+
+pub(super) fn down(kind: pb::session_down::Kind) -> Result<pb::SessionDown, tonic::Status> {
+    Ok(pb::SessionDown { kind: Some(kind) })
+}

@@ -1,0 +1,295 @@
+//! The `Producer` service: sends, half messages, EndTransaction, and the
+//! producer session on which check-backs go out.
+
+use std::sync::Arc;
+
+use halfmq_proto::v1 as pb;
+use tonic::{Request, Response};
+
+use super::{down, ok, outgoing, resolution, status, wire_message, Rpc, Services, SessionStream};
+use crate::core::transactions::{EndSource, Resolution};
+use crate::error::BrokerError;
+
+impl Services {
+    /// Stores half messages all or nothing: (status, one receipt per half).
+    async fn halves(
+        &self,
+        group: &str,
+        msgs: Vec<pb::Message>,
+    ) -> (Option<pb::Status>, Vec<pb::HalfReceipt>) {
+        let msgs = msgs.into_iter().map(outgoing).collect();
+        match self.broker.send_halves(group, msgs).await {
+            Ok(hs) => (
+                ok(),
+                hs.into_iter()
+                    .map(|h| pb::HalfReceipt {
+                        transaction_id: h.transaction_id,
+                        message_id: h.message_id.to_string(),
+                        queue_id: h.queue_id,
+                    })
+                    .collect(),
+            ),
+            Err(e) => (status(&e), Vec::new()),
+        }
+    }
+
+    /// Ends transactions, each alone: one status per end. More than
+    /// `max_batch_messages` ends are refused as a whole (the limit bounds how
+    /// long one request holds the transaction lock).
+    async fn ends(&self, ends: Vec<pb::EndTransactionRequest>) -> Vec<pb::Status> {
+        let max = self.broker.config().max_batch_messages as usize;
+        if ends.len() > max {
+            let e = BrokerError::BadRequest(format!(
+                "{} ends exceeds max_batch_messages {max}",
+                ends.len()
+            ));
+            let s = status(&e).unwrap_or_default();
+            return vec![s; ends.len()];
+        }
+        if ends.is_empty() {
+            return Vec::new();
+        }
+        let source = match ends.first().map(|e| pb::EndSource::try_from(e.source)) {
+            Some(Ok(pb::EndSource::Check)) => EndSource::Check,
+            Some(Ok(pb::EndSource::Operator)) => EndSource::Operator,
+            _ => EndSource::Producer,
+        };
+        let ends: Vec<(String, Resolution)> = ends
+            .into_iter()
+            .map(|e| {
+                (
+                    e.transaction_id,
+                    resolution(e.resolution).unwrap_or(Resolution::Unknown),
+                )
+            })
+            .collect();
+        self.broker
+            .end_transactions(ends, source)
+            .await
+            .into_iter()
+            .map(|r| match r {
+                Ok(()) => ok().unwrap_or_default(),
+                Err(e) => status(&e).unwrap_or_default(),
+            })
+            .collect()
+    }
+}
+
+#[tonic::async_trait]
+impl pb::producer_server::Producer for Services {
+    type SessionStream = SessionStream;
+
+    #[tracing::instrument(skip_all, fields(group = %req.get_ref().producer_group))]
+    async fn send_half(&self, req: Request<pb::SendHalfRequest>) -> Rpc<pb::SendHalfResponse> {
+        let r = req.into_inner();
+        let Some(m) = r.message else {
+            return Ok(Response::new(pb::SendHalfResponse {
+                status: status(&BrokerError::BadRequest("message is missing".into())),
+                ..Default::default()
+            }));
+        };
+        Ok(Response::new(
+            match self.broker.send_half(&r.producer_group, outgoing(m)).await {
+                Ok(h) => pb::SendHalfResponse {
+                    status: ok(),
+                    transaction_id: h.transaction_id,
+                    message_id: h.message_id.to_string(),
+                    queue_id: h.queue_id,
+                },
+                Err(e) => pb::SendHalfResponse {
+                    status: status(&e),
+                    ..Default::default()
+                },
+            },
+        ))
+    }
+
+    #[tracing::instrument(skip_all, fields(tx = %req.get_ref().transaction_id))]
+    async fn end_transaction(
+        &self,
+        req: Request<pb::EndTransactionRequest>,
+    ) -> Rpc<pb::EndTransactionResponse> {
+        let r = req.into_inner();
+        let source = match pb::EndSource::try_from(r.source) {
+            Ok(pb::EndSource::Check) => EndSource::Check,
+            Ok(pb::EndSource::Operator) => EndSource::Operator,
+            _ => EndSource::Producer,
+        };
+        let res = match resolution(r.resolution) {
+            Some(res @ (Resolution::Commit | Resolution::Rollback)) => {
+                self.broker
+                    .end_transaction(&r.transaction_id, res, source)
+                    .await
+            }
+            _ => Err(BrokerError::BadRequest(
+                "resolution must be COMMIT or ROLLBACK".into(),
+            )),
+        };
+        Ok(Response::new(pb::EndTransactionResponse {
+            status: match res {
+                Ok(()) => ok(),
+                Err(e) => status(&e),
+            },
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(group = %req.get_ref().producer_group, messages = req.get_ref().messages.len()))]
+    async fn send_halves(
+        &self,
+        req: Request<pb::SendHalvesRequest>,
+    ) -> Rpc<pb::SendHalvesResponse> {
+        let r = req.into_inner();
+        let (status, receipts) = self.halves(&r.producer_group, r.messages).await;
+        Ok(Response::new(pb::SendHalvesResponse { status, receipts }))
+    }
+
+    #[tracing::instrument(skip_all, fields(ends = req.get_ref().ends.len()))]
+    async fn end_transactions(
+        &self,
+        req: Request<pb::EndTransactionsRequest>,
+    ) -> Rpc<pb::EndTransactionsResponse> {
+        let results = self.ends(req.into_inner().ends).await;
+        Ok(Response::new(pb::EndTransactionsResponse {
+            status: ok(),
+            results,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(group = %req.get_ref().producer_group, halves = req.get_ref().halves.len(), ends = req.get_ref().ends.len()))]
+    async fn transaction_batch(
+        &self,
+        req: Request<pb::TransactionBatchRequest>,
+    ) -> Rpc<pb::TransactionBatchResponse> {
+        let r = req.into_inner();
+        // Both appends usually land before the same flush, so the two
+        // durability waits end together.
+        let ((halves_status, receipts), end_results) = tokio::join!(
+            async {
+                if r.halves.is_empty() {
+                    (ok(), Vec::new())
+                } else {
+                    self.halves(&r.producer_group, r.halves).await
+                }
+            },
+            self.ends(r.ends),
+        );
+        Ok(Response::new(pb::TransactionBatchResponse {
+            halves_status,
+            receipts,
+            end_results,
+        }))
+    }
+
+    async fn session(
+        &self,
+        req: Request<tonic::Streaming<pb::SessionUp>>,
+    ) -> Rpc<Self::SessionStream> {
+        let mut inbound = req.into_inner();
+        let (out_tx, out_rx) =
+            tokio::sync::mpsc::channel::<Result<pb::SessionDown, tonic::Status>>(16);
+        let hello = match inbound.message().await? {
+            Some(pb::SessionUp {
+                kind: Some(pb::session_up::Kind::Hello(h)),
+            }) => h,
+            _ => {
+                let _ = out_tx
+                    .send(down(pb::session_down::Kind::Error(pb::Status {
+                        code: pb::Code::BadRequest as i32,
+                        message: "the first session message must be a hello".into(),
+                    })))
+                    .await;
+                return Ok(Response::new(Box::pin(
+                    tokio_stream::wrappers::ReceiverStream::new(out_rx),
+                )));
+            }
+        };
+        // A session opened once shutdown has begun would keep the drain waiting.
+        let refused = self
+            .broker
+            .check_running()
+            .and_then(|()| crate::core::names::check_group(&hello.producer_group));
+        if let Err(e) = refused {
+            let _ = out_tx
+                .send(down(pb::session_down::Kind::Error(
+                    status(&e).unwrap_or_default(),
+                )))
+                .await;
+            return Ok(Response::new(Box::pin(
+                tokio_stream::wrappers::ReceiverStream::new(out_rx),
+            )));
+        }
+        let broker = Arc::clone(&self.broker);
+        let (sid, mut checks) = broker
+            .tx_state()
+            .open_session(hello.producer_group.clone(), hello.topics);
+        let _ = out_tx
+            .send(down(pb::session_down::Kind::Welcome(pb::Welcome {
+                session_id: sid,
+            })))
+            .await;
+        let mut stop = broker.shutdown_signal();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    c = checks.recv() => {
+                        let Some(c) = c else { break };
+                        let msg = pb::CheckRequest {
+                            transaction_id: c.transaction_id,
+                            producer_group: c.producer_group,
+                            check_times: c.check_times,
+                            message: Some(wire_message(c.message, false)),
+                        };
+                        if out_tx.send(down(pb::session_down::Kind::Check(msg))).await.is_err() {
+                            break;
+                        }
+                    }
+                    up = inbound.message() => match up {
+                        Ok(Some(pb::SessionUp { kind: Some(pb::session_up::Kind::Answer(a)) })) => {
+                            match resolution(a.resolution) {
+                                Some(r) => broker.check_answer(sid, &a.transaction_id, r).await,
+                                None => tracing::warn!(session = sid, "check answer without a resolution"),
+                            }
+                        }
+                        Ok(Some(_)) => tracing::warn!(session = sid, "unexpected session message ignored"),
+                        Ok(None) | Err(_) => break,
+                    },
+                    // wait_for, not changed: the shutdown may have begun before this
+                    // receiver was made, and changed() would then never fire.
+                    _ = async { stop.wait_for(|stopping| *stopping).await.map(|_| ()) } => break,
+                }
+            }
+            broker.tx_state().close_session(sid);
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(out_rx),
+        )))
+    }
+
+    #[tracing::instrument(skip_all, fields(messages = req.get_ref().messages.len()))]
+    async fn send(&self, req: Request<pb::SendRequest>) -> Rpc<pb::SendResponse> {
+        let msgs = req
+            .into_inner()
+            .messages
+            .into_iter()
+            .map(outgoing)
+            .collect();
+        Ok(Response::new(match self.broker.send(msgs).await {
+            Ok(receipts) => pb::SendResponse {
+                status: ok(),
+                receipts: receipts
+                    .into_iter()
+                    .map(|r| pb::SendReceipt {
+                        message_id: r.message_id.to_string(),
+                        queue_id: r.queue_id,
+                        queue_offset: r.queue_offset,
+                        deliver_at_ms: r.deliver_at_ms,
+                    })
+                    .collect(),
+            },
+            Err(e) => pb::SendResponse {
+                status: status(&e),
+                receipts: vec![],
+            },
+        }))
+    }
+}

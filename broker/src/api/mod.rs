@@ -1,0 +1,7 @@
+//! The broker's API edges: each converts its wire types to the core's
+//! domain types and back, and maps core errors to its status codes. No core
+//! type depends on them.
+//!
+//! - [`halfmq`]: the `halfmq.v1` gRPC services (Producer, Consumer, Admin).
+
+pub mod halfmq;

@@ -1,0 +1,51 @@
+//! System properties: what the broker itself keeps in a record's
+//! properties (names start with `halfmq.`, which clients may not use), and
+//! the helpers that read them.
+
+use halfmq_storage::Record;
+
+/// Prefix of system properties; user properties may not use it.
+pub const SYSTEM_PROPERTY_PREFIX: &str = "halfmq.";
+/// A half's producer group.
+pub const PRODUCER_GROUP_PROPERTY: &str = "halfmq.producer_group";
+/// When a delayed message or a retry falls due, ms since the epoch by the
+/// broker's clock (one name, one meaning, for both).
+pub const DELIVER_AT_PROPERTY: &str = "halfmq.deliver_at_ms";
+/// A failed delivery: the consumer's last failure reason.
+pub const REASON_PROPERTY: &str = "halfmq.reason";
+/// A failed delivery: first delivery to the group, ms since the epoch.
+pub const FIRST_DELIVERY_PROPERTY: &str = "halfmq.first_delivery_ms";
+/// A failed delivery: last (failed) delivery, ms since the epoch.
+pub const LAST_DELIVERY_PROPERTY: &str = "halfmq.last_delivery_ms";
+/// A failed delivery: the message's original topic.
+pub const TOPIC_PROPERTY: &str = "halfmq.topic";
+/// A failed delivery: where the message was in its topic,
+/// `<queue id>:<queue offset>`.
+pub const ORIGIN_PROPERTY: &str = "halfmq.origin";
+
+/// A property's value, if the record has it.
+pub fn prop<'a>(r: &'a Record, key: &str) -> Option<&'a str> {
+    r.properties
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+/// A numeric property, 0 when absent or unreadable.
+pub fn prop_u64(r: &Record, key: &str) -> u64 {
+    prop(r, key).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// The delivery time of a delayed message's (or a retry's) record, if it
+/// has one.
+pub fn deliver_at(rec: &Record) -> Option<u64> {
+    prop(rec, DELIVER_AT_PROPERTY).and_then(|v| v.parse().ok())
+}
+
+/// Strips system properties before a message is shown to a consumer or checker.
+pub fn user_properties(props: Vec<(String, String)>) -> Vec<(String, String)> {
+    props
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with(SYSTEM_PROPERTY_PREFIX))
+        .collect()
+}

@@ -1,0 +1,163 @@
+//! Sends: validation of a batch into records, queue choice, message ids,
+//! the append and its durability wait.
+
+use std::sync::atomic::Ordering;
+
+use halfmq_storage::{MessageId, Record, RecordKind};
+
+use super::names::{check_message_fields, check_topic};
+use super::types::{OutgoingMessage, QueueChoice, SendReceipt};
+use super::Broker;
+use crate::error::BrokerError;
+
+impl Broker {
+    pub(crate) fn next_message_id(&self) -> MessageId {
+        let n = self.id_counter.fetch_add(1, Ordering::Relaxed);
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&self.id_prefix.to_be_bytes());
+        id[8..].copy_from_slice(&n.to_be_bytes());
+        MessageId(id)
+    }
+
+    /// Validates a batch and turns it into records (no I/O but topic creation).
+    pub(crate) fn build_records(
+        &self,
+        msgs: Vec<OutgoingMessage>,
+        kind: RecordKind,
+    ) -> Result<Vec<Record>, BrokerError> {
+        if msgs.is_empty() {
+            return Err(BrokerError::BadRequest("no messages".into()));
+        }
+        if msgs.len() > self.cfg.max_batch_messages as usize {
+            return Err(BrokerError::BatchTooLarge(format!(
+                "{} messages exceeds max_batch_messages {}",
+                msgs.len(),
+                self.cfg.max_batch_messages
+            )));
+        }
+        let total: u64 = msgs.iter().map(|m| m.body.len() as u64).sum();
+        if total > self.cfg.max_batch_bytes {
+            return Err(BrokerError::BatchTooLarge(format!(
+                "{total} body bytes exceeds max_batch_bytes {}",
+                self.cfg.max_batch_bytes
+            )));
+        }
+        let now = self.clock.now_ms();
+        let mut records = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            check_topic(&m.topic)?;
+            if m.body.len() as u64 > self.cfg.max_message_bytes {
+                return Err(BrokerError::MessageTooLarge {
+                    size_bytes: m.body.len() as u64,
+                    limit_bytes: self.cfg.max_message_bytes,
+                });
+            }
+            check_message_fields(&m.tag, &m.keys, &m.properties)?;
+            let topic = match self.topic(&m.topic) {
+                Some(t) => t,
+                None if self.cfg.auto_create_topics => {
+                    self.create_topic_unchecked(&m.topic, 0, false)?
+                }
+                None => return Err(BrokerError::TopicNotFound(m.topic)),
+            };
+            let queue_id = match &m.queue {
+                QueueChoice::Id(q) if *q < topic.queues => *q,
+                QueueChoice::Id(q) => {
+                    return Err(BrokerError::InvalidQueueId {
+                        topic: m.topic,
+                        queue_id: *q,
+                        queues: topic.queues,
+                    })
+                }
+                QueueChoice::Key(k) => {
+                    (halfmq_storage::tag_hash(k) % u64::from(topic.queues)) as u32
+                }
+                QueueChoice::RoundRobin => {
+                    topic.round_robin.fetch_add(1, Ordering::Relaxed) % topic.queues
+                }
+            };
+            let mut properties = m.properties;
+            let mut kind = kind;
+            if m.delay_ms > 0 {
+                if kind != RecordKind::Normal {
+                    return Err(BrokerError::BadRequest(
+                        "delay_ms applies to ordinary sends only".into(),
+                    ));
+                }
+                if m.delay_ms > self.cfg.max_delay_ms {
+                    return Err(BrokerError::BadRequest(format!(
+                        "delay_ms {} exceeds max_delay_ms {}",
+                        m.delay_ms, self.cfg.max_delay_ms
+                    )));
+                }
+                // Stored like a half of the system producer group %DELAY%,
+                // committed by the check driver when due (transactions.rs).
+                kind = RecordKind::Half;
+                properties.push((
+                    crate::core::transactions::PRODUCER_GROUP_PROPERTY.to_owned(),
+                    crate::core::transactions::DELAY_GROUP.to_owned(),
+                ));
+                properties.push((
+                    crate::core::transactions::DELIVER_AT_PROPERTY.to_owned(),
+                    (now + m.delay_ms).to_string(),
+                ));
+            }
+            records.push(Record {
+                kind,
+                queue_id,
+                store_timestamp_ms: now,
+                message_id: self.next_message_id(),
+                topic: m.topic,
+                tag: m.tag,
+                keys: m.keys,
+                properties,
+                body: m.body,
+                ..Record::default()
+            });
+        }
+        Ok(records)
+    }
+
+    /// Stores a batch of messages, all or nothing, and returns once they are
+    /// durable per the flush policy.
+    ///
+    /// # Errors
+    /// Validation errors (nothing stored), storage errors.
+    pub async fn send(&self, msgs: Vec<OutgoingMessage>) -> Result<Vec<SendReceipt>, BrokerError> {
+        self.check_running()?;
+        let records = self.build_records(msgs, RecordKind::Normal)?;
+        if records.iter().any(|r| r.kind == RecordKind::Half) {
+            return self.send_delayed(records).await;
+        }
+        let bytes: u64 = records.iter().map(|r| r.body.len() as u64).sum();
+        let ids: Vec<(MessageId, u32, String)> = records
+            .iter()
+            .map(|r| (r.message_id, r.queue_id, r.topic.clone()))
+            .collect();
+        let receipt = self.store.append(records)?;
+        self.wait_durable(receipt.end).await?;
+        self.counters
+            .messages_in
+            .fetch_add(ids.len() as u64, Ordering::Relaxed);
+        self.counters.bytes_in.fetch_add(bytes, Ordering::Relaxed);
+        let mut out = Vec::with_capacity(ids.len());
+        let mut last_topic: Option<&str> = None;
+        for (i, (id, qid, topic)) in ids.iter().enumerate() {
+            if last_topic != Some(topic.as_str()) {
+                if let Some(t) = self.topic(topic) {
+                    t.notify.notify_waiters();
+                }
+                last_topic = Some(topic.as_str());
+            }
+            out.push(SendReceipt {
+                message_id: *id,
+                queue_id: *qid,
+                queue_offset: Some(receipt.queue_offsets[i].ok_or_else(|| {
+                    BrokerError::Internal("a normal message got no queue offset".into())
+                })?),
+                deliver_at_ms: 0,
+            });
+        }
+        Ok(out)
+    }
+}
