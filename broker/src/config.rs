@@ -65,6 +65,41 @@ pub struct BrokerConfig {
     pub max_invisible_duration_ms: u64,
     /// Most messages one receive returns. Default 256.
     pub max_receive_messages: u32,
+    /// Most record bytes one receive returns: it returns fewer messages
+    /// instead (always at least one). Default 16 MiB, at least
+    /// `max_message_bytes`.
+    #[serde(deserialize_with = "crate::units::bytes")]
+    pub max_receive_bytes: u64,
+    /// Longest a delivery may stay leased in all, from its delivery through
+    /// every ChangeInvisibleDuration, ms: an extension past it is refused.
+    /// Default 24 h.
+    #[serde(deserialize_with = "crate::units::ms")]
+    pub max_lease_total_ms: u64,
+    /// Most long polls (receives waiting for messages) at once, broker-wide;
+    /// further receives answer at once with what is there (nothing). Default
+    /// 8,192 (about 6 KB each).
+    pub max_long_polls: u32,
+    /// Most producer sessions (check-back streams) at once, broker-wide;
+    /// further ones are refused with TOO_MANY_REQUESTS. Default 4,096 (about
+    /// 26 KB each).
+    pub max_producer_sessions: u32,
+    /// Most (consumer group, topic) pairs with consumer progress; a receive
+    /// that would start a new one is refused with TOO_MANY_REQUESTS. Default
+    /// 4,096 (up to about 125 KB each, memory and sled, on a 256-queue topic).
+    pub max_consumer_groups: u32,
+    /// A new connection must send the HTTP/2 preface within this long or it
+    /// is closed; until then it holds no `max_connections` slot, only one of
+    /// `max_handshaking_connections`, ms. Default 10,000.
+    #[serde(deserialize_with = "crate::units::ms")]
+    pub handshake_timeout_ms: u64,
+    /// Most connections at once that have not sent the HTTP/2 preface yet;
+    /// further ones are closed at once. Default 1,024.
+    pub max_handshaking_connections: u32,
+    /// A connection that sends nothing for this long is closed (live HTTP/2
+    /// peers answer the broker's keep-alive pings every 60 s), ms. Default
+    /// 600,000 (Kafka's connections.max.idle.ms).
+    #[serde(deserialize_with = "crate::units::ms")]
+    pub idle_timeout_ms: u64,
     /// Longest long-poll wait of a receive, ms. Default 30,000.
     #[serde(deserialize_with = "crate::units::ms")]
     pub max_receive_wait_ms: u64,
@@ -185,6 +220,14 @@ impl Default for BrokerConfig {
             max_invisible_duration_ms: 12 * 3600 * 1000,
             max_receive_messages: 256,
             max_receive_wait_ms: 30_000,
+            max_receive_bytes: 16 << 20,
+            max_lease_total_ms: 24 * 3600 * 1000,
+            max_long_polls: 8192,
+            max_producer_sessions: 4096,
+            max_consumer_groups: 4096,
+            handshake_timeout_ms: 10_000,
+            max_handshaking_connections: 1024,
+            idle_timeout_ms: 600_000,
             max_inflight_per_queue: 4096,
             max_unacked_window: 65_536,
             max_connections: 1024,
@@ -428,6 +471,34 @@ impl BrokerConfig {
             1,
         )?;
         at_least("max_unacked_window", self.max_unacked_window, 1)?;
+        at_least(
+            "max_receive_bytes",
+            self.max_receive_bytes,
+            self.max_message_bytes,
+        )?;
+        at_least(
+            "max_lease_total_ms",
+            self.max_lease_total_ms,
+            self.max_invisible_duration_ms,
+        )?;
+        at_least("max_long_polls", u64::from(self.max_long_polls), 1)?;
+        at_least(
+            "max_producer_sessions",
+            u64::from(self.max_producer_sessions),
+            1,
+        )?;
+        at_least(
+            "max_consumer_groups",
+            u64::from(self.max_consumer_groups),
+            1,
+        )?;
+        at_least("handshake_timeout_ms", self.handshake_timeout_ms, 100)?;
+        at_least(
+            "max_handshaking_connections",
+            u64::from(self.max_handshaking_connections),
+            1,
+        )?;
+        at_least("idle_timeout_ms", self.idle_timeout_ms, 1_000)?;
         at_least("max_connections", u64::from(self.max_connections), 1)?;
         at_least(
             "max_requests_per_connection",

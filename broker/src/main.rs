@@ -77,6 +77,30 @@ struct Args {
     /// `max_receive_messages`.
     #[arg(long)]
     max_receive_messages: Option<u32>,
+    /// `max_receive_bytes`: most record bytes one receive returns.
+    #[arg(long, value_parser = parse_bytes)]
+    max_receive_bytes: Option<u64>,
+    /// `max_lease_total_ms`, as a duration: longest a delivery stays leased in all.
+    #[arg(long, value_parser = duration_ms)]
+    max_lease_total: Option<u64>,
+    /// `max_long_polls`: long polls at once, broker-wide.
+    #[arg(long)]
+    max_long_polls: Option<u32>,
+    /// `max_producer_sessions`: producer sessions at once, broker-wide.
+    #[arg(long)]
+    max_producer_sessions: Option<u32>,
+    /// `max_consumer_groups`: (consumer group, topic) pairs with progress.
+    #[arg(long)]
+    max_consumer_groups: Option<u32>,
+    /// `handshake_timeout_ms`, as a duration: time to send the HTTP/2 preface.
+    #[arg(long, value_parser = duration_ms)]
+    handshake_timeout: Option<u64>,
+    /// `max_handshaking_connections`: connections not past the preface yet.
+    #[arg(long)]
+    max_handshaking_connections: Option<u32>,
+    /// `idle_timeout_ms`, as a duration: a silent connection is closed.
+    #[arg(long, value_parser = duration_ms)]
+    idle_timeout: Option<u64>,
     /// `max_receive_wait_ms`, as a duration.
     #[arg(long, value_parser = duration_ms)]
     max_receive_wait: Option<u64>,
@@ -177,6 +201,10 @@ fn load_config(args: &Args) -> anyhow::Result<BrokerConfig> {
         default_invisible_duration => default_invisible_duration_ms,
         max_invisible_duration => max_invisible_duration_ms,
         max_receive_messages => max_receive_messages, max_receive_wait => max_receive_wait_ms,
+        max_receive_bytes => max_receive_bytes, max_lease_total => max_lease_total_ms,
+        max_long_polls => max_long_polls, max_producer_sessions => max_producer_sessions,
+        max_consumer_groups => max_consumer_groups, handshake_timeout => handshake_timeout_ms,
+        max_handshaking_connections => max_handshaking_connections, idle_timeout => idle_timeout_ms,
         max_inflight_per_queue => max_inflight_per_queue, max_unacked_window => max_unacked_window,
         max_connections => max_connections, max_requests_per_connection => max_requests_per_connection,
         worker_threads => worker_threads,

@@ -228,6 +228,26 @@ impl QueueProgress {
         })
     }
 
+    /// The queue offset the next delivery would take, without taking it: the
+    /// lowest offset queued to be delivered again in place (see
+    /// [`QueueProgress::next_redelivery`]), else the next fresh one if the
+    /// bounds allow ([`QueueProgress::next_delivery`]).
+    pub fn peek_next(&self, max_visible: u64, max_inflight: usize, max_window: u64) -> Option<u64> {
+        if self.leases.len() >= max_inflight {
+            return None;
+        }
+        if let Some((&qo, _)) = self.redeliver.first_key_value() {
+            return Some(qo);
+        }
+        (self.next_offset < max_visible && self.next_offset - self.ack_offset < max_window)
+            .then_some(self.next_offset)
+    }
+
+    /// Whether an offset is queued to be delivered again in place.
+    pub fn has_redelivery(&self) -> bool {
+        !self.redeliver.is_empty()
+    }
+
     /// Removes and returns up to `max` leases whose invisible deadline is at
     /// or before `now_ms`, oldest deadline first: each is a failed delivery.
     /// The offsets stay unacked: call [`QueueProgress::skip`] once their

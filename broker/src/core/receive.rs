@@ -138,6 +138,11 @@ impl Broker {
         let window = self.cfg.max_unacked_window;
         let rt = retry_topic(&req.group, &req.topic);
         let mut next_look: Option<u64> = None;
+        // Record bytes of what this response carries so far: it stops at
+        // max_receive_bytes (the first message always goes, whatever its size).
+        let max_bytes = self.cfg.max_receive_bytes;
+        let mut used_bytes = 0u64;
+        let mut full = false;
         // Bounded: each round either delivers, skips (filtered/unreadable) or stops.
         for _round in 0..64 {
             let now = self.clock.now_ms();
@@ -148,6 +153,16 @@ impl Broker {
                 crate::core::delivery::Delivery,
                 Option<Record>,
             )> = Vec::new();
+            let mut round_bytes = 0u64;
+            // Whether one more record of `size` bytes fits this response.
+            let mut fits = |size: u64, taken: usize| {
+                if taken > 0 && used_bytes + round_bytes + size > max_bytes {
+                    full = true;
+                    return false;
+                }
+                round_bytes += size;
+                true
+            };
             {
                 let mut g = lock(gt);
                 for level in 0..g.retry.len() {
@@ -157,25 +172,30 @@ impl Broker {
                     let p = &mut g.retry[level];
                     p.skip_to(min);
                     // Offsets to deliver again in place (a crash-restored
-                    // lease expired) were due already.
+                    // lease expired) were due already; then fresh ones, due.
                     while out.len() + picked.len() < max {
-                        let Some(d) = p.next_redelivery(now, invisible_ms, inflight_max) else {
+                        let Some(qo) = p.peek_next(max_visible, inflight_max, window) else {
                             break;
                         };
-                        let head = self.store.read_queue(&rt, l, d.queue_offset);
-                        picked.push((Some(l), l, d, head.ok().map(|m| m.record)));
-                    }
-                    while out.len() + picked.len() < max && p.next_offset() < max_visible {
-                        let qo = p.next_offset();
                         let head = self.store.read_queue(&rt, l, qo).map(|m| m.record);
-                        if let Ok(r) = &head {
+                        let again = p.has_redelivery();
+                        if let (Ok(r), false) = (&head, again) {
                             let due = crate::core::redelivery::deliver_at_ms(r);
                             if due > now {
                                 next_look = Some(next_look.map_or(due, |n| n.min(due)));
                                 break;
                             }
                         }
-                        match p.next_delivery(now, invisible_ms, qo + 1, inflight_max, window) {
+                        let size = head.as_ref().map_or(0, |r| u64::from(r.ref_size));
+                        if !fits(size, out.len() + picked.len()) {
+                            break;
+                        }
+                        let d = if again {
+                            p.next_redelivery(now, invisible_ms, inflight_max)
+                        } else {
+                            p.next_delivery(now, invisible_ms, qo + 1, inflight_max, window)
+                        };
+                        match d {
                             Some(d) => picked.push((Some(l), l, d, head.ok())),
                             None => break,
                         }
@@ -194,6 +214,18 @@ impl Broker {
                     let p = &mut g.queues[qid];
                     p.skip_to(min);
                     while out.len() + picked.len() < max {
+                        let Some(qo) = p.peek_next(max_visible, inflight_max, window) else {
+                            break;
+                        };
+                        let size = self
+                            .store
+                            .queue_entry(&req.topic, qid as u32, qo)
+                            .ok()
+                            .flatten()
+                            .map_or(0, |e| u64::from(e.size));
+                        if !fits(size, out.len() + picked.len()) {
+                            break;
+                        }
                         let next =
                             p.next_redelivery(now, invisible_ms, inflight_max)
                                 .or_else(|| {
@@ -253,6 +285,7 @@ impl Broker {
                 };
                 match read {
                     Ok((r, reconsume_times, original_queue_offset)) if filter.matches(&r.tag) => {
+                        used_bytes += r.encoded_len() as u64;
                         if reconsume_times > 0 || d.again {
                             self.counters.redeliveries.fetch_add(1, Ordering::Relaxed);
                         }
@@ -308,7 +341,7 @@ impl Broker {
                     }
                 }
             }
-            if out.len() >= max {
+            if out.len() >= max || full {
                 break;
             }
         }

@@ -73,13 +73,14 @@ pub enum Due {
     /// Send a check for this half (then call [`CheckScheduler::check_sent`]
     /// if a session took it, or [`CheckScheduler::no_session`]).
     Check(u64),
-    /// Its last check went unanswered past the reply timeout (already
-    /// treated as UNKNOWN and rescheduled, or given up when `given_up`).
+    /// Its last check went unanswered past the reply timeout. The caller
+    /// decides: [`CheckScheduler::answered_unknown`] counts it as an UNKNOWN
+    /// answer (and may give the half up), [`CheckScheduler::check_lost`]
+    /// does not count it and makes the half due at once (another session
+    /// takes it). Until one is called the half stays due.
     ReplyTimedOut {
         /// The half.
         offset: u64,
-        /// Whether that was the last allowed attempt.
-        given_up: bool,
     },
 }
 
@@ -251,8 +252,8 @@ impl CheckScheduler {
     }
 
     /// The next half due at `now_ms`, if any (halves of parked groups are
-    /// never due). A check whose reply timed out is handled here (counted as
-    /// UNKNOWN) and reported, so callers can log it.
+    /// never due). A check whose reply timed out is reported as
+    /// [`Due::ReplyTimedOut`] for the caller to settle.
     pub fn next_due(&mut self, now_ms: u64) -> Option<Due> {
         let &(due, group) = self.heads.first()?;
         if due > now_ms {
@@ -262,8 +263,7 @@ impl CheckScheduler {
         let &(_, offset) = self.queues.get(&group)?.first()?;
         let s = *self.halves.get(&offset).expect("queue and map agree"); // invariant: every queued offset has a state
         if s.checking {
-            let given_up = self.answered_unknown(offset, now_ms);
-            return Some(Due::ReplyTimedOut { offset, given_up });
+            return Some(Due::ReplyTimedOut { offset });
         }
         Some(Due::Check(offset))
     }
@@ -506,13 +506,13 @@ mod tests {
         s.add(100, 1, 1, 0);
         s.check_sent(100, 6_000);
         assert_eq!(s.next_due(6_999), None);
+        assert_eq!(s.next_due(7_000), Some(Due::ReplyTimedOut { offset: 100 }));
         assert_eq!(
             s.next_due(7_000),
-            Some(Due::ReplyTimedOut {
-                offset: 100,
-                given_up: false
-            })
+            Some(Due::ReplyTimedOut { offset: 100 }),
+            "due until settled"
         );
+        assert!(!s.answered_unknown(100, 7_000));
         assert_eq!(s.get(100).unwrap().due_ms, 37_000);
         // A late UNKNOWN for the same check changes nothing more.
         assert!(!s.answered_unknown(100, 7_500));

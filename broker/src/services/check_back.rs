@@ -36,10 +36,7 @@ impl Broker {
                 // halves stayed parked, unchecked, until another one opened.
                 let live_ids: Vec<u32> = {
                     let sessions = lock(&tx.sessions);
-                    let mut v: Vec<u32> = sessions
-                        .iter()
-                        .map(|s| inner.strings.id(&s.group))
-                        .collect();
+                    let mut v: Vec<u32> = sessions.groups().map(|g| inner.strings.id(g)).collect();
                     v.sort_unstable();
                     v.dedup();
                     v
@@ -52,10 +49,18 @@ impl Broker {
                     };
                     handled += 1;
                     match due {
-                        Due::ReplyTimedOut { offset, given_up } => {
+                        Due::ReplyTimedOut { offset } => {
+                            let holder = inner.outstanding.get(&offset).copied();
                             tx.release_outstanding(&mut inner, offset);
                             inner.dirty.insert(offset);
-                            timed_out.push((offset, given_up));
+                            if holder.is_some_and(|sid| tx.session_timed_out(sid)) {
+                                // A silent session is not the producer's
+                                // answer: another instance gets the check.
+                                inner.sched.check_lost(offset, now);
+                            } else {
+                                let given_up = inner.sched.answered_unknown(offset, now);
+                                timed_out.push((offset, given_up));
+                            }
                         }
                         Due::Check(offset) => {
                             let group = inner.sched.get(offset).map(|s| s.group);
@@ -183,10 +188,13 @@ impl Broker {
         // topics) and has room, round robin across instances.
         let sent_to = {
             let sessions = lock(&tx.sessions);
-            let candidates: Vec<&Session> = sessions
-                .iter()
-                .filter(|s| s.group == group && (s.topics.is_empty() || s.topics.contains(&topic)))
+            let serving: Vec<&Session> = sessions
+                .of_group(&group)
+                .filter(|s| s.serves(&topic))
                 .collect();
+            // Silent sessions only when there is nothing else.
+            let awake: Vec<&Session> = serving.iter().copied().filter(|s| !s.silent()).collect();
+            let candidates = if awake.is_empty() { serving } else { awake };
             let start = tx.round_robin.fetch_add(1, Ordering::Relaxed);
             let mut sent = None;
             let mut any = false;

@@ -371,7 +371,8 @@ impl Broker {
             .collect()
     }
 
-    /// A checker's answer from session `session_id`.
+    /// A checker's answer from session `session_id`, applied only if the
+    /// check of that transaction is out to it (else ignored and logged).
     pub async fn check_answer(
         &self,
         session_id: u64,
@@ -386,6 +387,19 @@ impl Broker {
             );
             return;
         };
+        // Only the session the check went to may answer it: another
+        // session (of any group) cannot decide this transaction, and a late
+        // answer after the check went elsewhere is the other session's to give.
+        let tx = self.tx();
+        if tx.check_holder(id.offset) != Some(session_id) {
+            tracing::warn!(
+                session_id,
+                transaction_id,
+                "check answer from a session the check is not out to; ignored"
+            );
+            return;
+        }
+        tx.session_answered(session_id);
         match resolution {
             Resolution::Commit | Resolution::Rollback => {
                 if let Err(e) = self
@@ -397,7 +411,6 @@ impl Broker {
             }
             Resolution::Unknown => {
                 let now = self.now_ms();
-                let tx = self.tx();
                 let given_up = {
                     let mut inner = tx.inner.lock();
                     tx.release_outstanding(&mut inner, id.offset);

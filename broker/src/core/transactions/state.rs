@@ -102,6 +102,86 @@ pub(crate) struct Session {
     pub(crate) topics: Vec<String>,
     pub(crate) tx: mpsc::Sender<CheckRequest>,
     pub(crate) inflight: Arc<AtomicUsize>,
+    /// Checks sent to it whose reply timed out since its last answer.
+    pub(crate) timeouts: u32,
+}
+
+/// A session whose checks timed out this many times in a row (no answer in
+/// between) is **silent**: it gets checks only when every session of its
+/// group is silent, and a check that times out on it while a session of the
+/// group is not silent is sent again there without being counted.
+pub const SILENT_AFTER_TIMEOUTS: u32 = 2;
+
+impl Session {
+    /// Whether it takes checks of `topic`.
+    pub(crate) fn serves(&self, topic: &str) -> bool {
+        self.topics.is_empty() || self.topics.iter().any(|t| t == topic)
+    }
+
+    /// See [`SILENT_AFTER_TIMEOUTS`].
+    pub(crate) fn silent(&self) -> bool {
+        self.timeouts >= SILENT_AFTER_TIMEOUTS
+    }
+}
+
+/// The open producer sessions, by id and by producer group: opening and
+/// closing one is O(log n), however many there are (50,000 closing at once
+/// used to take seconds under this lock).
+#[derive(Default)]
+pub(crate) struct SessionTable {
+    by_id: HashMap<u64, Session>,
+    by_group: HashMap<String, std::collections::BTreeSet<u64>>,
+}
+
+impl SessionTable {
+    pub(crate) fn insert(&mut self, s: Session) {
+        self.by_group
+            .entry(s.group.clone())
+            .or_default()
+            .insert(s.id);
+        self.by_id.insert(s.id, s);
+    }
+
+    pub(crate) fn remove(&mut self, id: u64) -> Option<Session> {
+        let s = self.by_id.remove(&id)?;
+        if let Some(ids) = self.by_group.get_mut(&s.group) {
+            ids.remove(&id);
+            if ids.is_empty() {
+                self.by_group.remove(&s.group);
+            }
+        }
+        Some(s)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub(crate) fn get(&self, id: u64) -> Option<&Session> {
+        self.by_id.get(&id)
+    }
+
+    pub(crate) fn get_mut(&mut self, id: u64) -> Option<&mut Session> {
+        self.by_id.get_mut(&id)
+    }
+
+    /// Producer groups with at least one session.
+    pub(crate) fn groups(&self) -> impl Iterator<Item = &String> {
+        self.by_group.keys()
+    }
+
+    pub(crate) fn has_group(&self, group: &str) -> bool {
+        self.by_group.contains_key(group)
+    }
+
+    /// The sessions of `group`, in opening order.
+    pub(crate) fn of_group<'a>(&'a self, group: &str) -> impl Iterator<Item = &'a Session> + 'a {
+        self.by_group
+            .get(group)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.by_id.get(id))
+    }
 }
 
 /// Transaction state of a broker.
@@ -115,7 +195,7 @@ pub struct TxState {
     /// the lock to a waiter between chunks (`MutexGuard::bump`), which std's
     /// barging mutex cannot.
     pub(crate) inner: parking_lot::Mutex<TxInner>,
-    pub(crate) sessions: Mutex<Vec<Session>>,
+    pub(crate) sessions: Mutex<SessionTable>,
     pub(crate) next_session: AtomicU64,
     pub(crate) round_robin: AtomicUsize,
     /// Wakes the check driver (new half, new session).
@@ -260,7 +340,7 @@ impl TxState {
             max_checks_per_session,
             replay_bytes,
             inner: parking_lot::Mutex::new(inner),
-            sessions: Mutex::new(Vec::new()),
+            sessions: Mutex::new(SessionTable::default()),
             next_session: AtomicU64::new(1),
             round_robin: AtomicUsize::new(0),
             wake: Notify::new(),
@@ -435,12 +515,13 @@ impl TxState {
     ) -> (u64, mpsc::Receiver<CheckRequest>) {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(self.max_checks_per_session.max(1));
-        lock(&self.sessions).push(Session {
+        lock(&self.sessions).insert(Session {
             id,
             group: group.clone(),
             topics,
             tx,
             inflight: Arc::new(AtomicUsize::new(0)),
+            timeouts: 0,
         });
         tracing::info!(session = id, producer_group = %group, "producer session opened");
         {
@@ -495,7 +576,7 @@ impl TxState {
     /// another session of the group, or parked when there is none) and are
     /// not counted: the producer may never have seen them.
     pub fn close_session(&self, id: u64) {
-        lock(&self.sessions).retain(|s| s.id != id);
+        lock(&self.sessions).remove(id);
         let lost = {
             let mut inner = self.inner.lock();
             let offsets: Vec<u64> = inner
@@ -523,12 +604,44 @@ impl TxState {
     }
 
     pub(crate) fn has_session(&self, group: &str) -> bool {
-        lock(&self.sessions).iter().any(|s| s.group == group)
+        lock(&self.sessions).has_group(group)
+    }
+
+    /// A check sent to session `sid` timed out: counts it against the
+    /// session, and returns whether another session of its group that is not
+    /// silent can take the check instead (then the timeout is not counted
+    /// against the half).
+    pub(crate) fn session_timed_out(&self, sid: u64) -> bool {
+        let mut sessions = lock(&self.sessions);
+        let Some(s) = sessions.get_mut(sid) else {
+            return false;
+        };
+        s.timeouts = s.timeouts.saturating_add(1);
+        if s.timeouts == SILENT_AFTER_TIMEOUTS {
+            tracing::warn!(session = sid, producer_group = %s.group, "producer session is silent (check-backs time out): it gets checks only when its group has no other");
+        }
+        let group = s.group.clone();
+        let other = sessions
+            .of_group(&group)
+            .any(|o| o.id != sid && !o.silent());
+        other
+    }
+
+    /// Session `sid` answered a check: it is not silent.
+    pub(crate) fn session_answered(&self, sid: u64) {
+        if let Some(s) = lock(&self.sessions).get_mut(sid) {
+            s.timeouts = 0;
+        }
+    }
+
+    /// The session a check of `offset` is out to, if any.
+    pub(crate) fn check_holder(&self, offset: u64) -> Option<u64> {
+        self.inner.lock().outstanding.get(&offset).copied()
     }
 
     pub(crate) fn release_outstanding(&self, inner: &mut TxInner, offset: u64) {
         if let Some(sid) = inner.outstanding.remove(&offset) {
-            if let Some(s) = lock(&self.sessions).iter().find(|s| s.id == sid) {
+            if let Some(s) = lock(&self.sessions).get(sid) {
                 let _ = s
                     .inflight
                     .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
