@@ -93,11 +93,13 @@ pub struct BrokerConfig {
     #[serde(deserialize_with = "crate::units::ms")]
     pub handshake_timeout_ms: u64,
     /// Most connections at once that have not sent the HTTP/2 preface yet;
-    /// further ones are closed at once. Default 1,024.
+    /// when all are taken, the oldest of them is closed for a new one (so
+    /// sockets that never speak cannot keep clients out). Default 1,024.
     pub max_handshaking_connections: u32,
     /// A connection that sends nothing for this long is closed (live HTTP/2
-    /// peers answer the broker's keep-alive pings every 60 s), ms. Default
-    /// 600,000 (Kafka's connections.max.idle.ms).
+    /// peers answer the broker's keep-alive pings, sent every 60 s or every
+    /// third of this when that is shorter), ms. Default 600,000 (Kafka's
+    /// connections.max.idle.ms).
     #[serde(deserialize_with = "crate::units::ms")]
     pub idle_timeout_ms: u64,
     /// Longest long-poll wait of a receive, ms. Default 30,000.

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use halfmq_proto::v1 as pb;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -59,9 +60,17 @@ pub fn bind(cfg: &BrokerConfig) -> std::io::Result<TcpListener> {
     socket.listen(cfg.max_connections.max(1024))
 }
 
-/// A connection holding one of the `max_connections` permits.
+/// The first bytes every HTTP/2 client sends (RFC 9113 section 3.4).
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// A connection holding one of the `max_connections` permits, closed by its
+/// reader when the peer sends nothing for `idle_timeout_ms`.
 struct LimitedConn {
     io: TcpStream,
+    /// The preface already read by the handshake, handed to hyper first.
+    preface: &'static [u8],
+    idle: Duration,
+    idle_timer: Pin<Box<tokio::time::Sleep>>,
     _permit: OwnedSemaphorePermit,
     _counted: Counted,
 }
@@ -95,7 +104,30 @@ impl AsyncRead for LimitedConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let this = &mut *self;
+        if !this.preface.is_empty() {
+            let n = this.preface.len().min(buf.remaining());
+            buf.put_slice(&this.preface[..n]);
+            this.preface = &this.preface[n..];
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    let at = tokio::time::Instant::now() + this.idle;
+                    this.idle_timer.as_mut().reset(at);
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => match this.idle_timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connection idle past idle_timeout_ms",
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
     }
 }
 
@@ -136,42 +168,14 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), BrokerError> {
     let cfg = broker.config().clone();
-    let permits = Arc::new(Semaphore::new(cfg.max_connections as usize));
     let (conn_tx, conn_rx) = tokio::sync::mpsc::channel::<std::io::Result<LimitedConn>>(64);
-    let (stop_accept_tx, mut stop_accept_rx) = oneshot::channel::<()>();
-    let counted = Arc::clone(&broker);
-    let accept = tokio::spawn(async move {
-        loop {
-            let (io, peer) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                        continue;
-                    }
-                },
-                _ = &mut stop_accept_rx => return,
-            };
-            let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
-                tracing::warn!(%peer, max_connections = cfg.max_connections, "connection refused: limit reached");
-                drop(io);
-                continue;
-            };
-            let _ = io.set_nodelay(true);
-            if conn_tx
-                .send(Ok(LimitedConn {
-                    io,
-                    _permit: permit,
-                    _counted: Counted::new(&counted),
-                }))
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
-    });
+    let (stop_accept_tx, stop_accept_rx) = oneshot::channel::<()>();
+    let accept = tokio::spawn(accept_loop(
+        Arc::clone(&broker),
+        listener,
+        conn_tx,
+        stop_accept_rx,
+    ));
     let b = Arc::clone(&broker);
     let signal = async move {
         shutdown.await;
@@ -186,6 +190,12 @@ pub async fn serve(
     let max_request = cfg.max_request_bytes();
     let result = tonic::transport::Server::builder()
         .concurrency_limit_per_connection(cfg.max_requests_per_connection as usize)
+        // Clients learn the limit instead of having streams queue up.
+        .max_concurrent_streams(Some(cfg.max_requests_per_connection))
+        // Live peers answer pings, so a connection busy only with a long
+        // session or long poll is never idle; dead ones are closed.
+        .http2_keepalive_interval(Some(keepalive_interval(&cfg)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(
             pb::producer_server::ProducerServer::new(svc.clone())
                 .max_decoding_message_size(max_request)
@@ -208,6 +218,136 @@ pub async fn serve(
     tracing::info!("broker stopped");
     result.map_err(|e| BrokerError::Internal(format!("transport: {e}")))?;
     closed
+}
+
+/// How often the broker pings each connection: 60 s, or a third of
+/// `idle_timeout_ms` when that is shorter (a pinged peer answers, which
+/// counts as traffic).
+fn keepalive_interval(cfg: &BrokerConfig) -> Duration {
+    Duration::from_millis((cfg.idle_timeout_ms / 3).clamp(100, 60_000))
+}
+
+/// Accepts connections until `stop` fires. Each new socket first has
+/// `handshake_timeout_ms` to send the HTTP/2 preface while it holds one of
+/// `max_handshaking_connections` places (when they are all taken, the oldest
+/// handshake is dropped for the new one, so sockets that never speak cannot
+/// keep clients out); only then does it take a `max_connections` slot.
+async fn accept_loop(
+    broker: Arc<Broker>,
+    listener: TcpListener,
+    conn_tx: tokio::sync::mpsc::Sender<std::io::Result<LimitedConn>>,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let cfg = broker.config().clone();
+    let permits = Arc::new(Semaphore::new(cfg.max_connections as usize));
+    let refusals = Arc::new(RefusalLog::default());
+    let max_pending = cfg.max_handshaking_connections as usize;
+    let mut pending: std::collections::VecDeque<tokio::task::AbortHandle> =
+        std::collections::VecDeque::new();
+    loop {
+        let (io, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => break,
+        };
+        if pending.len() >= max_pending {
+            pending.retain(|h| !h.is_finished());
+        }
+        if pending.len() >= max_pending {
+            if let Some(oldest) = pending.pop_front() {
+                oldest.abort();
+                refusals.refused("the oldest unfinished handshake was dropped for a new connection (max_handshaking_connections)");
+            }
+        }
+        let _ = io.set_nodelay(true);
+        let handshake = tokio::spawn(handshake(
+            io,
+            peer,
+            Arc::clone(&broker),
+            Arc::clone(&permits),
+            Arc::clone(&refusals),
+            conn_tx.clone(),
+        ));
+        pending.push_back(handshake.abort_handle());
+    }
+    for h in pending {
+        h.abort();
+    }
+}
+
+/// Reads the HTTP/2 preface of a new socket within `handshake_timeout_ms`,
+/// then hands it to the server with a `max_connections` slot.
+async fn handshake(
+    mut io: TcpStream,
+    peer: SocketAddr,
+    broker: Arc<Broker>,
+    permits: Arc<Semaphore>,
+    refusals: Arc<RefusalLog>,
+    conn_tx: tokio::sync::mpsc::Sender<std::io::Result<LimitedConn>>,
+) {
+    use tokio::io::AsyncReadExt;
+    let cfg = broker.config();
+    let mut first = [0u8; PREFACE.len()];
+    let timeout = Duration::from_millis(cfg.handshake_timeout_ms);
+    match tokio::time::timeout(timeout, io.read_exact(&mut first)).await {
+        Ok(Ok(_)) if &first == PREFACE => {}
+        Ok(Ok(_)) => {
+            refusals.refused("the client did not speak HTTP/2 (gRPC)");
+            return;
+        }
+        Ok(Err(_)) => return,
+        Err(_) => {
+            refusals.refused("no HTTP/2 preface within handshake_timeout_ms");
+            return;
+        }
+    }
+    let Ok(permit) = permits.try_acquire_owned() else {
+        refusals.refused("max_connections reached");
+        tracing::debug!(%peer, "connection refused: max_connections reached");
+        return;
+    };
+    let idle = Duration::from_millis(cfg.idle_timeout_ms);
+    let conn = LimitedConn {
+        io,
+        preface: PREFACE,
+        idle,
+        idle_timer: Box::pin(tokio::time::sleep(idle)),
+        _permit: permit,
+        _counted: Counted::new(&broker),
+    };
+    let _ = conn_tx.send(Ok(conn)).await;
+}
+
+/// Logs refused connections at most once a second, with how many were
+/// refused since the last line (a flood of connects must not flood the log).
+#[derive(Default)]
+struct RefusalLog {
+    state: std::sync::Mutex<(Option<tokio::time::Instant>, u64)>,
+}
+
+impl RefusalLog {
+    fn refused(&self, why: &'static str) {
+        let now = tokio::time::Instant::now();
+        let mut st = crate::core::lock(&self.state);
+        st.1 += 1;
+        if st
+            .0
+            .is_none_or(|last| now.duration_since(last) >= Duration::from_secs(1))
+        {
+            tracing::warn!(
+                refused = st.1,
+                last_reason = why,
+                "connections refused in the last second"
+            );
+            *st = (Some(now), 0);
+        }
+    }
 }
 
 /// A broker running in this process (tests, the bench's embedded mode).

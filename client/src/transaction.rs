@@ -97,7 +97,8 @@ where
 pub struct Transaction {
     client: Client,
     batches: Option<TxCoalescer>,
-    /// Transaction id (48 hex digits).
+    /// Transaction id (80 hex digits: physical offset, message id and a MAC
+    /// tag of the broker; not guessable).
     pub transaction_id: String,
     /// Message id the message has once committed.
     pub message_id: String,

@@ -76,6 +76,28 @@ async fn disk_full_refuses_cleanly_and_recovers_when_space_returns() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Some(Code::StorageFull), "{e}");
+    // A refused send, half or delayed send to a topic that did not exist
+    // leaves no topic behind.
+    let e = p.send(Message::new("fresh", "x")).await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::StorageFull), "{e}");
+    let e = tp
+        .send_half(Message::new("fresh-half", "x"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(Code::StorageFull), "{e}");
+    let e = p
+        .send(Message::new("fresh-delayed", "x").with_delay(Duration::from_secs(5)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(Code::StorageFull), "{e}");
+    let names: Vec<String> = halfmq_client::Admin::new(c.clone())
+        .list_topics()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert_eq!(names, vec!["full".to_owned()], "topics after refused sends");
 
     // Reads and acks still work: every acknowledged message, intact, once.
     let cons = Consumer::new(c.clone(), "g1", "full");

@@ -149,7 +149,8 @@ async fn rollback_is_invisible_and_final() {
         .await
         .is_empty());
     // Unknown and malformed ids.
-    let fake = format!("{:016X}{}", 999_999u64, "AB".repeat(16));
+    // Well formed (offset, message id, tag), but not one the broker made.
+    let fake = format!("{:016X}{}{}", 999_999u64, "AB".repeat(16), "CD".repeat(16));
     let e = halfmq_client::end_transaction(
         &c,
         &fake,

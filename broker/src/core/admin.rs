@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::core::names::{check_group, check_topic};
 use crate::core::progress::{GroupKey, GroupTopic, GROUPS_SPACE};
 use crate::core::redelivery::retry_topic;
-use crate::core::topics::TOPICS_SPACE;
+use crate::core::topics::{TopicState, TOPICS_SPACE};
 use crate::core::Broker;
 use crate::error::BrokerError;
 
@@ -47,7 +47,7 @@ impl Broker {
         let targets: Vec<(u32, u64)> = (0..t.queues)
             .map(|qid| (qid, self.reset_target(topic, qid, to)))
             .collect();
-        let gt = self.group_topic(group, topic, t.queues);
+        let gt = self.group_topic(group, topic, t.queues)?;
         {
             let mut g = crate::core::lock(&gt);
             for &(qid, offset) in &targets {
@@ -109,11 +109,46 @@ impl Broker {
     /// it are pending, storage errors.
     pub fn delete_topic(&self, name: &str) -> Result<(), BrokerError> {
         check_topic(name)?;
+        self.delete_topic_if(name, None).map(|_| ())
+    }
+
+    /// Removes topic `name` that a refused send auto-created, if nothing
+    /// used it meanwhile: the topic is still `ours`, no other request holds
+    /// it (a send about to append, a long poll), and its queues are empty.
+    /// Returns whether it was removed.
+    ///
+    /// # Errors
+    /// Metadata and storage errors.
+    pub(crate) fn remove_unused_topic(
+        &self,
+        name: &str,
+        ours: &Arc<TopicState>,
+    ) -> Result<bool, BrokerError> {
+        self.delete_topic_if(name, Some(ours))
+    }
+
+    fn delete_topic_if(
+        &self,
+        name: &str,
+        unused: Option<&Arc<TopicState>>,
+    ) -> Result<bool, BrokerError> {
         let _saving = crate::core::lock(&self.progress_lock);
         {
             let mut topics = self.topics_mut();
-            if !topics.contains_key(name) {
-                return Err(BrokerError::TopicNotFound(name.to_owned()));
+            let Some(t) = topics.get(name) else {
+                return match unused {
+                    None => Err(BrokerError::TopicNotFound(name.to_owned())),
+                    Some(_) => Ok(false),
+                };
+            };
+            if let Some(ours) = unused {
+                // The map's reference and the caller's: nobody else holds it.
+                let untouched = Arc::ptr_eq(t, ours)
+                    && Arc::strong_count(ours) == 2
+                    && (0..t.queues).all(|q| self.store().max_queue_offset(name, q) == 0);
+                if !untouched {
+                    return Ok(false);
+                }
             }
             let (halves, delayed) = self.tx_state().pending_in_topic(name);
             if halves + delayed > 0 {
@@ -146,8 +181,9 @@ impl Broker {
             topic = name,
             groups = groups.len(),
             consume_queues = n,
+            auto_created_unused = unused.is_some(),
             "topic deleted"
         );
-        Ok(())
+        Ok(true)
     }
 }

@@ -425,6 +425,15 @@ impl QueueProgress {
         }
     }
 
+    /// The lease on `queue_offset` under sequence number `seq`, if it is
+    /// current.
+    pub fn lease(&self, queue_offset: u64, seq: u64) -> Option<Lease> {
+        self.leases
+            .get(&queue_offset)
+            .filter(|l| l.seq == seq)
+            .copied()
+    }
+
     /// Whether `queue_offset` is acked or skipped.
     pub fn is_done(&self, queue_offset: u64) -> bool {
         queue_offset < self.ack_offset || self.acked.contains(&queue_offset)

@@ -27,6 +27,7 @@ pub mod props;
 pub mod receive;
 pub mod redelivery;
 pub mod retry;
+pub mod secret;
 pub mod send;
 pub mod stats;
 pub mod topics;
@@ -99,6 +100,10 @@ pub struct Broker {
     /// Held while consumer progress is written to sled and while a topic
     /// deletion forgets its groups.
     pub(crate) progress_lock: Mutex<()>,
+    /// Receives waiting for messages now (see `max_long_polls`).
+    pub(crate) long_polls: std::sync::atomic::AtomicUsize,
+    /// MACs receipt handles and transaction ids (`broker.secret`).
+    pub(crate) secret: secret::Secret,
     pub(crate) tx: TxState,
     pub(crate) retry: RetryPolicy,
     pub(crate) dlq: DlqState,
@@ -157,6 +162,7 @@ impl Broker {
         )?;
         let (shutdown_tx, _) = watch::channel(false);
         let id_prefix = rand::random::<u64>();
+        let secret = secret::Secret::load_or_create(&cfg.data_dir)?;
         Ok(Arc::new(Broker {
             cfg,
             store,
@@ -171,10 +177,17 @@ impl Broker {
             shutdown_tx,
             tasks: Mutex::new(Vec::new()),
             progress_lock: Mutex::new(()),
+            long_polls: std::sync::atomic::AtomicUsize::new(0),
+            secret,
             tx,
             retry,
             dlq,
         }))
+    }
+
+    /// The key that MACs receipt handles and transaction ids.
+    pub fn secret(&self) -> &secret::Secret {
+        &self.secret
     }
 
     /// The configuration in force.

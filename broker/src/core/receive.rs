@@ -8,7 +8,7 @@ use std::time::Duration;
 use halfmq_storage::Record;
 
 use super::delivery::{LeaseError, QueueProgress};
-use super::names::{check_group, check_topic, TagFilter};
+use super::names::{check_group, check_topic, TagFilter, MAX_PROPERTY_VALUE_BYTES};
 use super::progress::GroupTopic;
 use super::redelivery::{retry_topic, Failure};
 use super::topics::TopicState;
@@ -18,15 +18,28 @@ use super::{lock, Broker};
 use crate::error::BrokerError;
 
 impl Broker {
+    /// The progress of `group` on `topic`, created (at the earliest retained
+    /// message of each queue) if the group never consumed it.
+    ///
+    /// # Errors
+    /// [`BrokerError::TooManyRequests`] when creating it would pass
+    /// `max_consumer_groups` (group, topic) pairs.
     pub(crate) fn group_topic(
         &self,
         group: &str,
         topic: &str,
         queues: u32,
-    ) -> Arc<Mutex<GroupTopic>> {
+    ) -> Result<Arc<Mutex<GroupTopic>>, BrokerError> {
         let mut groups = lock(&self.groups);
+        let key = (group.to_owned(), topic.to_owned());
+        if !groups.contains_key(&key) && groups.len() >= self.cfg.max_consumer_groups as usize {
+            return Err(BrokerError::TooManyRequests(format!(
+                "max_consumer_groups {} (consumer group, topic) pairs reached; group {group} cannot start consuming {topic}",
+                self.cfg.max_consumer_groups
+            )));
+        }
         let gt = groups
-            .entry((group.to_owned(), topic.to_owned()))
+            .entry(key)
             .or_insert_with(|| Arc::new(Mutex::new(GroupTopic::default())));
         let gt = Arc::clone(gt);
         drop(groups);
@@ -47,7 +60,7 @@ impl Broker {
                 g.dirty = true;
             }
         }
-        gt
+        Ok(gt)
     }
 
     /// Receives up to `max_messages` messages for a consumer group, waiting up
@@ -70,7 +83,9 @@ impl Broker {
         let max = req.max_messages.clamp(1, self.cfg.max_receive_messages) as usize;
         let wait = Duration::from_millis(req.wait_ms.min(self.cfg.max_receive_wait_ms));
         let deadline = tokio::time::Instant::now() + wait;
-        let gt = self.group_topic(&req.group, &req.topic, topic.queues);
+        let gt = self.group_topic(&req.group, &req.topic, topic.queues)?;
+        // Held while this receive waits: at most max_long_polls wait at once.
+        let mut waiting: Option<LongPoll<'_>> = None;
         loop {
             let notified = topic.notify.notified();
             tokio::pin!(notified);
@@ -82,6 +97,13 @@ impl Broker {
                 return Ok(msgs);
             }
             self.check_running()?;
+            if waiting.is_none() {
+                match LongPoll::enter(self) {
+                    Some(w) => waiting = Some(w),
+                    // Too many waiting already: answer now with nothing.
+                    None => return Ok(msgs),
+                }
+            }
             let mut wake = deadline;
             if let Some(d) = next_deadline_ms {
                 let in_ms = d.saturating_sub(self.clock.now_ms());
@@ -413,6 +435,12 @@ impl Broker {
         reason: &str,
         delay_ms: Option<u64>,
     ) -> Result<(), BrokerError> {
+        if reason.len() > MAX_PROPERTY_VALUE_BYTES {
+            return Err(BrokerError::BadRequest(format!(
+                "nack reason of {} bytes exceeds {MAX_PROPERTY_VALUE_BYTES}",
+                reason.len()
+            )));
+        }
         let lease = self.with_lease(group, receipt, |p| {
             p.release(receipt.queue_offset, receipt.seq)
         })?;
@@ -431,11 +459,14 @@ impl Broker {
         Ok(())
     }
 
-    /// Changes the invisible duration of a delivery; returns the new receipt
-    /// and deadline.
+    /// Changes the invisible duration of a delivery (from now); returns the
+    /// new receipt and deadline. A delivery may be extended again and again,
+    /// but never past `max_lease_total_ms` after it was delivered.
     ///
     /// # Errors
-    /// [`BrokerError::ReceiptNotFound`] for a stale receipt.
+    /// [`BrokerError::ReceiptNotFound`] for a stale receipt;
+    /// [`BrokerError::BadRequest`] past `max_invisible_duration_ms` or
+    /// `max_lease_total_ms`.
     pub fn change_invisible_duration(
         &self,
         group: &str,
@@ -444,9 +475,20 @@ impl Broker {
     ) -> Result<(Receipt, u64), BrokerError> {
         let now = self.clock.now_ms();
         let d = self.check_invisible(invisible_ms)?;
+        let max_total = self.cfg.max_lease_total_ms;
         let lease = self.with_lease(group, receipt, |p| {
+            let held = p
+                .lease(receipt.queue_offset, receipt.seq)
+                .ok_or(LeaseError::NotFound)?;
+            if (now + d).saturating_sub(held.delivered_ms) > max_total {
+                return Ok(Err(BrokerError::BadRequest(format!(
+                    "the delivery would stay leased {} ms in all, over max_lease_total_ms {max_total}: ack or nack it",
+                    (now + d).saturating_sub(held.delivered_ms)
+                ))));
+            }
             p.change_invisible(receipt.queue_offset, receipt.seq, now, d)
-        })?;
+                .map(Ok)
+        })??;
         Ok((
             Receipt {
                 seq: lease.seq,
@@ -454,6 +496,28 @@ impl Broker {
             },
             lease.invisible_until_ms,
         ))
+    }
+}
+
+/// A receive that waits for messages, counted against `max_long_polls`
+/// while it lives.
+struct LongPoll<'a>(&'a Broker);
+
+impl<'a> LongPoll<'a> {
+    fn enter(b: &'a Broker) -> Option<LongPoll<'a>> {
+        let max = b.cfg.max_long_polls as usize;
+        b.long_polls
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| LongPoll(b))
+    }
+}
+
+impl Drop for LongPoll<'_> {
+    fn drop(&mut self) {
+        self.0.long_polls.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

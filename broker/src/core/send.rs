@@ -2,10 +2,12 @@
 //! the append and its durability wait.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use halfmq_storage::{MessageId, Record, RecordKind};
 
 use super::names::{check_message_fields, check_topic};
+use super::topics::TopicState;
 use super::types::{OutgoingMessage, QueueChoice, SendReceipt};
 use super::Broker;
 use crate::error::BrokerError;
@@ -19,12 +21,15 @@ impl Broker {
         MessageId(id)
     }
 
-    /// Validates a batch and turns it into records (no I/O but topic creation).
+    /// Validates a batch and turns it into records (no I/O but topic
+    /// creation). The returned [`TopicsInUse`] holds the batch's topics until
+    /// the records are appended; dropped without [`TopicsInUse::stored`], it
+    /// removes the topics this batch auto-created if nothing else used them.
     pub(crate) fn build_records(
         &self,
         msgs: Vec<OutgoingMessage>,
         kind: RecordKind,
-    ) -> Result<Vec<Record>, BrokerError> {
+    ) -> Result<(Vec<Record>, TopicsInUse<'_>), BrokerError> {
         if msgs.is_empty() {
             return Err(BrokerError::BadRequest("no messages".into()));
         }
@@ -44,6 +49,11 @@ impl Broker {
         }
         let now = self.clock.now_ms();
         let mut records = Vec::with_capacity(msgs.len());
+        let mut in_use = TopicsInUse {
+            broker: self,
+            held: Vec::new(),
+            created: Vec::new(),
+        };
         for m in msgs {
             check_topic(&m.topic)?;
             if m.body.len() as u64 > self.cfg.max_message_bytes {
@@ -53,12 +63,21 @@ impl Broker {
                 });
             }
             check_message_fields(&m.tag, &m.keys, &m.properties)?;
-            let topic = match self.topic(&m.topic) {
-                Some(t) => t,
-                None if self.cfg.auto_create_topics => {
-                    self.create_topic_unchecked(&m.topic, 0, false)?
+            let topic = match in_use.held.iter().find(|(n, _)| *n == m.topic) {
+                Some((_, t)) => Arc::clone(t),
+                None => {
+                    let t = match self.topic(&m.topic) {
+                        Some(t) => t,
+                        None if self.cfg.auto_create_topics => {
+                            let t = self.create_topic_unchecked(&m.topic, 0, false)?;
+                            in_use.created.push(m.topic.clone());
+                            t
+                        }
+                        None => return Err(BrokerError::TopicNotFound(m.topic)),
+                    };
+                    in_use.held.push((m.topic.clone(), Arc::clone(&t)));
+                    t
                 }
-                None => return Err(BrokerError::TopicNotFound(m.topic)),
             };
             let queue_id = match &m.queue {
                 QueueChoice::Id(q) if *q < topic.queues => *q,
@@ -115,7 +134,7 @@ impl Broker {
                 ..Record::default()
             });
         }
-        Ok(records)
+        Ok((records, in_use))
     }
 
     /// Stores a batch of messages, all or nothing, and returns once they are
@@ -125,9 +144,9 @@ impl Broker {
     /// Validation errors (nothing stored), storage errors.
     pub async fn send(&self, msgs: Vec<OutgoingMessage>) -> Result<Vec<SendReceipt>, BrokerError> {
         self.check_running()?;
-        let records = self.build_records(msgs, RecordKind::Normal)?;
+        let (records, in_use) = self.build_records(msgs, RecordKind::Normal)?;
         if records.iter().any(|r| r.kind == RecordKind::Half) {
-            return self.send_delayed(records).await;
+            return self.send_delayed(records, in_use).await;
         }
         let bytes: u64 = records.iter().map(|r| r.body.len() as u64).sum();
         let ids: Vec<(MessageId, u32, String)> = records
@@ -135,6 +154,7 @@ impl Broker {
             .map(|r| (r.message_id, r.queue_id, r.topic.clone()))
             .collect();
         let receipt = self.store.append(records)?;
+        in_use.stored();
         self.wait_durable(receipt.end).await?;
         self.counters
             .messages_in
@@ -159,5 +179,34 @@ impl Broker {
             });
         }
         Ok(out)
+    }
+}
+
+/// The topics of a batch being stored, held until its records are appended
+/// (see [`Broker::build_records`]).
+pub(crate) struct TopicsInUse<'a> {
+    broker: &'a Broker,
+    held: Vec<(String, Arc<TopicState>)>,
+    /// Topics this batch auto-created.
+    created: Vec<String>,
+}
+
+impl TopicsInUse<'_> {
+    /// The records are in the log: the topics stay.
+    pub(crate) fn stored(mut self) {
+        self.created.clear();
+    }
+}
+
+impl Drop for TopicsInUse<'_> {
+    fn drop(&mut self) {
+        for name in std::mem::take(&mut self.created) {
+            let Some(ours) = self.held.iter().find(|(n, _)| *n == name).map(|(_, t)| t) else {
+                continue;
+            };
+            if let Err(e) = self.broker.remove_unused_topic(&name, ours) {
+                tracing::warn!(topic = %name, error = %e, "an auto-created topic of a refused send was left behind");
+            }
+        }
     }
 }

@@ -5,6 +5,7 @@
 use bytes::Bytes;
 use halfmq_storage::MessageId;
 
+use crate::core::secret::{hex, unhex, Domain, Secret, TAG_BYTES};
 use crate::error::BrokerError;
 
 /// How a message picks its queue.
@@ -111,6 +112,32 @@ impl Receipt {
         })
     }
 
+    /// The receipt handle given to consumer group `group`:
+    /// `<tag>.<encode()>`, the tag (32 hex digits) of the broker secret over
+    /// the group and the rest, so that a handle cannot be guessed and is
+    /// valid only for the group that received it.
+    pub fn handle(&self, group: &str, secret: &Secret) -> String {
+        let body = self.encode();
+        let tag = secret.tag(Domain::Receipt, &[group.as_bytes(), body.as_bytes()]);
+        format!("{}.{body}", hex(&tag))
+    }
+
+    /// Parses a [`Receipt::handle`] of `group`, checking its tag (constant
+    /// time).
+    ///
+    /// # Errors
+    /// [`BrokerError::InvalidReceiptHandle`] for a malformed or forged
+    /// handle, or one given to another group (the same error for all).
+    pub fn from_handle(s: &str, group: &str, secret: &Secret) -> Result<Receipt, BrokerError> {
+        let bad = || BrokerError::InvalidReceiptHandle(s.to_owned());
+        let (tag, body) = s.split_once('.').ok_or_else(bad)?;
+        let tag = unhex::<TAG_BYTES>(tag).ok_or_else(bad)?;
+        if !secret.verify(Domain::Receipt, &[group.as_bytes(), body.as_bytes()], &tag) {
+            return Err(bad());
+        }
+        Receipt::decode(body)
+    }
+
     pub(crate) fn level(&self) -> Option<u32> {
         self.retry.then_some(self.queue_id)
     }
@@ -190,5 +217,33 @@ mod tests {
         assert_eq!(Receipt::decode(&rr.encode()).unwrap(), rr);
         assert!(Receipt::decode("x.1.2.t").is_err());
         assert!(Receipt::decode("1.2.3.").is_err());
+    }
+
+    #[test]
+    fn receipt_handles_are_bound_to_their_group_and_cannot_be_forged() {
+        let secret = Secret::random();
+        let r = Receipt {
+            topic: "orders".into(),
+            queue_id: 0,
+            queue_offset: 5,
+            seq: 1,
+            retry: false,
+        };
+        let h = r.handle("billing", &secret);
+        assert_eq!(Receipt::from_handle(&h, "billing", &secret).unwrap(), r);
+        assert!(Receipt::from_handle(&h, "shipping", &secret).is_err());
+        // The old untagged form, a neighbour's offset under the same tag,
+        // and a handle of another broker.
+        assert!(Receipt::from_handle(&r.encode(), "billing", &secret).is_err());
+        let (tag, _) = h.split_once('.').unwrap();
+        let next = Receipt {
+            queue_offset: 6,
+            ..r.clone()
+        };
+        let forged = format!("{tag}.{}", next.encode());
+        assert!(Receipt::from_handle(&forged, "billing", &secret).is_err());
+        let elsewhere = r.handle("billing", &Secret::random());
+        assert!(Receipt::from_handle(&elsewhere, "billing", &secret).is_err());
+        assert!(Receipt::from_handle("", "billing", &secret).is_err());
     }
 }

@@ -112,7 +112,7 @@ impl Broker {
                         offset,
                         message_id: r.message_id,
                     }
-                    .encode(),
+                    .encode(&self.secret),
                     Resolution::Commit,
                 )),
                 Err(e) => {
@@ -123,7 +123,7 @@ impl Broker {
         let tids: Vec<String> = ends.iter().map(|(t, _)| t.clone()).collect();
         for (tid, r) in tids
             .iter()
-            .zip(self.end_transactions(ends, EndSource::Check).await)
+            .zip(self.end_transactions(ends, EndSource::DelayTimer).await)
         {
             if let Err(e) = r {
                 tracing::error!(transaction_id = %tid, error = %e, "delayed message not delivered yet; retrying");
@@ -157,7 +157,7 @@ impl Broker {
                 offset,
                 message_id: half.message_id,
             }
-            .encode(),
+            .encode(&self.secret),
             producer_group: group.clone(),
             // This check's number, from 1 (RocketMQ counts the same way).
             check_times: check_times + 1,

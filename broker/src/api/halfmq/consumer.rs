@@ -12,6 +12,7 @@ impl pb::consumer_server::Consumer for Services {
     #[tracing::instrument(skip_all, fields(group = %req.get_ref().group, topic = %req.get_ref().topic))]
     async fn receive(&self, req: Request<pb::ReceiveRequest>) -> Rpc<pb::ReceiveResponse> {
         let r = req.into_inner();
+        let group = r.group.clone();
         let res = self
             .broker
             .receive(ReceiveRequest {
@@ -26,7 +27,13 @@ impl pb::consumer_server::Consumer for Services {
         Ok(Response::new(match res {
             Ok(msgs) => pb::ReceiveResponse {
                 status: ok(),
-                messages: msgs.into_iter().map(|m| wire_message(m, true)).collect(),
+                messages: msgs
+                    .into_iter()
+                    .map(|m| {
+                        let handle = m.receipt.handle(&group, self.broker.secret());
+                        wire_message(m, handle)
+                    })
+                    .collect(),
             },
             Err(e) => pb::ReceiveResponse {
                 status: status(&e),
@@ -41,12 +48,14 @@ impl pb::consumer_server::Consumer for Services {
         let results = r
             .receipt_handles
             .iter()
-            .map(
-                |h| match Receipt::decode(h).and_then(|rc| self.broker.ack(&r.group, &rc)) {
+            .map(|h| {
+                match Receipt::from_handle(h, &r.group, self.broker.secret())
+                    .and_then(|rc| self.broker.ack(&r.group, &rc))
+                {
                     Ok(()) => ok().unwrap_or_default(),
                     Err(e) => status(&e).unwrap_or_default(),
-                },
-            )
+                }
+            })
             .collect();
         Ok(Response::new(pb::AckResponse {
             status: ok(),
@@ -57,7 +66,7 @@ impl pb::consumer_server::Consumer for Services {
     #[tracing::instrument(skip_all, fields(group = %req.get_ref().group))]
     async fn nack(&self, req: Request<pb::NackRequest>) -> Rpc<pb::NackResponse> {
         let r = req.into_inner();
-        let res = match Receipt::decode(&r.receipt_handle) {
+        let res = match Receipt::from_handle(&r.receipt_handle, &r.group, self.broker.secret()) {
             Ok(rc) => self.broker.nack(&r.group, &rc, &r.reason, r.delay_ms).await,
             Err(e) => Err(e),
         };
@@ -75,14 +84,16 @@ impl pb::consumer_server::Consumer for Services {
         req: Request<pb::ChangeInvisibleDurationRequest>,
     ) -> Rpc<pb::ChangeInvisibleDurationResponse> {
         let r = req.into_inner();
-        let res = Receipt::decode(&r.receipt_handle).and_then(|rc| {
-            self.broker
-                .change_invisible_duration(&r.group, &rc, r.invisible_duration_ms)
-        });
+        let res = Receipt::from_handle(&r.receipt_handle, &r.group, self.broker.secret()).and_then(
+            |rc| {
+                self.broker
+                    .change_invisible_duration(&r.group, &rc, r.invisible_duration_ms)
+            },
+        );
         Ok(Response::new(match res {
             Ok((rc, until)) => pb::ChangeInvisibleDurationResponse {
                 status: ok(),
-                receipt_handle: rc.encode(),
+                receipt_handle: rc.handle(&r.group, self.broker.secret()),
                 invisible_until_ms: until,
             },
             Err(e) => pb::ChangeInvisibleDurationResponse {

@@ -116,7 +116,9 @@ impl Services {
 
 pub(super) type Rpc<T> = Result<Response<T>, tonic::Status>;
 
-pub(super) fn wire_message(m: DeliveredMessage, with_receipt: bool) -> pb::ReceivedMessage {
+/// A delivered message on the wire, with `receipt_handle` (empty for a
+/// check-back's copy of a half).
+pub(super) fn wire_message(m: DeliveredMessage, receipt_handle: String) -> pb::ReceivedMessage {
     pb::ReceivedMessage {
         message_id: m.message_id.to_string(),
         topic: m.topic,
@@ -127,11 +129,7 @@ pub(super) fn wire_message(m: DeliveredMessage, with_receipt: bool) -> pb::Recei
         properties: m.properties.into_iter().collect(),
         body: m.body,
         reconsume_times: m.reconsume_times,
-        receipt_handle: if with_receipt {
-            m.receipt.encode()
-        } else {
-            String::new()
-        },
+        receipt_handle,
         store_timestamp_ms: m.store_timestamp_ms,
         invisible_until_ms: m.invisible_until_ms,
         original_queue_offset: m.original_queue_offset,

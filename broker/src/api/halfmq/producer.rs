@@ -192,15 +192,11 @@ impl pb::producer_server::Producer for Services {
                 kind: Some(pb::session_up::Kind::Hello(h)),
             }) => h,
             _ => {
-                let _ = out_tx
-                    .send(down(pb::session_down::Kind::Error(pb::Status {
-                        code: pb::Code::BadRequest as i32,
-                        message: "the first session message must be a hello".into(),
-                    })))
-                    .await;
-                return Ok(Response::new(Box::pin(
-                    tokio_stream::wrappers::ReceiverStream::new(out_rx),
-                )));
+                let refusal = pb::Status {
+                    code: pb::Code::BadRequest as i32,
+                    message: "the first session message must be a hello".into(),
+                };
+                return Ok(refuse_session(out_tx, out_rx, refusal).await);
             }
         };
         // A session opened once shutdown has begun would keep the drain waiting.
@@ -209,19 +205,20 @@ impl pb::producer_server::Producer for Services {
             .check_running()
             .and_then(|()| crate::core::names::check_group(&hello.producer_group));
         if let Err(e) = refused {
-            let _ = out_tx
-                .send(down(pb::session_down::Kind::Error(
-                    status(&e).unwrap_or_default(),
-                )))
-                .await;
-            return Ok(Response::new(Box::pin(
-                tokio_stream::wrappers::ReceiverStream::new(out_rx),
-            )));
+            return Ok(refuse_session(out_tx, out_rx, status(&e).unwrap_or_default()).await);
         }
         let broker = Arc::clone(&self.broker);
-        let (sid, mut checks) = broker
-            .tx_state()
-            .open_session(hello.producer_group.clone(), hello.topics);
+        let opened = broker.tx_state().open_session(
+            hello.producer_group.clone(),
+            hello.topics,
+            broker.config().max_producer_sessions as usize,
+        );
+        let (sid, mut checks) = match opened {
+            Ok(o) => o,
+            Err(e) => {
+                return Ok(refuse_session(out_tx, out_rx, status(&e).unwrap_or_default()).await)
+            }
+        };
         let _ = out_tx
             .send(down(pb::session_down::Kind::Welcome(pb::Welcome {
                 session_id: sid,
@@ -237,7 +234,7 @@ impl pb::producer_server::Producer for Services {
                             transaction_id: c.transaction_id,
                             producer_group: c.producer_group,
                             check_times: c.check_times,
-                            message: Some(wire_message(c.message, false)),
+                            message: Some(wire_message(c.message, String::new())),
                         };
                         if out_tx.send(down(pb::session_down::Kind::Check(msg))).await.is_err() {
                             break;
@@ -292,4 +289,18 @@ impl pb::producer_server::Producer for Services {
             },
         }))
     }
+}
+
+/// Answers a session that is refused with one error message, then ends it.
+async fn refuse_session(
+    out_tx: tokio::sync::mpsc::Sender<Result<pb::SessionDown, tonic::Status>>,
+    out_rx: tokio::sync::mpsc::Receiver<Result<pb::SessionDown, tonic::Status>>,
+    refusal: pb::Status,
+) -> Response<SessionStream> {
+    let _ = out_tx
+        .send(down(pb::session_down::Kind::Error(refusal)))
+        .await;
+    Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(
+        out_rx,
+    )))
 }

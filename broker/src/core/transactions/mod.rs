@@ -46,6 +46,7 @@ pub use state::TxState;
 
 use halfmq_storage::MessageId;
 
+use crate::core::secret::{hex, unhex, Domain, Secret};
 use crate::core::types::DeliveredMessage;
 use crate::error::BrokerError;
 
@@ -79,6 +80,9 @@ pub enum EndSource {
     Check,
     /// An operator (`halfmq tx end`).
     Operator,
+    /// The broker's timer delivering a due delayed message (never from a
+    /// request: only it may end a delayed message).
+    DelayTimer,
 }
 
 /// A transaction id: the half's physical offset and its message id.
@@ -91,23 +95,38 @@ pub struct TransactionId {
 }
 
 impl TransactionId {
-    /// 48 hex digits.
-    pub fn encode(&self) -> String {
-        format!("{:016X}{}", self.offset, self.message_id)
+    /// 80 hex digits: the offset (16), the message id (32) and the tag (32)
+    /// of the broker secret over both, so that an id cannot be guessed from
+    /// offsets and message ids that consumers see.
+    pub fn encode(&self, secret: &Secret) -> String {
+        let off = self.offset.to_be_bytes();
+        let tag = secret.tag(Domain::Transaction, &[&off, &self.message_id.0]);
+        format!("{:016X}{}{}", self.offset, self.message_id, hex(&tag))
     }
 
-    /// Parses [`TransactionId::encode`]'s form.
+    /// Parses [`TransactionId::encode`]'s form and checks its tag (constant
+    /// time) before anything is read.
     ///
     /// # Errors
-    /// [`BrokerError::InvalidTransactionId`].
-    pub fn decode(s: &str) -> Result<TransactionId, BrokerError> {
+    /// [`BrokerError::InvalidTransactionId`] for an id that is not 80 hex
+    /// digits; [`BrokerError::TransactionNotFound`] for a wrong tag (as for a
+    /// well-formed id of no half: a prober learns nothing).
+    pub fn decode(s: &str, secret: &Secret) -> Result<TransactionId, BrokerError> {
         let bad = || BrokerError::InvalidTransactionId(s.to_owned());
-        if s.len() != 48 || !s.is_ascii() {
+        if s.len() != 80 || !s.is_ascii() {
             return Err(bad());
         }
-        let offset = u64::from_str_radix(&s[..16], 16).map_err(|_| bad())?;
-        let message_id = MessageId::from_hex(&s[16..]).ok_or_else(bad)?;
-        Ok(TransactionId { offset, message_id })
+        let offset = unhex::<8>(&s[..16])
+            .map(u64::from_be_bytes)
+            .ok_or_else(bad)?;
+        let message_id = MessageId::from_hex(&s[16..48]).ok_or_else(bad)?;
+        let tag = unhex::<16>(&s[48..]).ok_or_else(bad)?;
+        let id = TransactionId { offset, message_id };
+        let off = offset.to_be_bytes();
+        if !secret.verify(Domain::Transaction, &[&off, &message_id.0], &tag) {
+            return Err(BrokerError::TransactionNotFound(s.to_owned()));
+        }
+        Ok(id)
     }
 }
 
@@ -161,15 +180,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn transaction_id_round_trip() {
+    fn transaction_id_round_trip_and_forgeries() {
+        let secret = Secret::random();
         let id = TransactionId {
             offset: 123_456,
             message_id: MessageId([0xAB; 16]),
         };
-        let s = id.encode();
-        assert_eq!(s.len(), 48);
-        assert_eq!(TransactionId::decode(&s).unwrap(), id);
-        assert!(TransactionId::decode("zz").is_err());
-        assert!(TransactionId::decode(&"G".repeat(48)).is_err());
+        let s = id.encode(&secret);
+        assert_eq!(s.len(), 80);
+        assert_eq!(TransactionId::decode(&s, &secret).unwrap(), id);
+        assert_eq!(
+            TransactionId::decode(&s.to_lowercase(), &secret).unwrap(),
+            id
+        );
+        // The old, tagless form, a neighbour's offset, another broker's key.
+        assert!(TransactionId::decode(&s[..48], &secret).is_err());
+        let other = TransactionId {
+            offset: 123_457,
+            ..id
+        };
+        let forged = format!("{}{}", &other.encode(&Secret::random())[..48], &s[48..]);
+        assert!(TransactionId::decode(&forged, &secret).is_err());
+        assert!(TransactionId::decode(&id.encode(&Secret::random()), &secret).is_err());
+        assert!(TransactionId::decode("zz", &secret).is_err());
+        assert!(TransactionId::decode(&"G".repeat(80), &secret).is_err());
     }
 }

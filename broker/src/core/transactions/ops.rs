@@ -73,7 +73,7 @@ impl Broker {
     ) -> Result<Vec<HalfReceipt>, BrokerError> {
         self.check_running()?;
         check_group(producer_group)?;
-        let mut records = self.build_records(msgs, RecordKind::Half)?;
+        let (mut records, in_use) = self.build_records(msgs, RecordKind::Half)?;
         for r in &mut records {
             r.properties.push((
                 PRODUCER_GROUP_PROPERTY.to_owned(),
@@ -98,6 +98,7 @@ impl Broker {
                 return Err(BrokerError::TooManyPendingHalves(tx.max_pending));
             }
             let r = self.store().append(records)?;
+            in_use.stored();
             let g = inner.strings.id(producer_group);
             for (off, (_, _, topic, stored_ms)) in r.offsets.iter().zip(&meta) {
                 let t = inner.strings.id(topic);
@@ -115,7 +116,7 @@ impl Broker {
             .into_iter()
             .zip(meta)
             .map(|(offset, (message_id, queue_id, _, _))| HalfReceipt {
-                transaction_id: TransactionId { offset, message_id }.encode(),
+                transaction_id: TransactionId { offset, message_id }.encode(&self.secret),
                 message_id,
                 queue_id,
             })
@@ -132,6 +133,7 @@ impl Broker {
     pub(crate) async fn send_delayed(
         &self,
         records: Vec<Record>,
+        in_use: crate::core::send::TopicsInUse<'_>,
     ) -> Result<Vec<crate::core::SendReceipt>, BrokerError> {
         let info: Vec<(MessageId, u32, String, u64, Option<u64>)> = records
             .iter()
@@ -157,6 +159,7 @@ impl Broker {
                 return Err(BrokerError::TooManyPendingHalves(tx.max_pending));
             }
             let r = self.store().append(records)?;
+            in_use.stored();
             let g = inner.strings.id(DELAY_GROUP);
             for (off, (_, _, topic, stored_ms, due)) in r.offsets.iter().zip(&info) {
                 if let Some(due) = due {
@@ -238,9 +241,15 @@ impl Broker {
                         ))
                     }
                 };
-                let id = TransactionId::decode(tid)?;
+                let id = TransactionId::decode(tid, &self.secret)?;
                 match self.store().log().read(id.offset) {
-                    Ok(r) if r.kind == RecordKind::Half && r.message_id == id.message_id => {
+                    // A delayed message is a half of the broker's own group:
+                    // only its timer ends it, whatever id a request brings.
+                    Ok(r)
+                        if r.kind == RecordKind::Half
+                            && r.message_id == id.message_id
+                            && is_delayed(&r) == (source == EndSource::DelayTimer) =>
+                    {
                         Ok((id, r, commit))
                     }
                     Ok(_) | Err(halfmq_storage::Error::OffsetOutOfRange { .. }) => {
@@ -379,7 +388,7 @@ impl Broker {
         transaction_id: &str,
         resolution: Resolution,
     ) {
-        let Ok(id) = TransactionId::decode(transaction_id) else {
+        let Ok(id) = TransactionId::decode(transaction_id, &self.secret) else {
             tracing::warn!(
                 session_id,
                 transaction_id,
@@ -510,7 +519,7 @@ impl Broker {
                     .unwrap_or_default();
                 let note = pending_note(&s, &group, tx.has_session(&group), now, &tx.cfg);
                 PendingTransaction {
-                    transaction_id: TransactionId { offset, message_id }.encode(),
+                    transaction_id: TransactionId { offset, message_id }.encode(&self.secret),
                     message_id: message_id.to_string(),
                     topic,
                     producer_group: group,
@@ -522,6 +531,15 @@ impl Broker {
             })
             .collect()
     }
+}
+
+/// Whether a half record is a delayed message (a half of `%DELAY%`, or of
+/// any group with '%', which clients cannot name).
+fn is_delayed(half: &Record) -> bool {
+    half.properties
+        .iter()
+        .find(|(k, _)| k == PRODUCER_GROUP_PROPERTY)
+        .is_some_and(|(_, g)| g == DELAY_GROUP || g.contains('%'))
 }
 
 #[cfg(test)]

@@ -512,17 +512,26 @@ impl TxState {
         &self,
         group: String,
         topics: Vec<String>,
-    ) -> (u64, mpsc::Receiver<CheckRequest>) {
+        max_sessions: usize,
+    ) -> Result<(u64, mpsc::Receiver<CheckRequest>), BrokerError> {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(self.max_checks_per_session.max(1));
-        lock(&self.sessions).insert(Session {
-            id,
-            group: group.clone(),
-            topics,
-            tx,
-            inflight: Arc::new(AtomicUsize::new(0)),
-            timeouts: 0,
-        });
+        {
+            let mut sessions = lock(&self.sessions);
+            if sessions.len() >= max_sessions {
+                return Err(BrokerError::TooManyRequests(format!(
+                    "max_producer_sessions {max_sessions} reached; producer group {group} gets no session now (retry later)"
+                )));
+            }
+            sessions.insert(Session {
+                id,
+                group: group.clone(),
+                topics,
+                tx,
+                inflight: Arc::new(AtomicUsize::new(0)),
+                timeouts: 0,
+            });
+        }
         tracing::info!(session = id, producer_group = %group, "producer session opened");
         {
             let mut inner = self.inner.lock();
@@ -533,7 +542,7 @@ impl TxState {
             }
         }
         self.wake.notify_one();
-        (id, rx)
+        Ok((id, rx))
     }
 
     /// (Unresolved half messages, delayed messages not yet due). O(1).
