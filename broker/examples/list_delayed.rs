@@ -26,6 +26,7 @@ fn message(delay_ms: u64) -> OutgoingMessage {
         properties: Vec::new(),
         body: bytes::Bytes::from_static(b"x"),
         delay_ms,
+        idempotency_key: None,
     }
 }
 

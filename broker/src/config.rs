@@ -196,6 +196,16 @@ pub struct BrokerConfig {
     /// (RocketMQ 5's timerMaxDelaySec).
     #[serde(deserialize_with = "crate::units::ms")]
     pub max_delay_ms: u64,
+    /// How long an idempotency key is remembered: a send repeating a key
+    /// stored this recently on the same topic stores nothing and gets the
+    /// first send's receipt, ms. Default 120,000 (NATS JetStream's
+    /// `duplicate_window`).
+    #[serde(deserialize_with = "crate::units::ms")]
+    pub dedup_window_ms: u64,
+    /// Most idempotency keys remembered (about 100 bytes each); past it the
+    /// oldest are forgotten before their window ends. Default 2,000,000
+    /// (a full window at about 16,000 keyed sends a second).
+    pub max_dedup_keys: u64,
     /// Threads of the async runtime (network, request handling); 0 = one per
     /// CPU core (tokio's default); 1 = tokio's current-thread scheduler.
     /// Default 0, at most 1,024. The commit-log flusher and blocking work
@@ -243,6 +253,8 @@ impl Default for BrokerConfig {
             read_cache_bytes: 16 << 20,
             sync_wait_spin_us: 0,
             max_delay_ms: 3 * 24 * 3600 * 1000,
+            dedup_window_ms: 120_000,
+            max_dedup_keys: 2_000_000,
             worker_threads: 0,
             transaction_replay_bytes: 1 << 30,
             transaction_timeout_ms: 6_000,
@@ -452,6 +464,8 @@ impl BrokerConfig {
         )?;
         at_least("max_topics", u64::from(self.max_topics), 1)?;
         at_least("max_delay_ms", self.max_delay_ms, 1)?;
+        at_least("dedup_window_ms", self.dedup_window_ms, 1)?;
+        at_least("max_dedup_keys", self.max_dedup_keys, 1)?;
         at_least(
             "default_invisible_duration_ms",
             self.default_invisible_duration_ms,

@@ -169,6 +169,13 @@ struct Args {
     /// `max_pending_halves`.
     #[arg(long)]
     max_pending_halves: Option<u64>,
+    /// `dedup_window_ms`, as a duration: how long idempotency keys are
+    /// remembered.
+    #[arg(long, value_parser = duration_ms)]
+    dedup_window: Option<u64>,
+    /// `max_dedup_keys`: most idempotency keys remembered.
+    #[arg(long)]
+    max_dedup_keys: Option<u64>,
     /// `retry_delays`: delay levels, e.g. "1s 5s 10s 30s 1m".
     #[arg(long)]
     retry_delays: Option<String>,
@@ -218,6 +225,7 @@ fn load_config(args: &Args) -> anyhow::Result<BrokerConfig> {
         check_max => check_max, check_reply_timeout => check_reply_timeout_ms,
         max_checks_inflight_per_session => max_checks_inflight_per_session,
         max_pending_halves => max_pending_halves,
+        dedup_window => dedup_window_ms, max_dedup_keys => max_dedup_keys,
         retry_delays => retry_delays, max_reconsume_times => max_reconsume_times,
     );
     if let Some(f) = &args.flush {

@@ -441,6 +441,13 @@ pub struct Message {
     /// it (millisecond precision; at most the broker's `max_delay_ms`).
     /// Zero, the default: at once. Ordinary sends only.
     pub delay: Duration,
+    /// Idempotency key (1 to 128 bytes): a send repeating a key the broker
+    /// stored on this topic within its `dedup_window_ms` (2 min by default)
+    /// stores nothing and returns the first send's receipt with
+    /// `duplicate: true`. The key is the identity: the body is not compared.
+    /// `None`: the producer sets an automatic one (see
+    /// [`ProducerOptions::auto_idempotency_keys`]).
+    pub idempotency_key: Option<String>,
 }
 
 impl Message {
@@ -454,7 +461,14 @@ impl Message {
             properties: HashMap::new(),
             body: body.into(),
             delay: Duration::ZERO,
+            idempotency_key: None,
         }
+    }
+
+    /// Sets the idempotency key (see [`Message::idempotency_key`]).
+    pub fn with_idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
+        self
     }
 
     /// Sets the tag.
@@ -506,6 +520,33 @@ impl Message {
             properties: self.properties,
             body: self.body,
             delay_ms: self.delay.as_millis().try_into().unwrap_or(u64::MAX),
+            idempotency_key: self.idempotency_key,
+        }
+    }
+}
+
+/// Automatic idempotency keys: `<random producer id>-<sequence number>`, so
+/// that a producer's own retries (timeouts, reconnects) never store a
+/// message twice.
+#[derive(Debug)]
+pub(crate) struct AutoKeys {
+    producer_id: String,
+    seq: std::sync::atomic::AtomicU64,
+}
+
+impl AutoKeys {
+    pub(crate) fn new() -> AutoKeys {
+        AutoKeys {
+            producer_id: format!("{:016x}", rand::random::<u64>()),
+            seq: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Gives `m` a key unless it has one.
+    pub(crate) fn fill(&self, m: &mut Message) {
+        if m.idempotency_key.is_none() {
+            let n = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            m.idempotency_key = Some(format!("{}-{n}", self.producer_id));
         }
     }
 }
@@ -523,6 +564,9 @@ pub struct SendReceipt {
     /// When a delayed message becomes visible, broker clock, ms since the
     /// epoch; 0 for an ordinary message.
     pub deliver_at_ms: u64,
+    /// The message's idempotency key was stored before: this is the first
+    /// send's receipt, and nothing was stored now.
+    pub duplicate: bool,
 }
 
 /// Producer options.
@@ -538,6 +582,11 @@ pub struct ProducerOptions {
     /// Coalesced requests in flight at once. Default 2
     /// ([`DEFAULT_MAX_INFLIGHT_BATCHES`]).
     pub max_inflight_batches: usize,
+    /// Give every message without an idempotency key an automatic one, and
+    /// retry sends after transport errors (up to the client's
+    /// `max_attempts`): exactly-once publish. Default true. Off, a send whose
+    /// reply is lost is not retried (its outcome is unknown).
+    pub auto_idempotency_keys: bool,
 }
 
 /// Coalesced requests a producer keeps in flight at once (a `Producer`'s
@@ -557,6 +606,7 @@ impl Default for ProducerOptions {
             max_batch_messages: 256,
             max_batch_bytes: 4 << 20,
             max_inflight_batches: DEFAULT_MAX_INFLIGHT_BATCHES,
+            auto_idempotency_keys: true,
         }
     }
 }
@@ -566,6 +616,7 @@ impl Default for ProducerOptions {
 pub struct Producer {
     client: Client,
     batcher: Option<Coalescer<pb::Message, SendReceipt>>,
+    keys: Option<Arc<AutoKeys>>,
 }
 
 impl Producer {
@@ -593,7 +644,21 @@ impl Producer {
                 },
             )
         });
-        Producer { client, batcher }
+        let keys = opts
+            .auto_idempotency_keys
+            .then(|| Arc::new(AutoKeys::new()));
+        Producer {
+            client,
+            batcher,
+            keys,
+        }
+    }
+
+    fn wire(&self, mut m: Message) -> pb::Message {
+        if let Some(k) = &self.keys {
+            k.fill(&mut m);
+        }
+        m.into_wire()
     }
 
     /// Sends one message; returns once the broker has stored it durably per
@@ -603,9 +668,10 @@ impl Producer {
     /// [`ClientError::Broker`] with the refusal (nothing stored);
     /// [`ClientError::Transport`] when the outcome is unknown.
     pub async fn send(&self, msg: Message) -> Result<SendReceipt, ClientError> {
+        let m = self.wire(msg);
         match &self.batcher {
-            Some(b) => b.call(msg.into_wire()).await,
-            None => one(send_wire(&self.client, vec![msg.into_wire()]).await),
+            Some(b) => b.call(m).await,
+            None => one(send_wire(&self.client, vec![m]).await),
         }
     }
 
@@ -616,7 +682,7 @@ impl Producer {
     pub async fn send_batch(&self, msgs: Vec<Message>) -> Result<Vec<SendReceipt>, ClientError> {
         send_wire(
             &self.client,
-            msgs.into_iter().map(Message::into_wire).collect(),
+            msgs.into_iter().map(|m| self.wire(m)).collect(),
         )
         .await
     }
@@ -648,17 +714,32 @@ async fn send_coalesced(
     }
 }
 
+/// Sends `msgs` in one request; when every message has an idempotency key
+/// the send is safe to repeat, so transport errors are retried.
 async fn send_wire(
     client: &Client,
     msgs: Vec<pb::Message>,
 ) -> Result<Vec<SendReceipt>, ClientError> {
     let n = msgs.len();
-    let resp = client
-        .producer()
-        .send(client.request(pb::SendRequest { messages: msgs }, Duration::ZERO))
-        .await
-        .map_err(|s| client.transport_error(s).for_batch(n))?
-        .into_inner();
+    let once = || {
+        let req = pb::SendRequest {
+            messages: msgs.clone(),
+        };
+        async move {
+            client
+                .producer()
+                .send(client.request(req, Duration::ZERO))
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|s| client.transport_error(s))
+        }
+    };
+    let sent = if msgs.iter().all(|m| m.idempotency_key.is_some()) {
+        client.retry(once).await
+    } else {
+        once().await
+    };
+    let resp = sent.map_err(|e| e.for_batch(n))?;
     check(resp.status)?;
     if resp.receipts.len() != n {
         return Err(ClientError::Connect(format!(
@@ -674,6 +755,7 @@ async fn send_wire(
             queue_id: r.queue_id,
             queue_offset: r.queue_offset,
             deliver_at_ms: r.deliver_at_ms,
+            duplicate: r.duplicate,
         })
         .collect())
 }

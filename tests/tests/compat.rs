@@ -72,6 +72,7 @@ impl pb::producer_server::Producer for OldBroker {
                     transaction_id: format!("{o:016x}{o:032x}"),
                     message_id: format!("{o:032x}"),
                     queue_id: 0,
+                    duplicate: false,
                 }
             })
             .collect();

@@ -19,8 +19,10 @@
 //! argument and depend on nothing else of the crate.
 
 pub mod admin;
+pub mod dedup;
 pub mod delivery;
 pub mod dlq;
+pub mod idempotence;
 pub mod names;
 pub mod progress;
 pub mod props;
@@ -104,6 +106,10 @@ pub struct Broker {
     pub(crate) long_polls: std::sync::atomic::AtomicUsize,
     /// MACs receipt handles and transaction ids (`broker.secret`).
     pub(crate) secret: secret::Secret,
+    /// Idempotency keys of the last `dedup_window_ms`.
+    pub(crate) dedup: Mutex<dedup::DedupIndex>,
+    /// Woken when a claimed idempotency key is stored or released.
+    pub(crate) dedup_done: tokio::sync::Notify,
     pub(crate) tx: TxState,
     pub(crate) retry: RetryPolicy,
     pub(crate) dlq: DlqState,
@@ -163,6 +169,12 @@ impl Broker {
         let (shutdown_tx, _) = watch::channel(false);
         let id_prefix = rand::random::<u64>();
         let secret = secret::Secret::load_or_create(&cfg.data_dir)?;
+        let dedup = idempotence::rebuild(
+            &store,
+            cfg.dedup_window_ms,
+            cfg.max_dedup_keys as usize,
+            clock.now_ms(),
+        )?;
         Ok(Arc::new(Broker {
             cfg,
             store,
@@ -179,6 +191,8 @@ impl Broker {
             progress_lock: Mutex::new(()),
             long_polls: std::sync::atomic::AtomicUsize::new(0),
             secret,
+            dedup: Mutex::new(dedup),
+            dedup_done: tokio::sync::Notify::new(),
             tx,
             retry,
             dlq,

@@ -18,6 +18,8 @@ pub const MAX_PROPERTIES: usize = 64;
 pub const MAX_PROPERTY_NAME_BYTES: usize = 256;
 /// Longest property value, bytes.
 pub const MAX_PROPERTY_VALUE_BYTES: usize = 16 * 1024;
+/// Longest idempotency key, bytes.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
 
 fn name_ok(s: &str) -> bool {
     !s.is_empty()

@@ -22,6 +22,8 @@ pub const TOPIC_PROPERTY: &str = "halfmq.topic";
 /// A failed delivery: where the message was in its topic,
 /// `<queue id>:<queue offset>`.
 pub const ORIGIN_PROPERTY: &str = "halfmq.origin";
+/// A send's idempotency key (exactly-once publish, `core/idempotence.rs`).
+pub const IDEMPOTENCY_KEY_PROPERTY: &str = "halfmq.idempotency_key";
 
 /// A property's value, if the record has it.
 pub fn prop<'a>(r: &'a Record, key: &str) -> Option<&'a str> {

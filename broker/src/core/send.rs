@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use halfmq_storage::{MessageId, Record, RecordKind};
 
-use super::names::{check_message_fields, check_topic};
+use super::idempotence::RecordMeta;
+use super::names::{check_message_fields, check_topic, MAX_IDEMPOTENCY_KEY_BYTES};
+use super::props::IDEMPOTENCY_KEY_PROPERTY;
 use super::topics::TopicState;
 use super::types::{OutgoingMessage, QueueChoice, SendReceipt};
 use super::Broker;
@@ -63,6 +65,14 @@ impl Broker {
                 });
             }
             check_message_fields(&m.tag, &m.keys, &m.properties)?;
+            if let Some(k) = &m.idempotency_key {
+                if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+                    return Err(BrokerError::BadRequest(format!(
+                        "an idempotency key must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} bytes, not {}",
+                        k.len()
+                    )));
+                }
+            }
             let topic = match in_use.held.iter().find(|(n, _)| *n == m.topic) {
                 Some((_, t)) => Arc::clone(t),
                 None => {
@@ -96,6 +106,9 @@ impl Broker {
                 }
             };
             let mut properties = m.properties;
+            if let Some(k) = m.idempotency_key {
+                properties.push((IDEMPOTENCY_KEY_PROPERTY.to_owned(), k));
+            }
             let mut kind = kind;
             if m.delay_ms > 0 {
                 if kind != RecordKind::Normal {
@@ -148,14 +161,23 @@ impl Broker {
         if records.iter().any(|r| r.kind == RecordKind::Half) {
             return self.send_delayed(records, in_use).await;
         }
+        let (records, mut claims) = self.claim_keys(records).await?;
+        if claims.all_duplicates() {
+            drop(in_use);
+            self.wait_durable(claims.duplicates_end()).await?;
+            return Ok(claims.receipts(Vec::new(), duplicate_receipt, |r| r.duplicate = true));
+        }
         let bytes: u64 = records.iter().map(|r| r.body.len() as u64).sum();
+        let metas: Vec<RecordMeta> = records.iter().map(RecordMeta::of).collect();
         let ids: Vec<(MessageId, u32, String)> = records
             .iter()
             .map(|r| (r.message_id, r.queue_id, r.topic.clone()))
             .collect();
         let receipt = self.store.append(records)?;
         in_use.stored();
-        self.wait_durable(receipt.end).await?;
+        claims.stored(&metas, &receipt);
+        self.wait_durable(receipt.end.max(claims.duplicates_end()))
+            .await?;
         self.counters
             .messages_in
             .fetch_add(ids.len() as u64, Ordering::Relaxed);
@@ -176,9 +198,21 @@ impl Broker {
                     BrokerError::Internal("a normal message got no queue offset".into())
                 })?),
                 deliver_at_ms: 0,
+                duplicate: false,
             });
         }
-        Ok(out)
+        Ok(claims.receipts(out, duplicate_receipt, |r| r.duplicate = true))
+    }
+}
+
+/// A duplicate's receipt: the first send's.
+pub(crate) fn duplicate_receipt(f: &crate::core::dedup::FirstSend) -> SendReceipt {
+    SendReceipt {
+        message_id: f.message_id,
+        queue_id: f.queue_id,
+        queue_offset: f.queue_offset,
+        deliver_at_ms: f.deliver_at_ms,
+        duplicate: true,
     }
 }
 

@@ -37,6 +37,8 @@ pub struct OutgoingMessage {
     /// Delayed delivery: visible this many ms after it is stored; 0 = at
     /// once. Ordinary sends only; at most `max_delay_ms`.
     pub delay_ms: u64,
+    /// Idempotency key (1 to 128 bytes), if any: see `dedup_window_ms`.
+    pub idempotency_key: Option<String>,
 }
 
 /// Where a sent message went.
@@ -52,6 +54,9 @@ pub struct SendReceipt {
     /// When a delayed message becomes visible, broker clock, ms since the
     /// epoch; 0 for an ordinary one.
     pub deliver_at_ms: u64,
+    /// The idempotency key was stored before: this is the first send's
+    /// receipt, nothing was stored now.
+    pub duplicate: bool,
 }
 
 /// Identifies one delivery; encoded as the wire's receipt handle.

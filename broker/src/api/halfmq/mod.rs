@@ -98,6 +98,7 @@ pub(super) fn outgoing(m: pb::Message) -> OutgoingMessage {
         delay_ms: m.delay_ms,
         properties,
         body: m.body,
+        idempotency_key: m.idempotency_key,
     }
 }
 

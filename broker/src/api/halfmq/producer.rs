@@ -26,6 +26,7 @@ impl Services {
                         transaction_id: h.transaction_id,
                         message_id: h.message_id.to_string(),
                         queue_id: h.queue_id,
+                        duplicate: h.duplicate,
                     })
                     .collect(),
             ),
@@ -280,6 +281,7 @@ impl pb::producer_server::Producer for Services {
                         queue_id: r.queue_id,
                         queue_offset: r.queue_offset,
                         deliver_at_ms: r.deliver_at_ms,
+                        duplicate: r.duplicate,
                     })
                     .collect(),
             },

@@ -173,6 +173,8 @@ pub struct HalfReceipt {
     pub message_id: MessageId,
     /// Queue id it will be delivered in.
     pub queue_id: u32,
+    /// The idempotency key was stored before: the first half's receipt.
+    pub duplicate: bool,
 }
 
 #[cfg(test)]

@@ -12,8 +12,11 @@ use super::{
     EndSource, HalfReceipt, PendingTransaction, Resolution, TransactionId, DELAY_GROUP,
     GIVEN_UP_TOPIC,
 };
+use crate::core::dedup::FirstSend;
+use crate::core::idempotence::RecordMeta;
 use crate::core::names::check_group;
 use crate::core::props::{deliver_at, PRODUCER_GROUP_PROPERTY};
+use crate::core::send::duplicate_receipt;
 use crate::core::txcheck::HalfState;
 use crate::core::types::OutgoingMessage;
 use crate::core::Broker;
@@ -80,6 +83,23 @@ impl Broker {
                 producer_group.to_owned(),
             ));
         }
+        let (records, mut claims) = self.claim_keys(records).await?;
+        let half_receipt = |f: &FirstSend| HalfReceipt {
+            transaction_id: TransactionId {
+                offset: f.offset,
+                message_id: f.message_id,
+            }
+            .encode(&self.secret),
+            message_id: f.message_id,
+            queue_id: f.queue_id,
+            duplicate: true,
+        };
+        if claims.all_duplicates() {
+            drop(in_use);
+            self.wait_durable(claims.duplicates_end()).await?;
+            return Ok(claims.receipts(Vec::new(), half_receipt, |r| r.duplicate = true));
+        }
+        let metas: Vec<RecordMeta> = records.iter().map(RecordMeta::of).collect();
         let meta: Vec<(MessageId, u32, String, u64)> = records
             .iter()
             .map(|r| {
@@ -99,6 +119,7 @@ impl Broker {
             }
             let r = self.store().append(records)?;
             in_use.stored();
+            claims.stored(&metas, &r);
             let g = inner.strings.id(producer_group);
             for (off, (_, _, topic, stored_ms)) in r.offsets.iter().zip(&meta) {
                 let t = inner.strings.id(topic);
@@ -107,20 +128,22 @@ impl Broker {
             }
             (r.offsets, r.end)
         };
-        self.wait_durable(end).await?;
+        self.wait_durable(end.max(claims.duplicates_end())).await?;
         self.counters
             .halves_in
             .fetch_add(offsets.len() as u64, Ordering::Relaxed);
         tx.wake.notify_one();
-        Ok(offsets
+        let stored = offsets
             .into_iter()
             .zip(meta)
             .map(|(offset, (message_id, queue_id, _, _))| HalfReceipt {
                 transaction_id: TransactionId { offset, message_id }.encode(&self.secret),
                 message_id,
                 queue_id,
+                duplicate: false,
             })
-            .collect())
+            .collect();
+        Ok(claims.receipts(stored, half_receipt, |r| r.duplicate = true))
     }
 
     /// Stores a batch holding delayed messages (halves of [`DELAY_GROUP`])
@@ -135,6 +158,13 @@ impl Broker {
         records: Vec<Record>,
         in_use: crate::core::send::TopicsInUse<'_>,
     ) -> Result<Vec<crate::core::SendReceipt>, BrokerError> {
+        let (records, mut claims) = self.claim_keys(records).await?;
+        if claims.all_duplicates() {
+            drop(in_use);
+            self.wait_durable(claims.duplicates_end()).await?;
+            return Ok(claims.receipts(Vec::new(), duplicate_receipt, |r| r.duplicate = true));
+        }
+        let metas: Vec<RecordMeta> = records.iter().map(RecordMeta::of).collect();
         let info: Vec<(MessageId, u32, String, u64, Option<u64>)> = records
             .iter()
             .map(|r| {
@@ -160,6 +190,7 @@ impl Broker {
             }
             let r = self.store().append(records)?;
             in_use.stored();
+            claims.stored(&metas, &r);
             let g = inner.strings.id(DELAY_GROUP);
             for (off, (_, _, topic, stored_ms, due)) in r.offsets.iter().zip(&info) {
                 if let Some(due) = due {
@@ -170,7 +201,8 @@ impl Broker {
             }
             r
         };
-        self.wait_durable(receipt.end).await?;
+        self.wait_durable(receipt.end.max(claims.duplicates_end()))
+            .await?;
         tx.wake.notify_one();
         self.counters
             .messages_in
@@ -188,9 +220,10 @@ impl Broker {
                 queue_id,
                 queue_offset: receipt.queue_offsets[i],
                 deliver_at_ms: due.unwrap_or(0),
+                duplicate: false,
             });
         }
-        Ok(out)
+        Ok(claims.receipts(out, duplicate_receipt, |r| r.duplicate = true))
     }
 
     /// Ends a transaction: commit makes the half visible once, rollback
@@ -557,6 +590,7 @@ mod tests {
             properties: Vec::new(),
             body: bytes::Bytes::copy_from_slice(body.as_bytes()),
             delay_ms,
+            idempotency_key: None,
         }
     }
 
