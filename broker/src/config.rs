@@ -202,8 +202,9 @@ pub struct BrokerConfig {
     /// `duplicate_window`).
     #[serde(deserialize_with = "crate::units::ms")]
     pub dedup_window_ms: u64,
-    /// Most idempotency keys remembered (about 100 bytes each); past it the
-    /// oldest are forgotten before their window ends. Default 2,000,000
+    /// Most idempotency keys remembered (about 100 bytes each, estimated);
+    /// past it the oldest are forgotten before their window ends. Default
+    /// 2,000,000
     /// (a full window at about 16,000 keyed sends a second).
     pub max_dedup_keys: u64,
     /// Threads of the async runtime (network, request handling); 0 = one per

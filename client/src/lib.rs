@@ -214,7 +214,8 @@ pub struct ClientOptions {
     /// Timeout of one request, long polls excluded (they add their wait).
     /// Default 10 s.
     pub request_timeout: Duration,
-    /// Attempts for calls safe to repeat (receive, ack, admin). Default 5.
+    /// Attempts for calls safe to repeat (receive, ack, admin, sends whose
+    /// messages all carry idempotency keys). Default 5.
     pub max_attempts: u32,
     /// First retry backoff; doubles each attempt up to 2 s. Default 50 ms.
     pub initial_backoff: Duration,
