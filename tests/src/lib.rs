@@ -239,3 +239,17 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg("-l").arg(self.path()).status();
     }
 }
+
+/// Messages stored on `topic` (summed over its queues; 0 for no topic).
+///
+/// # Panics
+/// When the topic list cannot be fetched (a test failure).
+pub async fn stored(admin: &halfmq_client::Admin, topic: &str) -> u64 {
+    admin
+        .list_topics()
+        .await
+        .expect("list topics")
+        .iter()
+        .find(|t| t.name == topic)
+        .map_or(0, |t| t.messages)
+}

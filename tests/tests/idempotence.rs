@@ -4,16 +4,10 @@
 use std::time::Duration;
 
 use halfmq_client::{Admin, Client, Code, Message, Producer};
-use halfmq_tests::{start, test_config};
+use halfmq_tests::{start, stored, test_config};
 
 async fn count(c: &Client, topic: &str) -> u64 {
-    Admin::new(c.clone())
-        .list_topics()
-        .await
-        .unwrap()
-        .iter()
-        .find(|t| t.name == topic)
-        .map_or(0, |t| t.messages)
+    stored(&Admin::new(c.clone()), topic).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,7 +11,7 @@ use halfmq_client::{
     Admin, Client, Code, Consumer, Message, MessageView, Producer, TransactionProducer,
     TransactionResolution,
 };
-use halfmq_tests::{start, test_config};
+use halfmq_tests::{start, stored, test_config};
 
 const MIB: usize = 1 << 20;
 
@@ -25,16 +25,6 @@ fn default_sizes(dir: &std::path::Path) -> BrokerConfig {
         max_batch_bytes: d.max_batch_bytes,
         ..test_config(dir)
     }
-}
-
-async fn stored(admin: &Admin, topic: &str) -> u64 {
-    admin
-        .list_topics()
-        .await
-        .unwrap()
-        .iter()
-        .find(|t| t.name == topic)
-        .map_or(0, |t| t.messages)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
