@@ -322,10 +322,26 @@ impl Client {
     }
 
     /// Calls one RPC with `req` (cloned for each attempt), `extra` added to
-    /// the request timeout, retried like [`Client::retry`]; returns the
+    /// the request timeout, retried like [`Client::retry_with`]; returns the
     /// response body.
     async fn call<Req, Resp, F, Fut>(
         &self,
+        req: Req,
+        extra: Duration,
+        rpc: F,
+    ) -> Result<Resp, ClientError>
+    where
+        Req: Clone,
+        F: FnMut(tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        self.call_with(false, req, extra, rpc).await
+    }
+
+    /// [`Client::call`], retried like [`Client::retry_with`] `idempotent`.
+    pub(crate) async fn call_with<Req, Resp, F, Fut>(
+        &self,
+        idempotent: bool,
         req: Req,
         extra: Duration,
         mut rpc: F,
@@ -335,20 +351,42 @@ impl Client {
         F: FnMut(tonic::Request<Req>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
     {
-        self.retry(|| {
+        self.retry_with(idempotent, || {
             let fut = rpc(self.request(req.clone(), extra));
-            async move {
-                fut.await
-                    .map(tonic::Response::into_inner)
-                    .map_err(|s| self.transport_error(s))
-            }
+            self.timed(extra, fut)
         })
         .await
     }
 
+    /// Awaits one RPC for at most the request timeout plus `extra` plus
+    /// 1 s. The broker enforces the `grpc-timeout` it is sent; this bound
+    /// covers a reply lost on the way (a proxy, a half-open connection),
+    /// which becomes a `DEADLINE_EXCEEDED` transport error.
+    pub(crate) async fn timed<T>(
+        &self,
+        extra: Duration,
+        rpc: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T, ClientError> {
+        let limit = self.opts.request_timeout + extra + Duration::from_secs(1);
+        match tokio::time::timeout(limit, rpc).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(s)) => Err(self.transport_error(s)),
+            Err(_) => Err(ClientError::Transport(tonic::Status::deadline_exceeded(
+                format!("no reply within {limit:?}"),
+            ))),
+        }
+    }
+
     /// Runs `call` until it succeeds, returns a broker status, or fails
     /// with a transport error `max_attempts` times; backs off between tries.
-    async fn retry<T, F, Fut>(&self, mut call: F) -> Result<T, ClientError>
+    /// Connection failures are retried; with `idempotent` (sends whose
+    /// messages all carry idempotency keys, ends) a timeout is retried too:
+    /// repeating the request cannot store or decide anything twice.
+    pub(crate) async fn retry_with<T, F, Fut>(
+        &self,
+        idempotent: bool,
+        mut call: F,
+    ) -> Result<T, ClientError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, ClientError>>,
@@ -360,7 +398,14 @@ impl Client {
                 Err(e)
                     if attempt < self.opts.max_attempts
                         && match &e {
-                            ClientError::Transport(s) => retryable(s),
+                            ClientError::Transport(s) => {
+                                retryable(s)
+                                    || (idempotent
+                                        && matches!(
+                                            s.code(),
+                                            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+                                        ))
+                            }
                             ClientError::Unreachable { .. } => true,
                             _ => false,
                         } =>
@@ -727,16 +772,14 @@ async fn send_wire(
             messages: msgs.clone(),
         };
         async move {
+            let mut c = client.producer();
             client
-                .producer()
-                .send(client.request(req, Duration::ZERO))
+                .timed(Duration::ZERO, c.send(client.request(req, Duration::ZERO)))
                 .await
-                .map(tonic::Response::into_inner)
-                .map_err(|s| client.transport_error(s))
         }
     };
     let sent = if msgs.iter().all(|m| m.idempotency_key.is_some()) {
-        client.retry(once).await
+        client.retry_with(true, once).await
     } else {
         once().await
     };

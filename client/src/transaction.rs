@@ -12,10 +12,28 @@ use halfmq_proto::v1 as pb;
 use tokio::sync::{mpsc, watch};
 
 use crate::coalesce::{BatchLimits, Coalescer};
-use crate::{check, one, per_message_refusal, Client, ClientError, Message};
+use crate::{check, one, per_message_refusal, AutoKeys, Client, ClientError, Message};
 
-/// (transaction id, message id, queue id) of a stored half.
-type HalfIds = (String, String, u32);
+/// A stored half: transaction id, message id, queue id, and whether its
+/// idempotency key had been stored before (the first send's ids).
+#[derive(Debug)]
+struct HalfIds {
+    transaction_id: String,
+    message_id: String,
+    queue_id: u32,
+    duplicate: bool,
+}
+
+impl From<pb::HalfReceipt> for HalfIds {
+    fn from(r: pb::HalfReceipt) -> HalfIds {
+        HalfIds {
+            transaction_id: r.transaction_id,
+            message_id: r.message_id,
+            queue_id: r.queue_id,
+            duplicate: r.duplicate,
+        }
+    }
+}
 
 /// One call coalesced into a `TransactionBatch` request.
 #[derive(Debug)]
@@ -104,6 +122,9 @@ pub struct Transaction {
     pub message_id: String,
     /// Queue id it will be delivered in.
     pub queue_id: u32,
+    /// The half's idempotency key had been stored before: these are the
+    /// first send's ids, and nothing was stored now.
+    pub duplicate: bool,
 }
 
 impl Transaction {
@@ -161,7 +182,7 @@ pub async fn end_transaction(
         source: source as i32,
     };
     let resp = client
-        .call(req, Duration::ZERO, |r| {
+        .call_with(true, req, Duration::ZERO, |r| {
             let mut c = client.producer();
             async move { c.end_transaction(r).await }
         })
@@ -191,6 +212,8 @@ pub struct TransactionProducer {
     /// Half sends and ends, coalesced together into `TransactionBatch`
     /// requests: one request per flush where there were two.
     batches: TxCoalescer,
+    /// Automatic idempotency keys for halves sent without one.
+    keys: Arc<AutoKeys>,
     connected: watch::Receiver<bool>,
     _stop: Arc<watch::Sender<bool>>,
 }
@@ -244,6 +267,7 @@ impl TransactionProducer {
             client,
             group,
             batches,
+            keys: Arc::new(AutoKeys::new()),
             connected: conn_rx,
             _stop: Arc::new(stop_tx),
         }
@@ -263,14 +287,22 @@ impl TransactionProducer {
             .is_ok_and(|r| r.is_ok())
     }
 
-    /// Sends a half message: stored durably, invisible to consumers.
+    /// Sends a half message: stored durably, invisible to consumers. A half
+    /// without an idempotency key gets an automatic one, so the transport
+    /// errors this retries (up to the client's `max_attempts`) never store
+    /// it twice.
     ///
     /// # Errors
-    /// Broker refusals (nothing stored), transport errors (outcome unknown:
-    /// an orphan half would be resolved by check-back).
-    pub async fn send_half(&self, msg: Message) -> Result<Transaction, ClientError> {
-        let TxDone::Half((transaction_id, message_id, queue_id)) =
-            self.batches.call(TxItem::Half(msg.into_wire())).await?
+    /// Broker refusals (nothing stored), transport errors after the retries
+    /// (outcome unknown: an orphan half would be resolved by check-back).
+    pub async fn send_half(&self, mut msg: Message) -> Result<Transaction, ClientError> {
+        self.keys.fill(&mut msg);
+        let TxDone::Half(HalfIds {
+            transaction_id,
+            message_id,
+            queue_id,
+            duplicate,
+        }) = self.batches.call(TxItem::Half(msg.into_wire())).await?
         else {
             return Err(ClientError::Connect(
                 "a half send was answered as an end".into(),
@@ -282,6 +314,7 @@ impl TransactionProducer {
             transaction_id,
             message_id,
             queue_id,
+            duplicate,
         })
     }
 
@@ -333,16 +366,31 @@ async fn send_halves_wire(
     msgs: Vec<pb::Message>,
 ) -> Result<Vec<HalfIds>, ClientError> {
     let n = msgs.len();
+    let keyed = msgs.iter().all(|m| m.idempotency_key.is_some());
     let req = pb::SendHalvesRequest {
         producer_group: group.to_owned(),
         messages: msgs,
     };
-    let resp = client
-        .producer()
-        .send_halves(client.request(req, Duration::ZERO))
-        .await
-        .map_err(|s| client.transport_error(s).for_batch(n))?
-        .into_inner();
+    let once = || {
+        let req = req.clone();
+        async move {
+            let mut c = client.producer();
+            client
+                .timed(
+                    Duration::ZERO,
+                    c.send_halves(client.request(req, Duration::ZERO)),
+                )
+                .await
+        }
+    };
+    // Keyed halves are safe to send again: a stored one answers as a
+    // duplicate with its first transaction id.
+    let resp = if keyed {
+        client.retry_with(true, once).await
+    } else {
+        once().await
+    }
+    .map_err(|e| e.for_batch(n))?;
     check(resp.status)?;
     if resp.receipts.len() != n {
         return Err(ClientError::Connect(format!(
@@ -350,11 +398,7 @@ async fn send_halves_wire(
             resp.receipts.len()
         )));
     }
-    Ok(resp
-        .receipts
-        .into_iter()
-        .map(|r| (r.transaction_id, r.message_id, r.queue_id))
-        .collect())
+    Ok(resp.receipts.into_iter().map(HalfIds::from).collect())
 }
 
 async fn send_halves_coalesced(
@@ -465,24 +509,34 @@ async fn halves_and_ends(
         halves: halves.clone(),
         ends: end_requests(&ends),
     };
+    let mut c = client.producer();
     let resp = match client
-        .producer()
-        .transaction_batch(client.request(req, Duration::ZERO))
+        .timed(
+            Duration::ZERO,
+            c.transaction_batch(client.request(req, Duration::ZERO)),
+        )
         .await
     {
-        Ok(r) => r.into_inner(),
-        Err(s) if s.code() == tonic::Code::Unimplemented => {
+        Ok(r) => r,
+        Err(ClientError::Transport(s)) if s.code() == tonic::Code::Unimplemented => {
             unsupported.store(true, Ordering::Relaxed);
             return tokio::join!(
                 send_halves_coalesced(client, group, halves),
                 end_transactions(client, ends)
             );
         }
-        Err(s) => {
-            // The halves' outcome is unknown (an orphan half is resolved by
-            // check-back); ends are idempotent: sent again on their own, with
-            // the retries end requests get.
-            let e = client.transport_error(s).for_batch(nh);
+        Err(e) => {
+            // Ends are idempotent and keyed halves are too: both are sent
+            // again on their own, with the retries those requests get. An
+            // unkeyed half's outcome is unknown (an orphan half is resolved
+            // by check-back).
+            if halves.iter().all(|m| m.idempotency_key.is_some()) {
+                return tokio::join!(
+                    send_halves_coalesced(client, group, halves),
+                    end_transactions(client, ends)
+                );
+            }
+            let e = e.for_batch(nh);
             let half_results = halves.iter().map(|_| Err(e.duplicate())).collect();
             return (half_results, end_transactions(client, ends).await);
         }
@@ -491,7 +545,7 @@ async fn halves_and_ends(
         Ok(()) if resp.receipts.len() == nh => resp
             .receipts
             .into_iter()
-            .map(|r| Ok((r.transaction_id, r.message_id, r.queue_id)))
+            .map(|r| Ok(HalfIds::from(r)))
             .collect(),
         Ok(()) => {
             let e = ClientError::Connect(format!(
@@ -538,7 +592,7 @@ async fn end_transactions(
         ends: end_requests(&ends),
     };
     let resp = client
-        .call(req, Duration::ZERO, |r| {
+        .call_with(true, req, Duration::ZERO, |r| {
             let mut c = client.producer();
             async move { c.end_transactions(r).await }
         })

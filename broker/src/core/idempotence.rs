@@ -189,6 +189,17 @@ impl KeyClaims<'_> {
         dup: impl Fn(&FirstSend) -> T,
         mark: impl Fn(&mut T),
     ) -> Vec<T> {
+        let dups = self
+            .fates
+            .iter()
+            .filter(|f| !matches!(f, Fate::Store(_)))
+            .count();
+        if dups > 0 {
+            self.broker
+                .counters
+                .duplicates
+                .fetch_add(dups as u64, std::sync::atomic::Ordering::Relaxed);
+        }
         let mut out: Vec<T> = Vec::with_capacity(self.fates.len());
         for f in &self.fates {
             let r = match f {

@@ -19,6 +19,7 @@ pub(crate) struct Counters {
     pub(crate) halves_in: AtomicU64,
     pub(crate) transactions_committed: AtomicU64,
     pub(crate) transactions_rolled_back: AtomicU64,
+    pub(crate) duplicates: AtomicU64,
 }
 
 /// Per-group figures for `stats`.
@@ -74,6 +75,12 @@ pub struct Stats {
     pub transactions_rolled_back: u64,
     /// fdatasyncs of the commit log since start.
     pub commit_log_fsyncs: u64,
+    /// Sends answered as duplicates since start.
+    pub duplicates: u64,
+    /// Idempotency keys in the dedup index now.
+    pub dedup_keys: u64,
+    /// Keys dropped early because of `max_dedup_keys`, since start.
+    pub dedup_evicted: u64,
 }
 
 impl Broker {
@@ -108,6 +115,10 @@ impl Broker {
         gs.sort_by(|a, b| (&a.group, &a.topic).cmp(&(&b.group, &b.topic)));
         let log_bytes = self.store.log().written_offset() - self.store.log().min_offset();
         let (halves, delayed) = self.tx_state().pending_counts();
+        let (dedup_keys, dedup_evicted) = {
+            let d = lock(&self.dedup);
+            (d.len() as u64, d.evicted)
+        };
         Stats {
             messages_in: c.messages_in.load(Ordering::Relaxed),
             bytes_in: c.bytes_in.load(Ordering::Relaxed),
@@ -126,6 +137,9 @@ impl Broker {
             transactions_committed: c.transactions_committed.load(Ordering::Relaxed),
             transactions_rolled_back: c.transactions_rolled_back.load(Ordering::Relaxed),
             commit_log_fsyncs: self.store.log().fsync_count(),
+            duplicates: c.duplicates.load(Ordering::Relaxed),
+            dedup_keys,
+            dedup_evicted,
         }
     }
 

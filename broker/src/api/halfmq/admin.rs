@@ -292,6 +292,9 @@ impl pb::admin_server::Admin for Services {
             transactions_committed: s.transactions_committed,
             transactions_rolled_back: s.transactions_rolled_back,
             commit_log_fsyncs: s.commit_log_fsyncs,
+            duplicates: s.duplicates,
+            dedup_keys: s.dedup_keys,
+            dedup_evicted: s.dedup_evicted,
         }))
     }
 }

@@ -328,6 +328,8 @@ pub async fn stats(client: Client, json: bool) -> anyhow::Result<()> {
             "halves_in": s.halves_in, "transactions_committed": s.transactions_committed,
             "transactions_rolled_back": s.transactions_rolled_back,
             "commit_log_fsyncs": s.commit_log_fsyncs,
+            "duplicates": s.duplicates, "dedup_keys": s.dedup_keys,
+            "dedup_evicted": s.dedup_evicted,
             "groups": groups,
         });
         return out::line(v);
@@ -350,12 +352,15 @@ pub async fn stats(client: Client, json: bool) -> anyhow::Result<()> {
             since,
         ),
         ("commit_log_fsyncs", s.commit_log_fsyncs, since),
+        ("duplicates", s.duplicates, since),
+        ("dedup_evicted", s.dedup_evicted, since),
         ("uptime_ms", s.uptime_ms, since),
         ("pending_halves", s.pending_halves, now),
         ("delayed_messages", s.delayed_messages, now),
         ("commit_log_bytes", s.commit_log_bytes, now),
         ("connections", s.connections, now),
         ("producer_sessions", s.producer_sessions, now),
+        ("dedup_keys", s.dedup_keys, now),
     ] {
         rows.push(vec![name.into(), value.to_string(), kind.into()]);
     }

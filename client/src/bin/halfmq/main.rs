@@ -59,7 +59,8 @@ enum Cmd {
         #[arg(long, value_parser = duration)]
         delay: Option<Duration>,
         /// One JSON object per line: message_id, topic, queue_id,
-        /// queue_offset (absent for a delayed message), deliver_at_ms.
+        /// queue_offset (absent for a delayed message), deliver_at_ms,
+        /// duplicate.
         #[arg(long)]
         json: bool,
     },
@@ -183,11 +184,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     ..ProducerOptions::default()
                 },
             );
-            for _ in 0..msg.count {
-                let m = template.clone().with_delay(delay.unwrap_or_default());
+            for i in 0..msg.count {
+                let m = msg.nth(&template, i).with_delay(delay.unwrap_or_default());
                 let r = producer.send(m).await?;
                 if json {
-                    let mut v = json!({"message_id": r.message_id, "topic": msg.topic, "queue_id": r.queue_id});
+                    let mut v = json!({"message_id": r.message_id, "topic": msg.topic,
+                        "queue_id": r.queue_id, "duplicate": r.duplicate});
                     if let Some(o) = r.queue_offset {
                         v["queue_offset"] = json!(o);
                     }
@@ -196,6 +198,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                     out::line(v)?;
                 } else {
+                    if r.duplicate {
+                        note_duplicate(&r.message_id);
+                    }
                     out::line(&r.message_id)?;
                 }
             }
@@ -263,6 +268,13 @@ struct MessageArgs {
     /// How many to send.
     #[arg(long, default_value_t = 1)]
     count: u64,
+    /// Idempotency key (1-128 bytes): a send repeating a key stored on the
+    /// topic within the broker's dedup window stores nothing and prints the
+    /// first send's ids with duplicate: true. With --count N above 1 the
+    /// messages get K-0 .. K-(N-1). Without it every message gets an
+    /// automatic key, so retries never store one twice.
+    #[arg(long, value_name = "K")]
+    idempotency_key: Option<String>,
 }
 
 impl MessageArgs {
@@ -287,6 +299,26 @@ impl MessageArgs {
         }
         Ok(m)
     }
+
+    /// The `i`th of the `count` messages built from `template`: its
+    /// idempotency key is K, or K-i when more than one is sent.
+    fn nth(&self, template: &Message, i: u64) -> Message {
+        let m = template.clone();
+        match &self.idempotency_key {
+            Some(k) if self.count > 1 => m.with_idempotency_key(format!("{k}-{i}")),
+            Some(k) => m.with_idempotency_key(k.clone()),
+            None => m,
+        }
+    }
+}
+
+/// Says on stderr that a send stored nothing (text output; JSON lines carry
+/// `duplicate`).
+pub(crate) fn note_duplicate(message_id: &str) {
+    eprintln!(
+        "halfmq: {message_id}: idempotency key stored before: nothing stored, \
+         the first send's ids printed"
+    );
 }
 
 /// One received message on one line: JSON, or text with the body escaped

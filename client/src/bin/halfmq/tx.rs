@@ -15,7 +15,8 @@ use crate::{duration, out, resolution, MessageArgs};
 #[derive(Debug, Subcommand)]
 pub enum TxCmd {
     /// Sends half messages and resolves them as --local says. Prints each
-    /// half as soon as it is acknowledged (JSON: message_id, transaction_id).
+    /// half as soon as it is acknowledged (JSON: message_id, transaction_id,
+    /// topic, local, duplicate).
     Send {
         #[command(flatten)]
         msg: MessageArgs,
@@ -103,13 +104,17 @@ pub async fn run(client: Client, cmd: TxCmd) -> anyhow::Result<()> {
                     answer
                 });
             let mut sent = Vec::new();
-            for _ in 0..msg.count {
-                let tx = producer.send_half(template.clone()).await?;
+            for i in 0..msg.count {
+                let tx = producer.send_half(msg.nth(&template, i)).await?;
                 if json {
                     out::line(
-                        json!({"message_id": tx.message_id, "transaction_id": tx.transaction_id, "topic": msg.topic, "local": local}),
+                        json!({"message_id": tx.message_id, "transaction_id": tx.transaction_id,
+                            "topic": msg.topic, "local": local, "duplicate": tx.duplicate}),
                     )?;
                 } else {
+                    if tx.duplicate {
+                        crate::note_duplicate(&tx.message_id);
+                    }
                     out::line(format!("{} {}", tx.message_id, tx.transaction_id))?;
                 }
                 match local.as_str() {
