@@ -27,6 +27,7 @@ fn message(delay_ms: u64) -> OutgoingMessage {
         body: bytes::Bytes::from_static(b"x"),
         delay_ms,
         idempotency_key: None,
+        message_group: None,
     }
 }
 

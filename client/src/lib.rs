@@ -494,6 +494,11 @@ pub struct Message {
     /// `None`: the producer sets an automatic one (see
     /// [`ProducerOptions::auto_idempotency_keys`]).
     pub idempotency_key: Option<String>,
+    /// Message group (1 to 128 bytes): its messages go to one queue (FNV-1a
+    /// 64 of the name modulo the topic's queue count, unless a queue id is
+    /// set) and a FIFO consumer group receives them in send order, one at
+    /// a time. `None`: no group.
+    pub message_group: Option<String>,
 }
 
 impl Message {
@@ -508,7 +513,14 @@ impl Message {
             body: body.into(),
             delay: Duration::ZERO,
             idempotency_key: None,
+            message_group: None,
         }
+    }
+
+    /// Sets the message group (see [`Message::message_group`]).
+    pub fn with_message_group(mut self, group: impl Into<String>) -> Self {
+        self.message_group = Some(group.into());
+        self
     }
 
     /// Sets the idempotency key (see [`Message::idempotency_key`]).
@@ -567,6 +579,7 @@ impl Message {
             body: self.body,
             delay_ms: self.delay.as_millis().try_into().unwrap_or(u64::MAX),
             idempotency_key: self.idempotency_key,
+            message_group: self.message_group,
         }
     }
 }
@@ -853,6 +866,8 @@ pub struct ReceivedMessage {
     /// For a retry, the message's queue offset in `queue_id` of its topic
     /// (`None` for retries scheduled by an older broker).
     pub original_queue_offset: Option<u64>,
+    /// The message group it was sent with, if any.
+    pub message_group: Option<String>,
 }
 
 /// What a handler of [`Consumer::run`] decided.
@@ -947,6 +962,7 @@ impl Consumer {
                 invisible_until_ms: m.invisible_until_ms,
                 retry: m.retry,
                 original_queue_offset: m.original_queue_offset,
+                message_group: (!m.message_group.is_empty()).then_some(m.message_group),
             })
             .collect())
     }
@@ -1167,6 +1183,44 @@ impl Admin {
             })
             .await?;
         check(resp.status)
+    }
+
+    /// Declares consumer group `group`; `fifo`: it receives each message
+    /// group in send order, one message at a time. Again with the same
+    /// kind: no-op.
+    ///
+    /// # Errors
+    /// [`Code::BadRequest`] when declared already with the other kind,
+    /// [`Code::InvalidGroup`], transport errors.
+    pub async fn create_consumer_group(&self, group: &str, fifo: bool) -> Result<(), ClientError> {
+        let req = pb::CreateConsumerGroupRequest {
+            group: group.to_owned(),
+            fifo,
+        };
+        let resp = self
+            .client
+            .call(req, Duration::ZERO, |r| {
+                let mut c = self.client.admin();
+                async move { c.create_consumer_group(r).await }
+            })
+            .await?;
+        check(resp.status)
+    }
+
+    /// Declared consumer groups: (name, FIFO), by name.
+    ///
+    /// # Errors
+    /// Transport errors.
+    pub async fn list_consumer_groups(&self) -> Result<Vec<(String, bool)>, ClientError> {
+        let resp = self
+            .client
+            .call(pb::ListConsumerGroupsRequest {}, Duration::ZERO, |r| {
+                let mut c = self.client.admin();
+                async move { c.list_consumer_groups(r).await }
+            })
+            .await?;
+        check(resp.status)?;
+        Ok(resp.groups.into_iter().map(|g| (g.group, g.fifo)).collect())
     }
 
     /// Lists topics.

@@ -38,7 +38,7 @@ impl From<pb::HalfReceipt> for HalfIds {
 /// One call coalesced into a `TransactionBatch` request.
 #[derive(Debug)]
 enum TxItem {
-    Half(pb::Message),
+    Half(Box<pb::Message>),
     End(String, TransactionResolution),
 }
 
@@ -302,7 +302,10 @@ impl TransactionProducer {
             message_id,
             queue_id,
             duplicate,
-        }) = self.batches.call(TxItem::Half(msg.into_wire())).await?
+        }) = self
+            .batches
+            .call(TxItem::Half(Box::new(msg.into_wire())))
+            .await?
         else {
             return Err(ClientError::Connect(
                 "a half send was answered as an end".into(),
@@ -449,7 +452,7 @@ async fn send_transaction_batch(
         .into_iter()
         .map(|item| match item {
             TxItem::Half(m) => {
-                halves.push(m);
+                halves.push(*m);
                 true
             }
             TxItem::End(t, r) => {

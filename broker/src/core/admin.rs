@@ -54,6 +54,9 @@ impl Broker {
                 if let Some(p) = g.queues.get_mut(qid as usize) {
                     p.reset_to(offset);
                 }
+                if let Some(gate) = g.fifo.as_mut().and_then(|f| f.get_mut(qid as usize)) {
+                    gate.reset();
+                }
             }
             g.dirty = true;
             self.save_group(group, topic, &mut g)?;

@@ -79,12 +79,17 @@ pub const SEQ_GAP_AFTER_CRASH: u64 = 1 << 32;
 
 /// An offset queued to be delivered again in place: what its expired lease
 /// carried over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Again {
     /// Failed deliveries so far (unchanged by the crash).
     pub reconsume_times: u32,
-    /// Broker clock of the delivery whose lease expired, ms.
+    /// Broker clock of the delivery whose lease expired, ms; 0 for an
+    /// offset never delivered (passed over by a FIFO consumer group, see
+    /// `fifo.rs`).
     pub delivered_ms: u64,
+    /// Not to be delivered before this broker clock, ms (a FIFO retry's
+    /// delay; kept in memory only, 0 after a restart).
+    pub due_ms: u64,
 }
 
 /// A delivery decided by [`QueueProgress::next_delivery`].
@@ -144,6 +149,16 @@ impl QueueProgress {
     /// The earliest lease deadline, if any (when to look again).
     pub fn next_deadline_ms(&self) -> Option<u64> {
         self.deadlines.iter().next().map(|(d, _)| *d)
+    }
+
+    /// The earliest due time after `now_ms` of a queued redelivery (a FIFO
+    /// retry's delay), if any: when to look again.
+    pub fn next_due_ms(&self, now_ms: u64) -> Option<u64> {
+        self.redeliver
+            .values()
+            .map(|a| a.due_ms)
+            .filter(|d| *d > now_ms)
+            .min()
     }
 
     /// Moves the start forward when retention removed offsets below it.
@@ -248,6 +263,81 @@ impl QueueProgress {
         !self.redeliver.is_empty()
     }
 
+    /// Whether `queue_offset` is queued to be delivered again in place.
+    pub fn is_waiting(&self, queue_offset: u64) -> bool {
+        self.redeliver.contains_key(&queue_offset)
+    }
+
+    /// Whether `queue_offset` is leased now.
+    pub fn is_leased(&self, queue_offset: u64) -> bool {
+        self.leases.contains_key(&queue_offset)
+    }
+
+    /// The next fresh offset if it is below `max_visible` and inside the
+    /// window (leases and queued redeliveries aside).
+    pub fn peek_fresh(&self, max_visible: u64, max_window: u64) -> Option<u64> {
+        (self.next_offset < max_visible && self.next_offset - self.ack_offset < max_window)
+            .then_some(self.next_offset)
+    }
+
+    /// Passes over the next fresh offset without delivering it: it waits,
+    /// queued to be delivered in place later (a FIFO consumer group holds
+    /// it while an earlier message of its message group is out).
+    pub fn pass_over(&mut self) -> u64 {
+        let qo = self.next_offset;
+        self.next_offset += 1;
+        self.redeliver.insert(qo, Again::default());
+        qo
+    }
+
+    /// Delivers the queued offset `queue_offset` (any of them, not only the
+    /// lowest) with a lease until `now_ms + invisible_ms`, if the in-flight
+    /// bound allows.
+    pub fn redeliver_at(
+        &mut self,
+        queue_offset: u64,
+        now_ms: u64,
+        invisible_ms: u64,
+        max_inflight: usize,
+    ) -> Option<Delivery> {
+        if self.leases.len() >= max_inflight {
+            return None;
+        }
+        let old = self.redeliver.remove(&queue_offset)?;
+        let lease = self.take_lease(
+            queue_offset,
+            now_ms + invisible_ms,
+            old.reconsume_times,
+            now_ms,
+        );
+        Some(Delivery {
+            queue_offset,
+            lease,
+            again: old.delivered_ms > 0,
+        })
+    }
+
+    /// Offsets of the window that are neither leased, acked nor queued
+    /// (a snapshot saved while a failed lease was being handed to its
+    /// retry) are queued to be delivered again in place, so the consumer
+    /// offset can pass them. Called at start-up.
+    pub fn account_for_gaps(&mut self) {
+        for qo in self.ack_offset..self.next_offset {
+            if !self.leases.contains_key(&qo)
+                && !self.acked.contains(&qo)
+                && !self.redeliver.contains_key(&qo)
+            {
+                self.redeliver.insert(
+                    qo,
+                    Again {
+                        delivered_ms: 1,
+                        ..Again::default()
+                    },
+                );
+            }
+        }
+    }
+
     /// Removes and returns up to `max` leases whose invisible deadline is at
     /// or before `now_ms`, oldest deadline first: each is a failed delivery.
     /// The offsets stay unacked: call [`QueueProgress::skip`] once their
@@ -271,6 +361,7 @@ impl QueueProgress {
                         Again {
                             reconsume_times: l.reconsume_times,
                             delivered_ms: l.delivered_ms,
+                            due_ms: 0,
                         },
                     );
                 }
@@ -744,7 +835,7 @@ mod tests {
             5,
             Again {
                 reconsume_times: 2,
-                delivered_ms: 0,
+                ..Again::default()
             },
         );
         q.restore_acked(5);

@@ -22,6 +22,8 @@ pub mod admin;
 pub mod dedup;
 pub mod delivery;
 pub mod dlq;
+pub mod fifo;
+pub mod groups;
 pub mod idempotence;
 pub mod names;
 pub mod progress;
@@ -92,6 +94,8 @@ pub struct Broker {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) topics: RwLock<HashMap<String, Arc<TopicState>>>,
     pub(crate) groups: Mutex<HashMap<GroupKey, Arc<Mutex<GroupTopic>>>>,
+    /// Declared consumer groups: name -> FIFO (`groups.rs`).
+    pub(crate) consumer_groups: Mutex<HashMap<String, bool>>,
     pub(crate) counters: Counters,
     pub(crate) id_prefix: u64,
     pub(crate) id_counter: AtomicU64,
@@ -155,7 +159,15 @@ impl Broker {
         } else if !store.is_new() {
             tracing::info!("the last run did not shut down cleanly: leases restored from the last checkpoint will not count as failed deliveries when they expire");
         }
-        let groups = load_groups(&store, clean_stop)?;
+        let consumer_groups = groups::load_consumer_groups(&store)?;
+        let mut groups = load_groups(&store, clean_stop)?;
+        for ((g, _), gt) in groups.iter_mut() {
+            if consumer_groups.get(g) == Some(&true) {
+                let mut gt = lock(gt);
+                let n = gt.queues.len();
+                gt.fifo = Some(vec![fifo::FifoGate::default(); n]);
+            }
+        }
         cut_progress_to_queues(&store, &groups);
         let dlq = DlqState::load(&store)?;
         let retry = cfg.retry_policy();
@@ -181,6 +193,7 @@ impl Broker {
             clock,
             topics: RwLock::new(topics),
             groups: Mutex::new(groups),
+            consumer_groups: Mutex::new(consumer_groups),
             counters: Counters::default(),
             id_prefix,
             id_counter: AtomicU64::new(0),

@@ -20,6 +20,8 @@ pub const MAX_PROPERTY_NAME_BYTES: usize = 256;
 pub const MAX_PROPERTY_VALUE_BYTES: usize = 16 * 1024;
 /// Longest idempotency key, bytes.
 pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
+/// Longest message group name, bytes.
+pub const MAX_MESSAGE_GROUP_BYTES: usize = 128;
 
 fn name_ok(s: &str) -> bool {
     !s.is_empty()

@@ -22,6 +22,9 @@ pub(crate) struct GroupTopic {
     pub(crate) round_robin: usize,
     /// Changed since the last save.
     pub(crate) dirty: bool,
+    /// Per queue id, for a FIFO consumer group (`fifo.rs`); `None` for an
+    /// ordinary one.
+    pub(crate) fifo: Option<Vec<super::fifo::FifoGate>>,
 }
 
 impl GroupTopic {
@@ -217,6 +220,7 @@ pub(crate) fn decode_progress(b: &[u8]) -> Option<QueueProgress> {
                 crate::core::delivery::Again {
                     reconsume_times: rt,
                     delivered_ms,
+                    due_ms: 0,
                 },
             ));
         }
@@ -233,6 +237,7 @@ pub(crate) fn decode_progress(b: &[u8]) -> Option<QueueProgress> {
     for a in acked {
         q.restore_acked(a);
     }
+    q.account_for_gaps();
     Some(q)
 }
 

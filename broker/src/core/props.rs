@@ -24,6 +24,8 @@ pub const TOPIC_PROPERTY: &str = "halfmq.topic";
 pub const ORIGIN_PROPERTY: &str = "halfmq.origin";
 /// A send's idempotency key (exactly-once publish, `core/idempotence.rs`).
 pub const IDEMPOTENCY_KEY_PROPERTY: &str = "halfmq.idempotency_key";
+/// A message's message group (FIFO delivery, `core/fifo.rs`).
+pub const MESSAGE_GROUP_PROPERTY: &str = "halfmq.message_group";
 
 /// A property's value, if the record has it.
 pub fn prop<'a>(r: &'a Record, key: &str) -> Option<&'a str> {

@@ -8,8 +8,10 @@ use std::time::Duration;
 use halfmq_storage::Record;
 
 use super::delivery::{LeaseError, QueueProgress};
+use super::fifo::{self, Bounds};
 use super::names::{check_group, check_topic, TagFilter, MAX_PROPERTY_VALUE_BYTES};
 use super::progress::GroupTopic;
+use super::props::{prop, MESSAGE_GROUP_PROPERTY};
 use super::redelivery::{retry_topic, Failure};
 use super::topics::TopicState;
 use super::transactions::user_properties;
@@ -38,9 +40,12 @@ impl Broker {
                 self.cfg.max_consumer_groups
             )));
         }
-        let gt = groups
-            .entry(key)
-            .or_insert_with(|| Arc::new(Mutex::new(GroupTopic::default())));
+        let gt = groups.entry(key).or_insert_with(|| {
+            Arc::new(Mutex::new(GroupTopic {
+                fifo: self.is_fifo_group(group).then(Vec::new),
+                ..GroupTopic::default()
+            }))
+        });
         let gt = Arc::clone(gt);
         drop(groups);
         {
@@ -51,6 +56,10 @@ impl Broker {
                 let start = self.store.queue(topic, qid).map_or(0, |q| q.min_offset());
                 g.queues.push(QueueProgress::starting_at(start));
                 g.dirty = true;
+            }
+            let n = g.queues.len();
+            if let Some(f) = &mut g.fifo {
+                f.resize_with(n, Default::default);
             }
             let rt = retry_topic(group, topic);
             while g.retry.len() < self.retry.delays_ms.len() {
@@ -233,6 +242,42 @@ impl Broker {
                         .store
                         .queue(&req.topic, qid as u32)
                         .map_or(0, |q| q.min_offset());
+                    let gg = &mut *g;
+                    if let Some(gates) = gg.fifo.as_mut() {
+                        // A FIFO consumer group: the message-group rule
+                        // picks (fifo.rs).
+                        let (p, gate) = (&mut gg.queues[qid], &mut gates[qid]);
+                        p.skip_to(min);
+                        let bounds = Bounds {
+                            max_visible,
+                            max_inflight: inflight_max,
+                            max_window: window,
+                        };
+                        let (store, topic_name) = (&self.store, &req.topic);
+                        while out.len() + picked.len() < max {
+                            let d = gate.next(p, now, invisible_ms, bounds, |qo| {
+                                store
+                                    .read_queue(topic_name, qid as u32, qo)
+                                    .ok()
+                                    .and_then(|m| {
+                                        prop(&m.record, MESSAGE_GROUP_PROPERTY)
+                                            .map(fifo::group_hash)
+                                    })
+                            });
+                            let Some(d) = d else { break };
+                            let size = store
+                                .queue_entry(topic_name, qid as u32, d.queue_offset)
+                                .ok()
+                                .flatten()
+                                .map_or(0, |e| u64::from(e.size));
+                            if !fits(size, out.len() + picked.len()) {
+                                gate.undo(p, &d);
+                                break;
+                            }
+                            picked.push((None, qid as u32, d, None));
+                        }
+                        continue;
+                    }
                     let p = &mut g.queues[qid];
                     p.skip_to(min);
                     while out.len() + picked.len() < max {
@@ -276,6 +321,7 @@ impl Broker {
                     .iter()
                     .chain(g.retry.iter())
                     .filter_map(QueueProgress::next_deadline_ms)
+                    .chain(g.queues.iter().filter_map(|p| p.next_due_ms(now)))
                     .min();
                 let look = match (lease_min, next_look) {
                     (Some(a), Some(b)) => Some(a.min(b)),
@@ -322,6 +368,7 @@ impl Broker {
                                 p.set_reconsume_times(d.queue_offset, reconsume_times);
                             }
                         }
+                        let message_group = prop(&r, MESSAGE_GROUP_PROPERTY).map(str::to_owned);
                         out.push(DeliveredMessage {
                             message_id: r.message_id,
                             topic: req.topic.clone(),
@@ -343,6 +390,7 @@ impl Broker {
                             invisible_until_ms: d.lease.invisible_until_ms,
                             retry: level.is_some(),
                             original_queue_offset,
+                            message_group,
                         });
                     }
                     Ok(_) => skipped.push((level, qid, d.queue_offset)),
@@ -396,6 +444,12 @@ impl Broker {
             .ok_or(BrokerError::ReceiptNotFound)?;
         let r = f(p).map_err(|LeaseError::NotFound| BrokerError::ReceiptNotFound)?;
         g.dirty = true;
+        let fifo = g.fifo.is_some();
+        drop(g);
+        if fifo {
+            // An ack may free the next message of a message group.
+            self.notify_topic(&receipt.topic);
+        }
         Ok(r)
     }
 

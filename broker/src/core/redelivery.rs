@@ -30,7 +30,7 @@ use crate::core::props::{
     prop, prop_u64, DELIVER_AT_PROPERTY, FIRST_DELIVERY_PROPERTY, LAST_DELIVERY_PROPERTY,
     ORIGIN_PROPERTY, REASON_PROPERTY, TOPIC_PROPERTY,
 };
-use crate::core::retry::Step;
+use crate::core::retry::{RetryPolicy, Step};
 use crate::core::{Broker, GroupTopic};
 use crate::error::BrokerError;
 
@@ -186,6 +186,10 @@ impl Broker {
         }
         let now = self.now_ms();
         let policy = self.retry_policy();
+        let failures = retry_fifo_in_place(gt, failures, now, policy);
+        if failures.is_empty() {
+            return Ok(());
+        }
         let mut records = Vec::with_capacity(failures.len());
         let mut unreadable = Vec::new();
         let mut scheduled = Vec::new();
@@ -479,4 +483,47 @@ impl Broker {
         tracing::info!(group, count = live.len(), "dead letters purged");
         Ok(live.len())
     }
+}
+
+/// A FIFO consumer group retries a failed message of its queues in place
+/// (`fifo.rs`): it waits in its queue, due after the retry delay, ahead of
+/// the later messages of its message group, instead of going to the retry
+/// topic. Returns the failures left to hand off: retry levels, messages past
+/// `max_reconsume_times` (to the DLQ), and every failure of an ordinary
+/// group.
+fn retry_fifo_in_place(
+    gt: &Mutex<GroupTopic>,
+    failures: Vec<Failure>,
+    now_ms: u64,
+    policy: &RetryPolicy,
+) -> Vec<Failure> {
+    let mut g = lock(gt);
+    let gg = &mut *g;
+    let Some(gates) = gg.fifo.as_mut() else {
+        return failures;
+    };
+    let mut rest = Vec::new();
+    for f in failures {
+        let qid = f.queue_id as usize;
+        let step = policy.after_failure(f.lease.reconsume_times, f.custom_delay_ms);
+        match (
+            f.retry_level,
+            step,
+            gg.queues.get_mut(qid),
+            gates.get_mut(qid),
+        ) {
+            (None, Step::Retry { delay_ms, .. }, Some(p), Some(gate)) => {
+                gate.retry_in_place(
+                    p,
+                    f.queue_offset,
+                    f.lease.reconsume_times + 1,
+                    f.lease.delivered_ms,
+                    now_ms + delay_ms,
+                );
+                gg.dirty = true;
+            }
+            _ => rest.push(f),
+        }
+    }
+    rest
 }

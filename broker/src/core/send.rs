@@ -6,9 +6,12 @@ use std::sync::Arc;
 
 use halfmq_storage::{MessageId, Record, RecordKind};
 
+use super::fifo;
 use super::idempotence::RecordMeta;
-use super::names::{check_message_fields, check_topic, MAX_IDEMPOTENCY_KEY_BYTES};
-use super::props::IDEMPOTENCY_KEY_PROPERTY;
+use super::names::{
+    check_message_fields, check_topic, MAX_IDEMPOTENCY_KEY_BYTES, MAX_MESSAGE_GROUP_BYTES,
+};
+use super::props::{IDEMPOTENCY_KEY_PROPERTY, MESSAGE_GROUP_PROPERTY};
 use super::topics::TopicState;
 use super::types::{OutgoingMessage, QueueChoice, SendReceipt};
 use super::Broker;
@@ -89,6 +92,14 @@ impl Broker {
                     t
                 }
             };
+            if let Some(g) = &m.message_group {
+                if g.is_empty() || g.len() > MAX_MESSAGE_GROUP_BYTES {
+                    return Err(BrokerError::BadRequest(format!(
+                        "a message group must be 1 to {MAX_MESSAGE_GROUP_BYTES} bytes, not {}",
+                        g.len()
+                    )));
+                }
+            }
             let queue_id = match &m.queue {
                 QueueChoice::Id(q) if *q < topic.queues => *q,
                 QueueChoice::Id(q) => {
@@ -101,13 +112,18 @@ impl Broker {
                 QueueChoice::Key(k) => {
                     (halfmq_storage::tag_hash(k) % u64::from(topic.queues)) as u32
                 }
-                QueueChoice::RoundRobin => {
-                    topic.round_robin.fetch_add(1, Ordering::Relaxed) % topic.queues
-                }
+                QueueChoice::RoundRobin => match &m.message_group {
+                    // A message group stays in one queue, in send order.
+                    Some(g) => (fifo::group_hash(g) % u64::from(topic.queues)) as u32,
+                    None => topic.round_robin.fetch_add(1, Ordering::Relaxed) % topic.queues,
+                },
             };
             let mut properties = m.properties;
             if let Some(k) = m.idempotency_key {
                 properties.push((IDEMPOTENCY_KEY_PROPERTY.to_owned(), k));
+            }
+            if let Some(g) = m.message_group {
+                properties.push((MESSAGE_GROUP_PROPERTY.to_owned(), g));
             }
             let mut kind = kind;
             if m.delay_ms > 0 {

@@ -39,6 +39,10 @@ pub struct OutgoingMessage {
     pub delay_ms: u64,
     /// Idempotency key (1 to 128 bytes), if any: see `dedup_window_ms`.
     pub idempotency_key: Option<String>,
+    /// Message group (1 to 128 bytes), if any: picks the queue (unless
+    /// one is chosen) and orders delivery in FIFO consumer groups
+    /// (`fifo.rs`).
+    pub message_group: Option<String>,
 }
 
 /// Where a sent message went.
@@ -181,6 +185,8 @@ pub struct DeliveredMessage {
     /// For a retry: the message's queue offset in `queue_id` of its topic,
     /// when the retry record says (retries scheduled by older brokers do not).
     pub original_queue_offset: Option<u64>,
+    /// The message group it was sent with, if any.
+    pub message_group: Option<String>,
 }
 
 /// A receive request, in domain form.

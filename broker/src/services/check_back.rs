@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::core::props::user_properties;
+use crate::core::props::{prop, user_properties, MESSAGE_GROUP_PROPERTY};
 use crate::core::transactions::state::{lock, Session};
 use crate::core::transactions::{CheckRequest, EndSource, Resolution, TransactionId, DELAY_GROUP};
 use crate::core::txcheck::Due;
@@ -152,6 +152,7 @@ impl Broker {
                 return;
             }
         };
+        let message_group = prop(&half, MESSAGE_GROUP_PROPERTY).map(str::to_owned);
         let req = CheckRequest {
             transaction_id: TransactionId {
                 offset,
@@ -182,6 +183,7 @@ impl Broker {
                 invisible_until_ms: 0,
                 retry: false,
                 original_queue_offset: None,
+                message_group,
             },
         };
         // Pick a live session of the group that declared this topic (or all

@@ -27,6 +27,37 @@ impl pb::admin_server::Admin for Services {
         }))
     }
 
+    async fn create_consumer_group(
+        &self,
+        req: Request<pb::CreateConsumerGroupRequest>,
+    ) -> Rpc<pb::CreateConsumerGroupResponse> {
+        let r = req.into_inner();
+        Ok(Response::new(pb::CreateConsumerGroupResponse {
+            status: match self.broker.create_consumer_group(&r.group, r.fifo) {
+                Ok(()) => ok(),
+                Err(e) => status(&e),
+            },
+        }))
+    }
+
+    async fn list_consumer_groups(
+        &self,
+        _req: Request<pb::ListConsumerGroupsRequest>,
+    ) -> Rpc<pb::ListConsumerGroupsResponse> {
+        Ok(Response::new(pb::ListConsumerGroupsResponse {
+            status: ok(),
+            groups: self
+                .broker
+                .list_consumer_groups()
+                .into_iter()
+                .map(|g| pb::ConsumerGroupInfo {
+                    group: g.group,
+                    fifo: g.fifo,
+                })
+                .collect(),
+        }))
+    }
+
     async fn list_topics(
         &self,
         _req: Request<pb::ListTopicsRequest>,

@@ -99,6 +99,7 @@ pub(super) fn outgoing(m: pb::Message) -> OutgoingMessage {
         properties,
         body: m.body,
         idempotency_key: m.idempotency_key,
+        message_group: m.message_group,
     }
 }
 
@@ -135,6 +136,7 @@ pub(super) fn wire_message(m: DeliveredMessage, receipt_handle: String) -> pb::R
         invisible_until_ms: m.invisible_until_ms,
         original_queue_offset: m.original_queue_offset,
         retry: m.retry,
+        message_group: m.message_group.unwrap_or_default(),
     }
 }
 

@@ -591,6 +591,7 @@ mod tests {
             body: bytes::Bytes::copy_from_slice(body.as_bytes()),
             delay_ms,
             idempotency_key: None,
+            message_group: None,
         }
     }
 

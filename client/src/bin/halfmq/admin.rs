@@ -36,11 +36,21 @@ pub enum TopicCmd {
 
 #[derive(Debug, Subcommand)]
 pub enum GroupCmd {
-    /// Consumer groups with their topics, lag, in-flight messages and dead
-    /// letters.
+    /// Declares a consumer group (groups that were never declared are
+    /// ordinary ones, created by their first receive).
+    Create {
+        /// Consumer group.
+        group: String,
+        /// Ordered: each message group is received in send order, one
+        /// message at a time.
+        #[arg(long)]
+        fifo: bool,
+    },
+    /// Consumer groups with their kind, topics, lag, in-flight messages and
+    /// dead letters.
     List {
-        /// One JSON object per line: group, topics, lag, inflight, acked,
-        /// dead_letters.
+        /// One JSON object per line: group, fifo, topics, lag, inflight,
+        /// acked, dead_letters.
         #[arg(long)]
         json: bool,
     },
@@ -157,7 +167,16 @@ type GroupRow = (Vec<String>, u64, u64, u64);
 pub async fn group(client: Client, cmd: GroupCmd) -> anyhow::Result<()> {
     let admin = Admin::new(client);
     match cmd {
+        GroupCmd::Create { group, fifo } => {
+            admin.create_consumer_group(&group, fifo).await?;
+            out::line(format!(
+                "consumer group {group} declared ({})",
+                if fifo { "FIFO" } else { "ordinary" }
+            ))?;
+        }
         GroupCmd::List { json } => {
+            let fifo: BTreeMap<String, bool> =
+                admin.list_consumer_groups().await?.into_iter().collect();
             let stats = admin.stats().await?;
             let dead: BTreeMap<String, u64> =
                 admin.dead_letter_counts().await?.into_iter().collect();
@@ -169,20 +188,22 @@ pub async fn group(client: Client, cmd: GroupCmd) -> anyhow::Result<()> {
                 e.2 += g.inflight;
                 e.3 += g.acked;
             }
-            for g in dead.keys() {
+            for g in dead.keys().chain(fifo.keys()) {
                 groups.entry(g.clone()).or_default();
             }
+            let is_fifo = |g: &str| fifo.get(g).copied().unwrap_or(false);
             if json {
                 for (g, (topics, lag, inflight, acked)) in groups {
                     let d = dead.get(&g).copied().unwrap_or(0);
                     out::line(
-                        json!({"group": g, "topics": topics, "lag": lag, "inflight": inflight,
-                                     "acked": acked, "dead_letters": d}),
+                        json!({"group": g, "fifo": is_fifo(&g), "topics": topics, "lag": lag,
+                               "inflight": inflight, "acked": acked, "dead_letters": d}),
                     )?;
                 }
             } else {
                 let mut rows = vec![[
                     "group",
+                    "fifo",
                     "topics",
                     "lag",
                     "inflight",
@@ -194,7 +215,8 @@ pub async fn group(client: Client, cmd: GroupCmd) -> anyhow::Result<()> {
                 for (g, (topics, lag, inflight, acked)) in groups {
                     let d = dead.get(&g).copied().unwrap_or(0);
                     rows.push(vec![
-                        g,
+                        g.clone(),
+                        if is_fifo(&g) { "yes" } else { "no" }.into(),
                         topics.join(","),
                         lag.to_string(),
                         inflight.to_string(),

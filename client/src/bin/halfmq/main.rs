@@ -83,8 +83,12 @@ enum Cmd {
         #[arg(long, default_value = "10s", value_parser = duration)]
         timeout: Duration,
         /// Nack instead of ack (the message is redelivered, reconsume times + 1).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "no_ack")]
         nack: bool,
+        /// Neither ack nor nack: the messages come back after their
+        /// invisible duration (to inspect a topic, or watch FIFO order).
+        #[arg(long)]
+        no_ack: bool,
         /// Reason given with --nack.
         #[arg(long, default_value = "nacked by halfmq consume")]
         reason: String,
@@ -212,6 +216,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             count,
             timeout,
             nack,
+            no_ack,
             reason,
             nack_delay,
             invisible,
@@ -233,7 +238,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     // (EPIPE) stops the command here, and this message and
                     // the rest come back after their invisible duration.
                     out::line(message_line(&m, json))?;
-                    if nack {
+                    if no_ack {
+                        // Left to expire.
+                    } else if nack {
                         consumer.nack(&m, &reason, nack_delay).await?;
                     } else {
                         consumer.ack(&m).await?;
@@ -268,6 +275,10 @@ struct MessageArgs {
     /// How many to send.
     #[arg(long, default_value_t = 1)]
     count: u64,
+    /// Message group (1-128 bytes): its messages go to one queue, and a FIFO
+    /// consumer group receives them in send order.
+    #[arg(long, value_name = "G")]
+    message_group: Option<String>,
     /// Idempotency key (1-128 bytes): a send repeating a key stored on the
     /// topic within the broker's dedup window stores nothing and prints the
     /// first send's ids with duplicate: true. With --count N above 1 the
@@ -296,6 +307,9 @@ impl MessageArgs {
         }
         for k in &self.keys {
             m = m.with_key(k.clone());
+        }
+        if let Some(g) = &self.message_group {
+            m = m.with_message_group(g.clone());
         }
         Ok(m)
     }
@@ -331,7 +345,7 @@ fn message_line(m: &halfmq_client::ReceivedMessage, json: bool) -> String {
             "queue_offset": m.queue_offset, "tag": m.tag, "keys": m.keys,
             "reconsume_times": m.reconsume_times, "body": body, "body_encoding": encoding,
             "properties": m.properties, "store_timestamp_ms": m.store_timestamp_ms,
-            "retry": m.retry,
+            "retry": m.retry, "message_group": m.message_group,
         });
         if let Some(o) = m.original_queue_offset {
             v["original_queue_offset"] = json!(o);
@@ -358,6 +372,9 @@ fn message_line(m: &halfmq_client::ReceivedMessage, json: bool) -> String {
     }
     if !m.keys.is_empty() {
         line.push_str(&format!(" keys={:?}", m.keys.join(",")));
+    }
+    if let Some(g) = &m.message_group {
+        line.push_str(&format!(" message_group={g:?}"));
     }
     if m.reconsume_times > 0 {
         line.push_str(&format!(" reconsume_times={}", m.reconsume_times));
