@@ -64,6 +64,18 @@ struct Args {
     /// Turn off the client's auto-batch.
     #[arg(long)]
     no_auto_batch: bool,
+    /// Turn off the producer's automatic idempotency keys (exactly-once
+    /// publish), to measure what they cost.
+    #[arg(long)]
+    no_idempotency_keys: bool,
+    /// Give the messages N message groups (message i gets group i mod N);
+    /// 0 = none.
+    #[arg(long, default_value_t = 0)]
+    message_groups: u64,
+    /// Declare the consumer group FIFO (each message group in send order,
+    /// one message out at a time).
+    #[arg(long)]
+    fifo: bool,
     /// Open loop: total send rate, messages/s (latency measured from the
     /// scheduled send time: no coordinated omission). Default closed loop.
     #[arg(long)]
@@ -443,6 +455,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let group = format!("bench-{}", std::process::id());
+    if args.fifo {
+        admin
+            .create_consumer_group(&group, true)
+            .await
+            .context("declaring the FIFO consumer group")?;
+    }
     if args.preload_retries > 0 {
         let before = rss_bytes() as i64;
         let t0 = Instant::now();
@@ -554,6 +572,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             producer_client.clone(),
             ProducerOptions {
                 auto_batch: !args.no_auto_batch,
+                auto_idempotency_keys: !args.no_idempotency_keys,
                 ..ProducerOptions::default()
             },
         );
@@ -592,7 +611,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     let msgs: Vec<Message> = seqs
                         .iter()
                         .map(|&s| {
-                            Message::new(a.topic.clone(), body(s, sent_ns, run.run_id, a.size))
+                            let m =
+                                Message::new(a.topic.clone(), body(s, sent_ns, run.run_id, a.size));
+                            match a.message_groups {
+                                0 => m,
+                                n => m.with_message_group(format!("g{}", s % n)),
+                            }
                         })
                         .collect();
                     let res = if let Some(txp) = &txp {
@@ -731,6 +755,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "inflight": args.inflight,
         "batch": args.batch,
         "auto_batch": !args.no_auto_batch,
+        "idempotency_keys": !args.no_idempotency_keys,
+        "message_groups": args.message_groups,
+        "fifo": args.fifo,
         "rate": args.rate,
         "duration_s": secs,
         "acked_per_s": acked_per_s.round(),
