@@ -745,7 +745,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let e2e = run.e2e_hist.locked().clone();
     let half = run.half_hist.locked().clone();
     let end = run.end_hist.locked().clone();
-    let summary = serde_json::json!({
+    let mut summary = serde_json::json!({
         "mode": args.mode,
         "broker": if args.broker.is_some() { "external" } else { "embedded" },
         "flush": if args.broker.is_some() { "n/a".to_string() } else { args.flush.clone() },
@@ -755,9 +755,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "inflight": args.inflight,
         "batch": args.batch,
         "auto_batch": !args.no_auto_batch,
-        "idempotency_keys": !args.no_idempotency_keys,
-        "message_groups": args.message_groups,
-        "fifo": args.fifo,
         "rate": args.rate,
         "duration_s": secs,
         "acked_per_s": acked_per_s.round(),
@@ -789,6 +786,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "thread_cpu_us_per_msg": thread_cpu,
         "steal_pct": steal_pct,
     });
+    summary["idempotency_keys"] = serde_json::json!(!args.no_idempotency_keys);
+    summary["message_groups"] = serde_json::json!(args.message_groups);
+    summary["fifo"] = serde_json::json!(args.fifo);
     if args.json {
         println!("{summary}");
     } else {
