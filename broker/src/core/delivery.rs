@@ -151,16 +151,6 @@ impl QueueProgress {
         self.deadlines.iter().next().map(|(d, _)| *d)
     }
 
-    /// The earliest due time after `now_ms` of a queued redelivery (a FIFO
-    /// retry's delay), if any: when to look again.
-    pub fn next_due_ms(&self, now_ms: u64) -> Option<u64> {
-        self.redeliver
-            .values()
-            .map(|a| a.due_ms)
-            .filter(|d| *d > now_ms)
-            .min()
-    }
-
     /// Moves the start forward when retention removed offsets below it.
     pub fn skip_to(&mut self, min: u64) {
         if self.ack_offset < min {

@@ -25,7 +25,9 @@
 //! groups read again) the first time the queue is served after start-up,
 //! so a restart never frees a group whose earlier message is still out.
 
-use foldhash::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
+
+use foldhash::HashMap;
 
 use super::delivery::{Again, Delivery, QueueProgress};
 
@@ -36,15 +38,26 @@ pub fn group_hash(group: &str) -> u64 {
     halfmq_storage::tag_hash(group)
 }
 
-/// The FIFO state of one (consumer group, topic, queue id).
+/// The FIFO state of one (consumer group, topic, queue id): an index, by
+/// message group, of the queue's waiting offsets (the progress's set of
+/// offsets to deliver in place is the truth; this mirrors it), and the busy
+/// groups. Memory only.
 #[derive(Debug, Default, Clone)]
 pub struct FifoGate {
     /// Message group -> the leased offset that makes it busy.
     busy: HashMap<u64, u64>,
-    /// Leased offset -> its message group.
-    leased: HashMap<u64, u64>,
-    /// Message group of offsets seen (leased or waiting); `None` = none.
-    groups: HashMap<u64, Option<u64>>,
+    /// Leased offset -> its message group (`None`: no group).
+    leased: HashMap<u64, Option<u64>>,
+    /// Message group -> its waiting offsets, in order, with their due time.
+    waiting: HashMap<u64, BTreeMap<u64, u64>>,
+    /// Waiting offsets without a message group -> due time.
+    ungrouped: BTreeMap<u64, u64>,
+    /// (earliest waiting offset, group) of every group that is not busy
+    /// and has waiting offsets: the candidates, lowest offset first.
+    heads: BTreeSet<(u64, u64)>,
+    /// Waiting offsets indexed (to notice ones queued behind the gate's
+    /// back: crash-restored leases that expired, a snapshot at start-up).
+    indexed: usize,
     /// Whether the leases restored at start-up have been looked at.
     primed: bool,
 }
@@ -66,52 +79,154 @@ impl FifoGate {
         self.busy.len()
     }
 
+    /// When the next waiting offset that heads a free group falls due
+    /// after `now_ms` (a retry's delay), if any: when to look again.
+    pub fn next_due_ms(&self, now_ms: u64) -> Option<u64> {
+        let grouped = self
+            .heads
+            .iter()
+            .filter_map(|(qo, g)| self.waiting.get(g).and_then(|w| w.get(qo)));
+        grouped
+            .chain(self.ungrouped.values())
+            .copied()
+            .filter(|d| *d > now_ms)
+            .min()
+    }
+
     /// Forgets everything (an offset reset dropped the leases).
     pub fn reset(&mut self) {
         *self = FifoGate::default();
     }
 
-    /// Frees the groups of offsets no longer out: acked or skipped, or
-    /// queued again in place (a crash-restored lease that expired).
-    fn sync(&mut self, p: &QueueProgress) {
-        let gone: Vec<u64> = self
-            .leased
-            .keys()
-            .copied()
-            .filter(|qo| p.is_done(*qo) || p.is_waiting(*qo))
-            .collect();
-        for qo in gone {
-            if let Some(g) = self.leased.remove(&qo) {
-                if self.busy.get(&g) == Some(&qo) {
-                    self.busy.remove(&g);
-                }
-            }
-            if p.is_done(qo) {
-                self.groups.remove(&qo);
-            }
+    fn set_head(&mut self, g: u64) {
+        if self.busy.contains_key(&g) {
+            return;
         }
-        if self.groups.len() > 2 * (self.leased.len() + p.redeliver_count()) + 64 {
-            self.groups
-                .retain(|qo, _| p.is_leased(*qo) || p.is_waiting(*qo));
+        if let Some(first) = self.waiting.get(&g).and_then(|w| w.keys().next()) {
+            self.heads.insert((*first, g));
         }
     }
 
-    fn group(&mut self, qo: u64, group_of: &mut impl FnMut(u64) -> Option<u64>) -> Option<u64> {
-        *self.groups.entry(qo).or_insert_with(|| group_of(qo))
+    fn clear_head(&mut self, g: u64) {
+        if let Some(first) = self.waiting.get(&g).and_then(|w| w.keys().next()) {
+            self.heads.remove(&(*first, g));
+        }
+    }
+
+    fn add_waiting(&mut self, qo: u64, g: Option<u64>, due_ms: u64) {
+        self.indexed += 1;
+        match g {
+            None => {
+                self.ungrouped.insert(qo, due_ms);
+            }
+            Some(g) => {
+                self.clear_head(g);
+                self.waiting.entry(g).or_default().insert(qo, due_ms);
+                self.set_head(g);
+            }
+        }
+    }
+
+    fn remove_waiting(&mut self, qo: u64, g: Option<u64>) {
+        match g {
+            None => {
+                if self.ungrouped.remove(&qo).is_some() {
+                    self.indexed -= 1;
+                }
+            }
+            Some(g) => {
+                self.clear_head(g);
+                if let Some(w) = self.waiting.get_mut(&g) {
+                    if w.remove(&qo).is_some() {
+                        self.indexed -= 1;
+                    }
+                    if w.is_empty() {
+                        self.waiting.remove(&g);
+                    }
+                }
+                self.set_head(g);
+            }
+        }
     }
 
     fn take(&mut self, qo: u64, g: Option<u64>) {
+        self.leased.insert(qo, g);
         if let Some(g) = g {
+            self.clear_head(g);
             self.busy.insert(g, qo);
-            self.leased.insert(qo, g);
+        }
+    }
+
+    fn free(&mut self, qo: u64) -> Option<Option<u64>> {
+        let g = self.leased.remove(&qo)?;
+        if let Some(h) = g {
+            if self.busy.get(&h) == Some(&qo) {
+                self.busy.remove(&h);
+                self.set_head(h);
+            }
+        }
+        Some(g)
+    }
+
+    /// Brings the gate up to date with `p` before a round of
+    /// [`FifoGate::next`] (under the same lock): the first time, the
+    /// groups of the restored leases are read; groups of offsets no longer
+    /// out (acked, skipped, dead-lettered, or queued again after a crash)
+    /// are freed; the waiting index is rebuilt when `p` queued offsets the
+    /// gate did not see. `group_of(queue_offset)` reads an offset's message
+    /// group hash.
+    pub fn prepare(&mut self, p: &QueueProgress, mut group_of: impl FnMut(u64) -> Option<u64>) {
+        if !self.primed {
+            for (qo, _) in p.leases() {
+                let g = group_of(qo);
+                self.take(qo, g);
+            }
+            self.primed = true;
+        }
+        if self.leased.len() != p.inflight() || p.has_redelivery() {
+            let gone: Vec<u64> = self
+                .leased
+                .keys()
+                .copied()
+                .filter(|qo| !p.is_leased(*qo))
+                .filter(|qo| p.is_done(*qo) || p.is_waiting(*qo))
+                .collect();
+            for qo in gone {
+                let g = self.free(qo).flatten();
+                if p.is_waiting(qo) {
+                    // A crash-restored lease expired: it waits again, first
+                    // of its group.
+                    self.add_waiting(qo, g, 0);
+                }
+            }
+        }
+        if self.indexed != p.redeliver_count() {
+            let known: HashMap<u64, Option<u64>> = self
+                .waiting
+                .iter()
+                .flat_map(|(g, w)| w.keys().map(move |qo| (*qo, Some(*g))))
+                .chain(self.ungrouped.keys().map(|qo| (*qo, None)))
+                .collect();
+            self.waiting.clear();
+            self.ungrouped.clear();
+            self.heads.clear();
+            self.indexed = 0;
+            let all: Vec<(u64, Again)> = p.redeliveries().collect();
+            for (qo, a) in all {
+                let g = match known.get(&qo) {
+                    Some(g) => *g,
+                    None => group_of(qo),
+                };
+                self.add_waiting(qo, g, a.due_ms);
+            }
         }
     }
 
     /// The next delivery of this queue under the FIFO rule, with a lease
     /// until `now_ms + invisible_ms`: the lowest waiting offset that is due
-    /// and whose group is free, else the next fresh offset whose group is
-    /// free (fresh offsets of busy groups are passed over on the way).
-    /// `group_of(queue_offset)` reads an offset's message group hash.
+    /// and heads a free group, else the next fresh offset whose group is
+    /// free (fresh offsets of busy or waiting groups are passed over on the
+    /// way). Call [`FifoGate::prepare`] first in each round.
     pub fn next(
         &mut self,
         p: &mut QueueProgress,
@@ -120,35 +235,30 @@ impl FifoGate {
         b: Bounds,
         mut group_of: impl FnMut(u64) -> Option<u64>,
     ) -> Option<Delivery> {
-        if !self.primed {
-            let leased: Vec<u64> = p.leases().map(|(qo, _)| qo).collect();
-            for qo in leased {
-                let g = self.group(qo, &mut group_of);
-                self.take(qo, g);
-            }
-            self.primed = true;
-        }
-        self.sync(p);
         if p.inflight() >= b.max_inflight {
             return None;
         }
-        // Groups with an earlier message still waiting (not due yet, or
-        // passed over below): their later messages wait too.
-        let mut blocked: HashSet<u64> = HashSet::default();
-        let waiting: Vec<(u64, Again)> = p.redeliveries().collect();
-        for (qo, again) in waiting {
-            let g = self.group(qo, &mut group_of);
-            if let Some(g) = g {
-                if self.busy.contains_key(&g) || blocked.contains(&g) {
-                    continue;
-                }
-            }
-            if again.due_ms > now_ms {
-                if let Some(g) = g {
-                    blocked.insert(g);
-                }
-                continue;
-            }
+        let grouped = self
+            .heads
+            .iter()
+            .find(|(qo, g)| {
+                self.waiting
+                    .get(g)
+                    .and_then(|w| w.get(qo))
+                    .is_some_and(|due| *due <= now_ms)
+            })
+            .map(|(qo, g)| (*qo, Some(*g)));
+        let single = self
+            .ungrouped
+            .iter()
+            .find(|(_, due)| **due <= now_ms)
+            .map(|(qo, _)| (*qo, None));
+        let pick = match (grouped, single) {
+            (Some(a), Some(b)) => Some(if a.0 < b.0 { a } else { b }),
+            (a, b) => a.or(b),
+        };
+        if let Some((qo, g)) = pick {
+            self.remove_waiting(qo, g);
             let d = p.redeliver_at(qo, now_ms, invisible_ms, b.max_inflight)?;
             self.take(qo, g);
             return Some(d);
@@ -156,9 +266,9 @@ impl FifoGate {
         while let Some(qo) = p.peek_fresh(b.max_visible, b.max_window) {
             let g = group_of(qo);
             if let Some(h) = g {
-                if self.busy.contains_key(&h) || blocked.contains(&h) {
+                if self.busy.contains_key(&h) || self.waiting.contains_key(&h) {
                     p.pass_over();
-                    self.groups.insert(qo, g);
+                    self.add_waiting(qo, g, 0);
                     continue;
                 }
             }
@@ -169,7 +279,6 @@ impl FifoGate {
                 b.max_inflight,
                 b.max_window,
             )?;
-            self.groups.insert(qo, g);
             self.take(qo, g);
             return Some(d);
         }
@@ -182,11 +291,7 @@ impl FifoGate {
         if p.release(d.queue_offset, d.lease.seq).is_err() {
             return;
         }
-        if let Some(g) = self.leased.remove(&d.queue_offset) {
-            if self.busy.get(&g) == Some(&d.queue_offset) {
-                self.busy.remove(&g);
-            }
-        }
+        let g = self.free(d.queue_offset).flatten();
         p.restore_redeliver(
             d.queue_offset,
             Again {
@@ -195,6 +300,7 @@ impl FifoGate {
                 due_ms: 0,
             },
         );
+        self.add_waiting(d.queue_offset, g, 0);
     }
 
     /// A delivery of `queue_offset` failed (its lease is gone: nacked or
@@ -208,10 +314,9 @@ impl FifoGate {
         delivered_ms: u64,
         due_ms: u64,
     ) {
-        if let Some(g) = self.leased.remove(&queue_offset) {
-            if self.busy.get(&g) == Some(&queue_offset) {
-                self.busy.remove(&g);
-            }
+        let g = self.free(queue_offset).flatten();
+        if p.is_done(queue_offset) || p.is_leased(queue_offset) {
+            return;
         }
         p.restore_redeliver(
             queue_offset,
@@ -221,6 +326,7 @@ impl FifoGate {
                 due_ms,
             },
         );
+        self.add_waiting(queue_offset, g, due_ms);
     }
 }
 
@@ -244,10 +350,14 @@ mod tests {
         }
     }
 
-    fn next(f: &mut FifoGate, p: &mut QueueProgress, now: u64) -> Option<u64> {
+    fn deliver(f: &mut FifoGate, p: &mut QueueProgress, now: u64) -> Option<Delivery> {
         let gs = groups();
+        f.prepare(p, |qo| gs[qo as usize]);
         f.next(p, now, 1_000, bounds(), |qo| gs[qo as usize])
-            .map(|d| d.queue_offset)
+    }
+
+    fn next(f: &mut FifoGate, p: &mut QueueProgress, now: u64) -> Option<u64> {
+        deliver(f, p, now).map(|d| d.queue_offset)
     }
 
     fn seq_of(p: &QueueProgress, qo: u64) -> u64 {
@@ -293,11 +403,10 @@ mod tests {
         // Not due: A and B wait; C3 goes; A2, B4, A5 are passed over.
         assert_eq!(next(&mut f, &mut p, 1_100), Some(3));
         assert_eq!(next(&mut f, &mut p, 1_100), None);
+        // The long poll wakes when they fall due.
+        assert_eq!(f.next_due_ms(1_100), Some(1_500));
         // Due: A0 again (reconsume 1) before A2, B1 before B4.
-        let gs = groups();
-        let d = f
-            .next(&mut p, 1_500, 1_000, bounds(), |qo| gs[qo as usize])
-            .unwrap();
+        let d = deliver(&mut f, &mut p, 1_500).unwrap();
         assert_eq!(
             (d.queue_offset, d.lease.reconsume_times, d.again),
             (0, 1, true)
@@ -306,9 +415,7 @@ mod tests {
         assert_eq!(next(&mut f, &mut p, 1_500), None);
         // A0 acked: A2 (a passed-over message, first delivery).
         p.ack(0, seq_of(&p, 0)).unwrap();
-        let d = f
-            .next(&mut p, 1_600, 1_000, bounds(), |qo| gs[qo as usize])
-            .unwrap();
+        let d = deliver(&mut f, &mut p, 1_600).unwrap();
         assert_eq!(
             (d.queue_offset, d.lease.reconsume_times, d.again),
             (2, 0, false)
@@ -348,10 +455,7 @@ mod tests {
         // A0's restored lease expires: it is delivered again, in place,
         // before A2.
         assert!(q.take_expired(1_000, 10).is_empty());
-        let gs = groups();
-        let d = f
-            .next(&mut q, 1_000, 1_000, bounds(), |qo| gs[qo as usize])
-            .unwrap();
+        let d = deliver(&mut f, &mut q, 1_000).unwrap();
         assert_eq!(d.queue_offset, 0);
     }
 }

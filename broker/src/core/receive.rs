@@ -254,16 +254,17 @@ impl Broker {
                             max_window: window,
                         };
                         let (store, topic_name) = (&self.store, &req.topic);
+                        let group_of = |qo: u64| {
+                            store
+                                .read_queue(topic_name, qid as u32, qo)
+                                .ok()
+                                .and_then(|m| {
+                                    prop(&m.record, MESSAGE_GROUP_PROPERTY).map(fifo::group_hash)
+                                })
+                        };
+                        gate.prepare(p, group_of);
                         while out.len() + picked.len() < max {
-                            let d = gate.next(p, now, invisible_ms, bounds, |qo| {
-                                store
-                                    .read_queue(topic_name, qid as u32, qo)
-                                    .ok()
-                                    .and_then(|m| {
-                                        prop(&m.record, MESSAGE_GROUP_PROPERTY)
-                                            .map(fifo::group_hash)
-                                    })
-                            });
+                            let d = gate.next(p, now, invisible_ms, bounds, group_of);
                             let Some(d) = d else { break };
                             let size = store
                                 .queue_entry(topic_name, qid as u32, d.queue_offset)
@@ -321,7 +322,7 @@ impl Broker {
                     .iter()
                     .chain(g.retry.iter())
                     .filter_map(QueueProgress::next_deadline_ms)
-                    .chain(g.queues.iter().filter_map(|p| p.next_due_ms(now)))
+                    .chain(g.fifo.iter().flatten().filter_map(|f| f.next_due_ms(now)))
                     .min();
                 let look = match (lease_min, next_look) {
                     (Some(a), Some(b)) => Some(a.min(b)),
