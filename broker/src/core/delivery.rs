@@ -221,16 +221,8 @@ impl QueueProgress {
         invisible_ms: u64,
         max_inflight: usize,
     ) -> Option<Delivery> {
-        if self.leases.len() >= max_inflight {
-            return None;
-        }
-        let (qo, old) = self.redeliver.pop_first()?;
-        let lease = self.take_lease(qo, now_ms + invisible_ms, old.reconsume_times, now_ms);
-        Some(Delivery {
-            queue_offset: qo,
-            lease,
-            again: true,
-        })
+        let qo = *self.redeliver.keys().next()?;
+        self.redeliver_at(qo, now_ms, invisible_ms, max_inflight)
     }
 
     /// The queue offset the next delivery would take, without taking it: the
