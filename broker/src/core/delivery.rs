@@ -309,6 +309,8 @@ impl QueueProgress {
                 && !self.acked.contains(&qo)
                 && !self.redeliver.contains_key(&qo)
             {
+                // Delivered before (a failed lease being handed off), its
+                // time unknown: 1 marks it as not a first delivery.
                 self.redeliver.insert(
                     qo,
                     Again {
@@ -370,10 +372,10 @@ impl QueueProgress {
     /// # Errors
     /// [`LeaseError::NotFound`] for a stale or unknown lease.
     pub fn release(&mut self, queue_offset: u64, seq: u64) -> Result<Lease, LeaseError> {
-        match self.leases.get(&queue_offset) {
-            Some(l) if l.seq == seq => Ok(self.remove_lease(queue_offset).expect("checked above")), // invariant: matched just above
-            _ => Err(LeaseError::NotFound),
+        if self.lease(queue_offset, seq).is_none() {
+            return Err(LeaseError::NotFound);
         }
+        self.remove_lease(queue_offset).ok_or(LeaseError::NotFound)
     }
 
     /// Restores a lease (from a snapshot at start-up, or after a failed
@@ -476,18 +478,18 @@ impl QueueProgress {
         now_ms: u64,
         invisible_ms: u64,
     ) -> Result<Lease, LeaseError> {
-        match self.leases.get(&queue_offset) {
-            Some(l) if l.seq == seq => {
-                let old = self.remove_lease(queue_offset).expect("checked above"); // invariant: matched just above
-                Ok(self.take_lease(
-                    queue_offset,
-                    now_ms + invisible_ms,
-                    old.reconsume_times,
-                    old.delivered_ms,
-                ))
-            }
-            _ => Err(LeaseError::NotFound),
+        if self.lease(queue_offset, seq).is_none() {
+            return Err(LeaseError::NotFound);
         }
+        let old = self
+            .remove_lease(queue_offset)
+            .ok_or(LeaseError::NotFound)?;
+        Ok(self.take_lease(
+            queue_offset,
+            now_ms + invisible_ms,
+            old.reconsume_times,
+            old.delivered_ms,
+        ))
     }
 
     /// Sets the reconsume times of the lease on `queue_offset` (a retry

@@ -1,6 +1,7 @@
 //! Deliveries to consumer groups: receive with long polling (due retries
 //! first, then fresh messages), ack, nack, and invisible-duration changes.
 
+use std::cell::RefCell;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -177,7 +178,7 @@ impl Broker {
         // Bounded: each round either delivers, skips (filtered/unreadable) or stops.
         for _round in 0..64 {
             let now = self.clock.now_ms();
-            // (retry level or None, queue id, delivery, the Redelivery record for retries)
+            // (retry level or None, queue id, delivery, the Redelivery record for retries or the message record the FIFO rule read)
             let mut picked: Vec<(
                 Option<u32>,
                 u32,
@@ -254,13 +255,14 @@ impl Broker {
                             max_window: window,
                         };
                         let (store, topic_name) = (&self.store, &req.topic);
+                        // The last record read to learn its group: a fresh
+                        // offset delivered right after is not read again.
+                        let last: RefCell<Option<(u64, Record)>> = RefCell::new(None);
                         let group_of = |qo: u64| {
-                            store
-                                .read_queue(topic_name, qid as u32, qo)
-                                .ok()
-                                .and_then(|m| {
-                                    prop(&m.record, MESSAGE_GROUP_PROPERTY).map(fifo::group_hash)
-                                })
+                            let m = store.read_queue(topic_name, qid as u32, qo).ok()?;
+                            let g = prop(&m.record, MESSAGE_GROUP_PROPERTY).map(fifo::group_hash);
+                            *last.borrow_mut() = Some((qo, m.record));
+                            g
                         };
                         gate.prepare(p, group_of);
                         while out.len() + picked.len() < max {
@@ -275,7 +277,9 @@ impl Broker {
                                 gate.undo(p, &d);
                                 break;
                             }
-                            picked.push((None, qid as u32, d, None));
+                            let read = last.borrow_mut().take();
+                            let record = read.filter(|(qo, _)| *qo == d.queue_offset);
+                            picked.push((None, qid as u32, d, record.map(|(_, r)| r)));
                         }
                         continue;
                     }
@@ -333,7 +337,9 @@ impl Broker {
             let mut skipped = Vec::new();
             for (level, qid, d, redelivery) in picked {
                 let read = match (&level, redelivery) {
-                    (None, _) => self
+                    // Read already by the FIFO rule (fifo.rs), or now.
+                    (None, Some(r)) => Ok((r, d.lease.reconsume_times, None)),
+                    (None, None) => self
                         .store
                         .read_queue(&req.topic, qid, d.queue_offset)
                         .map(|m| (m.record, d.lease.reconsume_times, None)),

@@ -66,7 +66,7 @@ enum Cmd {
     },
     /// Receives up to COUNT messages, or until TIMEOUT passes with none;
     /// prints each (one line) and acks it (or, with --nack, asks for a
-    /// redelivery).
+    /// redelivery; with --no-ack, leaves it to expire).
     Consume {
         /// Topic.
         topic: String,
