@@ -9,6 +9,8 @@
 //! - [`commitlog`]: segment files, appends, group commit, reads, iteration,
 //!   recovery of a torn tail.
 //! - [`consume_queue`]: per (topic, queue id) index of 20-byte entries.
+//! - [`entry_index`]: replicated log entries (entry index → their bytes in
+//!   the commit log), and small atomically replaced state files (a vote).
 //! - [`meta`]: sled-backed checkpoint, consumer offsets and small keyed state.
 //! - [`retention`]: the pure policy choosing segments to delete.
 //! - [`store`]: [`Store`], which ties them together and recovers at open.
@@ -35,6 +37,7 @@
 pub mod commitlog;
 pub mod config;
 pub mod consume_queue;
+pub mod entry_index;
 pub mod error;
 pub mod lock;
 pub mod meta;
@@ -45,6 +48,7 @@ pub mod store;
 pub use commitlog::{CommitLog, CorruptRange, LogScan, RecoveryReport, ScanItem, SegmentInfo};
 pub use config::{FlushMode, StoreConfig};
 pub use consume_queue::{ConsumeQueue, CqEntry, Slot};
+pub use entry_index::{entry_marker, marker_pos, EntryIndex, EntryKind, EntryPos, StateFile};
 pub use error::{Error, Result};
 pub use meta::{Checkpoint, Meta};
 pub use record::{tag_hash, MessageId, Record, RecordKind};

@@ -67,6 +67,10 @@ pub enum RecordKind {
     /// holding the body) in a system topic: a consumer group's retry queue or
     /// dead-letter queue. Dispatched at its own offset; carries no body.
     Redelivery,
+    /// The first record of a replicated log entry (see
+    /// [`crate::entry_index`]): `queue_offset` = entry index, `ref_offset` =
+    /// term, `ref_size` = the entry's bytes. Never dispatched.
+    EntryMarker,
     /// A kind this build does not know. Kept, never dispatched.
     Other(u8),
 }
@@ -81,6 +85,7 @@ impl RecordKind {
             RecordKind::TxRollback => 4,
             RecordKind::System => 5,
             RecordKind::Redelivery => 6,
+            RecordKind::EntryMarker => 7,
             RecordKind::Other(b) => b,
         }
     }
@@ -94,6 +99,7 @@ impl RecordKind {
             4 => RecordKind::TxRollback,
             5 => RecordKind::System,
             6 => RecordKind::Redelivery,
+            7 => RecordKind::EntryMarker,
             other => RecordKind::Other(other),
         }
     }

@@ -17,7 +17,13 @@ pub(super) fn poison(inner: &Inner, msg: String) {
     tracing::error!(error = %msg, "commit log poisoned; appends refused until restart");
     let msg: Arc<str> = Arc::from(msg);
     *lock(&inner.poison) = Some(Arc::clone(&msg));
-    inner.status.send_modify(|s| s.error = Some(msg));
+    inner
+        .status
+        .send_modify(|s| s.error = Some(Arc::clone(&msg)));
+    let waiting = std::mem::take(&mut lock(&inner.durable_callbacks).waiting);
+    for (_, f) in waiting {
+        f(Err(Error::Poisoned(msg.to_string())));
+    }
 }
 
 /// One flush: fdatasync the active segment up to the written offset, publish.
@@ -39,7 +45,25 @@ pub(super) fn flush_once(inner: &Inner) -> Result<bool> {
     inner
         .status
         .send_modify(|s| s.flushed = s.flushed.max(target));
+    run_durable_callbacks(inner);
     Ok(true)
+}
+
+/// Runs the [`CommitLog::on_durable`] callbacks the flushed offset covers,
+/// in order of their end.
+pub(super) fn run_durable_callbacks(inner: &Inner) {
+    let flushed = inner.flushed.load(Ordering::Acquire);
+    let ready = {
+        let mut cbs = lock(&inner.durable_callbacks);
+        if cbs.waiting.is_empty() {
+            return;
+        }
+        let rest = cbs.waiting.split_off(&(flushed + 1, 0));
+        std::mem::replace(&mut cbs.waiting, rest)
+    };
+    for (_, f) in ready {
+        f(Ok(()));
+    }
 }
 
 pub(super) fn flusher_loop(inner: &Inner) {

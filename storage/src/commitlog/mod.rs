@@ -197,6 +197,17 @@ struct Inner {
     status: watch::Sender<FlushStatus>,
     poison: Mutex<Option<Arc<str>>>,
     tail: Mutex<TailCache>,
+    /// Callbacks of [`CommitLog::on_durable`], by (end, registration number).
+    durable_callbacks: Mutex<DurableCallbacks>,
+}
+
+/// A callback run once the log is durable up to an offset (or failed).
+pub type DurableCallback = Box<dyn FnOnce(Result<()>) + Send>;
+
+#[derive(Default)]
+struct DurableCallbacks {
+    next_seq: u64,
+    waiting: BTreeMap<(u64, u64), DurableCallback>,
 }
 
 /// The segmented commit log. Cheap to share behind an `Arc`; all methods take
@@ -348,6 +359,7 @@ impl CommitLog {
             tail: Mutex::new(TailCache::new(
                 usize::try_from(opts.read_cache_bytes).unwrap_or(usize::MAX),
             )),
+            durable_callbacks: Mutex::new(DurableCallbacks::default()),
         });
         let flusher_inner = Arc::clone(&inner);
         let flusher = std::thread::Builder::new()
@@ -390,12 +402,55 @@ impl CommitLog {
             }
             sizes.push(n as u32);
         }
+        self.write_buffered(w, sizes)
+    }
+
+    /// Appends records already encoded (e.g. received from a leader), given
+    /// as byte strings that are each zero or more whole records back to
+    /// back, as one all-or-nothing batch. Every record's frame (length,
+    /// magic, version, CRC) is checked before anything is written.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] when a part is not whole valid records;
+    /// [`Error::RecordTooLarge`] past `max_record_bytes`; otherwise as
+    /// [`CommitLog::append`].
+    pub fn append_encoded(&self, parts: &[&[u8]]) -> Result<Appended> {
+        let inner = &*self.inner;
+        self.check_poison()?;
+        let mut sizes = Vec::new();
+        for part in parts {
+            let mut at = 0usize;
+            while at < part.len() {
+                let n = check_frame(&part[at..], at as u64)?;
+                if n > inner.max_record_bytes {
+                    return Err(Error::RecordTooLarge {
+                        size_bytes: n,
+                        limit_bytes: inner.max_record_bytes,
+                    });
+                }
+                sizes.push(n as u32);
+                at += n;
+            }
+        }
+        let mut w = lock(&inner.writer);
+        let w = &mut *w;
+        w.buf.clear();
+        for part in parts {
+            w.buf.extend_from_slice(part);
+        }
+        self.write_buffered(w, sizes)
+    }
+
+    /// Writes `w.buf` (records of `sizes` bytes back to back) at the log's
+    /// end, rolling segments as needed; see [`CommitLog::append`].
+    fn write_buffered(&self, w: &mut Writer, sizes: Vec<u32>) -> Result<Appended> {
+        let inner = &*self.inner;
         w.space.check(&inner.dir, w.buf.len() as u64)?;
 
         let first_active = Arc::clone(&w.active);
         let undo_end = first_active.end();
         let mut created: Vec<Arc<Segment>> = Vec::new();
-        let mut offsets = Vec::with_capacity(records.len());
+        let mut offsets = Vec::with_capacity(sizes.len());
         let mut chunk_start = 0usize; // index into buf of the pending chunk
         let mut pos = 0usize;
         let mut seg_end = w.active.end();
@@ -484,6 +539,151 @@ impl CommitLog {
             Ok(Some(err)) => Err(Error::Poisoned(err.to_string())),
             Err(_) => Err(Error::Closed),
         }
+    }
+
+    /// Runs `f` once every byte before `end` is durable per the flush mode:
+    /// on the flusher thread right after the fdatasync that covers it (sync
+    /// mode; callbacks of one fdatasync run in order of `end`), at once when
+    /// it already is or in async mode. `f` gets [`Error::Poisoned`] when an
+    /// fdatasync fails and [`Error::Closed`] when the log closes first; it
+    /// is dropped without a call when [`CommitLog::truncate`] cuts the log
+    /// below `end`. `f` must be quick: it runs on the flusher thread.
+    pub fn on_durable(&self, end: u64, f: DurableCallback) {
+        if let Err(e) = self.check_poison() {
+            return f(Err(e));
+        }
+        if self.inner.flush != FlushMode::Sync {
+            return f(Ok(()));
+        }
+        {
+            let mut cbs = lock(&self.inner.durable_callbacks);
+            // Checked under the lock the flusher drains under, after it
+            // published the flushed offset: no callback is left behind.
+            if self.flushed_offset() < end {
+                let seq = cbs.next_seq;
+                cbs.next_seq += 1;
+                cbs.waiting.insert((end, seq), f);
+                return;
+            }
+        }
+        f(Ok(()))
+    }
+
+    /// Cuts the log back to `offset` (a record boundary at or past the
+    /// first retained byte): later segments are removed, the one holding
+    /// `offset` is truncated there and fdatasynced, so the cut bytes cannot
+    /// come back after a crash. For a replica dropping an uncommitted
+    /// suffix; whatever was derived from the cut records (consume queues)
+    /// is the caller's to undo.
+    ///
+    /// # Errors
+    /// [`Error::OffsetOutOfRange`] outside `[min_offset, written_offset]`;
+    /// I/O errors (which poison the log).
+    pub fn truncate(&self, offset: u64) -> Result<()> {
+        let inner = &*self.inner;
+        self.check_poison()?;
+        let mut w = lock(&inner.writer);
+        let written = inner.written.load(Ordering::Acquire);
+        if offset == written {
+            return Ok(());
+        }
+        let min = self.min_offset();
+        if offset < min || offset > written {
+            return Err(Error::OffsetOutOfRange {
+                offset,
+                min,
+                max: written,
+            });
+        }
+        let res = (|| -> Result<()> {
+            let mut segs = inner.segments.write().unwrap_or_else(|e| e.into_inner());
+            // The segment holding `offset`: the last with base <= offset, or,
+            // when `offset` is a later segment's base, the one before it.
+            let keep = segs
+                .range(..=offset)
+                .next_back()
+                .map(|(b, s)| (*b, Arc::clone(s)))
+                .ok_or_else(|| self.out_of_range(offset))?;
+            let (keep_base, keep_seg) = if keep.0 == offset && keep.0 > min {
+                let prev = segs
+                    .range(..offset)
+                    .next_back()
+                    .map(|(b, s)| (*b, Arc::clone(s)))
+                    .ok_or_else(|| self.out_of_range(offset))?;
+                prev
+            } else {
+                keep
+            };
+            let later: Vec<u64> = segs.range(keep_base + 1..).map(|(b, _)| *b).collect();
+            for b in later {
+                if let Some(seg) = segs.remove(&b) {
+                    fs::remove_file(&seg.path)
+                        .map_err(|e| Error::io("remove segment", &seg.path, e))?;
+                }
+            }
+            drop(segs);
+            keep_seg.truncate(offset)?;
+            keep_seg.sync()?;
+            sync_dir(&inner.dir)?;
+            w.prealloc.reset(keep_seg.base);
+            w.prealloc.file_end = offset;
+            w.active = keep_seg;
+            Ok(())
+        })();
+        if let Err(e) = res {
+            self.poison(format!("truncating the log to {offset} failed: {e}"));
+            return Err(e);
+        }
+        lock(&inner.tail).cut(offset);
+        inner.written.store(offset, Ordering::SeqCst);
+        inner.flushed.fetch_min(offset, Ordering::AcqRel);
+        inner
+            .status
+            .send_modify(|s| s.flushed = s.flushed.min(offset));
+        drop(w);
+        let mut cbs = lock(&inner.durable_callbacks);
+        let cut: Vec<(u64, u64)> = cbs
+            .waiting
+            .range((offset + 1, 0)..)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in cut {
+            cbs.waiting.remove(&k);
+        }
+        Ok(())
+    }
+
+    /// The bytes `[offset, offset + len)` of the log, which must lie inside
+    /// one segment and be written: a view of the tail cache when one cached
+    /// chunk holds them, else one `pread`. Frames are not checked.
+    ///
+    /// # Errors
+    /// [`Error::OffsetOutOfRange`] outside the written log or across a
+    /// segment end; I/O errors.
+    pub fn read_raw(&self, offset: u64, len: usize) -> Result<Bytes> {
+        let seg = self.segment_for(offset).or_else(|e| {
+            // An empty range at the very end is fine.
+            if len == 0 && offset == self.written_offset() {
+                Ok(Arc::clone(&lock(&self.inner.writer).active))
+            } else {
+                Err(e)
+            }
+        })?;
+        let limit = seg.end().min(self.written_offset());
+        if offset + len as u64 > limit {
+            return Err(self.out_of_range(offset));
+        }
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        if let Some(held) = lock(&self.inner.tail).from(offset) {
+            if held.len() >= len {
+                return Ok(held.slice(..len));
+            }
+        }
+        let mut buf = vec![0u8; len];
+        seg.read_at(offset, &mut buf)?;
+        Ok(Bytes::from(buf))
     }
 
     /// Fdatasyncs everything written so far, on the caller's thread.
@@ -781,9 +981,16 @@ impl CommitLog {
         } else {
             Ok(())
         };
-        let mut p = lock(&self.inner.poison);
-        if p.is_none() {
-            *p = Some(Arc::from("closed"));
+        {
+            let mut p = lock(&self.inner.poison);
+            if p.is_none() {
+                *p = Some(Arc::from("closed"));
+            }
+        }
+        // Whatever the last fdatasync covered was completed by it.
+        let rest = std::mem::take(&mut lock(&self.inner.durable_callbacks).waiting);
+        for (_, f) in rest {
+            f(Err(Error::Closed));
         }
         res
     }

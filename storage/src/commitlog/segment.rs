@@ -109,6 +109,26 @@ impl TailCache {
         }
     }
 
+    /// Forgets every cached byte at or past `offset` (the log was cut there).
+    pub(super) fn cut(&mut self, offset: u64) {
+        while let Some((s, b)) = self.chunks.back() {
+            let (s, len) = (*s, b.len());
+            if s >= offset {
+                self.held_bytes -= len;
+                self.chunks.pop_back();
+            } else {
+                if s + len as u64 > offset {
+                    let keep = (offset - s) as usize;
+                    if let Some(last) = self.chunks.back_mut() {
+                        last.1.truncate(keep);
+                    }
+                    self.held_bytes -= len - keep;
+                }
+                break;
+            }
+        }
+    }
+
     /// The cached bytes from `offset` to the end of the chunk holding it: a
     /// view sharing the chunk's buffer, not a copy.
     pub(super) fn from(&self, offset: u64) -> Option<Bytes> {
