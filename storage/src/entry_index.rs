@@ -218,7 +218,7 @@ impl EntryIndex {
         if u32_at(header, 24) != 0 {
             idx.purged = Some((u64_at(header, 8), u64_at(header, 16)));
         }
-        let mut expect = idx.purged.map_or(None, |(i, _)| i.checked_add(1));
+        let mut expect = idx.purged.and_then(|(i, _)| i.checked_add(1));
         for row in data[HEADER_BYTES as usize..].chunks_exact(ROW_BYTES as usize) {
             if !crc_ok(row) {
                 break;
