@@ -60,6 +60,13 @@ pub struct StoreConfig {
     /// its half) need no `pread`, in bytes; 0 = off. Default 16 MiB (about
     /// half a second of writes at 30 MB/s). At most 1 GiB.
     pub read_cache_bytes: u64,
+    /// The log is a replica's log of a broker group (see
+    /// [`crate::entry_index`]): appends come whole from the replication
+    /// layer ([`crate::Store::append_entries`]), consume queues are written
+    /// only for applied entries ([`crate::Store::dispatch_applied`]), and
+    /// recovery dispatches nothing past the checkpoint (the replication layer
+    /// applies the rest again). Default false.
+    pub replicated: bool,
 }
 
 /// Largest accepted [`StoreConfig::preallocate_bytes`].
@@ -82,6 +89,7 @@ impl StoreConfig {
             min_free_disk_bytes: 64 << 20,
             preallocate_bytes: 1 << 20,
             read_cache_bytes: 16 << 20,
+            replicated: false,
         }
     }
 

@@ -14,8 +14,9 @@
 //! # File (`<dir>/index`, little-endian)
 //!
 //! ```text
-//!  header (32 bytes): magic "HMQIDX01" | purged index u64 | purged term u64 |
-//!                     has_purged u32 | crc32 u32 of the 28 bytes before it
+//!  header (40 bytes): magic "HMQIDX01" | purged index u64 | purged term u64 |
+//!                     purged end u64 (physical offset one past the last purged
+//!                     entry) | has_purged u32 | crc32 u32 of the 36 bytes before it
 //!  rows (32 bytes):   index u64 | term u64 | physical offset u64 | size u32 |
 //!                     crc32 u32 of the 28 bytes before it
 //! ```
@@ -34,7 +35,7 @@ use crate::error::{Error, Result};
 use crate::record::{Record, RecordKind};
 
 const MAGIC: &[u8; 8] = b"HMQIDX01";
-const HEADER_BYTES: u64 = 32;
+const HEADER_BYTES: u64 = 40;
 const ROW_BYTES: u64 = 32;
 
 /// What an entry carries, in its marker's `queue_id`.
@@ -136,12 +137,14 @@ pub fn marker_pos(offset: u64, rec: &Record) -> Option<EntryPos> {
 pub struct EntryIndex {
     path: PathBuf,
     file: File,
-    purged: Option<(u64, u64)>,
+    /// (index, term, end) of the last purged entry.
+    purged: Option<(u64, u64, u64)>,
     rows: Vec<EntryPos>,
 }
 
+/// Whether the last 4 bytes of `buf` are the CRC of the rest.
 fn crc_ok(buf: &[u8]) -> bool {
-    let (data, crc) = buf.split_at(28);
+    let (data, crc) = buf.split_at(buf.len() - 4);
     crc32fast::hash(data).to_le_bytes() == crc[..4]
 }
 
@@ -156,15 +159,16 @@ fn encode_row(p: &EntryPos) -> [u8; ROW_BYTES as usize] {
     b
 }
 
-fn encode_header(purged: Option<(u64, u64)>) -> [u8; HEADER_BYTES as usize] {
+fn encode_header(purged: Option<(u64, u64, u64)>) -> [u8; HEADER_BYTES as usize] {
     let mut b = [0u8; HEADER_BYTES as usize];
     b[0..8].copy_from_slice(MAGIC);
-    let (i, t) = purged.unwrap_or((0, 0));
+    let (i, t, e) = purged.unwrap_or((0, 0, 0));
     b[8..16].copy_from_slice(&i.to_le_bytes());
     b[16..24].copy_from_slice(&t.to_le_bytes());
-    b[24..28].copy_from_slice(&u32::from(purged.is_some()).to_le_bytes());
-    let crc = crc32fast::hash(&b[..28]);
-    b[28..32].copy_from_slice(&crc.to_le_bytes());
+    b[24..32].copy_from_slice(&e.to_le_bytes());
+    b[32..36].copy_from_slice(&u32::from(purged.is_some()).to_le_bytes());
+    let crc = crc32fast::hash(&b[..36]);
+    b[36..40].copy_from_slice(&crc.to_le_bytes());
     b
 }
 
@@ -215,10 +219,10 @@ impl EntryIndex {
                 reason: format!("entry index {} has a damaged header", idx.path.display()),
             });
         };
-        if u32_at(header, 24) != 0 {
-            idx.purged = Some((u64_at(header, 8), u64_at(header, 16)));
+        if u32_at(header, 32) != 0 {
+            idx.purged = Some((u64_at(header, 8), u64_at(header, 16), u64_at(header, 24)));
         }
-        let mut expect = idx.purged.and_then(|(i, _)| i.checked_add(1));
+        let mut expect = idx.purged.and_then(|(i, _, _)| i.checked_add(1));
         for row in data[HEADER_BYTES as usize..].chunks_exact(ROW_BYTES as usize) {
             if !crc_ok(row) {
                 break;
@@ -274,8 +278,8 @@ impl EntryIndex {
                 break;
             }
             let next = self.next_index();
-            let after_last = self.rows.last().is_none_or(|l| m.offset >= l.end());
-            if after_last && next.is_none_or(|n| n == m.index) {
+            let follows = m.offset == self.end() || (self.rows.is_empty() && self.purged.is_none());
+            if follows && next.is_none_or(|n| n == m.index) {
                 self.append(*m)?;
                 added += 1;
             }
@@ -287,7 +291,16 @@ impl EntryIndex {
     fn next_index(&self) -> Option<u64> {
         match self.rows.last() {
             Some(l) => Some(l.index + 1),
-            None => self.purged.map(|(i, _)| i + 1),
+            None => self.purged.map(|(i, _, _)| i + 1),
+        }
+    }
+
+    /// Physical offset one past the last entry held or purged; 0 for an
+    /// index that never had one.
+    pub fn end(&self) -> u64 {
+        match self.rows.last() {
+            Some(l) => l.end(),
+            None => self.purged.map_or(0, |(_, _, e)| e),
         }
     }
 
@@ -306,16 +319,13 @@ impl EntryIndex {
                 )));
             }
         }
-        if let Some(l) = self.rows.last() {
-            if pos.offset < l.end() {
-                return Err(Error::InvalidRecord(format!(
-                    "entry {} at offset {} overlaps entry {} ending at {}",
-                    pos.index,
-                    pos.offset,
-                    l.index,
-                    l.end()
-                )));
-            }
+        if pos.offset != self.end() && !(self.rows.is_empty() && self.purged.is_none()) {
+            return Err(Error::InvalidRecord(format!(
+                "entry {} at offset {} does not start where the last entry ends ({})",
+                pos.index,
+                pos.offset,
+                self.end()
+            )));
         }
         let at = HEADER_BYTES + self.rows.len() as u64 * ROW_BYTES;
         self.file
@@ -341,17 +351,20 @@ impl EntryIndex {
     }
 
     /// Records that entries up to `(index, term)` are purged and drops their
-    /// rows (rewriting the file).
+    /// rows (rewriting the file). `end` is where the purged entry ends in the
+    /// log, used when no row is left: the entry's row when held, else the
+    /// caller's (e.g. a snapshot's) value.
     ///
     /// # Errors
     /// I/O errors.
-    pub fn purge(&mut self, index: u64, term: u64) -> Result<()> {
-        if self.purged.is_some_and(|(i, _)| i >= index) {
+    pub fn purge(&mut self, index: u64, term: u64, end: u64) -> Result<()> {
+        if self.purged.is_some_and(|(i, _, _)| i >= index) {
             return Ok(());
         }
+        let end = self.get(index).map_or(end, |p| p.end());
         let drop_n = self.rows.partition_point(|p| p.index <= index);
         self.rows.drain(..drop_n);
-        self.purged = Some((index, term));
+        self.purged = Some((index, term, end));
         self.rewrite()
     }
 
@@ -414,9 +427,14 @@ impl EntryIndex {
         self.rows.first().copied()
     }
 
+    /// Physical offset one past the last purged entry (0 when none).
+    pub fn end_of_purged(&self) -> u64 {
+        self.purged.map_or(0, |(_, _, e)| e)
+    }
+
     /// `(index, term)` of the last purged entry.
     pub fn purged(&self) -> Option<(u64, u64)> {
-        self.purged
+        self.purged.map(|(i, t, _)| (i, t))
     }
 
     /// Number of rows held.

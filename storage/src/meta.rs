@@ -14,6 +14,9 @@
 //!     2 topic_len, topic_len bytes of UTF-8
 //!     4 queue_id
 //!     8 next_queue_offset  the queue's length at log_offset
+//!  optional (replicated stores):
+//!     4 applied_len, applied_len bytes: the replication layer's note on the
+//!       last entry applied at log_offset
 //! ```
 
 use crate::error::{Error, Result};
@@ -26,6 +29,10 @@ pub struct Checkpoint {
     pub log_offset: u64,
     /// `(topic, queue id, queue length)` at that offset.
     pub queues: Vec<(String, u32, u64)>,
+    /// For a replicated store: what the replication layer said about the
+    /// last entry applied at `log_offset` (opaque here; empty otherwise).
+    /// Written after the queues; absent in checkpoints of older versions.
+    pub applied: Vec<u8>,
 }
 
 impl Checkpoint {
@@ -38,6 +45,10 @@ impl Checkpoint {
             v.extend_from_slice(t.as_bytes());
             v.extend_from_slice(&q.to_le_bytes());
             v.extend_from_slice(&n.to_le_bytes());
+        }
+        if !self.applied.is_empty() {
+            v.extend_from_slice(&(self.applied.len() as u32).to_le_bytes());
+            v.extend_from_slice(&self.applied);
         }
         let crc = crc32fast::hash(&v[4..]);
         v[0..4].copy_from_slice(&crc.to_le_bytes());
@@ -65,7 +76,16 @@ impl Checkpoint {
             let n = u64::from_le_bytes(take(8)?.try_into().ok()?);
             queues.push((topic, qid, n));
         }
-        Some(Checkpoint { log_offset, queues })
+        let mut applied = Vec::new();
+        if let Some(len) = take(4) {
+            let len = u32::from_le_bytes(len.try_into().ok()?) as usize;
+            applied = take(len)?.to_vec();
+        }
+        Some(Checkpoint {
+            log_offset,
+            queues,
+            applied,
+        })
     }
 }
 
@@ -284,9 +304,15 @@ mod tests {
         let cp = Checkpoint {
             log_offset: 1234,
             queues: vec![("a".into(), 0, 5), ("bb".into(), 3, 9)],
+            applied: Vec::new(),
         };
         let enc = cp.encode();
-        assert_eq!(Checkpoint::decode(&enc), Some(cp));
+        assert_eq!(Checkpoint::decode(&enc), Some(cp.clone()));
+        let with = Checkpoint {
+            applied: b"entry 7".to_vec(),
+            ..cp
+        };
+        assert_eq!(Checkpoint::decode(&with.encode()), Some(with));
         let mut bad = enc.clone();
         bad[10] ^= 1;
         assert_eq!(Checkpoint::decode(&bad), None);

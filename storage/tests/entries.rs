@@ -180,24 +180,26 @@ fn truncation_cuts_a_suffix_across_segments_and_survives_reopen() {
 }
 
 #[test]
-fn truncation_drops_pending_callbacks_past_the_cut() {
+fn truncation_keeps_pending_callbacks_until_the_log_grows_past_them_again() {
     let dir = tempfile::tempdir().unwrap();
     let log = open(dir.path(), 1 << 20);
     let a = log.append_encoded(&[&entry(1, 1, &["a"])]).unwrap();
     // A callback for an end beyond what is written waits...
     let (tx, rx) = mpsc::channel::<bool>();
-    log.on_durable(
-        a.end + 10_000,
-        Box::new(move |r| tx.send(r.is_ok()).unwrap()),
-    );
+    let far = a.end + 300;
+    log.on_durable(far, Box::new(move |r| tx.send(r.is_ok()).unwrap()));
     std::thread::sleep(Duration::from_millis(50));
     assert!(rx.try_recv().is_err());
-    // ...and is dropped, never called, when the log is cut below it.
+    // ...across a cut below it...
     log.truncate(0).unwrap();
-    assert!(matches!(
-        rx.recv_timeout(Duration::from_millis(200)),
-        Err(mpsc::RecvTimeoutError::Disconnected)
-    ));
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(rx.try_recv().is_err());
+    // ...until durable data reaches its end again.
+    while log.written_offset() < far {
+        log.append_encoded(&[&entry(1, 2, &["bbbbbbbbbbbbbbbbbbbb"])])
+            .unwrap();
+    }
+    assert!(rx.recv_timeout(Duration::from_secs(10)).unwrap());
 }
 
 #[test]
@@ -219,11 +221,13 @@ fn entry_index_appends_truncates_purges_and_reconciles() {
         // Gaps and overlaps are refused.
         assert!(idx.append(pos(12, 1000)).is_err());
         assert!(idx.append(pos(11, 950)).is_err());
+        assert!(idx.append(pos(11, 1050)).is_err());
+        assert_eq!(idx.end(), 1000);
         assert_eq!(idx.get(3), Some(pos(3, 200)));
         assert_eq!(idx.range(4, 7).len(), 3);
         idx.truncate_from(9).unwrap();
         assert_eq!(idx.last(), Some(pos(8, 700)));
-        idx.purge(3, pos(3, 0).term).unwrap();
+        idx.purge(3, pos(3, 0).term, 0).unwrap();
         assert_eq!(idx.first(), Some(pos(4, 300)));
         assert_eq!(idx.purged(), Some((3, 1)));
         assert_eq!(idx.get(3), None);
@@ -247,7 +251,8 @@ fn entry_index_appends_truncates_purges_and_reconciles() {
     assert_eq!(idx.reconcile(0, 750, &[]).unwrap(), (2, 0));
     assert_eq!(idx.last(), Some(pos(7, 600)));
     // After a purge with no rows left, the next row must follow the purge.
-    idx.purge(7, 2).unwrap();
+    idx.purge(7, 2, 0).unwrap();
+    assert_eq!(idx.end(), 700, "the purged entry's end, from its row");
     assert!(idx.is_empty());
     assert!(idx.append(pos(9, 800)).is_err());
     idx.append(pos(8, 700)).unwrap();
@@ -256,6 +261,7 @@ fn entry_index_appends_truncates_purges_and_reconciles() {
     let f = raft.join("index");
     let mut data = std::fs::read(&f).unwrap();
     data[9] ^= 0xff;
+    // (byte 9 is inside the purged index)
     std::fs::write(&f, data).unwrap();
     assert!(matches!(
         EntryIndex::open(&raft),
@@ -275,4 +281,179 @@ fn state_files_are_replaced_whole_and_checked() {
     data[6] ^= 1;
     std::fs::write(dir.path().join("vote"), data).unwrap();
     assert!(matches!(f.load(), Err(Error::Corrupt { .. })));
+}
+
+mod replicated_store {
+    use super::*;
+    use halfmq_storage::{Store, StoreConfig};
+
+    fn cfg(dir: &std::path::Path) -> StoreConfig {
+        let mut c = StoreConfig::new(dir);
+        c.replicated = true;
+        c.segment_bytes = 4096;
+        c.max_record_bytes = 2048;
+        c
+    }
+
+    fn msg(topic: &str, qo: u64, body: &str) -> Record {
+        Record {
+            topic: topic.into(),
+            queue_offset: Some(qo),
+            body: Bytes::copy_from_slice(body.as_bytes()),
+            store_timestamp_ms: 1,
+            ..Record::default()
+        }
+    }
+
+    /// Entry `index` holding `records`, encoded.
+    fn encode_entry(index: u64, term: u64, records: &[Record]) -> Vec<u8> {
+        let mut payload = Vec::new();
+        for r in records {
+            r.encode_into(&mut payload).unwrap();
+        }
+        let m = entry_marker(EntryKind::Normal, index, term, payload.len(), Bytes::new()).unwrap();
+        let mut out = m.encode().unwrap();
+        out.extend_from_slice(&payload);
+        out
+    }
+
+    /// Applies entry `index` (read back from the log) as a state machine would.
+    fn apply(store: &Store, index: u64) {
+        let p = store.entries().unwrap().lock().unwrap().get(index).unwrap();
+        let mut at = p.offset;
+        let mut recs = Vec::new();
+        while at < p.end() {
+            let r = store.log().read(at).unwrap();
+            let n = r.encoded_len() as u64;
+            recs.push((at, r));
+            at += n;
+        }
+        let refs: Vec<(u64, &Record)> = recs.iter().map(|(o, r)| (*o, r)).collect();
+        store
+            .dispatch_applied(&refs, p.end(), format!("applied {index}").into_bytes())
+            .unwrap();
+    }
+
+    #[test]
+    fn entries_are_dispatched_only_when_applied_and_survive_a_kill() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(cfg(dir.path())).unwrap();
+            let mut qo = 0;
+            for i in 1..=20u64 {
+                let recs: Vec<Record> = (0..3)
+                    .map(|k| {
+                        qo += 1;
+                        msg("t", qo - 1, &format!("m{i}-{k}"))
+                    })
+                    .collect();
+                let e = encode_entry(i, 1, &recs);
+                store.append_entries(&[(i, 1, &e)]).unwrap();
+            }
+            // A gap, a wrong term or an entry without its marker are refused.
+            let e = encode_entry(22, 1, &[msg("t", 60, "x")]);
+            assert!(store.append_entries(&[(22, 1, &e)]).is_err());
+            assert!(store.append_entries(&[(21, 2, &e)]).is_err());
+            // Nothing is visible before it is applied.
+            assert_eq!(store.max_queue_offset("t", 0), 0);
+            for i in 1..=10 {
+                apply(&store, i);
+            }
+            assert_eq!(store.max_queue_offset("t", 0), 30);
+            let m = store.read_queue("t", 0, 29).unwrap();
+            assert_eq!(&m.record.body[..], b"m10-2");
+            store.checkpoint().unwrap();
+            apply(&store, 11);
+            // Cutting applied entries is refused; unapplied ones go.
+            assert!(store.truncate_entries_after(Some(5)).is_err());
+            store.truncate_entries_after(Some(15)).unwrap();
+            assert_eq!(
+                store
+                    .entries()
+                    .unwrap()
+                    .lock()
+                    .unwrap()
+                    .last()
+                    .unwrap()
+                    .index,
+                15
+            );
+            // Dropped without close: as after kill -9.
+        }
+        let store = Store::open(cfg(dir.path())).unwrap();
+        // Applied up to the checkpoint (entry 10); entry 11 is applied again
+        // by the replication layer.
+        assert_eq!(store.applied_note(), b"applied 10");
+        assert_eq!(store.max_queue_offset("t", 0), 30);
+        let idx = store.entries().unwrap().lock().unwrap().last().unwrap();
+        assert_eq!(idx.index, 15);
+        assert_eq!(
+            store.dispatched_end(),
+            store
+                .entries()
+                .unwrap()
+                .lock()
+                .unwrap()
+                .get(10)
+                .unwrap()
+                .end()
+        );
+        assert_eq!(store.log().written_offset(), idx.end());
+        for i in 11..=15 {
+            apply(&store, i);
+        }
+        assert_eq!(store.max_queue_offset("t", 0), 45);
+        assert_eq!(
+            &store.read_queue("t", 0, 44).unwrap().record.body[..],
+            b"m15-2"
+        );
+    }
+
+    #[test]
+    fn a_lost_index_is_rebuilt_and_a_torn_last_entry_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let full_end;
+        {
+            let store = Store::open(cfg(dir.path())).unwrap();
+            for i in 1..=8u64 {
+                let e = encode_entry(i, 1, &[msg("t", i - 1, "0123456789")]);
+                store.append_entries(&[(i, 1, &e)]).unwrap();
+            }
+            full_end = store.log().written_offset();
+            store.checkpoint().unwrap();
+        }
+        // The index file is lost, and the last entry's last bytes are torn.
+        std::fs::remove_file(dir.path().join("raft/index")).unwrap();
+        let seg = std::fs::read_dir(dir.path().join("commitlog"))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().unwrap().is_file())
+            .map(|e| e.path())
+            .max()
+            .unwrap();
+        let base: u64 = seg.file_name().unwrap().to_str().unwrap().parse().unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&seg)
+            .unwrap()
+            .set_len(full_end - base - 3)
+            .unwrap();
+        let store = Store::open(cfg(dir.path())).unwrap();
+        let idx = store.entries().unwrap().lock().unwrap();
+        assert_eq!(idx.last().unwrap().index, 7, "the torn entry 8 is gone");
+        assert!(store.log().written_offset() < full_end);
+        assert_eq!(store.log().written_offset(), idx.end());
+    }
+
+    #[test]
+    fn a_single_brokers_log_is_not_taken_for_a_replicas() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(StoreConfig::new(dir.path())).unwrap();
+            store.append(vec![msg("t", 0, "x")]).unwrap();
+            store.close().unwrap();
+        }
+        let err = Store::open(cfg(dir.path())).unwrap_err();
+        assert!(err.to_string().contains("own data directory"), "{err}");
+    }
 }

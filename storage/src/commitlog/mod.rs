@@ -545,9 +545,12 @@ impl CommitLog {
     /// on the flusher thread right after the fdatasync that covers it (sync
     /// mode; callbacks of one fdatasync run in order of `end`), at once when
     /// it already is or in async mode. `f` gets [`Error::Poisoned`] when an
-    /// fdatasync fails and [`Error::Closed`] when the log closes first; it
-    /// is dropped without a call when [`CommitLog::truncate`] cuts the log
-    /// below `end`. `f` must be quick: it runs on the flusher thread.
+    /// fdatasync fails and [`Error::Closed`] when the log closes first. A
+    /// callback waiting when [`CommitLog::truncate`] cuts the log below its
+    /// `end` stays: it runs once the log is durable past `end` again (what
+    /// a replication layer that counts flushes as a watermark needs: it is
+    /// never left without an answer). `f` must be quick: it runs on the
+    /// flusher thread.
     pub fn on_durable(&self, end: u64, f: DurableCallback) {
         if let Err(e) = self.check_poison() {
             return f(Err(e));
@@ -640,16 +643,6 @@ impl CommitLog {
         inner
             .status
             .send_modify(|s| s.flushed = s.flushed.min(offset));
-        drop(w);
-        let mut cbs = lock(&inner.durable_callbacks);
-        let cut: Vec<(u64, u64)> = cbs
-            .waiting
-            .range((offset + 1, 0)..)
-            .map(|(k, _)| *k)
-            .collect();
-        for k in cut {
-            cbs.waiting.remove(&k);
-        }
         Ok(())
     }
 
