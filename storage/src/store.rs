@@ -537,18 +537,19 @@ impl Store {
         self.entries.as_ref()
     }
 
-    /// Appends whole replicated entries (each its marker record then its
-    /// records, encoded) at the log's end, as one write, and adds their index
-    /// rows. Entry `i` must be `(index, term, bytes)` following the last row.
-    /// Returns the physical offset one past the last entry; it is durable
-    /// once [`CommitLog::on_durable`] says so.
+    /// Appends whole replicated entries at the log's end, as one write, and
+    /// adds their index rows. Each is `(index, term, marker, payload)`: its
+    /// encoded marker record (see [`crate::entry_marker`]) and its records
+    /// encoded back to back; entries must follow the last row. Returns the
+    /// physical offset one past the last entry; it is durable once
+    /// [`CommitLog::on_durable`] says so.
     ///
     /// # Errors
     /// [`Error::Config`] on a store that is not replicated;
     /// [`Error::InvalidRecord`] when an entry does not follow the last one or
     /// its marker does not name it; otherwise as
     /// [`CommitLog::append_encoded`] (nothing is written then).
-    pub fn append_entries(&self, entries: &[(u64, u64, &[u8])]) -> Result<u64> {
+    pub fn append_entries(&self, entries: &[(u64, u64, &[u8], &[u8])]) -> Result<u64> {
         let Some(idx) = &self.entries else {
             return Err(Error::Config {
                 key: "replicated",
@@ -557,20 +558,20 @@ impl Store {
         };
         let mut idx = lock(idx);
         let start = self.log.written_offset();
-        if start != idx.end() && !(idx.is_empty() && idx.purged().is_none() && start == 0) {
+        if start != idx.end() {
             return Err(Error::InvalidRecord(format!(
                 "the log ends at {start} but its last entry at {}",
                 idx.end()
             )));
         }
         let mut pos = Vec::with_capacity(entries.len());
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(entries.len() * 2);
         let mut at = start;
-        for (index, term, bytes) in entries {
-            let marker = leading_marker(bytes, at);
-            let size = u32::try_from(bytes.len()).map_err(|_| {
-                Error::InvalidRecord(format!("entry {index} of {} bytes", bytes.len()))
-            })?;
-            match marker {
+        for (index, term, marker, payload) in entries {
+            let total = marker.len() + payload.len();
+            let size = u32::try_from(total)
+                .map_err(|_| Error::InvalidRecord(format!("entry {index} of {total} bytes")))?;
+            match leading_marker(marker, at) {
                 Some(m) if m.index == *index && m.term == *term && m.size == size => {}
                 _ => {
                     return Err(Error::InvalidRecord(format!(
@@ -585,8 +586,9 @@ impl Store {
                 size,
             });
             at += u64::from(size);
+            parts.push(marker);
+            parts.push(payload);
         }
-        let parts: Vec<&[u8]> = entries.iter().map(|(_, _, b)| *b).collect();
         let appended = self.log.append_encoded(&parts)?;
         debug_assert_eq!(appended.end, at);
         for p in pos {

@@ -59,6 +59,7 @@ fn encoded_appends_are_checked_and_read_back_raw() {
     assert_eq!(a.offsets.len(), 3, "marker and two records");
     assert_eq!(a.end, e1.len() as u64);
     assert_eq!(&log.read_raw(0, e1.len()).unwrap()[..], &e1[..]);
+    assert_eq!(&log.read_raw(3, 10).unwrap()[..], &e1[3..13]);
     let marker = log.read(0).unwrap();
     let pos = marker_pos(0, &marker).unwrap();
     assert_eq!((pos.index, pos.term, pos.end()), (1, 1, e1.len() as u64));
@@ -137,6 +138,16 @@ fn truncation_cuts_a_suffix_across_segments_and_survives_reopen() {
             .unwrap()
             .count();
         assert!(files_before > 3, "{files_before} segment files");
+        // Raw reads across segment ends (the cache off, as after a restart).
+        let whole: Vec<u8> = (0..12u64)
+            .flat_map(|i| entry(i + 1, 1, &["0123456789abcdef0123456789"]))
+            .collect();
+        drop(log);
+        let mut o = opts(dir.path(), 600);
+        o.read_cache_bytes = 0;
+        let log = CommitLog::open(o, None, &mut |_, _| {}).unwrap().0;
+        assert_eq!(&log.read_raw(0, whole.len()).unwrap()[..], &whole[..]);
+        assert_eq!(&log.read_raw(100, 900).unwrap()[..], &whole[100..1000]);
         // Cut back to the end of entry 3 (inside an early segment).
         log.truncate(ends[2]).unwrap();
         assert_eq!(log.written_offset(), ends[2]);
@@ -305,16 +316,14 @@ mod replicated_store {
         }
     }
 
-    /// Entry `index` holding `records`, encoded.
-    fn encode_entry(index: u64, term: u64, records: &[Record]) -> Vec<u8> {
+    /// Entry `index` holding `records`: its marker and its records, encoded.
+    fn encode_entry(index: u64, term: u64, records: &[Record]) -> (Vec<u8>, Vec<u8>) {
         let mut payload = Vec::new();
         for r in records {
             r.encode_into(&mut payload).unwrap();
         }
         let m = entry_marker(EntryKind::Normal, index, term, payload.len(), Bytes::new()).unwrap();
-        let mut out = m.encode().unwrap();
-        out.extend_from_slice(&payload);
-        out
+        (m.encode().unwrap(), payload)
     }
 
     /// Applies entry `index` (read back from the log) as a state machine would.
@@ -347,13 +356,18 @@ mod replicated_store {
                         msg("t", qo - 1, &format!("m{i}-{k}"))
                     })
                     .collect();
-                let e = encode_entry(i, 1, &recs);
-                store.append_entries(&[(i, 1, &e)]).unwrap();
+                let (m, p) = encode_entry(i, 1, &recs);
+                store.append_entries(&[(i, 1, &m, &p)]).unwrap();
             }
             // A gap, a wrong term or an entry without its marker are refused.
-            let e = encode_entry(22, 1, &[msg("t", 60, "x")]);
-            assert!(store.append_entries(&[(22, 1, &e)]).is_err());
-            assert!(store.append_entries(&[(21, 2, &e)]).is_err());
+            let (m, p) = encode_entry(22, 1, &[msg("t", 60, "x")]);
+            assert!(store.append_entries(&[(22, 1, &m, &p)]).is_err());
+            assert!(store.append_entries(&[(21, 2, &m, &p)]).is_err());
+            let (m21, _) = encode_entry(21, 1, &[msg("t", 60, "x")]);
+            assert!(
+                store.append_entries(&[(21, 1, &m21, &p[1..])]).is_err(),
+                "size mismatch"
+            );
             // Nothing is visible before it is applied.
             assert_eq!(store.max_queue_offset("t", 0), 0);
             for i in 1..=10 {
@@ -416,8 +430,8 @@ mod replicated_store {
         {
             let store = Store::open(cfg(dir.path())).unwrap();
             for i in 1..=8u64 {
-                let e = encode_entry(i, 1, &[msg("t", i - 1, "0123456789")]);
-                store.append_entries(&[(i, 1, &e)]).unwrap();
+                let (m, p) = encode_entry(i, 1, &[msg("t", i - 1, "0123456789")]);
+                store.append_entries(&[(i, 1, &m, &p)]).unwrap();
             }
             full_end = store.log().written_offset();
             store.checkpoint().unwrap();

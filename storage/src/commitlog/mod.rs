@@ -646,24 +646,17 @@ impl CommitLog {
         Ok(())
     }
 
-    /// The bytes `[offset, offset + len)` of the log, which must lie inside
-    /// one segment and be written: a view of the tail cache when one cached
-    /// chunk holds them, else one `pread`. Frames are not checked.
+    /// The bytes `[offset, offset + len)` of the written log (possibly across
+    /// segments): a view of the tail cache when one cached chunk holds them,
+    /// else `pread`s. Frames are not checked.
     ///
     /// # Errors
-    /// [`Error::OffsetOutOfRange`] outside the written log or across a
-    /// segment end; I/O errors.
+    /// [`Error::OffsetOutOfRange`] outside the written log; I/O errors.
     pub fn read_raw(&self, offset: u64, len: usize) -> Result<Bytes> {
-        let seg = self.segment_for(offset).or_else(|e| {
-            // An empty range at the very end is fine.
-            if len == 0 && offset == self.written_offset() {
-                Ok(Arc::clone(&lock(&self.inner.writer).active))
-            } else {
-                Err(e)
-            }
-        })?;
-        let limit = seg.end().min(self.written_offset());
-        if offset + len as u64 > limit {
+        let end = offset
+            .checked_add(len as u64)
+            .ok_or_else(|| self.out_of_range(offset))?;
+        if end > self.written_offset() || offset < self.min_offset() {
             return Err(self.out_of_range(offset));
         }
         if len == 0 {
@@ -675,7 +668,14 @@ impl CommitLog {
             }
         }
         let mut buf = vec![0u8; len];
-        seg.read_at(offset, &mut buf)?;
+        let mut at = offset;
+        while at < end {
+            let seg = self.segment_for(at)?;
+            let upto = seg.end().min(end);
+            let (a, b) = ((at - offset) as usize, (upto - offset) as usize);
+            seg.read_at(at, &mut buf[a..b])?;
+            at = upto;
+        }
         Ok(Bytes::from(buf))
     }
 
