@@ -646,6 +646,45 @@ impl CommitLog {
         Ok(())
     }
 
+    /// Makes an empty log (nothing ever written) start at physical offset
+    /// `base` instead of 0: its one empty segment is replaced by an empty
+    /// segment named `base`. For a replica that installs a snapshot taken at
+    /// `base`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidRecord`] when the log is not empty; I/O errors.
+    pub fn restart_empty_at(&self, base: u64) -> Result<()> {
+        let inner = &*self.inner;
+        self.check_poison()?;
+        let mut w = lock(&inner.writer);
+        let mut segs = inner.segments.write().unwrap_or_else(|e| e.into_inner());
+        let empty = inner.written.load(Ordering::Acquire) == 0
+            && segs.len() == 1
+            && segs.values().all(|s| s.base == 0 && s.end() == 0);
+        if !empty {
+            return Err(Error::InvalidRecord(
+                "only an empty log can be restarted at another offset".into(),
+            ));
+        }
+        if base == 0 {
+            return Ok(());
+        }
+        let next = Arc::new(Segment::open(&inner.dir, base, true)?);
+        let old = segs.remove(&0);
+        segs.insert(base, Arc::clone(&next));
+        if let Some(old) = old {
+            fs::remove_file(&old.path).map_err(|e| Error::io("remove segment", &old.path, e))?;
+        }
+        sync_dir(&inner.dir)?;
+        w.active = next;
+        w.prealloc.reset(base);
+        lock(&inner.tail).cut(0);
+        inner.written.store(base, Ordering::SeqCst);
+        inner.flushed.store(base, Ordering::SeqCst);
+        inner.status.send_modify(|s| s.flushed = base);
+        Ok(())
+    }
+
     /// The bytes `[offset, offset + len)` of the written log (possibly across
     /// segments): a view of the tail cache when one cached chunk holds them,
     /// else `pread`s. Frames are not checked.
