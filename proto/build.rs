@@ -1,4 +1,4 @@
-//! Compiles `proto/halfmq.proto` with a vendored protoc: a fresh machine needs
+//! Compiles `proto/halfmq.proto` and `proto/raft.proto` with a vendored protoc: a fresh machine needs
 //! nothing installed beyond the Rust toolchain.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -7,10 +7,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // prost-build which protoc to run.
     std::env::set_var("PROTOC", protoc);
     println!("cargo:rerun-if-changed=proto/halfmq.proto");
+    println!("cargo:rerun-if-changed=proto/raft.proto");
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
         .bytes(".")
-        .compile_protos(&["proto/halfmq.proto"], &["proto"])?;
+        .compile_protos(&["proto/halfmq.proto", "proto/raft.proto"], &["proto"])?;
     Ok(())
 }

@@ -7,8 +7,15 @@
 //! # Layout
 //! - [`v1`]: messages, the [`v1::Code`] status codes, and the `producer`,
 //!   `consumer` and `admin` services (clients and servers).
+//! - [`raft`]: replica-to-replica RPCs of a broker group (`halfmq.raft.v1`).
 
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod v1 {
     tonic::include_proto!("halfmq.v1");
+}
+
+/// The RPCs between the replicas of a broker group (`halfmq.raft.v1`).
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod raft {
+    tonic::include_proto!("halfmq.raft.v1");
 }

@@ -1,0 +1,356 @@
+//! One replica of a broker group: its openraft instance, configuration,
+//! start-up (forming the group on first start), proposals, status and
+//! membership changes.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use halfmq_proto::raft as pb;
+use halfmq_storage::Store;
+use openraft::async_runtime::watch::WatchReceiver;
+use openraft::errors::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ChangeMembers, ServerState};
+
+use super::log_store::LogStore;
+use super::network::{members, Network};
+use super::state_machine::{Applier, StateMachine};
+use super::types::{Applied, TypeConfig, Write};
+
+/// The openraft instance of a replica.
+pub type Raft = openraft::Raft<TypeConfig, StateMachine>;
+
+/// Settings of a replica (`--node-id`, `--peers` and the `raft_*` keys).
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// This replica's node id (`--node-id`).
+    pub node_id: u64,
+    /// Every member's id and client address at first start (`--peers`),
+    /// this node included.
+    pub peers: BTreeMap<u64, String>,
+    /// How often the leader sends heartbeats, in milliseconds. Default 100.
+    pub heartbeat_interval_ms: u64,
+    /// A follower that hears no leader for a random time in
+    /// `[election_timeout_min_ms, election_timeout_max_ms)` starts an
+    /// election. Defaults 1,000 and 2,000 (failover under 3 s with room for a
+    /// loaded machine; openraft's own 150/300 suit idle ones).
+    pub election_timeout_min_ms: u64,
+    /// See `election_timeout_min_ms`.
+    pub election_timeout_max_ms: u64,
+    /// Most entries in one AppendEntries. Default 300 (openraft's).
+    pub max_payload_entries: u64,
+    /// Bytes per chunk of a streamed snapshot. Default 3 MiB (openraft's).
+    pub snapshot_chunk_bytes: usize,
+    /// Largest snapshot a replica accepts, in bytes. Default 1 GiB.
+    pub max_snapshot_bytes: usize,
+    /// How long sending a snapshot may take, in milliseconds. Default 600,000.
+    pub install_snapshot_timeout_ms: u64,
+    /// How long a connection attempt to a peer may take, in milliseconds.
+    /// Default 1,000.
+    pub connect_timeout_ms: u64,
+}
+
+impl ClusterConfig {
+    /// Defaults for `node_id` among `peers`.
+    pub fn new(node_id: u64, peers: BTreeMap<u64, String>) -> ClusterConfig {
+        ClusterConfig {
+            node_id,
+            peers,
+            heartbeat_interval_ms: 100,
+            election_timeout_min_ms: 1000,
+            election_timeout_max_ms: 2000,
+            max_payload_entries: 300,
+            snapshot_chunk_bytes: 3 << 20,
+            max_snapshot_bytes: 1 << 30,
+            install_snapshot_timeout_ms: 600_000,
+            connect_timeout_ms: 1000,
+        }
+    }
+
+    /// This node's own client address, from `peers`.
+    pub fn own_address(&self) -> Option<&str> {
+        self.peers.get(&self.node_id).map(String::as_str)
+    }
+
+    /// Checks the settings; the error names the key.
+    ///
+    /// # Errors
+    /// A message naming the key at fault.
+    pub fn validate(&self) -> Result<openraft::Config, String> {
+        if self.own_address().is_none() {
+            return Err(format!(
+                "peers: node id {} (--node-id) is not among the peers",
+                self.node_id
+            ));
+        }
+        if self.peers.len().is_multiple_of(2) {
+            tracing::warn!(
+                members = self.peers.len(),
+                "a broker group of an even number of replicas tolerates no more failures than one replica fewer"
+            );
+        }
+        let c = openraft::Config {
+            cluster_name: "halfmq".into(),
+            heartbeat_interval: self.heartbeat_interval_ms,
+            election_timeout_min: self.election_timeout_min_ms,
+            election_timeout_max: self.election_timeout_max_ms,
+            max_payload_entries: self.max_payload_entries,
+            install_snapshot_timeout: self.install_snapshot_timeout_ms,
+            snapshot_max_chunk_size: self.snapshot_chunk_bytes as u64,
+            // Snapshots do not carry segments yet: never take one, never
+            // purge the log (a lagging replica catches up from the log).
+            snapshot_policy: openraft::SnapshotPolicy::Never,
+            ..Default::default()
+        };
+        c.validate()
+            .map_err(|e| format!("raft_election_timeout_min_ms / raft_heartbeat_interval_ms: {e}"))
+    }
+}
+
+/// Why a proposal failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProposeError {
+    /// This replica is not the leader (or stopped being it before the entry
+    /// was committed); `leader` is the current leader's address when known.
+    #[error("not the leader{}", .leader.as_ref().map(|l| format!("; the leader is {l}")).unwrap_or_default())]
+    NotLeader {
+        /// The leader's client address, when known.
+        leader: Option<String>,
+    },
+    /// The replica's consensus stopped (a storage error, shutdown).
+    #[error("replication stopped: {0}")]
+    Stopped(String),
+}
+
+/// A running replica. Cheap to clone.
+#[derive(Clone)]
+pub struct NodeHandle {
+    inner: Arc<NodeInner>,
+}
+
+struct NodeInner {
+    cfg: ClusterConfig,
+    raft: Raft,
+    sm: StateMachine,
+}
+
+impl NodeHandle {
+    /// Starts the replica on a replicated `store`; a replica whose log is
+    /// empty proposes the group of `cfg.peers` (the first of them to reach a
+    /// majority forms it; the others' proposals are refused and ignored).
+    ///
+    /// # Errors
+    /// Invalid settings, storage errors reading the log or vote.
+    pub async fn start(
+        cfg: ClusterConfig,
+        store: Arc<Store>,
+        applier: Option<Arc<dyn Applier>>,
+    ) -> Result<NodeHandle, String> {
+        let rcfg = Arc::new(cfg.validate()?);
+        let log = LogStore::open(Arc::clone(&store)).map_err(|e| e.to_string())?;
+        let sm = StateMachine::open(store, applier).map_err(|e| e.to_string())?;
+        let net = Network {
+            from: cfg.node_id,
+            connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
+            snapshot_chunk_bytes: cfg.snapshot_chunk_bytes,
+        };
+        let raft = Raft::new(cfg.node_id, rcfg, net, log, sm.clone())
+            .await
+            .map_err(|e| format!("starting replication: {e}"))?;
+        if !raft.is_initialized().await.map_err(|e| e.to_string())? {
+            let members: BTreeMap<u64, BasicNode> = cfg
+                .peers
+                .iter()
+                .map(|(id, a)| (*id, BasicNode::new(a)))
+                .collect();
+            match raft.initialize(members).await {
+                Ok(()) => tracing::info!(peers = ?cfg.peers, "proposed a new broker group"),
+                Err(e) => tracing::info!(error = %e, "broker group already formed"),
+            }
+        }
+        Ok(NodeHandle {
+            inner: Arc::new(NodeInner { cfg, raft, sm }),
+        })
+    }
+
+    /// The openraft instance.
+    pub fn raft(&self) -> &Raft {
+        &self.inner.raft
+    }
+
+    /// This replica's node id.
+    pub fn id(&self) -> u64 {
+        self.inner.cfg.node_id
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &ClusterConfig {
+        &self.inner.cfg
+    }
+
+    /// Largest snapshot this replica accepts, in bytes.
+    pub fn max_snapshot_bytes(&self) -> usize {
+        self.inner.cfg.max_snapshot_bytes
+    }
+
+    /// Whether this replica is the leader now (by its own metrics).
+    pub fn is_leader(&self) -> bool {
+        self.inner.raft.metrics().borrow_watched().state == ServerState::Leader
+    }
+
+    /// The current leader's node id and client address, when known.
+    pub fn leader(&self) -> Option<(u64, String)> {
+        let m = self.inner.raft.metrics().borrow_watched().clone();
+        let id = m.current_leader?;
+        let addr = m
+            .membership_config
+            .nodes()
+            .find(|(n, _)| **n == id)
+            .map(|(_, n)| n.addr.clone())
+            .or_else(|| self.inner.cfg.peers.get(&id).cloned())?;
+        Some((id, addr))
+    }
+
+    /// The last applied entry's index.
+    pub fn last_applied_index(&self) -> u64 {
+        self.inner.sm.last_applied().map_or(0, |l| l.index)
+    }
+
+    /// Proposes one write and waits until it is committed and applied here;
+    /// returns where its records went.
+    ///
+    /// # Errors
+    /// [`ProposeError::NotLeader`] on a follower or when leadership was lost
+    /// before the commit; [`ProposeError::Stopped`] when consensus stopped.
+    pub async fn propose(&self, w: Write) -> Result<Applied, ProposeError> {
+        match self.inner.raft.client_write(w).await {
+            Ok(r) => Ok(r.data),
+            Err(e) => Err(self.propose_error(e)),
+        }
+    }
+
+    fn propose_error(
+        &self,
+        e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>,
+    ) -> ProposeError {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f))
+            | RaftError::APIError(ClientWriteError::LogEntryDiscarded(f)) => {
+                ProposeError::NotLeader {
+                    leader: f.leader_node.map(|n| n.addr),
+                }
+            }
+            RaftError::APIError(other) => ProposeError::Stopped(other.to_string()),
+            RaftError::Fatal(f) => ProposeError::Stopped(f.to_string()),
+        }
+    }
+
+    /// This replica's view of the group, for `halfmq cluster status`.
+    pub fn status(&self) -> pb::NodeStatus {
+        let m = self.inner.raft.metrics().borrow_watched().clone();
+        let role = match m.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Learner => "learner",
+            ServerState::Candidate => "candidate",
+            ServerState::Shutdown => "shutdown",
+        };
+        let (voters, learners) = members(&m.membership_config);
+        let address = voters
+            .get(&m.id)
+            .or_else(|| learners.get(&m.id))
+            .cloned()
+            .or_else(|| self.inner.cfg.own_address().map(str::to_owned))
+            .unwrap_or_default();
+        let leader_address = m
+            .current_leader
+            .and_then(|l| voters.get(&l).or_else(|| learners.get(&l)).cloned())
+            .unwrap_or_default();
+        let matched = m
+            .replication
+            .as_ref()
+            .map(|r| {
+                r.iter()
+                    .map(|(id, l)| (*id, l.as_ref().map_or(0, |l| l.index)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        pb::NodeStatus {
+            node_id: m.id,
+            address,
+            role: role.into(),
+            term: m.current_term,
+            last_applied: m.last_applied.map_or(0, |l| l.index),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            leader_id: m.current_leader,
+            leader_address,
+            matched,
+            voters: voters.into_iter().collect(),
+            learners: learners.into_iter().collect(),
+        }
+    }
+
+    /// A membership change through this replica (the leader): 1 add a
+    /// learner at `addr`, 2 promote a learner to voter, 3 remove a member.
+    ///
+    /// # Errors
+    /// `FAILED_PRECONDITION` (`NOT_LEADER` in the message) on a follower;
+    /// `INVALID_ARGUMENT` for an unknown action or a missing address;
+    /// `FAILED_PRECONDITION` when openraft refuses the change.
+    pub async fn change_membership(
+        &self,
+        action: u32,
+        id: u64,
+        addr: String,
+    ) -> Result<(), tonic::Status> {
+        let raft = &self.inner.raft;
+        let res = match action {
+            1 => {
+                if addr.is_empty() {
+                    return Err(tonic::Status::invalid_argument(
+                        "add-learner needs an address",
+                    ));
+                }
+                raft.add_learner(id, BasicNode::new(addr), true)
+                    .await
+                    .map(|_| ())
+            }
+            2 => {
+                let voters: std::collections::BTreeSet<u64> = [id].into();
+                raft.change_membership(ChangeMembers::AddVoterIds(voters), false)
+                    .await
+                    .map(|_| ())
+            }
+            3 => {
+                let ids: std::collections::BTreeSet<u64> = [id].into();
+                let m = raft.metrics().borrow_watched().membership_config.clone();
+                let is_voter = m.voter_ids().any(|v| v == id);
+                let change = if is_voter {
+                    ChangeMembers::RemoveVoters(ids)
+                } else {
+                    ChangeMembers::RemoveNodes(ids)
+                };
+                raft.change_membership(change, false).await.map(|_| ())
+            }
+            a => {
+                return Err(tonic::Status::invalid_argument(format!(
+                    "membership action {a}"
+                )))
+            }
+        };
+        res.map_err(|e| match self.propose_error(e) {
+            ProposeError::NotLeader { leader } => tonic::Status::failed_precondition(format!(
+                "NOT_LEADER: membership changes go to the leader{}",
+                leader.map(|l| format!(" ({l})")).unwrap_or_default()
+            )),
+            ProposeError::Stopped(m) => tonic::Status::failed_precondition(m),
+        })
+    }
+
+    /// Stops consensus on this replica.
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.inner.raft.shutdown().await {
+            tracing::warn!(error = %e, "replication did not stop cleanly");
+        }
+    }
+}
