@@ -213,6 +213,42 @@ pub struct BrokerConfig {
     /// Default 0, at most 1,024. The commit-log flusher and blocking work
     /// have threads of their own.
     pub worker_threads: u32,
+    /// This broker's node id in its broker group (`--node-id`); used only
+    /// with `peers`. Default 0.
+    pub node_id: u64,
+    /// The members of the broker group at its first start, as
+    /// `"ID=HOST:PORT,..."` (each member's client address, this one's
+    /// included); empty = a single broker, no replication. Default empty.
+    pub peers: String,
+    /// Raft: how often the leader sends heartbeats, ms. Default 100.
+    #[serde(deserialize_with = "crate::units::ms")]
+    pub raft_heartbeat_interval_ms: u64,
+    /// Raft: a follower that hears no leader for a random time between this
+    /// and `raft_election_timeout_max_ms` starts an election, ms. Default
+    /// 500 (with the maximum: failover in about 2 s).
+    #[serde(deserialize_with = "crate::units::ms")]
+    pub raft_election_timeout_min_ms: u64,
+    /// Raft: see `raft_election_timeout_min_ms`; also the leader's lease,
+    /// ms. Default 1,000.
+    #[serde(deserialize_with = "crate::units::ms")]
+    pub raft_election_timeout_max_ms: u64,
+    /// Raft: most entries in one AppendEntries message. Default 300
+    /// (openraft's).
+    pub raft_max_payload_entries: u64,
+    /// Raft: bytes per chunk of a streamed snapshot. Default 3 MiB
+    /// (openraft's).
+    #[serde(deserialize_with = "crate::units::bytes")]
+    pub raft_snapshot_chunk_bytes: u64,
+    /// Raft: largest snapshot a replica accepts, bytes. Default 1 GiB.
+    #[serde(deserialize_with = "crate::units::bytes")]
+    pub raft_max_snapshot_bytes: u64,
+    /// Raft: how long sending a snapshot may take, ms. Default 600,000.
+    #[serde(deserialize_with = "crate::units::ms")]
+    pub raft_install_snapshot_timeout_ms: u64,
+    /// Raft: how long a connection attempt to a peer may take, ms. Default
+    /// 1,000.
+    #[serde(deserialize_with = "crate::units::ms")]
+    pub raft_connect_timeout_ms: u64,
 }
 
 impl Default for BrokerConfig {
@@ -258,6 +294,16 @@ impl Default for BrokerConfig {
             dedup_window_ms: 120_000,
             max_dedup_keys: 2_000_000,
             worker_threads: 0,
+            node_id: 0,
+            peers: String::new(),
+            raft_heartbeat_interval_ms: 100,
+            raft_election_timeout_min_ms: 500,
+            raft_election_timeout_max_ms: 1000,
+            raft_max_payload_entries: 300,
+            raft_snapshot_chunk_bytes: 3 << 20,
+            raft_max_snapshot_bytes: 1 << 30,
+            raft_install_snapshot_timeout_ms: 600_000,
+            raft_connect_timeout_ms: 1000,
             transaction_replay_bytes: 1 << 30,
             transaction_timeout_ms: 6_000,
             check_interval_ms: 30_000,
@@ -399,6 +445,7 @@ impl BrokerConfig {
             }
         };
         self.listen_addr()?;
+        self.cluster_config()?;
         at_least("flush_interval_ms", self.flush_interval_ms, 1)?;
         at_least("segment_bytes", self.segment_bytes, 64 * 1024)?;
         at_least("max_message_bytes", self.max_message_bytes, 1)?;
@@ -570,9 +617,81 @@ impl BrokerConfig {
         }
     }
 
+    /// The broker group's settings, `None` for a single broker (no `peers`).
+    ///
+    /// # Errors
+    /// [`ConfigError`] for `peers` when it is not `ID=HOST:PORT,...` with
+    /// distinct ids and addresses, or does not name `node_id`; for the
+    /// `raft_*` keys openraft refuses.
+    pub fn cluster_config(&self) -> Result<Option<crate::cluster::ClusterConfig>, ConfigError> {
+        if self.peers.trim().is_empty() {
+            return Ok(None);
+        }
+        let bad = |key: &str, reason: String| ConfigError {
+            key: key.to_owned(),
+            reason,
+        };
+        let mut peers = std::collections::BTreeMap::new();
+        for part in self
+            .peers
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+        {
+            let Some((id, addr)) = part.split_once('=') else {
+                return Err(bad("peers", format!("{part:?} is not ID=HOST:PORT")));
+            };
+            let id: u64 = id
+                .trim()
+                .parse()
+                .map_err(|_| bad("peers", format!("{part:?}: the node id is not a number")))?;
+            let addr = addr.trim();
+            if addr
+                .rsplit_once(':')
+                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+            {
+                return Err(bad("peers", format!("{part:?}: {addr:?} is not HOST:PORT")));
+            }
+            if peers.values().any(|a: &String| a == addr) {
+                return Err(bad("peers", format!("{addr} is named twice")));
+            }
+            if peers.insert(id, addr.to_owned()).is_some() {
+                return Err(bad("peers", format!("node id {id} is named twice")));
+            }
+        }
+        if !peers.contains_key(&self.node_id) {
+            return Err(bad(
+                "node_id",
+                format!(
+                    "{} is not among the peers ({}); give --node-id",
+                    self.node_id,
+                    peers
+                        .keys()
+                        .map(u64::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+        let mut c = crate::cluster::ClusterConfig::new(self.node_id, peers);
+        c.heartbeat_interval_ms = self.raft_heartbeat_interval_ms;
+        c.election_timeout_min_ms = self.raft_election_timeout_min_ms;
+        c.election_timeout_max_ms = self.raft_election_timeout_max_ms;
+        c.max_payload_entries = self.raft_max_payload_entries;
+        c.snapshot_chunk_bytes =
+            usize::try_from(self.raft_snapshot_chunk_bytes).unwrap_or(usize::MAX);
+        c.max_snapshot_bytes = usize::try_from(self.raft_max_snapshot_bytes).unwrap_or(usize::MAX);
+        c.install_snapshot_timeout_ms = self.raft_install_snapshot_timeout_ms;
+        c.connect_timeout_ms = self.raft_connect_timeout_ms;
+        c.validate()
+            .map_err(|e| bad("raft_election_timeout_min_ms", e))?;
+        Ok(Some(c))
+    }
+
     /// The storage configuration this broker configuration implies.
     pub fn store_config(&self) -> halfmq_storage::StoreConfig {
         let mut s = halfmq_storage::StoreConfig::new(&self.data_dir);
+        s.replicated = !self.peers.trim().is_empty();
         s.segment_bytes = self.segment_bytes;
         s.max_record_bytes = (self.max_message_bytes + RECORD_OVERHEAD_BYTES) as usize;
         s.flush = match self.flush {

@@ -82,4 +82,13 @@ pub enum BrokerError {
     /// The broker is stopping.
     #[error("broker is shutting down")]
     ShuttingDown,
+    /// This broker group member is not the leader (or not ready to serve
+    /// as one yet); the leader's client address when known.
+    #[error("not the leader of the broker group{}", match .0 { Some(l) => format!("; the leader is {l}"), None => "; no leader is known (an election may be under way)".to_owned() })]
+    NotLeader(Option<String>),
+    /// This member lost leadership while a write was being replicated: the
+    /// next leader may or may not have it. Retried with the same
+    /// idempotency keys, it is stored once either way.
+    #[error("leadership was lost while this write was replicated; it may or may not be stored{}", .0.as_ref().map(|l| format!("; the leader is {l}")).unwrap_or_default())]
+    LeadershipLost(Option<String>),
 }

@@ -36,4 +36,4 @@ pub mod units;
 pub use config::{BrokerConfig, ConfigError, FlushSetting};
 pub use core::{Broker, Clock, SystemClock};
 pub use error::BrokerError;
-pub use server::{serve, start, start_with_clock, RunningBroker};
+pub use server::{serve, serve_member, start, start_with_clock, RunningBroker};

@@ -182,6 +182,22 @@ struct Args {
     /// `max_reconsume_times`: failed deliveries before the DLQ.
     #[arg(long)]
     max_reconsume_times: Option<u32>,
+    /// `node_id`: this broker's id in its broker group (with --peers).
+    #[arg(long)]
+    node_id: Option<u64>,
+    /// `peers`: the broker group, "1=127.0.0.1:8081,2=127.0.0.1:8091,..."
+    /// (each member's client address, this one's included).
+    #[arg(long)]
+    peers: Option<String>,
+    /// `raft_heartbeat_interval_ms`, as a duration.
+    #[arg(long, value_parser = duration_ms)]
+    raft_heartbeat_interval: Option<u64>,
+    /// `raft_election_timeout_min_ms`, as a duration.
+    #[arg(long, value_parser = duration_ms)]
+    raft_election_timeout_min: Option<u64>,
+    /// `raft_election_timeout_max_ms`, as a duration.
+    #[arg(long, value_parser = duration_ms)]
+    raft_election_timeout_max: Option<u64>,
 }
 
 macro_rules! apply {
@@ -227,6 +243,10 @@ fn load_config(args: &Args) -> anyhow::Result<BrokerConfig> {
         max_pending_halves => max_pending_halves,
         dedup_window => dedup_window_ms, max_dedup_keys => max_dedup_keys,
         retry_delays => retry_delays, max_reconsume_times => max_reconsume_times,
+        node_id => node_id, peers => peers,
+        raft_heartbeat_interval => raft_heartbeat_interval_ms,
+        raft_election_timeout_min => raft_election_timeout_min_ms,
+        raft_election_timeout_max => raft_election_timeout_max_ms,
     );
     if let Some(f) = &args.flush {
         cfg.flush = if f == "async" {
@@ -258,7 +278,9 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
 }
 
 fn main() -> std::process::ExitCode {
-    halfmq_broker::logging::init("info");
+    // openraft warns on every missed heartbeat to a peer that is down (ten a
+    // second); its errors still show.
+    halfmq_broker::logging::init("info,openraft=error");
     let args = Args::parse();
     let cfg = match load_config(&args) {
         Ok(c) => c,
@@ -298,10 +320,26 @@ fn main() -> std::process::ExitCode {
             halfmq_broker::server::bind(&cfg).with_context(|| format!("binding {}", cfg.listen))?;
         let addr = listener.local_addr()?;
         let started = std::time::Instant::now();
+        let cluster = cfg.cluster_config()?;
         let broker = tokio::task::spawn_blocking(move || {
             halfmq_broker::Broker::open(cfg, std::sync::Arc::new(halfmq_broker::SystemClock))
         })
         .await??;
+        let node = match cluster {
+            Some(c) => {
+                let applier = halfmq_broker::core::replicated::CoreApplier::new(&broker);
+                let node = halfmq_broker::cluster::NodeHandle::start(
+                    c,
+                    std::sync::Arc::clone(broker.store()),
+                    Some(std::sync::Arc::new(applier)),
+                )
+                .await
+                .map_err(|e| anyhow::anyhow!("starting the broker group member: {e}"))?;
+                broker.attach_replicator(std::sync::Arc::new(node.clone()));
+                Some(node)
+            }
+            None => None,
+        };
         broker.start_background();
         let rep = broker.store().recovery_report();
         tracing::info!(
@@ -312,7 +350,7 @@ fn main() -> std::process::ExitCode {
         );
         // Printed on stdout for scripts and tests that start the broker on port 0.
         println!("listening on {addr}");
-        halfmq_broker::serve(broker, listener, stop).await?;
+        halfmq_broker::serve_member(broker, listener, stop, node).await?;
         Ok(())
     });
     rt.shutdown_timeout(Duration::from_secs(5));

@@ -167,6 +167,21 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), BrokerError> {
+    serve_member(broker, listener, shutdown, None).await
+}
+
+/// [`serve`] for a broker group member: also serves the replicas' RPCs
+/// (`halfmq.raft.v1`) of `node` on the same listener, and stops its
+/// consensus before the broker closes its store.
+///
+/// # Errors
+/// As [`serve`].
+pub async fn serve_member(
+    broker: Arc<Broker>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    node: Option<crate::cluster::NodeHandle>,
+) -> Result<(), BrokerError> {
     let cfg = broker.config().clone();
     let (conn_tx, conn_rx) = tokio::sync::mpsc::channel::<std::io::Result<LimitedConn>>(64);
     let (stop_accept_tx, stop_accept_rx) = oneshot::channel::<()>();
@@ -211,9 +226,16 @@ pub async fn serve(
                 .max_decoding_message_size(max_request)
                 .max_encoding_message_size(usize::MAX),
         )
+        .add_optional_service(
+            node.clone()
+                .map(|n| crate::cluster::network::RaftService::new(n).into_server()),
+        )
         .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(conn_rx), signal)
         .await;
     accept.abort();
+    if let Some(n) = node {
+        n.shutdown().await;
+    }
     let closed = broker.shutdown().await;
     tracing::info!("broker stopped");
     result.map_err(|e| BrokerError::Internal(format!("transport: {e}")))?;

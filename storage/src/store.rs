@@ -464,8 +464,17 @@ impl Store {
     ///
     /// # Errors
     /// As [`CommitLog::append`]; [`Error::Poisoned`] after a consume-queue
-    /// write failed (restart to rebuild it).
+    /// write failed (restart to rebuild it); [`Error::Config`] on a
+    /// replicated store.
     pub fn append(&self, mut records: Vec<Record>) -> Result<AppendReceipt> {
+        if self.entries.is_some() {
+            return Err(Error::Config {
+                key: "replicated",
+                reason:
+                    "a replica's log takes whole entries from the replication layer, not appends"
+                        .into(),
+            });
+        }
         let mut w = lock(&self.writer);
         if let Some(e) = &*w {
             return Err(Error::Poisoned(e.to_string()));

@@ -29,6 +29,7 @@ fn ok() -> Option<pb::Status> {
     Some(pb::Status {
         code: pb::Code::Ok as i32,
         message: String::new(),
+        leader: String::new(),
     })
 }
 

@@ -18,16 +18,27 @@ use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::types::{
-    io_err, Applied, CommittedLeaderId, LogId, SnapshotMeta, StoredMembership, TypeConfig,
+    io_err, Applied, CommittedLeaderId, LogId, Outcome, SnapshotMeta, StoredMembership, TypeConfig,
 };
 
 /// The broker core's side of apply: called for every committed normal
-/// entry, in log order, on every replica, after its records are in the
-/// consume queues.
+/// entry, in log order, on every replica. It decides what each record does
+/// (the same way everywhere), dispatches what it keeps into the consume
+/// queues and records the entry applied
+/// (`Store::dispatch_applied(kept, end, note)`).
 pub trait Applier: Send + Sync + 'static {
     /// Applies the records (`(physical offset, record)`) of the entry at
-    /// `index`.
-    fn apply(&self, index: u64, records: &[(u64, Record)]);
+    /// `index` ending at `end`; returns one outcome per record.
+    ///
+    /// # Errors
+    /// Storage errors (consensus stops on this replica: restart it).
+    fn apply(
+        &self,
+        index: u64,
+        records: &[(u64, Record)],
+        end: u64,
+        note: Vec<u8>,
+    ) -> io::Result<Vec<Outcome>>;
 }
 
 /// What a snapshot holds today (JSON).
@@ -176,11 +187,13 @@ impl StateMachine {
             }
             encode_note(&s)
         };
-        let refs: Vec<(u64, &Record)> = records.iter().map(|(o, r)| (*o, r)).collect();
-        store.dispatch_applied(&refs, end, note).map_err(io_err)?;
-        if let Some(a) = &self.inner.applier {
-            if !records.is_empty() {
-                a.apply(index, &records);
+        match &self.inner.applier {
+            Some(a) if !records.is_empty() => {
+                out.outcomes = a.apply(index, &records, end, note)?;
+            }
+            _ => {
+                let refs: Vec<(u64, &Record)> = records.iter().map(|(o, r)| (*o, r)).collect();
+                store.dispatch_applied(&refs, end, note).map_err(io_err)?;
             }
         }
         Ok(out)

@@ -38,7 +38,7 @@ impl<'de> Deserialize<'de> for Write {
 }
 
 /// What applying one entry produced, for the leader's waiting request:
-/// where each of its records went.
+/// where each of its records went and what became of it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Applied {
     /// Physical offset of each record of the entry, in order.
@@ -47,6 +47,44 @@ pub struct Applied {
     pub sizes: Vec<u32>,
     /// Physical offset one past the entry.
     pub end: u64,
+    /// What apply did with each record, in order (empty when no applier
+    /// looked at them: every record was dispatched).
+    pub outcomes: Vec<Outcome>,
+}
+
+/// What apply did with one record. Decided the same way on every replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Applied (a message dispatched, a half pending, an end resolving its
+    /// half, a control record in force).
+    Applied,
+    /// A send whose idempotency key was stored before, inside the window:
+    /// nothing of it applied; the first send is this.
+    Duplicate(FirstSendWire),
+    /// An end of a half resolved before the same way: nothing applied.
+    AlreadyEnded,
+    /// An end of a half resolved before the other way: nothing applied.
+    Conflict,
+    /// An end of a half that is not pending (never stored, or resolved long
+    /// ago): nothing applied.
+    NotPending,
+}
+
+/// A first send as [`Outcome::Duplicate`] carries it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FirstSendWire {
+    /// Physical offset of its record.
+    pub offset: u64,
+    /// Physical offset one past it.
+    pub end: u64,
+    /// Message id.
+    pub message_id: [u8; 16],
+    /// Queue id.
+    pub queue_id: u32,
+    /// Queue offset, for dispatched messages.
+    pub queue_offset: Option<u64>,
+    /// When a delayed message falls due (0 for others).
+    pub deliver_at_ms: u64,
 }
 
 openraft::declare_raft_types!(

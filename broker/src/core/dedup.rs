@@ -10,7 +10,7 @@
 
 use std::collections::VecDeque;
 
-use foldhash::HashMap;
+use foldhash::{HashMap, HashSet};
 use halfmq_storage::MessageId;
 use sha2::{Digest, Sha256};
 
@@ -48,15 +48,6 @@ pub struct FirstSend {
     pub deliver_at_ms: u64,
 }
 
-/// A key's state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Slot {
-    /// A send with this key is being stored now (claimed at `since_ms`).
-    Claimed,
-    /// Stored.
-    Stored(FirstSend),
-}
-
 /// What a send with a key should do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Claim {
@@ -70,14 +61,25 @@ pub enum Claim {
 }
 
 /// The index.
+///
+/// Stored keys change only through [`DedupIndex::stored`] and expire by the
+/// store times of the records passing through it, so replicas applying the
+/// same log build the same index (eviction past `max_keys` included). Claims
+/// (keys of sends in flight) are kept apart: they exist only where the sends
+/// are being stored (the leader).
 #[derive(Debug)]
 pub struct DedupIndex {
     window_ms: u64,
     max_keys: usize,
-    map: HashMap<KeyId, (u64, Slot)>,
+    map: HashMap<KeyId, (u64, FirstSend)>,
+    claimed: HashSet<KeyId>,
     /// (time, key) in the order keys were added; an entry whose time no
     /// longer matches the map's is stale and skipped.
     order: VecDeque<(u64, KeyId)>,
+    /// [`DedupIndex::claim`] also expires keys by the caller's clock (a
+    /// single broker); off for a replica, whose keys expire only by the
+    /// store times the log carries.
+    expire_on_claim: bool,
     /// Keys dropped before their window ended because of `max_keys`.
     pub evicted: u64,
 }
@@ -89,17 +91,26 @@ impl DedupIndex {
             window_ms,
             max_keys: max_keys.max(1),
             map: HashMap::default(),
+            claimed: HashSet::default(),
             order: VecDeque::new(),
+            expire_on_claim: true,
             evicted: 0,
         }
     }
 
-    /// Keys held (claimed or stored).
+    /// The index of a replica: keys expire only by the store times of the
+    /// records applied ([`DedupIndex::stored`]), never by a local clock.
+    pub fn replicated(mut self) -> DedupIndex {
+        self.expire_on_claim = false;
+        self
+    }
+
+    /// Keys stored.
     pub fn len(&self) -> usize {
         self.map.len()
     }
 
-    /// Whether no key is held.
+    /// Whether no key is stored.
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
     }
@@ -111,10 +122,8 @@ impl DedupIndex {
                 break;
             }
             self.order.pop_front();
-            if let Some((mt, Slot::Stored(_))) = self.map.get(&k) {
-                if *mt == t {
-                    self.map.remove(&k);
-                }
+            if self.map.get(&k).is_some_and(|(mt, _)| *mt == t) {
+                self.map.remove(&k);
             }
         }
     }
@@ -124,43 +133,53 @@ impl DedupIndex {
             let Some((t, k)) = self.order.pop_front() else {
                 return;
             };
-            if let Some((mt, Slot::Stored(_))) = self.map.get(&k) {
-                if *mt == t {
-                    self.map.remove(&k);
-                    self.evicted += 1;
-                }
+            if self.map.get(&k).is_some_and(|(mt, _)| *mt == t) {
+                self.map.remove(&k);
+                self.evicted += 1;
             }
         }
     }
 
+    /// The first send of `k`, if it was stored inside the window as seen
+    /// at `at_ms`.
+    pub fn stored_at(&self, k: KeyId, at_ms: u64) -> Option<FirstSend> {
+        self.map
+            .get(&k)
+            .filter(|(t, _)| t.saturating_add(self.window_ms) > at_ms)
+            .map(|(_, f)| *f)
+    }
+
     /// Asks for key `k` at `now_ms`; [`Claim::Mine`] claims it.
     pub fn claim(&mut self, k: KeyId, now_ms: u64) -> Claim {
-        self.expire(now_ms);
-        match self.map.get(&k) {
-            Some((_, Slot::Stored(f))) => return Claim::Duplicate(*f),
-            Some((_, Slot::Claimed)) => return Claim::Busy,
-            None => {}
+        if self.expire_on_claim {
+            self.expire(now_ms);
         }
-        self.make_room();
-        self.map.insert(k, (now_ms, Slot::Claimed));
+        if let Some(f) = self.stored_at(k, now_ms) {
+            return Claim::Duplicate(f);
+        }
+        if !self.claimed.insert(k) {
+            return Claim::Busy;
+        }
         Claim::Mine
     }
 
-    /// The claimed key `k` was stored at `stored_ms` (its record's store
-    /// time); also how start-up replays the log (newest wins).
+    /// Key `k` was stored at `stored_ms` (its record's store time): how
+    /// sends, apply on a replica and start-up's replay of the log record it
+    /// (newest wins). Releases a claim of it.
     pub fn stored(&mut self, k: KeyId, stored_ms: u64, first: FirstSend) {
-        if !matches!(self.map.get(&k), Some((_, Slot::Claimed))) {
+        self.claimed.remove(&k);
+        self.expire(stored_ms);
+        if !self.map.contains_key(&k) {
             self.make_room();
         }
-        self.map.insert(k, (stored_ms, Slot::Stored(first)));
+        self.map.insert(k, (stored_ms, first));
         self.order.push_back((stored_ms, k));
     }
 
-    /// The claimed key `k` was not stored (the send failed): free it.
+    /// The claimed key `k` was not stored (the send failed, or a replica
+    /// stored it through apply): free the claim.
     pub fn release(&mut self, k: KeyId) {
-        if matches!(self.map.get(&k), Some((_, Slot::Claimed))) {
-            self.map.remove(&k);
-        }
+        self.claimed.remove(&k);
     }
 }
 

@@ -97,6 +97,49 @@ impl Broker {
         Ok(())
     }
 
+    /// [`Broker::create_consumer_group`] through the broker group's log
+    /// (a single broker: at once); the same checks first.
+    ///
+    /// # Errors
+    /// As [`Broker::create_consumer_group`]; `NOT_LEADER` on a follower.
+    pub async fn declare_consumer_group(&self, group: &str, fifo: bool) -> Result<(), BrokerError> {
+        if self.replication().is_none() {
+            return self.create_consumer_group(group, fifo);
+        }
+        self.check_serving()?;
+        check_group(group)?;
+        if group.starts_with('%') {
+            return Err(BrokerError::ReservedName(format!(
+                "consumer group {group:?}: names starting with % are the broker's"
+            )));
+        }
+        match lock(&self.consumer_groups).get(group) {
+            Some(&f) if f == fifo => return Ok(()),
+            Some(&f) => {
+                return Err(BrokerError::BadRequest(format!(
+                    "consumer group {group} is declared already as {} group",
+                    if f { "a FIFO" } else { "an ordinary" }
+                )))
+            }
+            None => {}
+        }
+        self.replicate_consumer_group(group, fifo).await
+    }
+
+    /// Refuses what a broker group does not do yet (`what`): DLQ purges,
+    /// offset resets and topic deletions are not replicated so far.
+    ///
+    /// # Errors
+    /// [`BrokerError::BadRequest`] on a broker group member.
+    pub fn not_in_a_group_yet(&self, what: &str) -> Result<(), BrokerError> {
+        if self.replication().is_some() {
+            return Err(BrokerError::BadRequest(format!(
+                "{what} is not supported in a broker group yet"
+            )));
+        }
+        Ok(())
+    }
+
     /// Whether `group` is declared FIFO.
     pub fn is_fifo_group(&self, group: &str) -> bool {
         lock(&self.consumer_groups)

@@ -162,6 +162,19 @@ impl KeyClaims<'_> {
         self.broker.dedup_done.notify_waiters();
     }
 
+    /// A broker group member's apply stored the keys: only the claims are
+    /// left to release (and waiters to wake).
+    pub(crate) fn settle(&mut self) {
+        if !self.settled {
+            let mut d = lock(&self.broker.dedup);
+            for k in self.keys.iter().flatten() {
+                d.release(*k);
+            }
+            self.settled = true;
+        }
+        self.broker.dedup_done.notify_waiters();
+    }
+
     /// Whether nothing is left to append (all duplicates).
     pub(crate) fn all_duplicates(&self) -> bool {
         self.fates.iter().all(|f| !matches!(f, Fate::Store(_)))
@@ -275,8 +288,10 @@ pub(crate) fn rebuild(
         return Ok(d);
     };
     let mut keys = 0u64;
+    let end = store.dispatched_end();
     for item in store.log().scan_from(from) {
         let (offset, r) = match item {
+            Ok(ScanItem::Record(o, _)) if o >= end => break,
             Ok(ScanItem::Record(o, r)) => (o, r),
             Ok(ScanItem::Skipped(_)) => continue,
             Err(e) => {

@@ -30,6 +30,7 @@ pub mod progress;
 pub mod props;
 pub mod receive;
 pub mod redelivery;
+pub mod replicated;
 pub mod retry;
 pub mod secret;
 pub mod send;
@@ -117,6 +118,14 @@ pub struct Broker {
     pub(crate) tx: TxState,
     pub(crate) retry: RetryPolicy,
     pub(crate) dlq: DlqState,
+    /// A broker group member's replication (set once at start-up).
+    pub(crate) replication: std::sync::OnceLock<replicated::Replication>,
+    /// A broker group leader's consumer-progress snapshots (sled key,
+    /// value) saved since its last progress record.
+    pub(crate) progress_outbox: Mutex<Vec<(Vec<u8>, Vec<u8>)>>,
+    /// The term whose leadership this member took up (progress reloaded,
+    /// services started); 0 = none.
+    pub(crate) leader_term: AtomicU64,
 }
 
 impl std::fmt::Debug for Broker {
@@ -181,12 +190,15 @@ impl Broker {
         let (shutdown_tx, _) = watch::channel(false);
         let id_prefix = rand::random::<u64>();
         let secret = secret::Secret::load_or_create(&cfg.data_dir)?;
-        let dedup = idempotence::rebuild(
+        let mut dedup = idempotence::rebuild(
             &store,
             cfg.dedup_window_ms,
             cfg.max_dedup_keys as usize,
             clock.now_ms(),
         )?;
+        if store.config().replicated {
+            dedup = dedup.replicated();
+        }
         Ok(Arc::new(Broker {
             cfg,
             store,
@@ -209,6 +221,9 @@ impl Broker {
             tx,
             retry,
             dlq,
+            replication: std::sync::OnceLock::new(),
+            progress_outbox: Mutex::new(Vec::new()),
+            leader_term: AtomicU64::new(0),
         }))
     }
 

@@ -87,18 +87,26 @@ impl Broker {
         if !g.dirty {
             return Ok(());
         }
+        // A broker group's leader also hands the snapshots to the next
+        // progress record, so that followers (and the next leader) have them.
+        let mut outbox = self
+            .replication()
+            .filter(|_| self.serving())
+            .map(|_| lock(&self.progress_outbox));
+        let mut put = |key: Vec<u8>, value: Vec<u8>| -> Result<(), BrokerError> {
+            self.store.meta().put(GROUPS_SPACE, &key, &value)?;
+            if let Some(o) = outbox.as_mut() {
+                o.push((key, value));
+            }
+            Ok(())
+        };
         for (qid, p) in g.queues.iter().enumerate() {
-            self.store.meta().put(
-                GROUPS_SPACE,
-                &group_key(group, topic, qid as u32),
-                &encode_progress(p),
-            )?;
+            put(group_key(group, topic, qid as u32), encode_progress(p))?;
         }
         for (level, p) in g.retry.iter().enumerate() {
-            self.store.meta().put(
-                GROUPS_SPACE,
-                &group_key(group, topic, RETRY_QUEUE_BIT | level as u32),
-                &encode_progress(p),
+            put(
+                group_key(group, topic, RETRY_QUEUE_BIT | level as u32),
+                encode_progress(p),
             )?;
         }
         g.dirty = false;

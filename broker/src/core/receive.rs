@@ -79,6 +79,7 @@ impl Broker {
     /// # Errors
     /// Invalid names or expression, unknown topic, shutting down.
     pub async fn receive(&self, req: ReceiveRequest) -> Result<Vec<DeliveredMessage>, BrokerError> {
+        self.check_serving()?;
         self.check_running()?;
         check_group(&req.group)?;
         check_topic(&req.topic)?;
@@ -476,6 +477,7 @@ impl Broker {
     /// # Errors
     /// [`BrokerError::ReceiptNotFound`] for a stale receipt.
     pub fn ack(&self, group: &str, receipt: &Receipt) -> Result<(), BrokerError> {
+        self.check_serving()?;
         self.with_lease(group, receipt, |p| p.ack(receipt.queue_offset, receipt.seq))?;
         self.counters.acks.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -496,6 +498,7 @@ impl Broker {
         reason: &str,
         delay_ms: Option<u64>,
     ) -> Result<(), BrokerError> {
+        self.check_serving()?;
         if reason.len() > MAX_PROPERTY_VALUE_BYTES {
             return Err(BrokerError::BadRequest(format!(
                 "nack reason of {} bytes exceeds {MAX_PROPERTY_VALUE_BYTES}",
@@ -534,6 +537,7 @@ impl Broker {
         receipt: &Receipt,
         invisible_ms: u64,
     ) -> Result<(Receipt, u64), BrokerError> {
+        self.check_serving()?;
         let now = self.clock.now_ms();
         let d = self.check_invisible(invisible_ms)?;
         let max_total = self.cfg.max_lease_total_ms;

@@ -249,6 +249,8 @@ impl Broker {
         }
         let written = if records.is_empty() {
             Ok(())
+        } else if self.replication().is_some() {
+            self.replicate(records).await.map(|_| ())
         } else {
             match self.store().append(records) {
                 Ok(r) => self.wait_durable(r.end).await,
@@ -452,8 +454,12 @@ impl Broker {
                 }
             })
             .collect();
-        let r = self.store().append(records)?;
-        self.wait_durable(r.end).await?;
+        if self.replication().is_some() {
+            self.replicate(records).await?;
+        } else {
+            let r = self.store().append(records)?;
+            self.wait_durable(r.end).await?;
+        }
         {
             let mut removed = lock(&self.dlq_state().removed);
             let p = removed.entry(group.to_owned()).or_default();

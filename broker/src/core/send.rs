@@ -12,9 +12,11 @@ use super::names::{
     check_message_fields, check_topic, MAX_IDEMPOTENCY_KEY_BYTES, MAX_MESSAGE_GROUP_BYTES,
 };
 use super::props::{IDEMPOTENCY_KEY_PROPERTY, MESSAGE_GROUP_PROPERTY};
+use super::replicated::{first_send, topic_record};
 use super::topics::TopicState;
 use super::types::{OutgoingMessage, QueueChoice, SendReceipt};
 use super::Broker;
+use crate::cluster::types::Outcome;
 use crate::error::BrokerError;
 
 impl Broker {
@@ -173,6 +175,9 @@ impl Broker {
     /// Validation errors (nothing stored), storage errors.
     pub async fn send(&self, msgs: Vec<OutgoingMessage>) -> Result<Vec<SendReceipt>, BrokerError> {
         self.check_running()?;
+        if self.replication().is_some() {
+            return self.send_replicated(msgs).await;
+        }
         let (records, in_use) = self.build_records(msgs, RecordKind::Normal)?;
         if records.iter().any(|r| r.kind == RecordKind::Half) {
             return self.send_delayed(records, in_use).await;
@@ -221,6 +226,64 @@ impl Broker {
     }
 }
 
+impl Broker {
+    /// [`Broker::send`] of a broker group's leader: one proposal holding
+    /// the batch (and the creation of topics it auto-created); apply decides
+    /// duplicates the same way on every replica.
+    async fn send_replicated(
+        &self,
+        msgs: Vec<OutgoingMessage>,
+    ) -> Result<Vec<SendReceipt>, BrokerError> {
+        self.check_serving()?;
+        let (records, in_use) = self.build_records(msgs, RecordKind::Normal)?;
+        let (records, mut claims) = self.claim_keys(records).await?;
+        if claims.all_duplicates() {
+            drop(in_use);
+            return Ok(claims.receipts(Vec::new(), duplicate_receipt, |r| r.duplicate = true));
+        }
+        let mut batch: Vec<Record> = in_use
+            .created
+            .iter()
+            .filter_map(|t| self.topic(t).map(|s| topic_record(t, s.queues)))
+            .collect();
+        let controls = batch.len();
+        let bytes: u64 = records.iter().map(|r| r.body.len() as u64).sum();
+        let ids: Vec<(MessageId, u32, String, u64)> = records
+            .iter()
+            .map(|r| {
+                let due = (r.kind == RecordKind::Half)
+                    .then(|| crate::core::props::deliver_at(r))
+                    .flatten()
+                    .unwrap_or(0);
+                (r.message_id, r.queue_id, r.topic.clone(), due)
+            })
+            .collect();
+        batch.extend(records);
+        let (receipt, outcomes) = self.replicate(batch).await?;
+        in_use.stored();
+        claims.settle();
+        self.counters
+            .messages_in
+            .fetch_add(ids.len() as u64, Ordering::Relaxed);
+        self.counters.bytes_in.fetch_add(bytes, Ordering::Relaxed);
+        let mut out = Vec::with_capacity(ids.len());
+        for (i, (message_id, queue_id, _, due)) in ids.into_iter().enumerate() {
+            let at = controls + i;
+            out.push(match outcomes.get(at) {
+                Some(Outcome::Duplicate(w)) => duplicate_receipt(&first_send(w)),
+                _ => SendReceipt {
+                    message_id,
+                    queue_id,
+                    queue_offset: receipt.queue_offsets.get(at).copied().flatten(),
+                    deliver_at_ms: due,
+                    duplicate: false,
+                },
+            });
+        }
+        Ok(claims.receipts(out, duplicate_receipt, |r| r.duplicate = true))
+    }
+}
+
 /// A duplicate's receipt: the first send's.
 pub(crate) fn duplicate_receipt(f: &crate::core::dedup::FirstSend) -> SendReceipt {
     SendReceipt {
@@ -238,7 +301,7 @@ pub(crate) struct TopicsInUse<'a> {
     broker: &'a Broker,
     held: Vec<(String, Arc<TopicState>)>,
     /// Topics this batch auto-created.
-    created: Vec<String>,
+    pub(crate) created: Vec<String>,
 }
 
 impl TopicsInUse<'_> {

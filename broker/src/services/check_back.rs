@@ -18,6 +18,8 @@ impl Broker {
     /// One pass of the check driver: sends every due check. Returns when the
     /// next thing is due (ms), if anything is pending.
     pub async fn run_due_checks(&self) -> Option<u64> {
+        // Checks and delayed messages are the leader's to send.
+        self.check_serving().ok()?;
         let tx = self.tx();
         // Bounded per pass so one pass never runs long; the lock is taken per
         // chunk so sends and ends are never held up for long.

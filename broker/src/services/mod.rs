@@ -13,6 +13,45 @@ use tokio::task::JoinHandle;
 use crate::core::{lock, Broker};
 use crate::error::BrokerError;
 
+/// A broker group member's leadership: takes it up when openraft makes this
+/// member the serving leader of a new term (progress reloaded), gives it up
+/// when it is not any more, and sends the leader's progress record every
+/// `checkpoint_interval_ms`.
+async fn leadership_watch(b: Arc<Broker>) {
+    let mut stop = b.shutdown_tx.subscribe();
+    let mut last_progress = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            _ = stop.changed() => return,
+        }
+        let Some(r) = b.replication() else { return };
+        let term = r.repl.term();
+        let held = b.leader_term.load(std::sync::atomic::Ordering::Acquire);
+        if r.repl.serving() {
+            if held != term {
+                let b2 = Arc::clone(&b);
+                match tokio::task::spawn_blocking(move || b2.take_up_leadership(term)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "could not take up leadership; retrying")
+                    }
+                    Err(e) => tracing::error!(error = %e, "taking up leadership panicked"),
+                }
+            } else if last_progress.elapsed() >= Duration::from_millis(b.cfg.checkpoint_interval_ms)
+            {
+                last_progress = tokio::time::Instant::now();
+                if let Err(e) = b.propose_progress().await {
+                    tracing::warn!(error = %e, "progress record not stored");
+                }
+            }
+        } else if held != 0 {
+            b.leader_term.store(0, std::sync::atomic::Ordering::Release);
+            tracing::info!(term = held, "no longer the broker group's leader");
+        }
+    }
+}
+
 impl Broker {
     /// Starts the periodic checkpoint and retention tasks and the check driver.
     pub fn start_background(self: &Arc<Self>) {
@@ -37,6 +76,9 @@ impl Broker {
             Arc::clone(self),
             stop,
         )));
+        if self.replication().is_some() {
+            tasks.push(tokio::spawn(leadership_watch(Arc::clone(self))));
+        }
     }
 
     /// Runs blocking `work` every `every_ms` on the blocking pool until
@@ -78,6 +120,11 @@ impl Broker {
     /// # Errors
     /// Storage errors.
     pub fn apply_retention(&self) -> Result<Vec<u64>, BrokerError> {
+        if self.replication().is_some() {
+            // Not built for broker groups yet: a replica keeps its whole log
+            // (README, "Broker groups").
+            return Ok(Vec::new());
+        }
         let min_pending = self.tx.min_pending_offset();
         let deleted = self.store.apply_retention(self.clock.now_ms(), &|s| {
             min_pending.is_none_or(|m| s.end <= m)

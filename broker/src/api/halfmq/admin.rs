@@ -20,8 +20,8 @@ impl pb::admin_server::Admin for Services {
     ) -> Rpc<pb::CreateTopicResponse> {
         let r = req.into_inner();
         Ok(Response::new(pb::CreateTopicResponse {
-            status: match self.broker.create_topic(&r.name, r.queues) {
-                Ok(_) => ok(),
+            status: match self.broker.create_topic_everywhere(&r.name, r.queues).await {
+                Ok(()) => ok(),
                 Err(e) => status(&e),
             },
         }))
@@ -33,7 +33,7 @@ impl pb::admin_server::Admin for Services {
     ) -> Rpc<pb::CreateConsumerGroupResponse> {
         let r = req.into_inner();
         Ok(Response::new(pb::CreateConsumerGroupResponse {
-            status: match self.broker.create_consumer_group(&r.group, r.fifo) {
+            status: match self.broker.declare_consumer_group(&r.group, r.fifo).await {
                 Ok(()) => ok(),
                 Err(e) => status(&e),
             },
@@ -222,7 +222,11 @@ impl pb::admin_server::Admin for Services {
     ) -> Rpc<pb::PurgeDeadLettersResponse> {
         let r = req.into_inner();
         Ok(Response::new(
-            match self.broker.purge_dead_letters(&r.group) {
+            match self
+                .broker
+                .not_in_a_group_yet("purging a DLQ")
+                .and_then(|()| self.broker.purge_dead_letters(&r.group))
+            {
                 Ok(n) => pb::PurgeDeadLettersResponse {
                     status: ok(),
                     count: n as u64,
@@ -250,7 +254,7 @@ impl pb::admin_server::Admin for Services {
             )),
         };
         let b = Arc::clone(&self.broker);
-        let res = match to {
+        let res = match to.and_then(|to| b.not_in_a_group_yet("an offset reset").map(|()| to)) {
             Ok(to) => tokio::task::spawn_blocking(move || b.reset_offset(&r.group, &r.topic, to))
                 .await
                 .unwrap_or_else(|e| Err(BrokerError::Internal(format!("reset offset: {e}")))),
@@ -281,9 +285,12 @@ impl pb::admin_server::Admin for Services {
     ) -> Rpc<pb::DeleteTopicResponse> {
         let name = req.into_inner().name;
         let b = Arc::clone(&self.broker);
-        let res = tokio::task::spawn_blocking(move || b.delete_topic(&name))
-            .await
-            .unwrap_or_else(|e| Err(BrokerError::Internal(format!("delete topic: {e}"))));
+        let res = match b.not_in_a_group_yet("deleting a topic") {
+            Err(e) => Err(e),
+            Ok(()) => tokio::task::spawn_blocking(move || b.delete_topic(&name))
+                .await
+                .unwrap_or_else(|e| Err(BrokerError::Internal(format!("delete topic: {e}")))),
+        };
         Ok(Response::new(pb::DeleteTopicResponse {
             status: match res {
                 Ok(()) => ok(),

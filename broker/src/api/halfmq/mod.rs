@@ -47,6 +47,8 @@ pub fn code_of(e: &BrokerError) -> pb::Code {
         BrokerError::Storage(_) => Code::StorageError,
         BrokerError::Internal(_) => Code::Internal,
         BrokerError::ShuttingDown => Code::ShuttingDown,
+        BrokerError::NotLeader(_) => Code::NotLeader,
+        BrokerError::LeadershipLost(_) => Code::LeadershipLost,
     }
 }
 
@@ -54,6 +56,7 @@ pub(super) fn ok() -> Option<pb::Status> {
     Some(pb::Status {
         code: pb::Code::Ok as i32,
         message: String::new(),
+        leader: String::new(),
     })
 }
 
@@ -69,6 +72,10 @@ pub(super) fn status(e: &BrokerError) -> Option<pb::Status> {
     Some(pb::Status {
         code: code as i32,
         message: e.to_string(),
+        leader: match e {
+            BrokerError::NotLeader(Some(l)) | BrokerError::LeadershipLost(Some(l)) => l.clone(),
+            _ => String::new(),
+        },
     })
 }
 

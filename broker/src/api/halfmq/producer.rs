@@ -196,6 +196,7 @@ impl pb::producer_server::Producer for Services {
                 let refusal = pb::Status {
                     code: pb::Code::BadRequest as i32,
                     message: "the first session message must be a hello".into(),
+                    leader: String::new(),
                 };
                 return Ok(refuse_session(out_tx, out_rx, refusal).await);
             }
@@ -204,6 +205,7 @@ impl pb::producer_server::Producer for Services {
         let refused = self
             .broker
             .check_running()
+            .and_then(|()| self.broker.check_serving())
             .and_then(|()| crate::core::names::check_group(&hello.producer_group));
         if let Err(e) = refused {
             return Ok(refuse_session(out_tx, out_rx, status(&e).unwrap_or_default()).await);
@@ -226,9 +228,21 @@ impl pb::producer_server::Producer for Services {
             })))
             .await;
         let mut stop = broker.shutdown_signal();
+        // A broker group member that stops being the leader ends its
+        // sessions (with NOT_LEADER): their producers reconnect to the next
+        // leader, whose check-backs they answer from then on.
+        let mut leadership = tokio::time::interval(std::time::Duration::from_millis(200));
         tokio::spawn(async move {
             loop {
                 tokio::select! {
+                    _ = leadership.tick() => {
+                        if let Err(e) = broker.check_serving() {
+                            let _ = out_tx
+                                .send(down(pb::session_down::Kind::Error(status(&e).unwrap_or_default())))
+                                .await;
+                            break;
+                        }
+                    }
                     c = checks.recv() => {
                         let Some(c) = c else { break };
                         let msg = pb::CheckRequest {

@@ -12,10 +12,12 @@ use super::{
     EndSource, HalfReceipt, PendingTransaction, Resolution, TransactionId, DELAY_GROUP,
     GIVEN_UP_TOPIC,
 };
+use crate::cluster::types::Outcome;
 use crate::core::dedup::FirstSend;
 use crate::core::idempotence::RecordMeta;
 use crate::core::names::check_group;
 use crate::core::props::{deliver_at, PRODUCER_GROUP_PROPERTY};
+use crate::core::replicated::first_send;
 use crate::core::send::duplicate_receipt;
 use crate::core::txcheck::HalfState;
 use crate::core::types::OutgoingMessage;
@@ -76,6 +78,7 @@ impl Broker {
     ) -> Result<Vec<HalfReceipt>, BrokerError> {
         self.check_running()?;
         check_group(producer_group)?;
+        self.check_serving()?;
         let (mut records, in_use) = self.build_records(msgs, RecordKind::Half)?;
         for r in &mut records {
             r.properties.push((
@@ -112,6 +115,37 @@ impl Broker {
             })
             .collect();
         let tx = self.tx();
+        if self.replication().is_some() {
+            if tx.inner.lock().sched.len() + records.len() > tx.max_pending {
+                return Err(BrokerError::TooManyPendingHalves(tx.max_pending));
+            }
+            let n = records.len();
+            let (r, outcomes) = self.replicate(records).await?;
+            in_use.stored();
+            claims.settle();
+            self.counters
+                .halves_in
+                .fetch_add(n as u64, Ordering::Relaxed);
+            let stored = (0..n)
+                .map(|i| match outcomes.get(i) {
+                    Some(Outcome::Duplicate(w)) => half_receipt(&first_send(w)),
+                    _ => {
+                        let (message_id, queue_id, _, _) = meta[i].clone();
+                        HalfReceipt {
+                            transaction_id: TransactionId {
+                                offset: r.offsets[i],
+                                message_id,
+                            }
+                            .encode(&self.secret),
+                            message_id,
+                            queue_id,
+                            duplicate: false,
+                        }
+                    }
+                })
+                .collect();
+            return Ok(claims.receipts(stored, half_receipt, |r| r.duplicate = true));
+        }
         let (offsets, end) = {
             let mut inner = tx.inner.lock();
             if inner.sched.len() + records.len() > tx.max_pending {
@@ -259,6 +293,12 @@ impl Broker {
                 .map(|_| Err(BrokerError::ShuttingDown))
                 .collect();
         }
+        if let Err(BrokerError::NotLeader(l)) = self.check_serving() {
+            return ends
+                .iter()
+                .map(|_| Err(BrokerError::NotLeader(l.clone())))
+                .collect();
+        }
         let tx = self.tx();
         // 1. Parse and read each half outside the lock (one pread each).
         let mut results: Vec<Option<Result<(), BrokerError>>> = Vec::with_capacity(ends.len());
@@ -306,6 +346,8 @@ impl Broker {
         let mut lookup_later: Vec<usize> = Vec::new();
         // (index, half offset, commit, topic, a delayed message)
         let mut appended: Vec<(usize, u64, bool, String, bool)> = Vec::new();
+        let replicated = self.replication().is_some();
+        let mut to_propose: Vec<Record> = Vec::new();
         let end = {
             let mut inner = tx.inner.lock();
             let mut records = Vec::new();
@@ -349,6 +391,10 @@ impl Broker {
             }
             if records.is_empty() {
                 None
+            } else if replicated {
+                // A broker group's apply resolves the halves, on every replica.
+                to_propose = records;
+                None
             } else {
                 match self.store().append(records) {
                     Ok(r) => {
@@ -374,14 +420,48 @@ impl Broker {
                 });
             }
         }
-        // 4. One durability wait for every end record.
-        let durable = match end {
-            None => Ok(()),
-            Some(Ok(end)) => self.wait_durable(end).await.map_err(|e| e.to_string()),
-            Some(Err(e)) => Err(e),
+        // 4. One durability wait for every end record (a broker group: one
+        // proposal, and what apply made of each end).
+        let mut outcomes: Option<Vec<Outcome>> = None;
+        let durable = if replicated && !to_propose.is_empty() {
+            match self.replicate(to_propose).await {
+                Ok((_, o)) => {
+                    outcomes = Some(o);
+                    Ok(())
+                }
+                Err(BrokerError::NotLeader(l)) | Err(BrokerError::LeadershipLost(l)) => {
+                    for (i, ..) in &appended {
+                        results[*i] = Some(Err(BrokerError::LeadershipLost(l.clone())));
+                    }
+                    appended.clear();
+                    Ok(())
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        } else {
+            match end {
+                None => Ok(()),
+                Some(Ok(end)) => self.wait_durable(end).await.map_err(|e| e.to_string()),
+                Some(Err(e)) => Err(e),
+            }
         };
         let mut topics = std::collections::BTreeSet::new();
-        for (i, _, commit, topic, delayed) in appended {
+        for (k, (i, _, commit, topic, delayed)) in appended.into_iter().enumerate() {
+            match outcomes.as_ref().and_then(|o| o.get(k)) {
+                Some(Outcome::Conflict) => {
+                    results[i] = Some(conflict_or_ok(&ends[i].0, !commit, commit));
+                    continue;
+                }
+                Some(Outcome::NotPending) => {
+                    results[i] = Some(Err(BrokerError::TransactionNotFound(ends[i].0.clone())));
+                    continue;
+                }
+                Some(Outcome::AlreadyEnded) => {
+                    results[i] = Some(Ok(()));
+                    continue;
+                }
+                _ => {}
+            }
             results[i] = Some(match &durable {
                 Ok(()) => {
                     if !delayed {
@@ -468,6 +548,23 @@ impl Broker {
 
     pub(crate) async fn give_up(&self, offset: u64) {
         let tx = self.tx();
+        if self.replication().is_some() {
+            let rec = Record {
+                kind: RecordKind::System,
+                topic: GIVEN_UP_TOPIC.to_owned(),
+                ref_offset: Some(offset),
+                ..Record::default()
+            };
+            match self.replicate(vec![rec]).await {
+                Ok(_) => tracing::warn!(
+                    offset,
+                    check_max = tx.cfg.check_max,
+                    "half message given up after check_max checks; resolve it with `halfmq tx end`"
+                ),
+                Err(e) => tracing::error!(offset, error = %e, "could not record a given-up half"),
+            }
+            return;
+        }
         let res = {
             let mut inner = tx.inner.lock();
             inner.dirty.insert(offset);

@@ -268,7 +268,9 @@ impl TxState {
             unsaved_from: 0,
         };
         let meta = store.meta();
-        let written = store.log().written_offset();
+        // What the state reflects: the log's end, or a replica's applied end
+        // (the rest is applied again by the replication layer).
+        let written = store.dispatched_end();
         for (k, v) in meta.scan_prefix(PENDING_SPACE, b"")? {
             let (Ok(kb), Some((stored, checks, due, given_up, g, t))) =
                 (<[u8; 8]>::try_from(k.as_slice()), decode_half_state(&v))
@@ -308,6 +310,7 @@ impl TxState {
         let mut skipped_bytes = 0u64;
         for item in store.log().scan_from(scan_from) {
             match item {
+                Ok(ScanItem::Record(offset, _)) if offset >= written => break,
                 Ok(ScanItem::Record(offset, rec)) => {
                     replayed += 1;
                     apply_record(&mut inner, offset, &rec);
@@ -377,7 +380,7 @@ impl TxState {
     ) -> Result<(), BrokerError> {
         let (scan_from, pending, removed) = {
             let mut inner = self.inner.lock();
-            let written = store.log().written_offset();
+            let written = store.dispatched_end();
             let inner = &mut *inner;
             inner.save_points.push_back(written);
             let target = written.saturating_sub(self.replay_bytes);

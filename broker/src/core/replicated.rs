@@ -1,0 +1,572 @@
+//! The core of a broker group member (see ARCHITECTURE.md, "Replication"):
+//! the leader's write path (queue offsets in log order, one proposal per
+//! write) and apply, which every replica runs for every committed entry and
+//! which alone changes the state the log determines: consume queues,
+//! pending and resolved halves, the dedup index, topics.
+//!
+//! The replication layer is behind [`Replicator`], so that the core knows
+//! nothing of openraft or of the network.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+
+use bytes::Bytes;
+use foldhash::HashMap;
+use halfmq_storage::{AppendReceipt, MessageId, Record, RecordKind};
+
+use super::dedup::{key_id, FirstSend};
+use super::props::{deliver_at, prop, IDEMPOTENCY_KEY_PROPERTY};
+use super::transactions::state::apply_record;
+use super::{lock, Broker};
+use crate::cluster::types::{Applied, FirstSendWire, Outcome, Write};
+use crate::cluster::ProposeError;
+use crate::error::BrokerError;
+
+/// A future the replication layer hands back.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What the core needs of the replication layer.
+pub trait Replicator: Send + Sync + 'static {
+    /// Whether this replica may take writes and deliveries now: the leader,
+    /// with everything committed before its term applied.
+    fn serving(&self) -> bool;
+    /// The current term.
+    fn term(&self) -> u64;
+    /// The leader's client address, when known.
+    fn leader_address(&self) -> Option<String>;
+    /// Submits a write behind every write submitted before; the returned
+    /// future resolves once it is committed and applied here.
+    fn submit(
+        &self,
+        w: Write,
+    ) -> BoxFuture<'_, Result<BoxFuture<'static, Result<Applied, ProposeError>>, ProposeError>>;
+}
+
+/// Topic of the control records that create topics (property
+/// `halfmq.topic` = name, `halfmq.queues` = queue count).
+pub(crate) const TOPICS_TOPIC: &str = "%TOPICS%";
+/// Topic of the leader's consumer-progress records: the body holds
+/// `count u32 | (key_len u32, sled key, value_len u32, value)*` of keyspace
+/// `groups`.
+pub(crate) const PROGRESS_TOPIC: &str = "%PROGRESS%";
+/// Topic of the control records declaring consumer groups (property
+/// `halfmq.group` = name, `halfmq.fifo` = 1 or 0).
+pub(crate) const GROUPS_TOPIC: &str = "%GROUPS%";
+const GROUP_PROPERTY: &str = "halfmq.group";
+const FIFO_PROPERTY: &str = "halfmq.fifo";
+const TOPIC_PROPERTY: &str = "halfmq.topic";
+const QUEUES_PROPERTY: &str = "halfmq.queues";
+
+/// The leader's sequencer: the next queue offset of each queue, counting
+/// what was proposed and not yet applied. Valid for one term.
+#[derive(Default)]
+struct Sequencer {
+    term: u64,
+    next: HashMap<(String, u32), u64>,
+}
+
+/// A broker group member's replication state inside the core.
+pub(crate) struct Replication {
+    pub(crate) repl: Arc<dyn Replicator>,
+    seq: tokio::sync::Mutex<Sequencer>,
+}
+
+impl Replication {
+    pub(crate) fn new(repl: Arc<dyn Replicator>) -> Replication {
+        Replication {
+            repl,
+            seq: tokio::sync::Mutex::new(Sequencer::default()),
+        }
+    }
+}
+
+/// The refusal of a replica that is not (yet) serving.
+pub(crate) fn not_leader(r: &Replication) -> BrokerError {
+    BrokerError::NotLeader(r.repl.leader_address())
+}
+
+impl From<ProposeError> for BrokerError {
+    fn from(e: ProposeError) -> BrokerError {
+        match e {
+            ProposeError::NotLeader { leader } => BrokerError::NotLeader(leader),
+            ProposeError::Stopped(m) => BrokerError::Internal(format!("replication stopped: {m}")),
+        }
+    }
+}
+
+/// The control record creating topic `name` with `queues` queues.
+pub(crate) fn topic_record(name: &str, queues: u32) -> Record {
+    Record {
+        kind: RecordKind::System,
+        topic: TOPICS_TOPIC.to_owned(),
+        properties: vec![
+            (TOPIC_PROPERTY.to_owned(), name.to_owned()),
+            (QUEUES_PROPERTY.to_owned(), queues.to_string()),
+        ],
+        ..Record::default()
+    }
+}
+
+fn wire(f: &FirstSend) -> FirstSendWire {
+    FirstSendWire {
+        offset: f.offset,
+        end: f.end,
+        message_id: f.message_id.0,
+        queue_id: f.queue_id,
+        queue_offset: f.queue_offset,
+        deliver_at_ms: f.deliver_at_ms,
+    }
+}
+
+/// The first send an [`Outcome::Duplicate`] names.
+pub(crate) fn first_send(w: &FirstSendWire) -> FirstSend {
+    FirstSend {
+        offset: w.offset,
+        end: w.end,
+        message_id: MessageId(w.message_id),
+        queue_id: w.queue_id,
+        queue_offset: w.queue_offset,
+        deliver_at_ms: w.deliver_at_ms,
+    }
+}
+
+impl Broker {
+    /// This member's replication, `None` for a single broker.
+    pub(crate) fn replication(&self) -> Option<&Replication> {
+        self.replication.get()
+    }
+
+    /// Connects the replication layer (once, at start-up).
+    pub fn attach_replicator(&self, repl: Arc<dyn Replicator>) {
+        if self.replication.set(Replication::new(repl)).is_err() {
+            tracing::warn!("a replicator was attached twice; the first stays");
+        }
+    }
+
+    /// Whether this member may serve writes and deliveries: always for a
+    /// single broker; for a broker group member, only as the leader with its
+    /// state complete.
+    pub fn serving(&self) -> bool {
+        self.replication().is_none_or(|r| r.repl.serving())
+    }
+
+    /// Refuses with `NOT_LEADER` unless [`Broker::serving`] and this
+    /// member has taken up its leadership (reloaded consumer progress).
+    ///
+    /// # Errors
+    /// [`BrokerError::NotLeader`] naming the leader when known.
+    pub(crate) fn check_serving(&self) -> Result<(), BrokerError> {
+        match self.replication() {
+            Some(r)
+                if !r.repl.serving()
+                    || self.leader_term.load(Ordering::Acquire) != r.repl.term() =>
+            {
+                Err(not_leader(r))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Takes up leadership of the current term: consumer progress is
+    /// reloaded from what the progress records applied here say (every
+    /// lease in it counts as cut off by a crash: delivered again, not
+    /// failed), FIFO gates start empty. Blocking (sled reads).
+    ///
+    /// # Errors
+    /// Storage errors reading the progress.
+    pub(crate) fn take_up_leadership(&self, term: u64) -> Result<(), BrokerError> {
+        let consumer_groups = super::groups::load_consumer_groups(&self.store)?;
+        let mut groups = super::progress::load_groups(&self.store, false)?;
+        for ((g, _), gt) in groups.iter_mut() {
+            if consumer_groups.get(g) == Some(&true) {
+                let mut gt = lock(gt);
+                let n = gt.queues.len();
+                gt.fifo = Some(vec![super::fifo::FifoGate::default(); n]);
+            }
+        }
+        super::progress::cut_progress_to_queues(&self.store, &groups);
+        *lock(&self.groups) = groups;
+        *lock(&self.consumer_groups) = consumer_groups;
+        lock(&self.progress_outbox).clear();
+        self.leader_term.store(term, Ordering::Release);
+        tracing::info!(term, "took up leadership of the broker group");
+        Ok(())
+    }
+
+    /// The leader's progress record: the consumer-progress snapshots saved
+    /// since the last one, proposed as one record (none when nothing
+    /// changed).
+    ///
+    /// # Errors
+    /// As [`Broker::replicate`].
+    pub(crate) async fn propose_progress(&self) -> Result<(), BrokerError> {
+        if self.check_serving().is_err() {
+            return Ok(());
+        }
+        let pairs = std::mem::take(&mut *lock(&self.progress_outbox));
+        if pairs.is_empty() {
+            return Ok(());
+        }
+        let mut body = Vec::new();
+        body.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
+        for (k, v) in &pairs {
+            body.extend_from_slice(&(k.len() as u32).to_le_bytes());
+            body.extend_from_slice(k);
+            body.extend_from_slice(&(v.len() as u32).to_le_bytes());
+            body.extend_from_slice(v);
+        }
+        let rec = Record {
+            kind: RecordKind::System,
+            topic: PROGRESS_TOPIC.to_owned(),
+            body: Bytes::from(body),
+            store_timestamp_ms: self.now_ms(),
+            ..Record::default()
+        };
+        self.replicate(vec![rec]).await.map(|_| ())
+    }
+
+    /// A follower's side of a progress record: the snapshots go to sled,
+    /// where taking up leadership reads them.
+    fn apply_progress(&self, body: &[u8]) {
+        let mut at = 0usize;
+        let mut take = |n: usize| -> Option<&[u8]> {
+            let s = body.get(at..at + n)?;
+            at += n;
+            Some(s)
+        };
+        let mut read = || -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
+            let count = u32::from_le_bytes(take(4)?.try_into().ok()?);
+            let mut out = Vec::with_capacity(count as usize);
+            for _ in 0..count {
+                let kl = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+                let k = take(kl)?.to_vec();
+                let vl = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+                let v = take(vl)?.to_vec();
+                out.push((k, v));
+            }
+            Some(out)
+        };
+        let Some(pairs) = read() else {
+            tracing::error!("an unreadable progress record; skipped");
+            return;
+        };
+        for (k, v) in pairs {
+            if let Err(e) = self.store.meta().put(super::progress::GROUPS_SPACE, &k, &v) {
+                tracing::error!(error = %e, "could not save replicated consumer progress");
+            }
+        }
+    }
+
+    /// Declares a consumer group through the broker group's log.
+    ///
+    /// # Errors
+    /// As [`Broker::replicate`].
+    pub(crate) async fn replicate_consumer_group(
+        &self,
+        group: &str,
+        fifo: bool,
+    ) -> Result<(), BrokerError> {
+        let rec = Record {
+            kind: RecordKind::System,
+            topic: GROUPS_TOPIC.to_owned(),
+            properties: vec![
+                (GROUP_PROPERTY.to_owned(), group.to_owned()),
+                (
+                    FIFO_PROPERTY.to_owned(),
+                    if fifo { "1" } else { "0" }.to_owned(),
+                ),
+            ],
+            ..Record::default()
+        };
+        self.replicate(vec![rec]).await.map(|_| ())
+    }
+
+    /// Creates a topic through the broker group's log (a single broker:
+    /// at once).
+    ///
+    /// # Errors
+    /// As [`Broker::create_topic`] and [`Broker::replicate`].
+    pub async fn create_topic_everywhere(
+        &self,
+        name: &str,
+        queues: u32,
+    ) -> Result<(), BrokerError> {
+        if self.replication().is_none() {
+            return self.create_topic(name, queues).map(|_| ());
+        }
+        self.check_serving()?;
+        super::names::check_topic(name)?;
+        if self.topic(name).is_some() {
+            return Err(BrokerError::TopicExists(name.to_owned()));
+        }
+        let queues = if queues == 0 {
+            self.cfg.default_queues
+        } else {
+            queues
+        };
+        if queues > self.cfg.max_queues {
+            return Err(BrokerError::BadRequest(format!(
+                "{queues} queues exceeds max_queues {}",
+                self.cfg.max_queues
+            )));
+        }
+        self.replicate(vec![topic_record(name, queues)])
+            .await
+            .map(|_| ())
+    }
+
+    /// The leader's write: gives the dispatched records their queue offsets
+    /// (in log order), proposes them as one entry and waits until it is
+    /// committed and applied here. Returns where the records went and what
+    /// apply made of each.
+    ///
+    /// # Errors
+    /// [`BrokerError::NotLeader`] when this member is not serving or lost
+    /// leadership before the commit (the write may still be committed by
+    /// the next leader: retry with the same idempotency keys);
+    /// [`BrokerError::MessageTooLarge`] for a record past the store's limit.
+    pub(crate) async fn replicate(
+        &self,
+        mut records: Vec<Record>,
+    ) -> Result<(AppendReceipt, Vec<Outcome>), BrokerError> {
+        let r = self
+            .replication()
+            .ok_or_else(|| BrokerError::Internal("not a broker group member".into()))?;
+        if !r.repl.serving() {
+            return Err(not_leader(r));
+        }
+        let max_record = self.store.config().max_record_bytes;
+        let pending = {
+            let mut seq = r.seq.lock().await;
+            let term = r.repl.term();
+            if seq.term != term {
+                // A new term: whatever an earlier one proposed is applied or
+                // gone, so the applied queues are where to count from.
+                seq.next.clear();
+                seq.term = term;
+            }
+            let mut buf = Vec::with_capacity(records.iter().map(Record::encoded_len).sum());
+            let mut queue_offsets = Vec::with_capacity(records.len());
+            let mut assigned: Vec<((String, u32), u64)> = Vec::new();
+            for rec in &mut records {
+                rec.queue_offset = None;
+                if rec.kind.is_dispatched() {
+                    let key = (rec.topic.clone(), rec.queue_id);
+                    let next = match seq.next.get(&key) {
+                        Some(n) => *n,
+                        None => self
+                            .store
+                            .queue(&rec.topic, rec.queue_id)
+                            .map_or(0, |q| q.next_offset()),
+                    };
+                    rec.queue_offset = Some(next);
+                    assigned.push((key, next + 1));
+                }
+                queue_offsets.push(rec.queue_offset);
+                let before = buf.len();
+                let n = rec.encode_into(&mut buf)?;
+                if n > max_record {
+                    buf.truncate(before);
+                    return Err(halfmq_storage::Error::RecordTooLarge {
+                        size_bytes: n,
+                        limit_bytes: max_record,
+                    }
+                    .into());
+                }
+            }
+            let pending = r.repl.submit(Write(Bytes::from(buf))).await?;
+            // Submitted: the offsets are taken (a failed entry leaves holes
+            // at worst, never two messages at one offset).
+            for (key, next) in assigned {
+                seq.next.insert(key, next);
+            }
+            (pending, queue_offsets)
+        };
+        let (pending, queue_offsets) = pending;
+        let applied = pending.await.map_err(|e| match e {
+            ProposeError::NotLeader { leader } => BrokerError::LeadershipLost(leader),
+            other => other.into(),
+        })?;
+        Ok((
+            AppendReceipt {
+                offsets: applied.offsets,
+                sizes: applied.sizes,
+                queue_offsets,
+                end: applied.end,
+            },
+            applied.outcomes,
+        ))
+    }
+
+    /// Applies one committed entry on this replica (see the module docs):
+    /// decides each record's fate the same way on every replica, dispatches
+    /// the kept ones and records the entry applied.
+    ///
+    /// # Errors
+    /// Storage errors of the consume queues.
+    pub(crate) fn apply_entry(
+        &self,
+        records: &[(u64, Record)],
+        end: u64,
+        note: Vec<u8>,
+    ) -> Result<Vec<Outcome>, halfmq_storage::Error> {
+        let tx = self.tx();
+        let mut outcomes = Vec::with_capacity(records.len());
+        let mut keep: Vec<(u64, &Record)> = Vec::with_capacity(records.len());
+        let mut notify: Vec<&str> = Vec::new();
+        let mut halves = 0u64;
+        let mut topics_created: Vec<(String, u32)> = Vec::new();
+        let mut progress_bodies: Vec<&Bytes> = Vec::new();
+        let mut groups_declared: Vec<(String, bool)> = Vec::new();
+        {
+            let mut inner = tx.inner.lock();
+            let mut dedup = lock(&self.dedup);
+            for (offset, r) in records {
+                let size = r.encoded_len() as u64;
+                let outcome = match r.kind {
+                    RecordKind::Normal | RecordKind::Half => {
+                        let key = prop(r, IDEMPOTENCY_KEY_PROPERTY).map(|k| key_id(&r.topic, k));
+                        match key.and_then(|k| dedup.stored_at(k, r.store_timestamp_ms)) {
+                            Some(first) => Outcome::Duplicate(wire(&first)),
+                            None => {
+                                if let Some(k) = key {
+                                    dedup.stored(
+                                        k,
+                                        r.store_timestamp_ms,
+                                        FirstSend {
+                                            offset: *offset,
+                                            end: offset + size,
+                                            message_id: r.message_id,
+                                            queue_id: r.queue_id,
+                                            queue_offset: r.queue_offset,
+                                            deliver_at_ms: deliver_at(r).unwrap_or(0),
+                                        },
+                                    );
+                                }
+                                if r.kind == RecordKind::Half {
+                                    apply_record(&mut inner, *offset, r);
+                                    halves += 1;
+                                } else {
+                                    keep.push((*offset, r));
+                                    notify.push(&r.topic);
+                                }
+                                Outcome::Applied
+                            }
+                        }
+                    }
+                    RecordKind::TxCommit | RecordKind::TxRollback => {
+                        let commit = r.kind == RecordKind::TxCommit;
+                        match r.ref_offset {
+                            Some(half) if inner.sched.get(half).is_some() => {
+                                apply_record(&mut inner, *offset, r);
+                                tx.release_outstanding(&mut inner, half);
+                                if commit {
+                                    keep.push((*offset, r));
+                                    notify.push(&r.topic);
+                                }
+                                Outcome::Applied
+                            }
+                            Some(half) => match inner.recent.get(&half) {
+                                Some(c) if *c == commit => Outcome::AlreadyEnded,
+                                Some(_) => Outcome::Conflict,
+                                None => Outcome::NotPending,
+                            },
+                            None => Outcome::NotPending,
+                        }
+                    }
+                    RecordKind::System if r.topic == PROGRESS_TOPIC => {
+                        progress_bodies.push(&r.body);
+                        Outcome::Applied
+                    }
+                    RecordKind::System if r.topic == GROUPS_TOPIC => {
+                        let name = prop(r, GROUP_PROPERTY).unwrap_or_default().to_owned();
+                        groups_declared.push((name, prop(r, FIFO_PROPERTY) == Some("1")));
+                        Outcome::Applied
+                    }
+                    RecordKind::System if r.topic == TOPICS_TOPIC => {
+                        let name = prop(r, TOPIC_PROPERTY).unwrap_or_default().to_owned();
+                        let queues = prop(r, QUEUES_PROPERTY)
+                            .and_then(|q| q.parse().ok())
+                            .unwrap_or(0);
+                        topics_created.push((name, queues));
+                        Outcome::Applied
+                    }
+                    RecordKind::System => {
+                        apply_record(&mut inner, *offset, r);
+                        Outcome::Applied
+                    }
+                    RecordKind::Redelivery => {
+                        keep.push((*offset, r));
+                        notify.push(&r.topic);
+                        Outcome::Applied
+                    }
+                    _ => Outcome::Applied,
+                };
+                outcomes.push(outcome);
+            }
+        }
+        for (name, queues) in topics_created {
+            if let Err(e) = self.create_topic_unchecked(&name, queues, false) {
+                tracing::error!(topic = %name, error = %e, "a replicated topic could not be created here");
+            }
+        }
+        for (name, fifo) in groups_declared {
+            if let Err(e) = self.create_consumer_group(&name, fifo) {
+                tracing::error!(group = %name, error = %e, "a replicated consumer group could not be declared here");
+            }
+        }
+        // The leader's own progress is ahead of any record of it.
+        if self.check_serving().is_err() {
+            for b in progress_bodies {
+                self.apply_progress(b);
+            }
+        }
+        self.store.dispatch_applied(&keep, end, note)?;
+        if halves > 0 {
+            tx.wake.notify_one();
+        }
+        let mut last: Option<&str> = None;
+        for t in notify {
+            if last != Some(t) {
+                self.notify_topic(t);
+                last = Some(t);
+            }
+        }
+        self.counters
+            .applied_entries
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(outcomes)
+    }
+}
+
+/// The core's apply as the replication layer's state machine calls it.
+pub struct CoreApplier {
+    broker: Weak<Broker>,
+}
+
+impl CoreApplier {
+    /// The applier of `broker`.
+    pub fn new(broker: &Arc<Broker>) -> CoreApplier {
+        CoreApplier {
+            broker: Arc::downgrade(broker),
+        }
+    }
+}
+
+impl crate::cluster::state_machine::Applier for CoreApplier {
+    fn apply(
+        &self,
+        _index: u64,
+        records: &[(u64, Record)],
+        end: u64,
+        note: Vec<u8>,
+    ) -> std::io::Result<Vec<Outcome>> {
+        let Some(b) = self.broker.upgrade() else {
+            return Err(std::io::Error::other("the broker stopped"));
+        };
+        b.apply_entry(records, end, note)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    }
+}
