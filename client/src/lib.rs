@@ -13,6 +13,8 @@
 //!   together into `TransactionBatch` requests), and the producer session
 //!   answering check-backs with a [`TransactionChecker`].
 //! - [`Admin`]: topics, stats, pending transactions.
+//! - [`Cluster`]: a broker group's members, their roles and lag; membership
+//!   changes. [`Client::connect_cluster`] follows the group's leader.
 //!
 //! # Example
 //! ```no_run
@@ -43,10 +45,12 @@ use tonic::transport::{Channel, Endpoint};
 pub use halfmq_proto::v1::Code;
 
 mod admin;
+mod cluster;
 mod coalesce;
 mod consumer;
 mod transaction;
 pub use admin::{Admin, ResetTo, TopicInfo};
+pub use cluster::{Cluster, NodeStatus, Unanswered};
 use coalesce::{BatchLimits, Coalescer};
 pub use consumer::{ConsumeResult, Consumer, ReceivedMessage};
 /// A dead-lettered message (wire form), from [`Admin::list_dead_letters`].
@@ -222,6 +226,10 @@ pub struct ClientOptions {
     pub max_attempts: u32,
     /// First retry backoff; doubles each attempt up to 2 s. Default 50 ms.
     pub initial_backoff: Duration,
+    /// With several brokers (a broker group): how long a request keeps
+    /// looking for the leader (following `NOT_LEADER` hints, trying the
+    /// other addresses) before it fails. Default 10 s.
+    pub failover_timeout: Duration,
 }
 
 impl Default for ClientOptions {
@@ -231,23 +239,43 @@ impl Default for ClientOptions {
             request_timeout: Duration::from_secs(10),
             max_attempts: 5,
             initial_backoff: Duration::from_millis(50),
+            failover_timeout: Duration::from_secs(10),
         }
     }
 }
 
-/// A connection to a broker. Cheap to clone; clones share the connection.
+/// A connection to a broker, or to the leader of a broker group. Cheap to
+/// clone; clones share the connection.
 #[derive(Debug, Clone)]
 pub struct Client {
-    channel: Channel,
+    conn: Arc<Conn>,
     opts: Arc<ClientOptions>,
-    /// The address as given, for error messages.
-    addr: Arc<str>,
 }
+
+/// The brokers a client knows and the one it talks to.
+#[derive(Debug)]
+struct Conn {
+    /// Every address given, in order (one for a single broker).
+    brokers: Vec<String>,
+    /// (address, channel) of the broker requests go to now.
+    current: std::sync::RwLock<(Arc<str>, Channel)>,
+    /// Channels opened so far, by address (lazily connected).
+    channels: std::sync::Mutex<HashMap<String, Channel>>,
+    /// Addresses that failed to connect lately, and when: a `NOT_LEADER`
+    /// hint naming one (a follower that has not noticed the leader died)
+    /// is not followed for [`DOWN_FOR`].
+    down: std::sync::Mutex<HashMap<String, std::time::Instant>>,
+}
+
+/// How long an address that could not be reached is passed over.
+const DOWN_FOR: Duration = Duration::from_secs(2);
 
 impl Client {
     /// Connects lazily to `addr` (`host:port`, or a full `http://` URL) with
     /// default options. The first request opens the connection; after a
-    /// failure the next request reconnects.
+    /// failure the next request reconnects. `addr` may also list the
+    /// members of a broker group, comma-separated (see
+    /// [`Client::connect_cluster`]).
     ///
     /// # Errors
     /// [`ClientError::Connect`] for an unusable address.
@@ -260,23 +288,142 @@ impl Client {
     /// # Errors
     /// [`ClientError::Connect`] for an unusable address.
     pub async fn connect_with(addr: &str, opts: ClientOptions) -> Result<Client, ClientError> {
-        let url = endpoint_url(addr)?;
-        let ep = Endpoint::from_shared(url)
-            .map_err(|e| ClientError::Connect(format!("{addr}: {e}")))?
-            .connect_timeout(opts.connect_timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_while_idle(true);
+        let addrs: Vec<&str> = addr
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .collect();
+        Self::connect_cluster_with(&addrs, opts).await
+    }
+
+    /// Connects lazily to a broker group given some of its members'
+    /// addresses: requests go to the leader, found by trying the addresses
+    /// and following `NOT_LEADER` answers (which name it); after a failover
+    /// they follow the new leader within `failover_timeout`. Sends whose
+    /// messages carry idempotency keys ([`Producer`] gives them by default)
+    /// and ends are retried across a failover and stored once.
+    ///
+    /// # Errors
+    /// [`ClientError::Connect`] for no address or an unusable one.
+    pub async fn connect_cluster(addrs: &[&str]) -> Result<Client, ClientError> {
+        Self::connect_cluster_with(addrs, ClientOptions::default()).await
+    }
+
+    /// [`Client::connect_cluster`] with options.
+    ///
+    /// # Errors
+    /// As [`Client::connect_cluster`].
+    pub async fn connect_cluster_with(
+        addrs: &[&str],
+        opts: ClientOptions,
+    ) -> Result<Client, ClientError> {
+        let Some(first) = addrs.first() else {
+            return Err(ClientError::Connect("no broker address given".into()));
+        };
+        let mut channels = HashMap::new();
+        for a in addrs {
+            channels.insert((*a).to_owned(), open_channel(a, &opts)?);
+        }
+        let ch = channels[*first].clone();
         Ok(Client {
-            channel: ep.connect_lazy(),
+            conn: Arc::new(Conn {
+                brokers: addrs.iter().map(|a| (*a).to_owned()).collect(),
+                current: std::sync::RwLock::new((Arc::from(*first), ch)),
+                channels: std::sync::Mutex::new(channels),
+                down: std::sync::Mutex::new(HashMap::new()),
+            }),
             opts: Arc::new(opts),
-            addr: Arc::from(addr),
         })
     }
 
-    /// The broker address as given to [`Client::connect`].
-    pub fn addr(&self) -> &str {
-        &self.addr
+    /// The address of the broker requests go to now (for a broker group:
+    /// the leader, once found).
+    pub fn addr(&self) -> String {
+        self.current().0.to_string()
+    }
+
+    /// Every broker address given.
+    pub fn brokers(&self) -> &[String] {
+        &self.conn.brokers
+    }
+
+    fn current(&self) -> (Arc<str>, Channel) {
+        self.conn
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn channel(&self) -> Channel {
+        self.current().1
+    }
+
+    /// The (lazily connected) channel to `addr`, opened once.
+    pub(crate) fn channel_to(&self, addr: &str) -> Result<Channel, ClientError> {
+        let mut chans = self.conn.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = chans.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = open_channel(addr, &self.opts)?;
+        chans.insert(addr.to_owned(), c.clone());
+        Ok(c)
+    }
+
+    /// Whether this client knows several brokers (a broker group).
+    fn is_group(&self) -> bool {
+        self.conn.brokers.len() > 1
+    }
+
+    /// Points requests at `leader` when it is named (and not known to be
+    /// down), else at the next known address after the current one. Returns
+    /// whether it went to the named leader.
+    pub(crate) fn follow(&self, leader: &str) -> bool {
+        let (cur, _) = self.current();
+        let is_down = |a: &str| {
+            self.conn
+                .down
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(a)
+                .is_some_and(|t| t.elapsed() < DOWN_FOR)
+        };
+        let to_leader = !leader.is_empty() && !is_down(leader);
+        let next = if to_leader {
+            leader.to_owned()
+        } else {
+            let b = &self.conn.brokers;
+            let start = b.iter().position(|a| **a == *cur).unwrap_or(0);
+            // The next address that is not known to be down (else the next).
+            (1..=b.len())
+                .map(|k| &b[(start + k) % b.len()])
+                .find(|a| !is_down(a))
+                .unwrap_or(&b[(start + 1) % b.len()])
+                .clone()
+        };
+        if *next == *cur {
+            return to_leader;
+        }
+        let ch = {
+            let mut chans = self.conn.channels.lock().unwrap_or_else(|e| e.into_inner());
+            match chans.get(&next) {
+                Some(c) => c.clone(),
+                None => match open_channel(&next, &self.opts) {
+                    Ok(c) => {
+                        chans.insert(next.clone(), c.clone());
+                        c
+                    }
+                    Err(e) => {
+                        tracing::warn!(address = %next, error = %e, "cannot use the leader's address");
+                        return false;
+                    }
+                },
+            }
+        };
+        tracing::debug!(from = %cur, to = %next, "following the broker group's leader");
+        *self.conn.current.write().unwrap_or_else(|e| e.into_inner()) =
+            (Arc::from(next.as_str()), ch);
+        to_leader
     }
 
     /// The error of a failed call: [`ClientError::Unreachable`] when no
@@ -287,7 +434,7 @@ impl Client {
     pub(crate) fn transport_error(&self, s: tonic::Status) -> ClientError {
         if let Some(reason) = connect_failure(&s) {
             return ClientError::Unreachable {
-                addr: self.addr.to_string(),
+                addr: self.addr(),
                 reason,
             };
         }
@@ -301,19 +448,19 @@ impl Client {
     }
 
     fn producer(&self) -> pb::producer_client::ProducerClient<Channel> {
-        pb::producer_client::ProducerClient::new(self.channel.clone())
+        pb::producer_client::ProducerClient::new(self.channel())
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX)
     }
 
     fn consumer(&self) -> pb::consumer_client::ConsumerClient<Channel> {
-        pb::consumer_client::ConsumerClient::new(self.channel.clone())
+        pb::consumer_client::ConsumerClient::new(self.channel())
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX)
     }
 
     fn admin(&self) -> pb::admin_client::AdminClient<Channel> {
-        pb::admin_client::AdminClient::new(self.channel.clone())
+        pb::admin_client::AdminClient::new(self.channel())
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX)
     }
@@ -335,6 +482,7 @@ impl Client {
     ) -> Result<Resp, ClientError>
     where
         Req: Clone,
+        Resp: Answer,
         F: FnMut(tonic::Request<Req>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
     {
@@ -351,6 +499,7 @@ impl Client {
     ) -> Result<Resp, ClientError>
     where
         Req: Clone,
+        Resp: Answer,
         F: FnMut(tonic::Request<Req>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
     {
@@ -384,22 +533,43 @@ impl Client {
     /// with a transport error `max_attempts` times; backs off between tries.
     /// Connection failures are retried; with `idempotent` (sends whose
     /// messages all carry idempotency keys, ends) a timeout is retried too:
-    /// repeating the request cannot store or decide anything twice.
+    /// repeating the request cannot store or decide anything twice. With a
+    /// broker group, a `NOT_LEADER` answer (nothing was done) is sent again
+    /// to the leader it names, or to the next address; `LEADERSHIP_LOST`
+    /// (the outcome is unknown) only when `idempotent`; connection failures
+    /// move on to the next address; all within `failover_timeout`.
     pub(crate) async fn retry_with<T, F, Fut>(
         &self,
         idempotent: bool,
         mut call: F,
     ) -> Result<T, ClientError>
     where
+        T: Answer,
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, ClientError>>,
     {
         let mut backoff = self.opts.initial_backoff;
         let mut attempt = 1;
+        let deadline = std::time::Instant::now() + self.opts.failover_timeout;
+        let group = self.is_group();
         loop {
+            let in_time = group && std::time::Instant::now() < deadline;
             match call().await {
+                Ok(resp) => match resp.redirect() {
+                    Some((code, leader)) if in_time && (code == Code::NotLeader || idempotent) => {
+                        tracing::debug!(?code, leader, "not the leader; following");
+                        let to_leader = self.follow(&leader);
+                        // An election leaves no leader for a moment: wait a
+                        // little before asking again.
+                        if !to_leader || code == Code::LeadershipLost {
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_millis(250));
+                        }
+                    }
+                    _ => return Ok(resp),
+                },
                 Err(e)
-                    if attempt < self.opts.max_attempts
+                    if (attempt < self.opts.max_attempts || in_time)
                         && match &e {
                             ClientError::Transport(s) => {
                                 retryable(s)
@@ -414,13 +584,131 @@ impl Client {
                         } =>
                 {
                     tracing::debug!(attempt, error = %e, "retrying after transport error");
+                    if group {
+                        // This member is gone (or going): try the others,
+                        // and do not come back to it on a stale hint.
+                        self.conn
+                            .down
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(self.addr(), std::time::Instant::now());
+                        let _ = self.follow("");
+                    }
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    let cap = if group {
+                        Duration::from_millis(250)
+                    } else {
+                        Duration::from_secs(2)
+                    };
+                    backoff = (backoff * 2).min(cap);
                     attempt += 1;
                 }
                 other => return other,
             }
         }
+    }
+
+    /// Runs `call` once, except that with a broker group a `NOT_LEADER`
+    /// answer (nothing was done) is sent again to the leader, within
+    /// `failover_timeout`: for requests that are not safe to repeat after a
+    /// transport error.
+    pub(crate) async fn redirected<T, F, Fut>(&self, mut call: F) -> Result<T, ClientError>
+    where
+        T: Answer,
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, ClientError>>,
+    {
+        let deadline = std::time::Instant::now() + self.opts.failover_timeout;
+        let mut backoff = self.opts.initial_backoff;
+        loop {
+            let resp = call().await?;
+            match resp.redirect() {
+                Some((Code::NotLeader, leader))
+                    if self.is_group() && std::time::Instant::now() < deadline =>
+                {
+                    if !self.follow(&leader) {
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_millis(250));
+                    }
+                }
+                _ => return Ok(resp),
+            }
+        }
+    }
+}
+
+/// A lazily connected channel to `addr`.
+fn open_channel(addr: &str, opts: &ClientOptions) -> Result<Channel, ClientError> {
+    let url = endpoint_url(addr)?;
+    let ep = Endpoint::from_shared(url)
+        .map_err(|e| ClientError::Connect(format!("{addr}: {e}")))?
+        .connect_timeout(opts.connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_while_idle(true);
+    Ok(ep.connect_lazy())
+}
+
+/// An answer the client looks at before handing it on: whether it says
+/// "not here" (a broker group member that is not the leader).
+pub(crate) trait Answer {
+    /// The redirecting status (`NOT_LEADER`, `LEADERSHIP_LOST`) and the
+    /// leader it names (empty when none is known), if the answer is one.
+    fn redirect(&self) -> Option<(Code, String)>;
+}
+
+fn redirect_of(s: Option<&pb::Status>) -> Option<(Code, String)> {
+    let s = s?;
+    match Code::try_from(s.code) {
+        Ok(c @ (Code::NotLeader | Code::LeadershipLost)) => Some((c, s.leader.clone())),
+        _ => None,
+    }
+}
+
+macro_rules! answers {
+    ($($t:ident),* $(,)?) => {
+        $(impl Answer for pb::$t {
+            fn redirect(&self) -> Option<(Code, String)> {
+                redirect_of(self.status.as_ref())
+            }
+        })*
+    };
+}
+
+answers!(
+    SendResponse,
+    ReceiveResponse,
+    AckResponse,
+    NackResponse,
+    ChangeInvisibleDurationResponse,
+    CreateTopicResponse,
+    CreateConsumerGroupResponse,
+    ListConsumerGroupsResponse,
+    ListTopicsResponse,
+    StatsResponse,
+    SendHalfResponse,
+    EndTransactionResponse,
+    SendHalvesResponse,
+    EndTransactionsResponse,
+    ListDeadLettersResponse,
+    DeadLetterCountsResponse,
+    RedriveDeadLettersResponse,
+    PurgeDeadLettersResponse,
+    ResetOffsetResponse,
+    DeleteTopicResponse,
+    ListTransactionsResponse,
+);
+
+impl Answer for pb::TransactionBatchResponse {
+    fn redirect(&self) -> Option<(Code, String)> {
+        // Refused as a whole: the halves' status, or every end's.
+        redirect_of(self.halves_status.as_ref()).or_else(|| {
+            let first = redirect_of(self.end_results.first())?;
+            self.end_results
+                .iter()
+                .all(|s| redirect_of(Some(s)).is_some())
+                .then_some(first)
+        })
     }
 }
 
@@ -797,7 +1085,7 @@ async fn send_wire(
     let sent = if msgs.iter().all(|m| m.idempotency_key.is_some()) {
         client.retry_with(true, once).await
     } else {
-        once().await
+        client.redirected(once).await
     };
     let resp = sent.map_err(|e| e.for_batch(n))?;
     check(resp.status)?;

@@ -391,7 +391,7 @@ async fn send_halves_wire(
     let resp = if keyed {
         client.retry_with(true, once).await
     } else {
-        once().await
+        client.redirected(once).await
     }
     .map_err(|e| e.for_batch(n))?;
     check(resp.status)?;
@@ -685,15 +685,36 @@ async fn session_loop<C: TransactionChecker>(
                         Ok(Some(pb::SessionDown {
                             kind: Some(pb::session_down::Kind::Error(s)),
                         })) => {
-                            tracing::error!(code = s.code, message = %s.message, "producer session refused");
+                            if s.code == pb::Code::NotLeader as i32 {
+                                // A broker group member that is not (or no
+                                // longer) the leader: go to the one it names.
+                                tracing::debug!(leader = %s.leader, "producer session moves to the leader");
+                                let _ = client.follow(&s.leader);
+                                backoff = Duration::from_millis(50);
+                            } else {
+                                tracing::error!(code = s.code, message = %s.message, "producer session refused");
+                            }
                             break;
                         }
                         Ok(Some(_)) => {}
-                        Ok(None) | Err(_) => break,
+                        Ok(None) | Err(_) => {
+                            // The broker went away: with a broker group,
+                            // try the next member (it names the leader).
+                            if client.brokers().len() > 1 {
+                                let _ = client.follow("");
+                                backoff = Duration::from_millis(50);
+                            }
+                            break;
+                        }
                     }
                 }
             }
-            Err(e) => tracing::debug!(error = %e, "producer session could not open"),
+            Err(e) => {
+                tracing::debug!(error = %e, "producer session could not open");
+                if client.brokers().len() > 1 {
+                    let _ = client.follow("");
+                }
+            }
         }
         let _ = connected.send(false);
         tokio::select! {

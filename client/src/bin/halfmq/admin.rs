@@ -1,10 +1,10 @@
-//! `halfmq topic`, `group`, `dlq` and `stats`.
+//! `halfmq topic`, `group`, `dlq`, `cluster` and `stats`.
 
 use std::collections::BTreeMap;
 
 use anyhow::bail;
 use clap::Subcommand;
-use halfmq_client::{Admin, Client, ResetTo};
+use halfmq_client::{Admin, Client, Cluster, ResetTo};
 use serde_json::json;
 
 use crate::out;
@@ -407,4 +407,104 @@ pub async fn stats(client: Client, json: bool) -> anyhow::Result<()> {
         "\n\n\"since start\" counters restart from 0 when the broker restarts; the others are its state now.",
     );
     out::line(text)
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCmd {
+    /// Every member's role, term, applied index and lag behind the leader
+    /// (each member in --broker, and every member they name, is asked).
+    Status {
+        /// One JSON object per member: node_id, address, role (leader |
+        /// follower | learner | candidate | unreachable), term,
+        /// last_applied, lag.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Adds node ID, whose client address is ADDR, as a learner: it
+    /// catches up from the log and does not vote. Returns once it has.
+    AddLearner {
+        /// Node id.
+        id: u64,
+        /// Its client address, HOST:PORT.
+        addr: String,
+    },
+    /// Makes learner ID a voter.
+    Promote {
+        /// Node id.
+        id: u64,
+    },
+    /// Removes member ID from the group.
+    Remove {
+        /// Node id.
+        id: u64,
+    },
+}
+
+pub async fn cluster(client: Client, cmd: ClusterCmd) -> anyhow::Result<()> {
+    let c = Cluster::new(client);
+    match cmd {
+        ClusterCmd::Status { json } => {
+            let (nodes, failed) = c.status().await;
+            if nodes.is_empty() && !failed.is_empty() {
+                let why: Vec<String> = failed
+                    .iter()
+                    .map(|f| format!("{}: {}", f.address, f.error))
+                    .collect();
+                bail!("no member answered: {}", why.join("; "));
+            }
+            if json {
+                for n in &nodes {
+                    out::line(
+                        json!({"node_id": n.node_id, "address": n.address, "role": n.role,
+                        "term": n.term, "last_applied": n.last_applied, "lag": n.lag}),
+                    )?;
+                }
+                for f in &failed {
+                    out::line(json!({"node_id": f.node_id, "address": f.address,
+                        "role": "unreachable", "error": f.error.to_string()}))?;
+                }
+                return Ok(());
+            }
+            let mut rows = vec![
+                ["node_id", "address", "role", "term", "last_applied", "lag"]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect::<Vec<String>>(),
+            ];
+            for n in &nodes {
+                rows.push(vec![
+                    n.node_id.to_string(),
+                    n.address.clone(),
+                    n.role.clone(),
+                    n.term.to_string(),
+                    n.last_applied.to_string(),
+                    n.lag.map_or("-".into(), |l| l.to_string()),
+                ]);
+            }
+            for f in &failed {
+                rows.push(vec![
+                    f.node_id.map_or("?".into(), |i| i.to_string()),
+                    f.address.clone(),
+                    "unreachable".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                ]);
+            }
+            out::line(out::table(&rows).trim_end())?;
+        }
+        ClusterCmd::AddLearner { id, addr } => {
+            c.add_learner(id, &addr).await?;
+            out::line(format!("node {id} ({addr}) added as a learner"))?;
+        }
+        ClusterCmd::Promote { id } => {
+            c.promote(id).await?;
+            out::line(format!("node {id} is a voter"))?;
+        }
+        ClusterCmd::Remove { id } => {
+            c.remove(id).await?;
+            out::line(format!("node {id} removed"))?;
+        }
+    }
+    Ok(())
 }

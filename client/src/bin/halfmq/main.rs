@@ -31,7 +31,9 @@ fn duration(s: &str) -> Result<Duration, String> {
 #[derive(Debug, Parser)]
 #[command(name = "halfmq", version)]
 struct Cli {
-    /// Broker address, HOST:PORT.
+    /// Broker address, HOST:PORT; for a broker group, its members'
+    /// addresses comma-separated (requests go to the leader and follow it
+    /// across a failover).
     #[arg(
         long,
         global = true,
@@ -121,6 +123,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: admin::DlqCmd,
     },
+    /// A broker group: status of its members, membership changes.
+    Cluster {
+        #[command(subcommand)]
+        cmd: admin::ClusterCmd,
+    },
     /// The broker's counters.
     Stats {
         /// One JSON object.
@@ -178,6 +185,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Group { cmd } => admin::group(client, cmd).await?,
         Cmd::Dlq { cmd } => admin::dlq(client, cmd).await?,
         Cmd::Stats { json } => admin::stats(client, json).await?,
+        Cmd::Cluster { cmd } => admin::cluster(client, cmd).await?,
         Cmd::Tx { cmd } => tx::run(client, cmd).await?,
         Cmd::Send { msg, delay, json } => {
             let template = msg.message()?;
