@@ -349,12 +349,14 @@ impl Broker {
             }
             let mut buf = Vec::with_capacity(records.iter().map(Record::encoded_len).sum());
             let mut queue_offsets = Vec::with_capacity(records.len());
-            let mut assigned: Vec<((String, u32), u64)> = Vec::new();
+            // Next offsets of the queues this entry uses (several records of
+            // one queue take consecutive offsets).
+            let mut assigned: HashMap<(String, u32), u64> = HashMap::default();
             for rec in &mut records {
                 rec.queue_offset = None;
                 if rec.kind.is_dispatched() {
                     let key = (rec.topic.clone(), rec.queue_id);
-                    let next = match seq.next.get(&key) {
+                    let next = match assigned.get(&key).or_else(|| seq.next.get(&key)) {
                         Some(n) => *n,
                         None => self
                             .store
@@ -362,7 +364,7 @@ impl Broker {
                             .map_or(0, |q| q.next_offset()),
                     };
                     rec.queue_offset = Some(next);
-                    assigned.push((key, next + 1));
+                    assigned.insert(key, next + 1);
                 }
                 queue_offsets.push(rec.queue_offset);
                 let before = buf.len();

@@ -1,0 +1,425 @@
+//! A broker group of 3 processes on 127.0.0.1 (own ports and data dirs)
+//! under mixed load, its **leader** killed with SIGKILL at random moments and
+//! restarted, while clients that know all three addresses go on:
+//! - a producer of keyed sends (`n-<k>`, automatic idempotency keys);
+//! - a transactional producer (body `tx-<n>`: commit for even n, rollback
+//!   for odd); every third "crashes" (sends no end) and a checker of the
+//!   group answers check-backs from the same decision table;
+//! - two consumers of one group that ack, nack a first delivery now and
+//!   then, and let some expire.
+//!
+//! At the end (every half resolved) it checks: no acknowledged send or
+//! committed half is lost; no rolled-back half was delivered; one message id
+//! per body (a send retried across a failover is stored once, a transaction
+//! has one id); per queue, the queue offsets delivered have no gaps; every
+//! replica applied the same log. It reports the failover time (kill → next
+//! acknowledged send), p50 and max.
+//!
+//! `HALFMQ_CLUSTER_KILLS` sets the number of leader kills (default 5).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use halfmq_client::{
+    Admin, Client, ClientOptions, Cluster, Consumer, Message, MessageView, Producer,
+    TransactionProducer, TransactionResolution,
+};
+use halfmq_tests::BrokerProcess;
+use rand::Rng;
+
+fn decision(body: &str) -> Option<bool> {
+    body.strip_prefix("tx-")
+        .and_then(|n| n.parse::<u64>().ok())
+        .map(|n| n.is_multiple_of(2))
+}
+
+fn table_checker(m: MessageView) -> std::future::Ready<TransactionResolution> {
+    std::future::ready(match decision(&String::from_utf8_lossy(&m.body)) {
+        Some(true) => TransactionResolution::Commit,
+        Some(false) => TransactionResolution::Rollback,
+        None => TransactionResolution::Unknown,
+    })
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[derive(Default)]
+struct Ledger {
+    /// Message ids of acknowledged sends.
+    sent: HashSet<String>,
+    /// Acknowledged halves: message id -> decision is commit.
+    halves: HashMap<String, bool>,
+    /// Distinct message ids seen per body.
+    ids_per_body: HashMap<String, HashSet<String>>,
+    /// Message ids delivered.
+    delivered: HashSet<String>,
+    /// Message ids whose ack the broker acknowledged.
+    acked: HashSet<String>,
+    /// Queue offsets delivered per queue id (topic "orders").
+    offsets: BTreeMap<u32, BTreeSet<u64>>,
+    /// Rolled-back bodies that were delivered (must stay empty).
+    rolled_back_delivered: Vec<String>,
+    /// When the last send was acknowledged.
+    last_ack: Option<Instant>,
+}
+
+struct Group {
+    dirs: Vec<tempfile::TempDir>,
+    addrs: Vec<String>,
+    peers: String,
+    procs: Vec<Option<BrokerProcess>>,
+}
+
+impl Group {
+    fn flags(&self, i: usize) -> Vec<String> {
+        [
+            "--listen",
+            &self.addrs[i],
+            "--node-id",
+            &(i + 1).to_string(),
+            "--peers",
+            &self.peers,
+            "--raft-heartbeat-interval",
+            "50ms",
+            "--raft-election-timeout-min",
+            "300ms",
+            "--raft-election-timeout-max",
+            "600ms",
+            "--checkpoint-interval",
+            "200ms",
+            "--transaction-timeout",
+            "300ms",
+            "--check-interval",
+            "300ms",
+            "--check-reply-timeout",
+            "500ms",
+            "--check-max",
+            "1000",
+            "--retry-delays",
+            "100ms 200ms",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    fn start(&mut self, i: usize) {
+        let flags = self.flags(i);
+        let f: Vec<&str> = flags.iter().map(String::as_str).collect();
+        self.procs[i] = Some(BrokerProcess::start(self.dirs[i].path(), &f));
+    }
+}
+
+#[test]
+fn leader_kills_lose_nothing_acknowledged() {
+    let kills: usize = std::env::var("HALFMQ_CLUSTER_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let addrs: Vec<String> = (0..3)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    let peers = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("{}={a}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut g = Group {
+        dirs: (0..3).map(|_| tempfile::tempdir().unwrap()).collect(),
+        addrs: addrs.clone(),
+        peers,
+        procs: vec![None, None, None],
+    };
+    for i in 0..3 {
+        g.start(i);
+    }
+    let all = addrs.join(",");
+    let rt = halfmq_tests::runtime();
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let producing = Arc::new(AtomicBool::new(true));
+    let consuming = Arc::new(AtomicBool::new(true));
+    let opts = || ClientOptions {
+        request_timeout: Duration::from_secs(3),
+        failover_timeout: Duration::from_secs(20),
+        ..ClientOptions::default()
+    };
+    let tasks = rt.block_on(async {
+        let mut tasks = Vec::new();
+        {
+            let p = Producer::new(Client::connect_with(&all, opts()).await.unwrap());
+            let (ledger, producing) = (ledger.clone(), producing.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut k = 0u64;
+                while producing.load(Ordering::Relaxed) {
+                    let body = format!("n-{k}");
+                    if let Ok(r) = p.send(Message::new("orders", body)).await {
+                        let mut l = ledger.lock().unwrap();
+                        l.sent.insert(r.message_id);
+                        l.last_ack = Some(Instant::now());
+                        k += 1;
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }));
+        }
+        {
+            // Batches of 4 to one queue: consecutive queue offsets in one entry.
+            let p = Producer::new(Client::connect_with(&all, opts()).await.unwrap());
+            let (ledger, producing) = (ledger.clone(), producing.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut b = 0u64;
+                while producing.load(Ordering::Relaxed) {
+                    let msgs: Vec<Message> = (0..4)
+                        .map(|j| {
+                            Message::new("orders", format!("b-{b}-{j}"))
+                                .with_queue_id((b % 4) as u32)
+                        })
+                        .collect();
+                    if let Ok(rs) = p.send_batch(msgs).await {
+                        let mut l = ledger.lock().unwrap();
+                        for r in rs {
+                            l.sent.insert(r.message_id);
+                        }
+                        b += 1;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }));
+        }
+        {
+            let tp = TransactionProducer::new(
+                Client::connect_with(&all, opts()).await.unwrap(),
+                "cluster-pg",
+                table_checker,
+            );
+            let (ledger, producing) = (ledger.clone(), producing.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut n = 0u64;
+                while producing.load(Ordering::Relaxed) {
+                    let body = format!("tx-{n}");
+                    let commit = n.is_multiple_of(2);
+                    if let Ok(tx) = tp.send_half(Message::new("orders", body)).await {
+                        ledger
+                            .lock()
+                            .unwrap()
+                            .halves
+                            .insert(tx.message_id.clone(), commit);
+                        if !n.is_multiple_of(3) {
+                            let _ = if commit {
+                                tx.commit().await
+                            } else {
+                                tx.rollback().await
+                            };
+                        }
+                        n += 1;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }));
+        }
+        let checker = TransactionProducer::new(
+            Client::connect_with(&all, opts()).await.unwrap(),
+            "cluster-pg",
+            table_checker,
+        );
+        for _ in 0..2 {
+            let c = Consumer::new(
+                Client::connect_with(&all, opts()).await.unwrap(),
+                "billing",
+                "orders",
+            )
+            .with_invisible_duration(Duration::from_millis(500));
+            let (ledger, consuming) = (ledger.clone(), consuming.clone());
+            tasks.push(tokio::spawn(async move {
+                while consuming.load(Ordering::Relaxed) {
+                    let msgs = match c.receive(32, Duration::from_millis(300)).await {
+                        Ok(m) => m,
+                        Err(_) => {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    for m in msgs {
+                        let body = String::from_utf8_lossy(&m.body).into_owned();
+                        {
+                            let mut l = ledger.lock().unwrap();
+                            l.delivered.insert(m.message_id.clone());
+                            l.ids_per_body
+                                .entry(body.clone())
+                                .or_default()
+                                .insert(m.message_id.clone());
+                            if !m.retry {
+                                l.offsets
+                                    .entry(m.queue_id)
+                                    .or_default()
+                                    .insert(m.queue_offset);
+                            }
+                            if decision(&body) == Some(false) {
+                                l.rolled_back_delivered.push(body.clone());
+                            }
+                        }
+                        let k: u64 = body
+                            .rsplit('-')
+                            .next()
+                            .and_then(|s| s.parse().ok())
+                            .unwrap_or(0);
+                        if m.reconsume_times == 0 && k % 7 == 1 {
+                            let _ = c.nack(&m, "first try fails", None).await;
+                        } else if m.reconsume_times == 0 && k % 7 == 2 {
+                            // left to expire
+                        } else if c.ack(&m).await.is_ok() {
+                            ledger.lock().unwrap().acked.insert(m.message_id.clone());
+                        }
+                    }
+                }
+            }));
+        }
+        tasks.push(tokio::spawn(async move {
+            std::future::pending::<()>().await;
+            drop(checker);
+        }));
+        tasks
+    });
+
+    // Kill the leader `kills` times; each time measure how long until the
+    // next send is acknowledged.
+    let mut rng = rand::thread_rng();
+    let mut failovers = Vec::new();
+    std::thread::sleep(Duration::from_millis(1500));
+    for _ in 0..kills {
+        std::thread::sleep(Duration::from_millis(rng.gen_range(300..900)));
+        let leader = rt.block_on(async {
+            let c = Cluster::new(Client::connect(&all).await.unwrap());
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let (nodes, _) = c.status().await;
+                if let Some(n) = nodes.iter().find(|n| n.role == "leader") {
+                    return n.node_id as usize - 1;
+                }
+                assert!(Instant::now() < deadline, "no leader");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        let killed_at = Instant::now();
+        if let Some(p) = g.procs[leader].take() {
+            p.kill9();
+        }
+        let deadline = killed_at + Duration::from_secs(30);
+        loop {
+            let last = ledger.lock().unwrap().last_ack;
+            if last.is_some_and(|t| t > killed_at) {
+                failovers.push(last.unwrap_or(killed_at) - killed_at);
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no send acknowledged 30 s after the leader was killed"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(rng.gen_range(100..500)));
+        g.start(leader);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    producing.store(false, Ordering::Relaxed);
+
+    // Drain: every acknowledged send and committed half delivered, every
+    // half resolved.
+    rt.block_on(async {
+        let admin = Admin::new(Client::connect_with(&all, opts()).await.unwrap());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let missing = {
+                let l = ledger.lock().unwrap();
+                l.sent
+                    .iter()
+                    .chain(l.halves.iter().filter(|(_, c)| **c).map(|(id, _)| id))
+                    .filter(|id| !l.acked.contains(*id))
+                    .count()
+            };
+            let pending = admin
+                .list_transactions()
+                .await
+                .map(|v| v.len())
+                .unwrap_or(usize::MAX);
+            if missing == 0 && pending == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "after 60 s: {missing} acknowledged messages not delivered and acked, {pending} halves pending"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    consuming.store(false, Ordering::Relaxed);
+    rt.block_on(async {
+        for t in tasks {
+            t.abort();
+        }
+    });
+
+    let l = ledger.lock().unwrap();
+    assert!(
+        l.rolled_back_delivered.is_empty(),
+        "rolled-back halves delivered: {:?}",
+        l.rolled_back_delivered
+    );
+    let twice: Vec<_> = l
+        .ids_per_body
+        .iter()
+        .filter(|(_, ids)| ids.len() > 1)
+        .collect();
+    assert!(
+        twice.is_empty(),
+        "bodies stored under two message ids: {twice:?}"
+    );
+    for (q, offs) in &l.offsets {
+        let max = offs.iter().next_back().copied().unwrap_or(0);
+        let gaps: Vec<u64> = (0..=max).filter(|o| !offs.contains(o)).collect();
+        assert!(
+            gaps.is_empty(),
+            "queue {q}: offsets never delivered: {gaps:?}"
+        );
+    }
+    // Every replica applied the same log.
+    let applied = rt.block_on(async {
+        let c = Cluster::new(Client::connect(&all).await.unwrap());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (nodes, failed) = c.status().await;
+            let applied: BTreeSet<u64> = nodes.iter().map(|n| n.last_applied).collect();
+            if failed.is_empty() && nodes.len() == 3 && applied.len() == 1 {
+                return applied;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replicas did not converge: {nodes:?}, unreachable {}",
+                failed.len()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    failovers.sort();
+    eprintln!(
+        "{kills} leader kills: {} sends and {} halves acknowledged, {} delivered, {} acked; \
+         failover (kill -> next acknowledged send) p50 {:?}, max {:?}; every replica applied index {:?}",
+        l.sent.len(),
+        l.halves.len(),
+        l.delivered.len(),
+        l.acked.len(),
+        failovers[failovers.len() / 2],
+        failovers.last().copied().unwrap_or_default(),
+        applied
+    );
+}
