@@ -689,7 +689,6 @@ answers!(
     SendHalfResponse,
     EndTransactionResponse,
     SendHalvesResponse,
-    EndTransactionsResponse,
     ListDeadLettersResponse,
     DeadLetterCountsResponse,
     RedriveDeadLettersResponse,
@@ -699,16 +698,26 @@ answers!(
     ListTransactionsResponse,
 );
 
+impl Answer for pb::EndTransactionsResponse {
+    fn redirect(&self) -> Option<(Code, String)> {
+        // Refused as a whole, or every end refused the same way.
+        redirect_of(self.status.as_ref()).or_else(|| all_redirect(&self.results))
+    }
+}
+
+/// The redirect all of `results` carry, if every one is one.
+fn all_redirect(results: &[pb::Status]) -> Option<(Code, String)> {
+    let first = redirect_of(results.first())?;
+    results
+        .iter()
+        .all(|s| redirect_of(Some(s)).is_some())
+        .then_some(first)
+}
+
 impl Answer for pb::TransactionBatchResponse {
     fn redirect(&self) -> Option<(Code, String)> {
         // Refused as a whole: the halves' status, or every end's.
-        redirect_of(self.halves_status.as_ref()).or_else(|| {
-            let first = redirect_of(self.end_results.first())?;
-            self.end_results
-                .iter()
-                .all(|s| redirect_of(Some(s)).is_some())
-                .then_some(first)
-        })
+        redirect_of(self.halves_status.as_ref()).or_else(|| all_redirect(&self.end_results))
     }
 }
 

@@ -81,7 +81,7 @@ impl Clock for SystemClock {
 }
 
 /// Keyspace of the broker's own flags.
-const BROKER_SPACE: &str = "broker";
+pub(crate) const BROKER_SPACE: &str = "broker";
 /// Present while stopped after a clean shutdown: written last at shutdown,
 /// removed (durably) at start-up. Its absence at start-up means the last run
 /// ended without one (kill -9, power loss, panic), so acks taken after the

@@ -54,6 +54,11 @@ pub(crate) const PROGRESS_TOPIC: &str = "%PROGRESS%";
 /// Topic of the control records declaring consumer groups (property
 /// `halfmq.group` = name, `halfmq.fifo` = 1 or 0).
 pub(crate) const GROUPS_TOPIC: &str = "%GROUPS%";
+/// Topic of the control record that gives the group its MAC key (body: 32
+/// bytes): the first one applied wins, on every member.
+pub(crate) const SECRET_TOPIC: &str = "%SECRET%";
+/// Present (sled keyspace `broker`) once this member took the group's key.
+const GROUP_SECRET_KEY: &[u8] = b"group_secret";
 const GROUP_PROPERTY: &str = "halfmq.group";
 const FIFO_PROPERTY: &str = "halfmq.fifo";
 const TOPIC_PROPERTY: &str = "halfmq.topic";
@@ -259,6 +264,54 @@ impl Broker {
         }
     }
 
+    /// Whether this member has taken the broker group's MAC key.
+    pub(crate) fn group_secret_adopted(&self) -> bool {
+        matches!(
+            self.store.meta().get(super::BROKER_SPACE, GROUP_SECRET_KEY),
+            Ok(Some(_))
+        )
+    }
+
+    /// The first leader of a group gives it its MAC key (its own): proposed
+    /// before it serves, so that every transaction id and receipt handle is
+    /// made with a key all members share.
+    ///
+    /// # Errors
+    /// As [`Broker::replicate`].
+    pub(crate) async fn propose_group_secret(&self) -> Result<(), BrokerError> {
+        let rec = Record {
+            kind: RecordKind::System,
+            topic: SECRET_TOPIC.to_owned(),
+            body: Bytes::copy_from_slice(&self.secret.key_bytes()),
+            store_timestamp_ms: self.now_ms(),
+            ..Record::default()
+        };
+        self.replicate(vec![rec]).await.map(|_| ())
+    }
+
+    fn apply_secret(&self, body: &[u8]) {
+        if self.group_secret_adopted() {
+            return;
+        }
+        let Ok(key) = <[u8; super::secret::KEY_BYTES]>::try_from(body) else {
+            tracing::error!("a group key record of the wrong size; ignored");
+            return;
+        };
+        let adopted = self.secret.adopt(&self.cfg.data_dir, key).and_then(|()| {
+            self.store
+                .meta()
+                .put(super::BROKER_SPACE, GROUP_SECRET_KEY, b"1")?;
+            self.store.meta().flush()?;
+            Ok(())
+        });
+        match adopted {
+            Ok(()) => {
+                tracing::info!("took the broker group's key (transaction ids, receipt handles)")
+            }
+            Err(e) => tracing::error!(error = %e, "could not take the broker group's key"),
+        }
+    }
+
     /// Declares a consumer group through the broker group's log.
     ///
     /// # Errors
@@ -422,6 +475,7 @@ impl Broker {
         let mut topics_created: Vec<(String, u32)> = Vec::new();
         let mut progress_bodies: Vec<&Bytes> = Vec::new();
         let mut groups_declared: Vec<(String, bool)> = Vec::new();
+        let mut secrets: Vec<&Bytes> = Vec::new();
         {
             let mut inner = tx.inner.lock();
             let mut dedup = lock(&self.dedup);
@@ -478,6 +532,10 @@ impl Broker {
                             None => Outcome::NotPending,
                         }
                     }
+                    RecordKind::System if r.topic == SECRET_TOPIC => {
+                        secrets.push(&r.body);
+                        Outcome::Applied
+                    }
                     RecordKind::System if r.topic == PROGRESS_TOPIC => {
                         progress_bodies.push(&r.body);
                         Outcome::Applied
@@ -513,6 +571,9 @@ impl Broker {
             if let Err(e) = self.create_topic_unchecked(&name, queues, false) {
                 tracing::error!(topic = %name, error = %e, "a replicated topic could not be created here");
             }
+        }
+        for b in secrets {
+            self.apply_secret(b);
         }
         for (name, fifo) in groups_declared {
             if let Err(e) = self.create_consumer_group(&name, fifo) {

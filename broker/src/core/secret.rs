@@ -42,10 +42,10 @@ impl Domain {
     }
 }
 
-/// The broker's MAC key.
-#[derive(Clone)]
+/// The broker's MAC key. A broker group member replaces it once with the
+/// group's (see [`Secret::adopt`]).
 pub struct Secret {
-    key: [u8; KEY_BYTES],
+    key: std::sync::RwLock<[u8; KEY_BYTES]>,
 }
 
 impl std::fmt::Debug for Secret {
@@ -58,8 +58,26 @@ impl Secret {
     /// A key from the operating system's random source (not persisted).
     pub fn random() -> Secret {
         Secret {
-            key: rand::random(),
+            key: std::sync::RwLock::new(rand::random()),
         }
+    }
+
+    /// The key's bytes (for a broker group's leader to hand to the others).
+    pub fn key_bytes(&self) -> [u8; KEY_BYTES] {
+        *self.key.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Replaces the key with `key` in memory and in `<dir>/broker.secret`
+    /// (written to a temporary file, fsynced, renamed): how a broker group
+    /// member takes the group's key, so that transaction ids and receipt
+    /// handles mean the same on every member.
+    ///
+    /// # Errors
+    /// I/O errors writing the file (the key in memory is unchanged then).
+    pub fn adopt(&self, dir: &Path, key: [u8; KEY_BYTES]) -> Result<(), BrokerError> {
+        write_key(dir, &key)?;
+        *self.key.write().unwrap_or_else(|e| e.into_inner()) = key;
+        Ok(())
     }
 
     /// Reads `<dir>/broker.secret`, or creates it (random, 0600, written to a
@@ -84,20 +102,13 @@ impl Secret {
                         bytes.len()
                     ))
                 })?;
-                Ok(Secret { key })
+                Ok(Secret {
+                    key: std::sync::RwLock::new(key),
+                })
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let s = Secret::random();
-                let tmp: PathBuf = dir.join(format!("{SECRET_FILE}.tmp"));
-                {
-                    let mut f = open_private(&tmp).map_err(|e| io("create", &tmp, e))?;
-                    f.write_all(&s.key).map_err(|e| io("write", &tmp, e))?;
-                    f.sync_all().map_err(|e| io("fsync", &tmp, e))?;
-                }
-                std::fs::rename(&tmp, &path).map_err(|e| io("rename", &tmp, e))?;
-                std::fs::File::open(dir)
-                    .and_then(|d| d.sync_all())
-                    .map_err(|e| io("fsync", dir, e))?;
+                write_key(dir, &s.key_bytes())?;
                 Ok(s)
             }
             Err(e) => Err(io("read", &path, e)),
@@ -106,7 +117,8 @@ impl Secret {
 
     fn mac(&self, domain: Domain, parts: &[&[u8]]) -> Hmac<Sha256> {
         // new_from_slice accepts any key length for HMAC; 32 bytes never fails.
-        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.key)
+        let key = self.key_bytes();
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&key)
             .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
         m.update(domain.label());
         for p in parts {
@@ -128,6 +140,25 @@ impl Secret {
     pub fn verify(&self, domain: Domain, parts: &[&[u8]], tag: &[u8]) -> bool {
         tag.len() == TAG_BYTES && self.mac(domain, parts).verify_truncated_left(tag).is_ok()
     }
+}
+
+/// Writes `key` to `<dir>/broker.secret` (0600, temporary file, fsync,
+/// rename, directory fsync).
+fn write_key(dir: &Path, key: &[u8; KEY_BYTES]) -> Result<(), BrokerError> {
+    let io = |what: &str, p: &Path, e: std::io::Error| {
+        BrokerError::Internal(format!("{what} {}: {e}", p.display()))
+    };
+    let path = dir.join(SECRET_FILE);
+    let tmp: PathBuf = dir.join(format!("{SECRET_FILE}.tmp"));
+    {
+        let mut f = open_private(&tmp).map_err(|e| io("create", &tmp, e))?;
+        f.write_all(key).map_err(|e| io("write", &tmp, e))?;
+        f.sync_all().map_err(|e| io("fsync", &tmp, e))?;
+    }
+    std::fs::rename(&tmp, &path).map_err(|e| io("rename", &tmp, e))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io("fsync", dir, e))
 }
 
 #[cfg(unix)]

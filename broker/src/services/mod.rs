@@ -29,7 +29,12 @@ async fn leadership_watch(b: Arc<Broker>) {
         let term = r.repl.term();
         let held = b.leader_term.load(std::sync::atomic::Ordering::Acquire);
         if r.repl.serving() {
-            if held != term {
+            if held != term && !b.group_secret_adopted() {
+                // A new group: its first leader gives it the MAC key first.
+                if let Err(e) = b.propose_group_secret().await {
+                    tracing::warn!(error = %e, "the group's key is not stored yet; retrying");
+                }
+            } else if held != term {
                 let b2 = Arc::clone(&b);
                 match tokio::task::spawn_blocking(move || b2.take_up_leadership(term)).await {
                     Ok(Ok(())) => {}
