@@ -223,7 +223,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = Secret::load_or_create(dir.path()).unwrap();
         let b = Secret::load_or_create(dir.path()).unwrap();
-        assert_eq!(a.key, b.key);
+        assert_eq!(a.key_bytes(), b.key_bytes());
+        // A member taking its group's key keeps it across a reopen.
+        let group = [7u8; KEY_BYTES];
+        a.adopt(dir.path(), group).unwrap();
+        assert_eq!(a.key_bytes(), group);
+        assert_eq!(Secret::load_or_create(dir.path()).unwrap().key_bytes(), group);
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
