@@ -117,8 +117,17 @@ async fn a_group_replicates_elects_and_catches_up() {
         ));
     }
     let l = leader_of(&replicas).await;
-    // A follower refuses, naming the leader.
+    // A follower refuses, naming the leader (once its first heartbeat told
+    // it who that is).
     let f = (l + 1) % 3;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while replicas[f].as_ref().unwrap().node.leader().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the follower never learned the leader"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let err = replicas[f]
         .as_ref()
         .unwrap()

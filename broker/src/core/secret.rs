@@ -228,7 +228,10 @@ mod tests {
         let group = [7u8; KEY_BYTES];
         a.adopt(dir.path(), group).unwrap();
         assert_eq!(a.key_bytes(), group);
-        assert_eq!(Secret::load_or_create(dir.path()).unwrap().key_bytes(), group);
+        assert_eq!(
+            Secret::load_or_create(dir.path()).unwrap().key_bytes(),
+            group
+        );
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
