@@ -285,12 +285,24 @@ impl NodeHandle {
     /// Whether this replica may take writes now: it is the leader and has
     /// applied an entry of its own term (so everything committed before the
     /// term is applied: its state is complete).
+    ///
+    /// A leader that has not heard from a quorum for its lease
+    /// (`election_timeout_max_ms`) does not serve either: cut off from the
+    /// majority, it may have been replaced without knowing it yet, and must
+    /// not hand out deliveries (its writes could not commit anyway).
     pub fn serving(&self) -> bool {
+        use openraft::Instant as _;
         let m = self.inner.raft.metrics();
         let m = m.borrow_watched();
+        let lease = Duration::from_millis(self.inner.cfg.election_timeout_max_ms);
+        let alone = m.membership_config.voter_ids().count() <= 1;
         m.state == ServerState::Leader
             && m.last_applied
                 .is_some_and(|l| l.leader_id.term == m.current_term)
+            && (alone
+                || m.last_quorum_acked
+                    .as_ref()
+                    .is_some_and(|t| t.elapsed() < lease))
     }
 
     /// The current term.
