@@ -16,6 +16,9 @@
 //! acknowledged send), p50 and max.
 //!
 //! `HALFMQ_CLUSTER_KILLS` sets the number of leader kills (default 5).
+//!
+//! A second test wipes a follower's data directory: it catches up from the
+//! log and later leads, with every message and a transaction id made before.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -455,4 +458,148 @@ fn leader_kills_lose_nothing_acknowledged() {
         failovers.last().copied().unwrap_or_default(),
         applied
     );
+}
+
+/// A follower killed and restarted with its data directory wiped catches
+/// up from the leader's log (the group key and topics included) and later
+/// serves as the leader, every message there.
+#[test]
+fn a_wiped_follower_catches_up_and_leads() {
+    let addrs: Vec<String> = (0..3)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    let peers = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("{}={a}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut g = Group {
+        dirs: (0..3).map(|_| tempfile::tempdir().unwrap()).collect(),
+        addrs: addrs.clone(),
+        peers,
+        procs: vec![None, None, None],
+    };
+    for i in 0..3 {
+        g.start(i);
+    }
+    let all = addrs.join(",");
+    let rt = halfmq_tests::runtime();
+    let opts = || ClientOptions {
+        request_timeout: Duration::from_secs(3),
+        failover_timeout: Duration::from_secs(20),
+        ..ClientOptions::default()
+    };
+    let status = |rt: &tokio::runtime::Runtime| {
+        rt.block_on(async {
+            let c = Cluster::new(Client::connect(&all).await.unwrap());
+            c.status().await.0
+        })
+    };
+    let leader_of = |rt: &tokio::runtime::Runtime| -> usize {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(n) = status(rt).iter().find(|n| n.role == "leader") {
+                return n.node_id as usize - 1;
+            }
+            assert!(Instant::now() < deadline, "no leader");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let send = |rt: &tokio::runtime::Runtime, from: u64, n: u64| -> Vec<String> {
+        rt.block_on(async {
+            let p = Producer::new(Client::connect_with(&all, opts()).await.unwrap());
+            let mut ids = Vec::new();
+            for k in from..from + n {
+                ids.push(
+                    p.send(Message::new("wiped", format!("w-{k}")))
+                        .await
+                        .unwrap()
+                        .message_id,
+                );
+            }
+            ids
+        })
+    };
+    let mut ids = send(&rt, 0, 200);
+    let tx_id = rt.block_on(async {
+        let tp = TransactionProducer::new(
+            Client::connect_with(&all, opts()).await.unwrap(),
+            "wiped-pg",
+            |_m: MessageView| std::future::ready(TransactionResolution::Unknown),
+        );
+        tp.send_half(Message::new("wiped", "late")).await.unwrap()
+    });
+
+    // Wipe a follower.
+    let leader = leader_of(&rt);
+    let wiped = (leader + 1) % 3;
+    if let Some(p) = g.procs[wiped].take() {
+        p.kill9();
+    }
+    ids.extend(send(&rt, 200, 100));
+    g.dirs[wiped] = tempfile::tempdir().unwrap();
+    g.start(wiped);
+    // It catches up: the same applied index as the others.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let nodes = status(&rt);
+        let applied: BTreeSet<u64> = nodes.iter().map(|n| n.last_applied).collect();
+        if nodes.len() == 3 && applied.len() == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the wiped member did not catch up: {nodes:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Kill leaders (restarting them) until the wiped member leads.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let l = leader_of(&rt);
+        if l == wiped {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the wiped member never became the leader"
+        );
+        if let Some(p) = g.procs[l].take() {
+            p.kill9();
+        }
+        let _ = leader_of(&rt);
+        g.start(l);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Everything is there, served by it; a transaction id made before the
+    // wipe (with the group's key) ends on it.
+    rt.block_on(async {
+        let c = Consumer::new(
+            Client::connect(&g.addrs[wiped]).await.unwrap(),
+            "wiped-readers",
+            "wiped",
+        );
+        let mut seen = HashSet::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while seen.len() < ids.len() {
+            assert!(
+                Instant::now() < deadline,
+                "{} of {} delivered",
+                seen.len(),
+                ids.len()
+            );
+            for m in c.receive(64, Duration::from_millis(500)).await.unwrap() {
+                seen.insert(m.message_id.clone());
+                c.ack(&m).await.unwrap();
+            }
+        }
+        for id in &ids {
+            assert!(seen.contains(id), "{id} not delivered");
+        }
+        tx_id
+            .commit()
+            .await
+            .expect("a half stored before the wipe commits on the wiped member");
+    });
 }

@@ -102,6 +102,12 @@ impl ClusterConfig {
             // Snapshots do not carry segments yet: never take one, never
             // purge the log (a lagging replica catches up from the log).
             snapshot_policy: openraft::SnapshotPolicy::Never,
+            // A member whose data directory was lost rejoins under its id
+            // with an empty log; the leader then starts its replication
+            // over instead of stopping (openraft refuses a log that went
+            // back by default). README, "Broker groups", says what that
+            // costs.
+            allow_log_reversion: Some(true),
             ..Default::default()
         };
         c.validate()
