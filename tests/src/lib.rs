@@ -253,3 +253,35 @@ pub async fn stored(admin: &halfmq_client::Admin, topic: &str) -> u64 {
         .find(|t| t.name == topic)
         .map_or(0, |t| t.messages)
 }
+
+/// A port free on 127.0.0.1 now (another process may take it before use).
+///
+/// # Panics
+/// When no port can be bound.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind a free port")
+        .local_addr()
+        .expect("its address")
+        .port()
+}
+
+/// The decision table of the crash tests' transactions: body `tx-<n>` is
+/// committed for even n, rolled back for odd; `None` for other bodies.
+pub fn decision(body: &str) -> Option<bool> {
+    body.strip_prefix("tx-")
+        .and_then(|n| n.parse::<u64>().ok())
+        .map(|n| n.is_multiple_of(2))
+}
+
+/// A checker answering check-backs from [`decision`].
+pub fn table_checker(
+    m: halfmq_client::MessageView,
+) -> std::future::Ready<halfmq_client::TransactionResolution> {
+    use halfmq_client::TransactionResolution as R;
+    std::future::ready(match decision(&String::from_utf8_lossy(&m.body)) {
+        Some(true) => R::Commit,
+        Some(false) => R::Rollback,
+        None => R::Unknown,
+    })
+}

@@ -29,30 +29,8 @@ use halfmq_client::{
     Admin, Client, ClientOptions, Cluster, Consumer, Message, MessageView, Producer,
     TransactionProducer, TransactionResolution,
 };
-use halfmq_tests::BrokerProcess;
+use halfmq_tests::{decision, free_port, table_checker, BrokerProcess};
 use rand::Rng;
-
-fn decision(body: &str) -> Option<bool> {
-    body.strip_prefix("tx-")
-        .and_then(|n| n.parse::<u64>().ok())
-        .map(|n| n.is_multiple_of(2))
-}
-
-fn table_checker(m: MessageView) -> std::future::Ready<TransactionResolution> {
-    std::future::ready(match decision(&String::from_utf8_lossy(&m.body)) {
-        Some(true) => TransactionResolution::Commit,
-        Some(false) => TransactionResolution::Rollback,
-        None => TransactionResolution::Unknown,
-    })
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 #[derive(Default)]
 struct Ledger {
@@ -83,6 +61,30 @@ struct Group {
 }
 
 impl Group {
+    /// Three members on free ports, each in its own temporary directory,
+    /// started.
+    fn start_all() -> Group {
+        let addrs: Vec<String> = (0..3)
+            .map(|_| format!("127.0.0.1:{}", free_port()))
+            .collect();
+        let peers = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("{}={a}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut g = Group {
+            procs: vec![None, None, None],
+            dirs: (0..3).map(|_| tempfile::tempdir().unwrap()).collect(),
+            addrs,
+            peers,
+        };
+        for i in 0..3 {
+            g.start(i);
+        }
+        g
+    }
+
     fn flags(&self, i: usize) -> Vec<String> {
         [
             "--listen",
@@ -128,25 +130,8 @@ fn leader_kills_lose_nothing_acknowledged() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5);
-    let addrs: Vec<String> = (0..3)
-        .map(|_| format!("127.0.0.1:{}", free_port()))
-        .collect();
-    let peers = addrs
-        .iter()
-        .enumerate()
-        .map(|(i, a)| format!("{}={a}", i + 1))
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut g = Group {
-        dirs: (0..3).map(|_| tempfile::tempdir().unwrap()).collect(),
-        addrs: addrs.clone(),
-        peers,
-        procs: vec![None, None, None],
-    };
-    for i in 0..3 {
-        g.start(i);
-    }
-    let all = addrs.join(",");
+    let mut g = Group::start_all();
+    let all = g.addrs.join(",");
     let rt = halfmq_tests::runtime();
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let producing = Arc::new(AtomicBool::new(true));
@@ -465,25 +450,8 @@ fn leader_kills_lose_nothing_acknowledged() {
 /// serves as the leader, every message there.
 #[test]
 fn a_wiped_follower_catches_up_and_leads() {
-    let addrs: Vec<String> = (0..3)
-        .map(|_| format!("127.0.0.1:{}", free_port()))
-        .collect();
-    let peers = addrs
-        .iter()
-        .enumerate()
-        .map(|(i, a)| format!("{}={a}", i + 1))
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut g = Group {
-        dirs: (0..3).map(|_| tempfile::tempdir().unwrap()).collect(),
-        addrs: addrs.clone(),
-        peers,
-        procs: vec![None, None, None],
-    };
-    for i in 0..3 {
-        g.start(i);
-    }
-    let all = addrs.join(",");
+    let mut g = Group::start_all();
+    let all = g.addrs.join(",");
     let rt = halfmq_tests::runtime();
     let opts = || ClientOptions {
         request_timeout: Duration::from_secs(3),

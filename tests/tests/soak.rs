@@ -30,10 +30,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use halfmq_client::{
-    Admin, Client, ClientOptions, Consumer, Message, MessageView, Producer, TransactionProducer,
-    TransactionResolution,
+    Admin, Client, ClientOptions, Consumer, Message, Producer, TransactionProducer,
 };
-use halfmq_tests::BrokerProcess;
+use halfmq_tests::{decision, free_port, table_checker, BrokerProcess};
 use rand::Rng;
 
 #[derive(Default, Debug)]
@@ -59,28 +58,6 @@ struct Ledger {
 
 /// The consumers' invisible duration, ms.
 const INVISIBLE_MS: u64 = 400;
-
-fn decision(body: &str) -> Option<bool> {
-    body.strip_prefix("tx-")
-        .and_then(|n| n.parse::<u64>().ok())
-        .map(|n| n.is_multiple_of(2))
-}
-
-fn table_checker(m: MessageView) -> std::future::Ready<TransactionResolution> {
-    std::future::ready(match decision(&String::from_utf8_lossy(&m.body)) {
-        Some(true) => TransactionResolution::Commit,
-        Some(false) => TransactionResolution::Rollback,
-        None => TransactionResolution::Unknown,
-    })
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// The simulated power loss: cuts the commit log of the (killed) broker in
 /// `dir` back to its last checkpoint's log offset. Returns the bytes cut.

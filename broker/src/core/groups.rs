@@ -52,22 +52,9 @@ impl Broker {
     /// already with the other kind; `max_consumer_groups` declared already;
     /// storage errors.
     pub fn create_consumer_group(&self, group: &str, fifo: bool) -> Result<(), BrokerError> {
-        check_group(group)?;
-        if group.starts_with('%') {
-            return Err(BrokerError::ReservedName(format!(
-                "consumer group {group:?}: names starting with % are the broker's"
-            )));
-        }
         let mut declared = lock(&self.consumer_groups);
-        match declared.get(group) {
-            Some(&f) if f == fifo => return Ok(()),
-            Some(&f) => {
-                return Err(BrokerError::BadRequest(format!(
-                    "consumer group {group} is declared already as {} group",
-                    if f { "a FIFO" } else { "an ordinary" }
-                )))
-            }
-            None => {}
+        if already_declared(&declared, group, fifo)? {
+            return Ok(());
         }
         if declared.len() >= self.cfg.max_consumer_groups as usize {
             return Err(BrokerError::TooManyRequests(format!(
@@ -107,21 +94,8 @@ impl Broker {
             return self.create_consumer_group(group, fifo);
         }
         self.check_serving()?;
-        check_group(group)?;
-        if group.starts_with('%') {
-            return Err(BrokerError::ReservedName(format!(
-                "consumer group {group:?}: names starting with % are the broker's"
-            )));
-        }
-        match lock(&self.consumer_groups).get(group) {
-            Some(&f) if f == fifo => return Ok(()),
-            Some(&f) => {
-                return Err(BrokerError::BadRequest(format!(
-                    "consumer group {group} is declared already as {} group",
-                    if f { "a FIFO" } else { "an ordinary" }
-                )))
-            }
-            None => {}
+        if already_declared(&lock(&self.consumer_groups), group, fifo)? {
+            return Ok(());
         }
         self.replicate_consumer_group(group, fifo).await
     }
@@ -159,5 +133,32 @@ impl Broker {
             .collect();
         v.sort_by(|a, b| a.group.cmp(&b.group));
         v
+    }
+}
+
+/// Whether `group` is declared already with `fifo` (then declaring it again
+/// does nothing).
+///
+/// # Errors
+/// An invalid or reserved name; [`BrokerError::BadRequest`] when it is
+/// declared the other way.
+fn already_declared(
+    declared: &HashMap<String, bool>,
+    group: &str,
+    fifo: bool,
+) -> Result<bool, BrokerError> {
+    check_group(group)?;
+    if group.starts_with('%') {
+        return Err(BrokerError::ReservedName(format!(
+            "consumer group {group:?}: names starting with % are the broker's"
+        )));
+    }
+    match declared.get(group) {
+        Some(&f) if f == fifo => Ok(true),
+        Some(&f) => Err(BrokerError::BadRequest(format!(
+            "consumer group {group} is declared already as {} group",
+            if f { "a FIFO" } else { "an ordinary" }
+        ))),
+        None => Ok(false),
     }
 }

@@ -354,17 +354,7 @@ impl Broker {
         if self.topic(name).is_some() {
             return Err(BrokerError::TopicExists(name.to_owned()));
         }
-        let queues = if queues == 0 {
-            self.cfg.default_queues
-        } else {
-            queues
-        };
-        if queues > self.cfg.max_queues {
-            return Err(BrokerError::BadRequest(format!(
-                "{queues} queues exceeds max_queues {}",
-                self.cfg.max_queues
-            )));
-        }
+        let queues = self.queue_count(queues)?;
         self.replicate(vec![topic_record(name, queues)])
             .await
             .map(|_| ())

@@ -72,12 +72,12 @@ impl Broker {
         self.create_topic_unchecked(name, queues, true)
     }
 
-    pub(crate) fn create_topic_unchecked(
-        &self,
-        name: &str,
-        queues: u32,
-        fail_if_exists: bool,
-    ) -> Result<Arc<TopicState>, BrokerError> {
+    /// The queue count a topic created with `queues` gets (0 =
+    /// `default_queues`).
+    ///
+    /// # Errors
+    /// [`BrokerError::BadRequest`] past `max_queues`.
+    pub(crate) fn queue_count(&self, queues: u32) -> Result<u32, BrokerError> {
         let queues = if queues == 0 {
             self.cfg.default_queues
         } else {
@@ -89,6 +89,16 @@ impl Broker {
                 self.cfg.max_queues
             )));
         }
+        Ok(queues)
+    }
+
+    pub(crate) fn create_topic_unchecked(
+        &self,
+        name: &str,
+        queues: u32,
+        fail_if_exists: bool,
+    ) -> Result<Arc<TopicState>, BrokerError> {
+        let queues = self.queue_count(queues)?;
         let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
         if let Some(t) = topics.get(name) {
             return if fail_if_exists {
