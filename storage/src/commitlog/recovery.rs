@@ -9,11 +9,14 @@ pub(super) fn recover(
     scan_from: Option<u64>,
     on_record: &mut dyn FnMut(u64, &Record),
 ) -> Result<RecoveryReport> {
-    let last = segments
-        .values()
-        .next_back()
-        .expect("segments is not empty"); // invariant: caller passes a non-empty map
-    let first_base = *segments.keys().next().expect("segments is not empty"); // invariant: as above
+    let (Some((&first_base, _)), Some(last)) =
+        (segments.iter().next(), segments.values().next_back())
+    else {
+        return Err(Error::Corrupt {
+            offset: 0,
+            reason: format!("{} holds no segment to recover", dir.display()),
+        });
+    };
     let start = match scan_from {
         Some(o) if o >= first_base && o <= last.end() => o,
         Some(o) => {
