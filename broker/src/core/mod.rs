@@ -52,7 +52,7 @@ use tokio::task::JoinHandle;
 use crate::config::{BrokerConfig, FlushSetting};
 use crate::error::BrokerError;
 use dlq::DlqState;
-use progress::{cut_progress_to_queues, load_groups, GroupKey, GroupTopic};
+use progress::{GroupKey, GroupTopic};
 use retry::RetryPolicy;
 use stats::Counters;
 use topics::{restore_topics, TopicState, TOPICS_SPACE};
@@ -168,16 +168,7 @@ impl Broker {
         } else if !store.is_new() {
             tracing::info!("the last run did not shut down cleanly: leases restored from the last checkpoint will not count as failed deliveries when they expire");
         }
-        let consumer_groups = groups::load_consumer_groups(&store)?;
-        let mut groups = load_groups(&store, clean_stop)?;
-        for ((g, _), gt) in groups.iter_mut() {
-            if consumer_groups.get(g) == Some(&true) {
-                let mut gt = lock(gt);
-                let n = gt.queues.len();
-                gt.fifo = Some(vec![fifo::FifoGate::default(); n]);
-            }
-        }
-        cut_progress_to_queues(&store, &groups);
+        let (groups, consumer_groups) = progress::load_progress(&store, clean_stop)?;
         let dlq = DlqState::load(&store)?;
         let retry = cfg.retry_policy();
         let tx = TxState::load(

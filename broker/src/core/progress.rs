@@ -43,6 +43,8 @@ impl GroupTopic {
 
 /// (consumer group, topic).
 pub(crate) type GroupKey = (String, String);
+/// Every group's progress, by (consumer group, topic).
+pub(crate) type Groups = HashMap<GroupKey, Arc<Mutex<GroupTopic>>>;
 /// Keyspace of consumer progress in sled (see ARCHITECTURE.md).
 pub(crate) const GROUPS_SPACE: &str = "groups";
 
@@ -281,6 +283,30 @@ pub(crate) fn cut_progress_to_queues(
 /// Consumer progress as last saved. After an unclean stop (`clean_stop`
 /// false) every restored lease is flagged: see
 /// [`QueueProgress::after_unclean_stop`].
+/// Consumer progress as a start (or a new leader) takes it up: the declared
+/// consumer groups, every group's progress from sled (leases flagged as cut
+/// off by a crash unless `clean_stop`), FIFO groups with empty gates, and
+/// progress cut back to the consume queues.
+///
+/// # Errors
+/// Storage errors reading sled.
+pub(crate) fn load_progress(
+    store: &Store,
+    clean_stop: bool,
+) -> Result<(Groups, HashMap<String, bool>), BrokerError> {
+    let consumer_groups = super::groups::load_consumer_groups(store)?;
+    let mut groups = load_groups(store, clean_stop)?;
+    for ((g, _), gt) in groups.iter_mut() {
+        if consumer_groups.get(g) == Some(&true) {
+            let mut gt = lock(gt);
+            let n = gt.queues.len();
+            gt.fifo = Some(vec![super::fifo::FifoGate::default(); n]);
+        }
+    }
+    cut_progress_to_queues(store, &groups);
+    Ok((groups, consumer_groups))
+}
+
 pub(crate) fn load_groups(
     store: &Store,
     clean_stop: bool,

@@ -182,16 +182,7 @@ impl Broker {
     /// # Errors
     /// Storage errors reading the progress.
     pub(crate) fn take_up_leadership(&self, term: u64) -> Result<(), BrokerError> {
-        let consumer_groups = super::groups::load_consumer_groups(&self.store)?;
-        let mut groups = super::progress::load_groups(&self.store, false)?;
-        for ((g, _), gt) in groups.iter_mut() {
-            if consumer_groups.get(g) == Some(&true) {
-                let mut gt = lock(gt);
-                let n = gt.queues.len();
-                gt.fifo = Some(vec![super::fifo::FifoGate::default(); n]);
-            }
-        }
-        super::progress::cut_progress_to_queues(&self.store, &groups);
+        let (groups, consumer_groups) = super::progress::load_progress(&self.store, false)?;
         *lock(&self.groups) = groups;
         *lock(&self.consumer_groups) = consumer_groups;
         lock(&self.progress_outbox).clear();
@@ -587,9 +578,6 @@ impl Broker {
                 last = Some(t);
             }
         }
-        self.counters
-            .applied_entries
-            .fetch_add(1, Ordering::Relaxed);
         Ok(outcomes)
     }
 }

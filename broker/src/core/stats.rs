@@ -9,8 +9,6 @@ use super::{lock, Broker};
 /// Counters for `stats`.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
-    /// Entries of the broker group's log applied here.
-    pub(crate) applied_entries: AtomicU64,
     pub(crate) messages_in: AtomicU64,
     pub(crate) bytes_in: AtomicU64,
     pub(crate) messages_out: AtomicU64,
