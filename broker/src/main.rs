@@ -198,6 +198,21 @@ struct Args {
     /// `raft_election_timeout_max_ms`, as a duration.
     #[arg(long, value_parser = duration_ms)]
     raft_election_timeout_max: Option<u64>,
+    /// `raft_max_payload_entries`: entries per AppendEntries.
+    #[arg(long)]
+    raft_max_payload_entries: Option<u64>,
+    /// `raft_snapshot_chunk_bytes`.
+    #[arg(long, value_parser = parse_bytes)]
+    raft_snapshot_chunk_bytes: Option<u64>,
+    /// `raft_max_snapshot_bytes`.
+    #[arg(long, value_parser = parse_bytes)]
+    raft_max_snapshot_bytes: Option<u64>,
+    /// `raft_install_snapshot_timeout_ms`, as a duration.
+    #[arg(long, value_parser = duration_ms)]
+    raft_install_snapshot_timeout: Option<u64>,
+    /// `raft_connect_timeout_ms`, as a duration.
+    #[arg(long, value_parser = duration_ms)]
+    raft_connect_timeout: Option<u64>,
 }
 
 macro_rules! apply {
@@ -247,6 +262,11 @@ fn load_config(args: &Args) -> anyhow::Result<BrokerConfig> {
         raft_heartbeat_interval => raft_heartbeat_interval_ms,
         raft_election_timeout_min => raft_election_timeout_min_ms,
         raft_election_timeout_max => raft_election_timeout_max_ms,
+        raft_max_payload_entries => raft_max_payload_entries,
+        raft_snapshot_chunk_bytes => raft_snapshot_chunk_bytes,
+        raft_max_snapshot_bytes => raft_max_snapshot_bytes,
+        raft_install_snapshot_timeout => raft_install_snapshot_timeout_ms,
+        raft_connect_timeout => raft_connect_timeout_ms,
     );
     if let Some(f) = &args.flush {
         cfg.flush = if f == "async" {
