@@ -436,7 +436,8 @@ impl Broker {
         ))
     }
 
-    /// Applies one committed entry on this replica (see the module docs):
+    /// Applies one committed entry on this replica (see the module docs);
+    /// `records` are the entry's records, back to back up to `end`:
     /// decides each record's fate the same way on every replica, dispatches
     /// the kept ones and records the entry applied.
     ///
@@ -460,8 +461,9 @@ impl Broker {
         {
             let mut inner = tx.inner.lock();
             let mut dedup = lock(&self.dedup);
-            for (offset, r) in records {
-                let size = r.encoded_len() as u64;
+            for (i, (offset, r)) in records.iter().enumerate() {
+                // The entry's records lie back to back up to its end.
+                let size = records.get(i + 1).map_or(end, |n| n.0) - offset;
                 let outcome = match r.kind {
                     RecordKind::Normal | RecordKind::Half => {
                         let key = prop(r, IDEMPOTENCY_KEY_PROPERTY).map(|k| key_id(&r.topic, k));
