@@ -239,7 +239,9 @@ pub struct BrokerConfig {
     /// (openraft's).
     #[serde(deserialize_with = "crate::units::bytes")]
     pub raft_snapshot_chunk_bytes: u64,
-    /// Raft: largest snapshot a replica accepts, bytes. Default 1 GiB.
+    /// Raft: largest snapshot a replica accepts, in bytes of the log it
+    /// carries (a snapshot is the leader's retained log: it must fit).
+    /// Default 1 TiB.
     #[serde(deserialize_with = "crate::units::bytes")]
     pub raft_max_snapshot_bytes: u64,
     /// Raft: how long sending a snapshot may take, ms. Default 600,000.
@@ -301,7 +303,7 @@ impl Default for BrokerConfig {
             raft_election_timeout_max_ms: 1000,
             raft_max_payload_entries: 300,
             raft_snapshot_chunk_bytes: 3 << 20,
-            raft_max_snapshot_bytes: 1 << 30,
+            raft_max_snapshot_bytes: 1 << 40,
             raft_install_snapshot_timeout_ms: 600_000,
             raft_connect_timeout_ms: 1000,
             transaction_replay_bytes: 1 << 30,

@@ -1,7 +1,8 @@
 //! Three replicas in one process, each with its own replicated store and its
 //! `halfmq.raft.v1` service on its own port: they form a group, replicate
 //! entries into every replica's consume queues, elect a new leader when the
-//! leader stops, and a replica that lost its data catches up from the log.
+//! leader stops, and a replica that lost its data catches up from the log,
+//! or, once retention dropped the log's start, from a snapshot.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,6 +18,8 @@ struct Replica {
     node: NodeHandle,
     store: Arc<Store>,
     server: tokio::task::JoinHandle<()>,
+    /// Closes the server's connections (a stopped process's would break).
+    close: tokio::sync::oneshot::Sender<()>,
 }
 
 async fn start_replica(
@@ -25,8 +28,23 @@ async fn start_replica(
     listener: tokio::net::TcpListener,
     dir: &std::path::Path,
 ) -> Replica {
+    start_replica_with(id, peers, listener, dir, None).await
+}
+
+async fn start_replica_with(
+    id: u64,
+    peers: &BTreeMap<u64, String>,
+    listener: tokio::net::TcpListener,
+    dir: &std::path::Path,
+    segment_bytes: Option<u64>,
+) -> Replica {
     let mut cfg = StoreConfig::new(dir);
     cfg.replicated = true;
+    if let Some(b) = segment_bytes {
+        cfg.segment_bytes = b;
+        cfg.max_record_bytes = b as usize / 2;
+        cfg.preallocate_bytes = 0;
+    }
     let store = Arc::new(Store::open(cfg).unwrap());
     let mut c = ClusterConfig::new(id, peers.clone());
     c.heartbeat_interval_ms = 50;
@@ -36,17 +54,21 @@ async fn start_replica(
         .await
         .unwrap();
     let svc = RaftService::new(node.clone()).into_server();
+    let (close, closed) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let _ = tonic::transport::Server::builder()
             .add_service(svc)
-            .serve_with_incoming(incoming)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = closed.await;
+            })
             .await;
     });
     Replica {
         node,
         store,
         server,
+        close,
     }
 }
 
@@ -196,6 +218,7 @@ async fn a_group_replicates_elects_and_catches_up() {
         node,
         store,
         server,
+        ..
     } = replicas[l].take().unwrap();
     node.shutdown().await;
     server.abort();
@@ -241,5 +264,157 @@ async fn a_group_replicates_elects_and_catches_up() {
     for r in replicas.iter().flatten() {
         r.node.shutdown().await;
         r.server.abort();
+    }
+}
+
+async fn bind(addr: &str) -> tokio::net::TcpListener {
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => break l,
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+async fn stop(r: Replica) {
+    r.node.shutdown().await;
+    let _ = r.close.send(());
+    if tokio::time::timeout(Duration::from_secs(2), r.server)
+        .await
+        .is_err()
+    {
+        eprintln!("a stopped replica's server did not close in time");
+    }
+}
+
+/// Retention agreed on (`compact_before`) makes every replica take a
+/// snapshot, purge its log and delete its old segments; a replica that
+/// comes back with its data lost then installs a snapshot (the entries
+/// from the leader's first kept one, its consume queue starting there) and
+/// takes part again, as leader when it comes to that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_purges_and_a_wiped_replica_installs_a_snapshot() {
+    const SEGMENT: u64 = 16 * 1024;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut listeners = Vec::new();
+    let mut peers = BTreeMap::new();
+    for id in 1..=3u64 {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        peers.insert(id, l.local_addr().unwrap().to_string());
+        listeners.push(l);
+    }
+    let mut replicas: Vec<Option<Replica>> = Vec::new();
+    for (i, l) in listeners.into_iter().enumerate() {
+        replicas.push(Some(
+            start_replica_with(i as u64 + 1, &peers, l, dirs[i].path(), Some(SEGMENT)).await,
+        ));
+    }
+    // About 120 KiB of entries: several segments.
+    let mut next = 0;
+    for _ in 0..100 {
+        propose(&replicas, write(next, 10, &"p".repeat(100))).await;
+        next += 10;
+    }
+    for r in replicas.iter().flatten() {
+        wait_queue_len(&r.store, next).await;
+    }
+    let l = leader_of(&replicas).await;
+    let segs = replicas[l]
+        .as_ref()
+        .unwrap()
+        .store
+        .log()
+        .segments()
+        .unwrap();
+    assert!(segs.len() >= 5, "{} segments", segs.len());
+    let before = segs[segs.len() - 3].end;
+    for r in replicas.iter().flatten() {
+        r.node.compact_before(before);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for r in replicas.iter().flatten() {
+        while r.store.log().min_offset() == 0 {
+            assert!(Instant::now() < deadline, "segments never deleted");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(r.store.log().min_offset() <= before);
+        let purged = r.store.entries().unwrap().lock().unwrap().purged();
+        assert!(purged.is_some(), "nothing purged");
+    }
+    let leader_store = Arc::clone(&replicas[l].as_ref().unwrap().store);
+    let first_kept = leader_store.log().min_offset();
+    // The early messages are gone, the later ones readable.
+    assert!(leader_store.read_queue("t", 0, 0).is_err());
+    assert!(leader_store.read_queue("t", 0, next - 1).is_ok());
+
+    // A follower loses its data and comes back: it gets a snapshot.
+    let f = (l + 1) % 3;
+    stop(replicas[f].take().unwrap()).await;
+    let wiped = tempfile::tempdir().unwrap();
+    let listener = bind(&peers[&(f as u64 + 1)]).await;
+    replicas[f] =
+        Some(start_replica_with(f as u64 + 1, &peers, listener, wiped.path(), Some(SEGMENT)).await);
+    for _ in 0..5 {
+        propose(&replicas, write(next, 10, "after")).await;
+        next += 10;
+    }
+    let back = Arc::clone(&replicas[f].as_ref().unwrap().store);
+    wait_queue_len(&back, next).await;
+    // Its log starts where the leader's first kept entry did, not at 0.
+    assert!(back.log().min_offset() > 0);
+    assert!(back.log().min_offset() >= first_kept);
+    let purged_end = back.entries().unwrap().lock().unwrap().end_of_purged();
+    assert!(purged_end > 0);
+    // Every message the leader still holds, the new replica holds alike.
+    let lowest = (0..next)
+        .find(|qo| leader_store.read_queue("t", 0, *qo).is_ok())
+        .unwrap();
+    let mut shared = 0;
+    for qo in lowest..next {
+        if let Ok(m) = back.read_queue("t", 0, qo) {
+            assert_eq!(
+                m.record.body,
+                leader_store.read_queue("t", 0, qo).unwrap().record.body
+            );
+            shared += 1;
+        }
+    }
+    assert!(shared >= 50, "{shared} messages on the installed replica");
+    assert!(std::fs::read_dir(wiped.path().join("raft"))
+        .unwrap()
+        .all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .ends_with(".incoming")));
+    assert!(!wiped.path().join("raft").join("installing").exists());
+
+    // The leader stops: the replica that installed the snapshot and the
+    // other one go on, and their logs agree.
+    stop(replicas[l].take().unwrap()).await;
+    for _ in 0..5 {
+        propose(&replicas, write(next, 10, "later")).await;
+        next += 10;
+    }
+    for r in replicas.iter().flatten() {
+        wait_queue_len(&r.store, next).await;
+    }
+    let stores: Vec<Arc<Store>> = replicas
+        .iter()
+        .flatten()
+        .map(|r| Arc::clone(&r.store))
+        .collect();
+    for qo in next - 50..next {
+        assert_eq!(
+            stores[0].read_queue("t", 0, qo).unwrap().record.body,
+            stores[1].read_queue("t", 0, qo).unwrap().record.body
+        );
+    }
+    for r in replicas.into_iter().flatten() {
+        stop(r).await;
     }
 }

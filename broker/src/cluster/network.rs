@@ -5,7 +5,8 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::io::Cursor;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,7 +22,7 @@ use openraft::{EntryPayload, OptionalSend, RaftNetworkFactory, RaftNetworkV2};
 use pb::raft_client::RaftClient;
 use tonic::transport::Channel;
 
-use super::state_machine::SnapshotData;
+use super::state_machine::{LogRange, SnapshotData};
 use super::types::{log_id, Entry, LogId, Node, SnapshotMeta, TypeConfig, Vote};
 
 type Snapshot = openraft::Snapshot<super::types::CommittedLeaderId, u64, Node, SnapshotData>;
@@ -101,6 +102,8 @@ pub struct Network {
     pub connect_timeout: Duration,
     /// Bytes per chunk of a streamed snapshot.
     pub snapshot_chunk_bytes: usize,
+    /// Snapshots being sent now, counted while their bytes are read.
+    pub snapshot_sends: Arc<AtomicUsize>,
 }
 
 /// The connection to one peer.
@@ -111,6 +114,39 @@ pub struct PeerClient {
     addr: String,
     connect_timeout: Duration,
     snapshot_chunk_bytes: usize,
+    snapshot_sends: Arc<AtomicUsize>,
+}
+
+/// Counts one snapshot being sent while it lives.
+struct Sending(Arc<AtomicUsize>);
+
+impl Sending {
+    fn new(c: &Arc<AtomicUsize>) -> Sending {
+        c.fetch_add(1, Ordering::AcqRel);
+        Sending(Arc::clone(c))
+    }
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn range_to_pb(r: &LogRange) -> pb::LogRange {
+    pb::LogRange {
+        purged: r.purged.map(|(index, term)| pb::LogId { term, index }),
+        start: r.start,
+        end: r.end,
+    }
+}
+
+fn range_from_pb(r: pb::LogRange) -> LogRange {
+    LogRange {
+        purged: r.purged.map(|l| (l.index, l.term)),
+        start: r.start,
+        end: r.end,
+    }
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -124,6 +160,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             addr: node.addr.clone(),
             connect_timeout: self.connect_timeout,
             snapshot_chunk_bytes: self.snapshot_chunk_bytes,
+            snapshot_sends: Arc::clone(&self.snapshot_sends),
         }
     }
 }
@@ -254,30 +291,60 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         _option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
         let mut client = self.client().map_err(StreamingError::Unreachable)?;
-        let meta = serde_json::to_vec(&snapshot.meta)
-            .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
-        let data = Bytes::from(snapshot.snapshot.into_inner());
-        let chunk = self.snapshot_chunk_bytes.max(1);
-        let mut chunks = Vec::new();
-        let mut at = 0usize;
-        loop {
-            let end = (at + chunk).min(data.len());
-            chunks.push(pb::SnapshotChunk {
-                vote: (at == 0).then(|| vote_to_pb(&vote)),
-                meta: if at == 0 {
-                    Bytes::from(meta.clone())
-                } else {
-                    Bytes::new()
-                },
-                data: data.slice(at..end),
-                from: self.from,
-            });
-            at = end;
-            if at >= data.len() {
-                break;
-            }
-        }
-        let call = client.install_snapshot(tokio_stream::iter(chunks));
+        let net = |e: &dyn std::fmt::Display| {
+            StreamingError::Network(NetworkError::from_string(e.to_string()))
+        };
+        let meta = serde_json::to_vec(&snapshot.meta).map_err(|e| net(&e))?;
+        let data = snapshot.snapshot;
+        let range = data.range().map_err(|e| net(&e))?;
+        let body = data.body_json().map_err(|e| net(&e))?;
+        let chunk = self.snapshot_chunk_bytes.max(1) as u64;
+        let first = pb::SnapshotChunk {
+            vote: Some(vote_to_pb(&vote)),
+            meta: Bytes::from(meta),
+            data: Bytes::new(),
+            from: self.from,
+            body: Bytes::from(body),
+            range: Some(range_to_pb(&range)),
+        };
+        let sending = Sending::new(&self.snapshot_sends);
+        let target = self.target;
+        // The first chunk, then the log bytes as they are read; a read that
+        // fails ends the stream short, which the receiver refuses.
+        let chunks = futures_util::stream::unfold(
+            (Some(first), range.start, sending),
+            move |(first, at, sending)| {
+                let data = data.clone();
+                async move {
+                    if let Some(f) = first {
+                        return Some((f, (None, at, sending)));
+                    }
+                    if at >= range.end {
+                        return None;
+                    }
+                    let n = (range.end - at).min(chunk) as usize;
+                    let read = tokio::task::spawn_blocking(move || data.read(&range, at, n)).await;
+                    match read {
+                        Ok(Ok(b)) => Some((
+                            pb::SnapshotChunk {
+                                data: b,
+                                ..pb::SnapshotChunk::default()
+                            },
+                            (None, at + n as u64, sending),
+                        )),
+                        Ok(Err(e)) => {
+                            tracing::warn!(target, at, error = %e, "snapshot read failed; sending stopped");
+                            None
+                        }
+                        Err(e) => {
+                            tracing::warn!(target, error = %e, "snapshot read failed; sending stopped");
+                            None
+                        }
+                    }
+                }
+            },
+        );
+        let call = client.install_snapshot(chunks);
         let resp = tokio::select! {
             r = call => r,
             closed = cancel => return Err(StreamingError::Closed(closed)),
@@ -319,6 +386,37 @@ impl RaftService {
         pb::raft_server::RaftServer::new(self)
             .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES)
+    }
+}
+
+impl RaftService {
+    /// Writes the log bytes of a snapshot stream into `path`: exactly
+    /// `len` bytes, or an error (the stream ended short or ran long).
+    async fn receive(
+        &self,
+        stream: &mut tonic::Streaming<pb::SnapshotChunk>,
+        path: &std::path::Path,
+        len: u64,
+    ) -> Result<(), tonic::Status> {
+        use tokio::io::AsyncWriteExt;
+        let io = |e: std::io::Error| tonic::Status::internal(format!("snapshot staging file: {e}"));
+        let mut f = tokio::fs::File::create(path).await.map_err(io)?;
+        let mut got = 0u64;
+        while let Some(chunk) = stream.message().await? {
+            got += chunk.data.len() as u64;
+            if got > len {
+                return Err(tonic::Status::invalid_argument(format!(
+                    "snapshot stream carries more than its {len} bytes of log"
+                )));
+            }
+            f.write_all(&chunk.data).await.map_err(io)?;
+        }
+        if got != len {
+            return Err(tonic::Status::invalid_argument(format!(
+                "snapshot stream cut short: {got} of {len} bytes of log"
+            )));
+        }
+        f.flush().await.map_err(io)
     }
 }
 
@@ -391,37 +489,52 @@ impl pb::raft_server::Raft for RaftService {
         req: tonic::Request<tonic::Streaming<pb::SnapshotChunk>>,
     ) -> Result<tonic::Response<pb::SnapshotResponse>, tonic::Status> {
         let mut stream = req.into_inner();
-        let mut vote = None;
-        let mut meta: Option<SnapshotMeta> = None;
-        let mut data = Vec::new();
-        let limit = self.node.max_snapshot_bytes();
-        while let Some(chunk) = stream.message().await? {
-            if vote.is_none() {
-                vote = Some(vote_from_pb(chunk.vote));
-                meta =
-                    Some(serde_json::from_slice(&chunk.meta).map_err(|e| {
-                        tonic::Status::invalid_argument(format!("snapshot meta: {e}"))
-                    })?);
-            }
-            if data.len() + chunk.data.len() > limit {
-                return Err(tonic::Status::resource_exhausted(format!(
-                    "snapshot larger than raft_max_snapshot_bytes ({limit} bytes)"
-                )));
-            }
-            data.extend_from_slice(&chunk.data);
-        }
-        let (Some(vote), Some(meta)) = (vote, meta) else {
+        let Some(first) = stream.message().await? else {
             return Err(tonic::Status::invalid_argument("empty snapshot stream"));
         };
-        let snap = Snapshot {
-            meta,
-            snapshot: Cursor::new(data),
+        let vote = vote_from_pb(first.vote);
+        let meta: SnapshotMeta = serde_json::from_slice(&first.meta)
+            .map_err(|e| tonic::Status::invalid_argument(format!("snapshot meta: {e}")))?;
+        let range =
+            range_from_pb(first.range.ok_or_else(|| {
+                tonic::Status::invalid_argument("snapshot without its log range")
+            })?);
+        if range.end < range.start {
+            return Err(tonic::Status::invalid_argument(
+                "snapshot log range ends before it starts",
+            ));
+        }
+        let limit = self.node.max_snapshot_bytes() as u64;
+        if range.len() > limit {
+            return Err(tonic::Status::resource_exhausted(format!(
+                "a snapshot of {} bytes of log is larger than raft_max_snapshot_bytes ({limit} bytes)",
+                range.len()
+            )));
+        }
+        let path = self.node.snapshot_staging_path(first.from);
+        let received = self.receive(&mut stream, &path, range.len()).await;
+        let res = match received {
+            Ok(()) => match SnapshotData::received(&first.body, path.clone(), range) {
+                Ok(data) => {
+                    let snap = Snapshot {
+                        meta,
+                        snapshot: data,
+                    };
+                    self.raft
+                        .install_full_snapshot(vote, snap)
+                        .await
+                        .map_err(fatal)
+                }
+                Err(e) => Err(tonic::Status::invalid_argument(format!(
+                    "snapshot description: {e}"
+                ))),
+            },
+            Err(e) => Err(e),
         };
-        let resp = self
-            .raft
-            .install_full_snapshot(vote, snap)
-            .await
-            .map_err(fatal)?;
+        // Installed (its bytes are in the log now), refused or cut short:
+        // the staging file has served either way.
+        let _ = tokio::fs::remove_file(&path).await;
+        let resp = res?;
         Ok(tonic::Response::new(pb::SnapshotResponse {
             vote: Some(vote_to_pb(&resp.vote)),
         }))

@@ -3,6 +3,7 @@
 //! membership changes.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use openraft::{BasicNode, ChangeMembers, ServerState};
 
 use super::log_store::LogStore;
 use super::network::{members, Network};
-use super::state_machine::{Applier, StateMachine};
+use super::state_machine::{installing_flag, Applier, StateMachine};
 use super::types::{Applied, TypeConfig, Write};
 
 /// The openraft instance of a replica.
@@ -43,7 +44,7 @@ pub struct ClusterConfig {
     pub max_payload_entries: u64,
     /// Bytes per chunk of a streamed snapshot. Default 3 MiB (openraft's).
     pub snapshot_chunk_bytes: usize,
-    /// Largest snapshot a replica accepts, in bytes. Default 1 GiB.
+    /// Largest snapshot a replica accepts, in bytes of log. Default 1 TiB.
     pub max_snapshot_bytes: usize,
     /// How long sending a snapshot may take, in milliseconds. Default 600,000.
     pub install_snapshot_timeout_ms: u64,
@@ -63,7 +64,7 @@ impl ClusterConfig {
             election_timeout_max_ms: 1000,
             max_payload_entries: 300,
             snapshot_chunk_bytes: 3 << 20,
-            max_snapshot_bytes: 1 << 30,
+            max_snapshot_bytes: 1 << 40,
             install_snapshot_timeout_ms: 600_000,
             connect_timeout_ms: 1000,
         }
@@ -99,9 +100,12 @@ impl ClusterConfig {
             max_payload_entries: self.max_payload_entries,
             install_snapshot_timeout: self.install_snapshot_timeout_ms,
             snapshot_max_chunk_size: self.snapshot_chunk_bytes as u64,
-            // Snapshots do not carry segments yet: never take one, never
-            // purge the log (a lagging replica catches up from the log).
+            // Snapshots are taken when retention needs the log purged
+            // (`%RETAIN%` records, see `compactor`), not by entry count;
+            // purging is ours too: openraft keeps every entry a snapshot
+            // covers until the compactor asks.
             snapshot_policy: openraft::SnapshotPolicy::Never,
+            max_in_snapshot_log_to_keep: u64::MAX,
             // A member whose data directory was lost rejoins under its id
             // with an empty log; the leader then starts its replication
             // over instead of stopping (openraft refuses a log that went
@@ -151,6 +155,10 @@ struct NodeInner {
     cfg: ClusterConfig,
     raft: Raft,
     sm: StateMachine,
+    /// The highest retention boundary applied (see `compactor`).
+    compact: tokio::sync::watch::Sender<u64>,
+    /// Snapshots being sent now (their log bytes must stay).
+    snapshot_sends: Arc<AtomicUsize>,
 }
 
 impl NodeHandle {
@@ -166,12 +174,23 @@ impl NodeHandle {
         applier: Option<Arc<dyn Applier>>,
     ) -> Result<NodeHandle, String> {
         let rcfg = Arc::new(cfg.validate()?);
+        let flag = installing_flag(store.data_dir());
+        if flag.exists() {
+            return Err(format!(
+                "{} is present: installing a snapshot from the leader was cut off, and this \
+                 data directory holds part of it. Move the data directory aside and start \
+                 again: the replica catches up from the leader",
+                flag.display()
+            ));
+        }
         let log = LogStore::open(Arc::clone(&store)).map_err(|e| e.to_string())?;
-        let sm = StateMachine::open(store, applier).map_err(|e| e.to_string())?;
+        let sm = StateMachine::open(Arc::clone(&store), applier).map_err(|e| e.to_string())?;
+        let snapshot_sends = Arc::new(AtomicUsize::new(0));
         let net = Network {
             from: cfg.node_id,
             connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
             snapshot_chunk_bytes: cfg.snapshot_chunk_bytes,
+            snapshot_sends: Arc::clone(&snapshot_sends),
         };
         let raft = Raft::new(cfg.node_id, rcfg, net, log, sm.clone())
             .await
@@ -187,9 +206,47 @@ impl NodeHandle {
                 Err(e) => tracing::info!(error = %e, "broker group already formed"),
             }
         }
+        let (compact, rx) = tokio::sync::watch::channel(0u64);
+        tokio::spawn(compactor(
+            raft.clone(),
+            store,
+            Arc::clone(&snapshot_sends),
+            rx,
+        ));
         Ok(NodeHandle {
-            inner: Arc::new(NodeInner { cfg, raft, sm }),
+            inner: Arc::new(NodeInner {
+                cfg,
+                raft,
+                sm,
+                compact,
+                snapshot_sends,
+            }),
         })
+    }
+
+    /// Retention agreed on through the log: drop what lies before physical
+    /// offset `before`, in the background (see `compactor`).
+    pub fn compact_before(&self, before: u64) {
+        self.inner.compact.send_modify(|b| *b = (*b).max(before));
+    }
+
+    /// Where a snapshot being received is kept until it is installed: a
+    /// file of its own under `<data_dir>/raft/`.
+    pub fn snapshot_staging_path(&self, from: u64) -> std::path::PathBuf {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        self.inner
+            .sm
+            .store()
+            .data_dir()
+            .join("raft")
+            .join(format!("snapshot-from-{from}-{nanos}.incoming"))
+    }
+
+    /// Snapshots this replica is sending now.
+    pub fn snapshot_sends(&self) -> usize {
+        self.inner.snapshot_sends.load(Ordering::Acquire)
     }
 
     /// The openraft instance.
@@ -426,7 +483,105 @@ impl NodeHandle {
     }
 }
 
+/// How long the compactor waits for openraft to take a snapshot or purge
+/// the log before it tries again.
+const COMPACT_WAIT: Duration = Duration::from_secs(10);
+
+/// Drops the log behind the highest retention boundary applied: takes a
+/// snapshot covering the last entry that ends at or before it (unless one
+/// does), has openraft purge the entries up to that one (a replica that
+/// needs them later gets the snapshot), then deletes the sealed segments
+/// that end at or before both the boundary and the purged entries, unless
+/// a snapshot is being sent from them. Runs on every replica; retries
+/// every second until done.
+async fn compactor(
+    raft: Raft,
+    store: Arc<Store>,
+    sends: Arc<AtomicUsize>,
+    mut rx: tokio::sync::watch::Receiver<u64>,
+) {
+    let mut done = 0u64;
+    loop {
+        let before = *rx.borrow_and_update();
+        if before > done {
+            match compact(&raft, &store, &sends, before).await {
+                Ok(true) => done = before,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, before, "compaction failed; retrying"),
+            }
+        }
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(Duration::from_secs(1)), if before > done => {}
+        }
+    }
+}
+
+/// One compaction pass (see [`compactor`]); `Ok(false)` when it must be
+/// tried again later.
+async fn compact(
+    raft: &Raft,
+    store: &Arc<Store>,
+    sends: &AtomicUsize,
+    before: u64,
+) -> Result<bool, String> {
+    let bound = before.min(store.dispatched_end());
+    let target = {
+        let Some(idx) = store.entries() else {
+            return Err("the store is not replicated".into());
+        };
+        let idx = idx.lock().unwrap_or_else(|e| e.into_inner());
+        let rows = idx.range(0, u64::MAX);
+        let n = rows.partition_point(|p| p.end() <= bound);
+        n.checked_sub(1).map(|i| rows[i].index)
+    };
+    if let Some(t) = target {
+        let m = raft.metrics().borrow_watched().clone();
+        if m.snapshot.is_none_or(|s| s.index < t) {
+            raft.trigger().snapshot().await.map_err(|e| e.to_string())?;
+            let ok = raft
+                .wait(Some(COMPACT_WAIT))
+                .metrics(|m| m.snapshot.is_some_and(|s| s.index >= t), "snapshot")
+                .await;
+            if ok.is_err() {
+                return Ok(false);
+            }
+        }
+        raft.trigger()
+            .purge_log(t)
+            .await
+            .map_err(|e| e.to_string())?;
+        let ok = raft
+            .wait(Some(COMPACT_WAIT))
+            .metrics(|m| m.purged.is_some_and(|p| p.index >= t), "purge")
+            .await;
+        if ok.is_err() {
+            return Ok(false);
+        }
+    }
+    if sends.load(Ordering::Acquire) > 0 {
+        return Ok(false);
+    }
+    let s = Arc::clone(store);
+    let deleted = tokio::task::spawn_blocking(move || s.delete_segments_before(before))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    if !deleted.is_empty() {
+        tracing::info!(
+            before,
+            segments = deleted.len(),
+            "retention: segments deleted"
+        );
+    }
+    Ok(true)
+}
+
 impl crate::core::replicated::Replicator for NodeHandle {
+    fn compact_before(&self, before: u64) {
+        NodeHandle::compact_before(self, before);
+    }
+
     fn serving(&self) -> bool {
         NodeHandle::serving(self)
     }

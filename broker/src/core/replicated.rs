@@ -9,7 +9,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
@@ -42,6 +42,10 @@ pub trait Replicator: Send + Sync + 'static {
         &self,
         w: Write,
     ) -> BoxFuture<'_, Result<BoxFuture<'static, Result<Applied, ProposeError>>, ProposeError>>;
+    /// Retention agreed on through the log: this replica may drop what lies
+    /// before physical offset `before` (entries from the log, then whole
+    /// segments), in the background.
+    fn compact_before(&self, before: u64);
 }
 
 /// Topic of the control records that create topics (property
@@ -57,6 +61,10 @@ pub(crate) const GROUPS_TOPIC: &str = "%GROUPS%";
 /// Topic of the control record that gives the group its MAC key (body: 32
 /// bytes): the first one applied wins, on every member.
 pub(crate) const SECRET_TOPIC: &str = "%SECRET%";
+/// Topic of the leader's retention records (property `halfmq.before` = a
+/// physical offset): every replica may delete what lies before it.
+pub(crate) const RETAIN_TOPIC: &str = "%RETAIN%";
+const BEFORE_PROPERTY: &str = "halfmq.before";
 /// Present (sled keyspace `broker`) once this member took the group's key.
 const GROUP_SECRET_KEY: &[u8] = b"group_secret";
 const GROUP_PROPERTY: &str = "halfmq.group";
@@ -76,6 +84,13 @@ struct Sequencer {
 pub(crate) struct Replication {
     pub(crate) repl: Arc<dyn Replicator>,
     seq: tokio::sync::Mutex<Sequencer>,
+    /// The retention boundary the leader's last retention pass found (a
+    /// segment end), to be proposed.
+    pub(crate) retain_wanted: AtomicU64,
+    /// The highest retention boundary applied here since start-up.
+    pub(crate) retain_applied: AtomicU64,
+    /// The log's first offset when resolved halves were last pruned.
+    pub(crate) pruned_at: AtomicU64,
 }
 
 impl Replication {
@@ -83,6 +98,9 @@ impl Replication {
         Replication {
             repl,
             seq: tokio::sync::Mutex::new(Sequencer::default()),
+            retain_wanted: AtomicU64::new(0),
+            retain_applied: AtomicU64::new(0),
+            pruned_at: AtomicU64::new(0),
         }
     }
 }
@@ -110,6 +128,42 @@ pub(crate) fn topic_record(name: &str, queues: u32) -> Record {
             (TOPIC_PROPERTY.to_owned(), name.to_owned()),
             (QUEUES_PROPERTY.to_owned(), queues.to_string()),
         ],
+        ..Record::default()
+    }
+}
+
+/// The control record declaring consumer group `name`.
+fn group_record(name: &str, fifo: bool) -> Record {
+    Record {
+        kind: RecordKind::System,
+        topic: GROUPS_TOPIC.to_owned(),
+        properties: vec![
+            (GROUP_PROPERTY.to_owned(), name.to_owned()),
+            (
+                FIFO_PROPERTY.to_owned(),
+                if fifo { "1" } else { "0" }.to_owned(),
+            ),
+        ],
+        ..Record::default()
+    }
+}
+
+/// A progress record of `pairs` (sled keyspace `groups`; see
+/// [`PROGRESS_TOPIC`]).
+fn progress_record(pairs: &[(Vec<u8>, Vec<u8>)], now_ms: u64) -> Record {
+    let mut body = Vec::new();
+    body.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
+    for (k, v) in pairs {
+        body.extend_from_slice(&(k.len() as u32).to_le_bytes());
+        body.extend_from_slice(k);
+        body.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        body.extend_from_slice(v);
+    }
+    Record {
+        kind: RecordKind::System,
+        topic: PROGRESS_TOPIC.to_owned(),
+        body: Bytes::from(body),
+        store_timestamp_ms: now_ms,
         ..Record::default()
     }
 }
@@ -205,22 +259,109 @@ impl Broker {
         if pairs.is_empty() {
             return Ok(());
         }
-        let mut body = Vec::new();
-        body.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
-        for (k, v) in &pairs {
-            body.extend_from_slice(&(k.len() as u32).to_le_bytes());
-            body.extend_from_slice(k);
-            body.extend_from_slice(&(v.len() as u32).to_le_bytes());
-            body.extend_from_slice(v);
+        let rec = progress_record(&pairs, self.now_ms());
+        self.replicate(vec![rec]).await.map(|_| ())
+    }
+
+    /// The leader's retention record, when its last retention pass found
+    /// more to drop than was agreed on so far.
+    ///
+    /// # Errors
+    /// As [`Broker::replicate`].
+    pub(crate) async fn propose_retention(&self) -> Result<(), BrokerError> {
+        let Some(r) = self.replication() else {
+            return Ok(());
+        };
+        let wanted = r.retain_wanted.load(Ordering::Acquire);
+        if wanted <= r.retain_applied.load(Ordering::Acquire) || self.check_serving().is_err() {
+            return Ok(());
         }
         let rec = Record {
             kind: RecordKind::System,
-            topic: PROGRESS_TOPIC.to_owned(),
-            body: Bytes::from(body),
+            topic: RETAIN_TOPIC.to_owned(),
+            properties: vec![(BEFORE_PROPERTY.to_owned(), wanted.to_string())],
             store_timestamp_ms: self.now_ms(),
             ..Record::default()
         };
         self.replicate(vec![rec]).await.map(|_| ())
+    }
+
+    /// A broker group member's retention pass (every
+    /// `retention_check_interval_ms`, on every member): forgets resolutions
+    /// of halves whose segments are gone; on the serving leader, also finds
+    /// the next boundary to propose: the end of the last segment
+    /// [`halfmq_storage::retention::plan`] would delete, never past what is
+    /// applied here nor past an unresolved half.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub(crate) fn group_retention(&self, r: &Replication) -> Result<(), BrokerError> {
+        let min = self.store.log().min_offset();
+        if min > r.pruned_at.swap(min, Ordering::AcqRel) {
+            self.tx.prune_resolved(&self.store, min)?;
+        }
+        if self.check_serving().is_err() {
+            return Ok(());
+        }
+        let min_pending = self.tx.min_pending_offset();
+        let applied = self.store.dispatched_end();
+        let segs = self.store.log().segments()?;
+        let cfg = self.store.config();
+        let doomed = halfmq_storage::retention::plan(
+            &segs,
+            self.clock.now_ms(),
+            cfg.retention_ms,
+            cfg.retention_bytes,
+            &|s| s.end <= applied && min_pending.is_none_or(|m| s.end <= m),
+        );
+        if let Some(end) = doomed
+            .last()
+            .and_then(|b| segs.iter().find(|s| s.base == *b))
+            .map(|s| s.end)
+        {
+            r.retain_wanted.fetch_max(end, Ordering::AcqRel);
+        }
+        Ok(())
+    }
+
+    /// What a snapshot taken here carries besides the log, as control
+    /// records: applied before the log's entries, every topic, consumer
+    /// group and the group's key (their own records may be gone with
+    /// retention); applied after them, the consumer progress saved here.
+    ///
+    /// # Errors
+    /// Storage errors reading sled.
+    pub(crate) fn snapshot_records(&self) -> Result<(Vec<Record>, Vec<Record>), BrokerError> {
+        let mut before = Vec::new();
+        if self.group_secret_adopted() {
+            before.push(Record {
+                kind: RecordKind::System,
+                topic: SECRET_TOPIC.to_owned(),
+                body: Bytes::copy_from_slice(&self.secret.key_bytes()),
+                ..Record::default()
+            });
+        }
+        let mut topics: Vec<(String, u32)> = self
+            .topics
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(n, t)| (n.clone(), t.queues))
+            .collect();
+        topics.sort();
+        before.extend(topics.iter().map(|(n, q)| topic_record(n, *q)));
+        let mut groups: Vec<(String, bool)> = lock(&self.consumer_groups)
+            .iter()
+            .map(|(n, f)| (n.clone(), *f))
+            .collect();
+        groups.sort();
+        before.extend(groups.iter().map(|(n, f)| group_record(n, *f)));
+        let pairs = self
+            .store
+            .meta()
+            .scan_prefix(super::progress::GROUPS_SPACE, b"")?;
+        let after = vec![progress_record(&pairs, self.now_ms())];
+        Ok((before, after))
     }
 
     /// A follower's side of a progress record: the snapshots go to sled,
@@ -312,19 +453,9 @@ impl Broker {
         group: &str,
         fifo: bool,
     ) -> Result<(), BrokerError> {
-        let rec = Record {
-            kind: RecordKind::System,
-            topic: GROUPS_TOPIC.to_owned(),
-            properties: vec![
-                (GROUP_PROPERTY.to_owned(), group.to_owned()),
-                (
-                    FIFO_PROPERTY.to_owned(),
-                    if fifo { "1" } else { "0" }.to_owned(),
-                ),
-            ],
-            ..Record::default()
-        };
-        self.replicate(vec![rec]).await.map(|_| ())
+        self.replicate(vec![group_record(group, fifo)])
+            .await
+            .map(|_| ())
     }
 
     /// Creates a topic through the broker group's log (a single broker:
@@ -458,6 +589,7 @@ impl Broker {
         let mut progress_bodies: Vec<&Bytes> = Vec::new();
         let mut groups_declared: Vec<(String, bool)> = Vec::new();
         let mut secrets: Vec<&Bytes> = Vec::new();
+        let mut retain: Option<u64> = None;
         {
             let mut inner = tx.inner.lock();
             let mut dedup = lock(&self.dedup);
@@ -528,6 +660,12 @@ impl Broker {
                         groups_declared.push((name, prop(r, FIFO_PROPERTY) == Some("1")));
                         Outcome::Applied
                     }
+                    RecordKind::System if r.topic == RETAIN_TOPIC => {
+                        if let Some(b) = prop(r, BEFORE_PROPERTY).and_then(|b| b.parse().ok()) {
+                            retain = retain.max(Some(b));
+                        }
+                        Outcome::Applied
+                    }
                     RecordKind::System if r.topic == TOPICS_TOPIC => {
                         let name = prop(r, TOPIC_PROPERTY).unwrap_or_default().to_owned();
                         let queues = prop(r, QUEUES_PROPERTY)
@@ -570,6 +708,10 @@ impl Broker {
             }
         }
         self.store.dispatch_applied(&keep, end, note)?;
+        if let (Some(before), Some(r)) = (retain, self.replication()) {
+            r.retain_applied.fetch_max(before, Ordering::AcqRel);
+            r.repl.compact_before(before);
+        }
         if halves > 0 {
             tx.wake.notify_one();
         }
@@ -606,10 +748,37 @@ impl crate::cluster::state_machine::Applier for CoreApplier {
         end: u64,
         note: Vec<u8>,
     ) -> std::io::Result<Vec<Outcome>> {
-        let Some(b) = self.broker.upgrade() else {
-            return Err(std::io::Error::other("the broker stopped"));
-        };
+        let b = self.broker()?;
         b.apply_entry(records, end, note)
             .map_err(|e| std::io::Error::other(e.to_string()))
     }
+
+    fn snapshot_records(&self) -> std::io::Result<(Vec<Record>, Vec<Record>)> {
+        self.broker()?.snapshot_records().map_err(io_err)
+    }
+
+    fn apply_control(&self, records: Vec<Record>) -> std::io::Result<()> {
+        let b = self.broker()?;
+        let at = b.store.dispatched_end();
+        let placed: Vec<(u64, Record)> = records.into_iter().map(|r| (at, r)).collect();
+        b.apply_entry(&placed, at, b.store.applied_note())
+            .map(|_| ())
+            .map_err(io_err)
+    }
+
+    fn installed(&self) -> std::io::Result<()> {
+        self.broker()?.save_state().map_err(io_err)
+    }
+}
+
+impl CoreApplier {
+    fn broker(&self) -> std::io::Result<Arc<Broker>> {
+        self.broker
+            .upgrade()
+            .ok_or_else(|| std::io::Error::other("the broker stopped"))
+    }
+}
+
+fn io_err(e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(e.to_string())
 }

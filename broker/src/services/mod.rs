@@ -15,8 +15,8 @@ use crate::error::BrokerError;
 
 /// A broker group member's leadership: takes it up when openraft makes this
 /// member the serving leader of a new term (progress reloaded), gives it up
-/// when it is not any more, and sends the leader's progress record every
-/// `checkpoint_interval_ms`.
+/// when it is not any more, sends the leader's progress record every
+/// `checkpoint_interval_ms` and its retention records.
 async fn leadership_watch(b: Arc<Broker>) {
     let mut stop = b.shutdown_tx.subscribe();
     let mut last_progress = tokio::time::Instant::now();
@@ -49,6 +49,8 @@ async fn leadership_watch(b: Arc<Broker>) {
                 if let Err(e) = b.propose_progress().await {
                     tracing::warn!(error = %e, "progress record not stored");
                 }
+            } else if let Err(e) = b.propose_retention().await {
+                tracing::warn!(error = %e, "retention record not stored");
             }
         } else if held != 0 {
             b.leader_term.store(0, std::sync::atomic::Ordering::Release);
@@ -125,9 +127,10 @@ impl Broker {
     /// # Errors
     /// Storage errors.
     pub fn apply_retention(&self) -> Result<Vec<u64>, BrokerError> {
-        if self.replication().is_some() {
-            // Not built for broker groups yet: a replica keeps its whole log
-            // (README, "Broker groups").
+        if let Some(r) = self.replication() {
+            // The leader proposes the boundary; every member deletes
+            // behind it once applied (`%RETAIN%` records).
+            self.group_retention(r)?;
             return Ok(Vec::new());
         }
         let min_pending = self.tx.min_pending_offset();

@@ -638,6 +638,10 @@ impl Store {
                 Some(Slot::Damaged) => return Err(damaged_entry()),
                 Some(Slot::Hole) | None => return Err(not_found()),
             };
+            if entry.physical_offset < self.log.min_offset() {
+                // Its segment was deleted by retention.
+                return Err(not_found());
+            }
             let record = self.log.read_sized(entry.physical_offset, entry.size)?;
             if !entry_matches(topic, queue_id, queue_offset, &record) {
                 return Err(Error::Corrupt {

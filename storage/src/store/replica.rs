@@ -179,6 +179,39 @@ impl Store {
         Ok(())
     }
 
+    /// A broker group's retention on this replica: deletes the sealed
+    /// segments that end at or before `before` (a physical offset every
+    /// replica agreed on through the log), oldest first, then the
+    /// consume-queue files that only point into them. Entries in those
+    /// segments must have been purged from the entry index first; a segment
+    /// holding an entry still indexed stops the deletion. Returns the bases
+    /// of the segments deleted.
+    ///
+    /// # Errors
+    /// I/O errors; what was deleted before the error stays deleted.
+    pub fn delete_segments_before(&self, before: u64) -> Result<Vec<u64>> {
+        let bound = match &self.entries {
+            Some(idx) => before.min(lock(idx).end_of_purged()),
+            None => before,
+        };
+        let mut deleted = Vec::new();
+        for s in self.log.segments()? {
+            if s.active || s.end > bound {
+                break;
+            }
+            tracing::info!(base = s.base, end = s.end, "retention: deleting segment");
+            self.log.delete_oldest_segment(s.base)?;
+            deleted.push(s.base);
+        }
+        if !deleted.is_empty() {
+            let min = self.log.min_offset();
+            for cq in self.all_queues() {
+                cq.delete_expired(min)?;
+            }
+        }
+        Ok(deleted)
+    }
+
     fn put_applied(
         &self,
         key: &QueueKey,
@@ -204,8 +237,15 @@ impl Store {
         }
         let res = cq.put(first, entries).and_then(|()| {
             if first > next {
-                tracing::error!(topic = %key.0, queue_id = key.1, from = next, to = first,
-                    "queue offsets skipped by the leader: marked as holes");
+                if next == 0 {
+                    // A replica that installed a snapshot: the queue's
+                    // earlier offsets were removed by retention before.
+                    tracing::info!(topic = %key.0, queue_id = key.1, first,
+                        "a queue starts here at a later offset (installed snapshot)");
+                } else {
+                    tracing::error!(topic = %key.0, queue_id = key.1, from = next, to = first,
+                        "queue offsets skipped by the leader: marked as holes");
+                }
                 cq.mark_damaged_as_holes().map(|_| ())
             } else {
                 Ok(())
