@@ -17,8 +17,9 @@
 //!
 //! `HALFMQ_CLUSTER_KILLS` sets the number of leader kills (default 5).
 //!
-//! A second test wipes a follower's data directory: it catches up from the
-//! log and later leads, with every message and a transaction id made before.
+//! A second test wipes a follower's data directory after retention dropped
+//! the start of the log: it catches up from a snapshot and later leads, with
+//! every message kept and a transaction id made before.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -58,12 +59,18 @@ struct Group {
     dirs: Vec<tempfile::TempDir>,
     addrs: Vec<String>,
     peers: String,
+    /// More flags for every member.
+    extra: Vec<String>,
 }
 
 impl Group {
     /// Three members on free ports, each in its own temporary directory,
     /// started.
     fn start_all() -> Group {
+        Group::start_all_with(&[])
+    }
+
+    fn start_all_with(extra: &[&str]) -> Group {
         let addrs: Vec<String> = (0..3)
             .map(|_| format!("127.0.0.1:{}", free_port()))
             .collect();
@@ -78,6 +85,7 @@ impl Group {
             dirs: (0..3).map(|_| tempfile::tempdir().unwrap()).collect(),
             addrs,
             peers,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         for i in 0..3 {
             g.start(i);
@@ -114,6 +122,7 @@ impl Group {
         ]
         .iter()
         .map(|s| s.to_string())
+        .chain(self.extra.iter().cloned())
         .collect()
     }
 
@@ -448,9 +457,36 @@ fn leader_kills_lose_nothing_acknowledged() {
 /// A follower killed and restarted with its data directory wiped catches
 /// up from the leader's log (the group key and topics included) and later
 /// serves as the leader, every message there.
+/// Physical offset of the first commit-log segment in a member's data
+/// directory (segment files are named by their base offset).
+fn first_segment_base(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir.join("commitlog"))
+        .map(|rd| {
+            rd.filter_map(|e| {
+                let name = e.ok()?.file_name().to_string_lossy().into_owned();
+                name.split('.').next()?.parse::<u64>().ok()
+            })
+            .min()
+            .unwrap_or(0)
+        })
+        .unwrap_or(0)
+}
+
 #[test]
 fn a_wiped_follower_catches_up_and_leads() {
-    let mut g = Group::start_all();
+    // Small segments and a small retention budget: retention drops the
+    // start of the log (a topic nobody reads), so the wiped member can only
+    // catch up from a snapshot.
+    let mut g = Group::start_all_with(&[
+        "--segment-bytes",
+        "128KiB",
+        "--max-message-bytes",
+        "16KiB",
+        "--retention-bytes",
+        "384KiB",
+        "--retention-check-interval",
+        "200ms",
+    ]);
     let all = g.addrs.join(",");
     let rt = halfmq_tests::runtime();
     let opts = || ClientOptions {
@@ -489,6 +525,14 @@ fn a_wiped_follower_catches_up_and_leads() {
             ids
         })
     };
+    // 600 KiB nobody reads, then what the test reads back.
+    rt.block_on(async {
+        let p = Producer::new(Client::connect_with(&all, opts()).await.unwrap());
+        for k in 0..300 {
+            let body = format!("{k:02048}");
+            p.send(Message::new("filler", body)).await.unwrap();
+        }
+    });
     let mut ids = send(&rt, 0, 200);
     let tx_id = rt.block_on(async {
         let tp = TransactionProducer::new(
@@ -499,6 +543,15 @@ fn a_wiped_follower_catches_up_and_leads() {
         tp.send_half(Message::new("wiped", "late")).await.unwrap()
     });
 
+    // Retention drops the first segments on every member.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (0..3).any(|i| first_segment_base(g.dirs[i].path()) == 0) {
+        assert!(
+            Instant::now() < deadline,
+            "retention never deleted the first segments"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // Wipe a follower.
     let leader = leader_of(&rt);
     let wiped = (leader + 1) % 3;
@@ -522,6 +575,8 @@ fn a_wiped_follower_catches_up_and_leads() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // From a snapshot: its log starts where the leader's kept log did.
+    assert!(first_segment_base(g.dirs[wiped].path()) > 0);
     // Kill leaders (restarting them) until the wiped member leads.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
