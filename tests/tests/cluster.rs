@@ -6,13 +6,17 @@
 //!   for odd); every third "crashes" (sends no end) and a checker of the
 //!   group answers check-backs from the same decision table;
 //! - two consumers of one group that ack, nack a first delivery now and
-//!   then, and let some expire.
+//!   then, and let some expire;
+//! - a producer of "doomed" messages and a consumer that fails every
+//!   delivery (nack or expiry), so each is dead-lettered after
+//!   `max_reconsume_times` (2).
 //!
 //! At the end (every half resolved) it checks: no acknowledged send or
 //! committed half is lost; no rolled-back half was delivered; one message id
 //! per body (a send retried across a failover is stored once, a transaction
 //! has one id); per queue, the queue offsets delivered have no gaps; every
-//! replica applied the same log. It reports the failover time (kill → next
+//! exhausted message is in the DLQ exactly once; every replica applied the
+//! same log. It reports the failover time (kill → next
 //! acknowledged send), p50 and max.
 //!
 //! `HALFMQ_CLUSTER_KILLS` sets the number of leader kills (default 5).
@@ -51,6 +55,9 @@ struct Ledger {
     rolled_back_delivered: Vec<String>,
     /// When the last send was acknowledged.
     last_ack: Option<Instant>,
+    /// Message ids of acknowledged sends to "doomed" (always nacked: each
+    /// must end in the DLQ once).
+    doomed: HashSet<String>,
 }
 
 struct Group {
@@ -119,6 +126,8 @@ impl Group {
             "1000",
             "--retry-delays",
             "100ms 200ms",
+            "--max-reconsume-times",
+            "2",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -221,6 +230,45 @@ fn leader_kills_lose_nothing_acknowledged() {
                         n += 1;
                     }
                     tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }));
+        }
+        {
+            let p = Producer::new(Client::connect_with(&all, opts()).await.unwrap());
+            let (ledger, producing) = (ledger.clone(), producing.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut k = 0u64;
+                while producing.load(Ordering::Relaxed) {
+                    if let Ok(r) = p.send(Message::new("doomed", format!("d-{k}"))).await {
+                        ledger.lock().unwrap().doomed.insert(r.message_id);
+                        k += 1;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }));
+        }
+        {
+            // Every delivery of "doomed" fails: nacked, or left to expire.
+            let c = Consumer::new(
+                Client::connect_with(&all, opts()).await.unwrap(),
+                "doomers",
+                "doomed",
+            )
+            .with_invisible_duration(Duration::from_millis(300));
+            let consuming = consuming.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut n = 0u64;
+                while consuming.load(Ordering::Relaxed) {
+                    let Ok(msgs) = c.receive(32, Duration::from_millis(300)).await else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    };
+                    for m in msgs {
+                        n += 1;
+                        if !n.is_multiple_of(5) {
+                            let _ = c.nack(&m, "always fails", None).await;
+                        }
+                    }
                 }
             }));
         }
@@ -381,12 +429,22 @@ fn leader_kills_lose_nothing_acknowledged() {
                 .await
                 .map(|v| v.len())
                 .unwrap_or(usize::MAX);
-            if missing == 0 && pending == 0 {
+            let dead: HashSet<String> = admin
+                .list_dead_letters("doomers")
+                .await
+                .map(|v| v.into_iter().map(|d| d.message_id).collect())
+                .unwrap_or_default();
+            let undead = {
+                let l = ledger.lock().unwrap();
+                l.doomed.iter().filter(|id| !dead.contains(*id)).count()
+            };
+            if missing == 0 && pending == 0 && undead == 0 {
                 break;
             }
             assert!(
                 Instant::now() < deadline,
-                "after 60 s: {missing} acknowledged messages not delivered and acked, {pending} halves pending"
+                "after 60 s: {missing} acknowledged messages not delivered and acked, \
+                 {pending} halves pending, {undead} exhausted messages not in the DLQ"
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -422,6 +480,16 @@ fn leader_kills_lose_nothing_acknowledged() {
             "queue {q}: offsets never delivered: {gaps:?}"
         );
     }
+    // Every exhausted message is in the DLQ exactly once, and nothing else.
+    let dead = rt.block_on(async {
+        Admin::new(Client::connect_with(&all, opts()).await.unwrap())
+            .list_dead_letters("doomers")
+            .await
+            .unwrap()
+    });
+    let twice: Vec<_> = dead.iter().filter(|d| d.copies != 1).collect();
+    assert!(twice.is_empty(), "dead-lettered more than once: {twice:?}");
+    assert_eq!(dead.len(), l.doomed.len(), "DLQ holds other messages");
     // Every replica applied the same log.
     let applied = rt.block_on(async {
         let c = Cluster::new(Client::connect(&all).await.unwrap());
@@ -442,21 +510,19 @@ fn leader_kills_lose_nothing_acknowledged() {
     });
     failovers.sort();
     eprintln!(
-        "{kills} leader kills: {} sends and {} halves acknowledged, {} delivered, {} acked; \
+        "{kills} leader kills: {} sends and {} halves acknowledged, {} delivered, {} acked, {} dead-lettered once; \
          failover (kill -> next acknowledged send) p50 {:?}, max {:?}; every replica applied index {:?}",
         l.sent.len(),
         l.halves.len(),
         l.delivered.len(),
         l.acked.len(),
+        dead.len(),
         failovers[failovers.len() / 2],
         failovers.last().copied().unwrap_or_default(),
         applied
     );
 }
 
-/// A follower killed and restarted with its data directory wiped catches
-/// up from the leader's log (the group key and topics included) and later
-/// serves as the leader, every message there.
 /// Physical offset of the first commit-log segment in a member's data
 /// directory (segment files are named by their base offset).
 fn first_segment_base(dir: &std::path::Path) -> u64 {
@@ -472,6 +538,9 @@ fn first_segment_base(dir: &std::path::Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// A follower killed and restarted with its data directory wiped catches
+/// up from a snapshot (the group key, topics and progress included) and
+/// later serves as the leader, every message there.
 #[test]
 fn a_wiped_follower_catches_up_and_leads() {
     // Small segments and a small retention budget: retention drops the

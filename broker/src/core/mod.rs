@@ -24,6 +24,7 @@ pub mod delivery;
 pub mod dlq;
 pub mod fifo;
 pub mod groups;
+pub mod handoff;
 pub mod idempotence;
 pub mod names;
 pub mod progress;
@@ -122,7 +123,10 @@ pub struct Broker {
     pub(crate) replication: std::sync::OnceLock<replicated::Replication>,
     /// A broker group leader's consumer-progress snapshots (sled key,
     /// value) saved since its last progress record.
-    pub(crate) progress_outbox: Mutex<Vec<(Vec<u8>, Vec<u8>)>>,
+    pub(crate) progress_outbox: Mutex<Vec<progress::OutboxPair>>,
+    /// A follower's hand-off done marks not yet covered by a progress
+    /// record (`core/handoff.rs`).
+    pub(crate) handoff_marks: Mutex<handoff::HandoffMarks>,
     /// The term whose leadership this member took up (progress reloaded,
     /// services started); 0 = none.
     pub(crate) leader_term: AtomicU64,
@@ -214,6 +218,7 @@ impl Broker {
             dlq,
             replication: std::sync::OnceLock::new(),
             progress_outbox: Mutex::new(Vec::new()),
+            handoff_marks: Mutex::new(handoff::HandoffMarks::default()),
             leader_term: AtomicU64::new(0),
         }))
     }

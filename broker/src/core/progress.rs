@@ -45,6 +45,9 @@ impl GroupTopic {
 pub(crate) type GroupKey = (String, String);
 /// Every group's progress, by (consumer group, topic).
 pub(crate) type Groups = HashMap<GroupKey, Arc<Mutex<GroupTopic>>>;
+/// A progress snapshot waiting for the leader's next progress record:
+/// (sled key, value, the leader's applied end when it was encoded).
+pub(crate) type OutboxPair = (Vec<u8>, Vec<u8>, u64);
 /// Keyspace of consumer progress in sled (see ARCHITECTURE.md).
 pub(crate) const GROUPS_SPACE: &str = "groups";
 
@@ -91,6 +94,10 @@ impl Broker {
         }
         // A broker group's leader also hands the snapshots to the next
         // progress record, so that followers (and the next leader) have them.
+        // With the group's lock held by the caller: a hand-off applied
+        // after this read is not in the snapshot, and its entry ends after
+        // `as_of` (core/handoff.rs).
+        let as_of = self.store.dispatched_end();
         let mut outbox = self
             .replication()
             .filter(|_| self.serving())
@@ -98,7 +105,7 @@ impl Broker {
         let mut put = |key: Vec<u8>, value: Vec<u8>| -> Result<(), BrokerError> {
             self.store.meta().put(GROUPS_SPACE, &key, &value)?;
             if let Some(o) = outbox.as_mut() {
-                o.push((key, value));
+                o.push((key, value, as_of));
             }
             Ok(())
         };

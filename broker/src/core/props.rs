@@ -22,6 +22,16 @@ pub const TOPIC_PROPERTY: &str = "halfmq.topic";
 /// A failed delivery: where the message was in its topic,
 /// `<queue id>:<queue offset>`.
 pub const ORIGIN_PROPERTY: &str = "halfmq.origin";
+/// A failed delivery in a broker group: the consumer group it failed in.
+pub const CONSUMER_GROUP_PROPERTY: &str = "halfmq.consumer_group";
+/// A failed delivery in a broker group: the offset it was delivered from,
+/// `<progress queue id>:<queue offset>` (the queue id carries
+/// `RETRY_QUEUE_BIT` for a retry level), marked done where the hand-off is
+/// applied (`core/handoff.rs`).
+pub const SOURCE_PROPERTY: &str = "halfmq.source";
+/// A progress record: the leader's applied end when it took the oldest of
+/// the progress snapshots the record carries (`core/handoff.rs`).
+pub const AS_OF_PROPERTY: &str = "halfmq.as_of";
 /// A send's idempotency key (exactly-once publish, `core/idempotence.rs`).
 pub const IDEMPOTENCY_KEY_PROPERTY: &str = "halfmq.idempotency_key";
 /// A message's message group (FIFO delivery, `core/fifo.rs`).

@@ -106,8 +106,10 @@ pub struct DeadLetter {
     pub first_delivery_ms: u64,
     /// Last failed delivery, ms since the epoch.
     pub last_delivery_ms: u64,
-    /// Position in the DLQ.
+    /// Position in the DLQ (of the first copy).
     pub dlq_offset: u64,
+    /// DLQ entries holding this message id (see [`Broker::dead_letters`]).
+    pub copies: u32,
     /// The (queue id, queue offset) it had in its topic, when the DLQ record
     /// says (older brokers' do not).
     pub origin: Option<(u32, u64)>,
@@ -242,6 +244,12 @@ impl Broker {
                 ]
                 .into_iter()
                 .chain(original_qo.map(origin_property))
+                .chain(super::handoff::source_properties(
+                    group,
+                    f.retry_level,
+                    f.queue_id,
+                    f.queue_offset,
+                ))
                 .collect(),
                 ..Record::default()
             });
@@ -375,6 +383,7 @@ impl Broker {
                     first_delivery_ms: prop_u64(&r, FIRST_DELIVERY_PROPERTY),
                     last_delivery_ms: prop_u64(&r, LAST_DELIVERY_PROPERTY),
                     dlq_offset: qos[0],
+                    copies: qos.len() as u32,
                     origin: origin(&r),
                     content,
                     body_omitted,

@@ -17,7 +17,7 @@ use foldhash::HashMap;
 use halfmq_storage::{AppendReceipt, MessageId, Record, RecordKind};
 
 use super::dedup::{key_id, FirstSend};
-use super::props::{deliver_at, prop, IDEMPOTENCY_KEY_PROPERTY};
+use super::props::{deliver_at, prop, AS_OF_PROPERTY, IDEMPOTENCY_KEY_PROPERTY};
 use super::transactions::state::apply_record;
 use super::{lock, Broker};
 use crate::cluster::types::{Applied, FirstSendWire, Outcome, Write};
@@ -148,9 +148,30 @@ fn group_record(name: &str, fifo: bool) -> Record {
     }
 }
 
+/// The (sled key, value) pairs of a progress record's body.
+pub(crate) fn decode_progress_pairs(body: &[u8]) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
+    let mut at = 0usize;
+    let mut take = |n: usize| -> Option<&[u8]> {
+        let s = body.get(at..at.checked_add(n)?)?;
+        at += n;
+        Some(s)
+    };
+    let count = u32::from_le_bytes(take(4)?.try_into().ok()?);
+    let mut out = Vec::with_capacity((count as usize).min(1 << 16));
+    for _ in 0..count {
+        let kl = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+        let k = take(kl)?.to_vec();
+        let vl = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+        let v = take(vl)?.to_vec();
+        out.push((k, v));
+    }
+    Some(out)
+}
+
 /// A progress record of `pairs` (sled keyspace `groups`; see
-/// [`PROGRESS_TOPIC`]).
-fn progress_record(pairs: &[(Vec<u8>, Vec<u8>)], now_ms: u64) -> Record {
+/// [`PROGRESS_TOPIC`]) encoded when this member had applied up to `as_of`
+/// (see `core/handoff.rs`).
+fn progress_record(pairs: &[(Vec<u8>, Vec<u8>)], now_ms: u64, as_of: u64) -> Record {
     let mut body = Vec::new();
     body.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
     for (k, v) in pairs {
@@ -164,6 +185,7 @@ fn progress_record(pairs: &[(Vec<u8>, Vec<u8>)], now_ms: u64) -> Record {
         topic: PROGRESS_TOPIC.to_owned(),
         body: Bytes::from(body),
         store_timestamp_ms: now_ms,
+        properties: vec![(AS_OF_PROPERTY.to_owned(), as_of.to_string())],
         ..Record::default()
     }
 }
@@ -236,11 +258,16 @@ impl Broker {
     /// # Errors
     /// Storage errors reading the progress.
     pub(crate) fn take_up_leadership(&self, term: u64) -> Result<(), BrokerError> {
+        // Held throughout: a hand-off applied meanwhile either lands in the
+        // progress loaded or waits for the term to be taken up.
+        let mut marks = lock(&self.handoff_marks);
         let (groups, consumer_groups) = super::progress::load_progress(&self.store, false)?;
+        self.apply_held_marks(&groups, &mut marks);
         *lock(&self.groups) = groups;
         *lock(&self.consumer_groups) = consumer_groups;
         lock(&self.progress_outbox).clear();
         self.leader_term.store(term, Ordering::Release);
+        drop(marks);
         tracing::info!(term, "took up leadership of the broker group");
         Ok(())
     }
@@ -255,11 +282,12 @@ impl Broker {
         if self.check_serving().is_err() {
             return Ok(());
         }
-        let pairs = std::mem::take(&mut *lock(&self.progress_outbox));
-        if pairs.is_empty() {
+        let taken = std::mem::take(&mut *lock(&self.progress_outbox));
+        let Some(as_of) = taken.iter().map(|(_, _, a)| *a).min() else {
             return Ok(());
-        }
-        let rec = progress_record(&pairs, self.now_ms());
+        };
+        let pairs: Vec<(Vec<u8>, Vec<u8>)> = taken.into_iter().map(|(k, v, _)| (k, v)).collect();
+        let rec = progress_record(&pairs, self.now_ms(), as_of);
         self.replicate(vec![rec]).await.map(|_| ())
     }
 
@@ -360,40 +388,12 @@ impl Broker {
             .store
             .meta()
             .scan_prefix(super::progress::GROUPS_SPACE, b"")?;
-        let after = vec![progress_record(&pairs, self.now_ms())];
+        let after = vec![progress_record(
+            &pairs,
+            self.now_ms(),
+            self.store.dispatched_end(),
+        )];
         Ok((before, after))
-    }
-
-    /// A follower's side of a progress record: the snapshots go to sled,
-    /// where taking up leadership reads them.
-    fn apply_progress(&self, body: &[u8]) {
-        let mut at = 0usize;
-        let mut take = |n: usize| -> Option<&[u8]> {
-            let s = body.get(at..at + n)?;
-            at += n;
-            Some(s)
-        };
-        let mut read = || -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
-            let count = u32::from_le_bytes(take(4)?.try_into().ok()?);
-            let mut out = Vec::with_capacity(count as usize);
-            for _ in 0..count {
-                let kl = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
-                let k = take(kl)?.to_vec();
-                let vl = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
-                let v = take(vl)?.to_vec();
-                out.push((k, v));
-            }
-            Some(out)
-        };
-        let Some(pairs) = read() else {
-            tracing::error!("an unreadable progress record; skipped");
-            return;
-        };
-        for (k, v) in pairs {
-            if let Err(e) = self.store.meta().put(super::progress::GROUPS_SPACE, &k, &v) {
-                tracing::error!(error = %e, "could not save replicated consumer progress");
-            }
-        }
     }
 
     /// Whether this member has taken the broker group's MAC key.
@@ -586,7 +586,8 @@ impl Broker {
         let mut notify: Vec<&str> = Vec::new();
         let mut halves = 0u64;
         let mut topics_created: Vec<(String, u32)> = Vec::new();
-        let mut progress_bodies: Vec<&Bytes> = Vec::new();
+        let mut progress_bodies: Vec<(&Bytes, u64)> = Vec::new();
+        let mut handoffs: Vec<super::handoff::Mark> = Vec::new();
         let mut groups_declared: Vec<(String, bool)> = Vec::new();
         let mut secrets: Vec<&Bytes> = Vec::new();
         let mut retain: Option<u64> = None;
@@ -652,7 +653,7 @@ impl Broker {
                         Outcome::Applied
                     }
                     RecordKind::System if r.topic == PROGRESS_TOPIC => {
-                        progress_bodies.push(&r.body);
+                        progress_bodies.push((&r.body, super::handoff::as_of(r)));
                         Outcome::Applied
                     }
                     RecordKind::System if r.topic == GROUPS_TOPIC => {
@@ -679,6 +680,7 @@ impl Broker {
                         Outcome::Applied
                     }
                     RecordKind::Redelivery => {
+                        handoffs.extend(super::handoff::source(r));
                         keep.push((*offset, r));
                         notify.push(&r.topic);
                         Outcome::Applied
@@ -701,12 +703,7 @@ impl Broker {
                 tracing::error!(group = %name, error = %e, "a replicated consumer group could not be declared here");
             }
         }
-        // The leader's own progress is ahead of any record of it.
-        if self.check_serving().is_err() {
-            for b in progress_bodies {
-                self.apply_progress(b);
-            }
-        }
+        self.apply_progress_changes(&progress_bodies, handoffs, end);
         self.store.dispatch_applied(&keep, end, note)?;
         if let (Some(before), Some(r)) = (retain, self.replication()) {
             r.retain_applied.fetch_max(before, Ordering::AcqRel);

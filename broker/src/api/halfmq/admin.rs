@@ -166,6 +166,7 @@ impl pb::admin_server::Admin for Services {
                             queue_id: d.origin.map_or(0, |o| o.0),
                             queue_offset: d.origin.map(|o| o.1),
                             body_omitted: d.body_omitted,
+                            copies: d.copies,
                         }
                     })
                     .collect(),

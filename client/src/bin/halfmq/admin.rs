@@ -259,7 +259,7 @@ fn dead_letter_json(d: &halfmq_client::DeadLetter) -> serde_json::Value {
         "message_id": d.message_id, "topic": d.topic, "queue_id": d.queue_id,
         "reconsume_times": d.reconsume_times, "reason": d.reason,
         "first_delivery_ms": d.first_delivery_ms, "last_delivery_ms": d.last_delivery_ms,
-        "dlq_offset": d.dlq_offset, "tag": d.tag, "keys": d.keys, "properties": d.properties,
+        "dlq_offset": d.dlq_offset, "copies": d.copies, "tag": d.tag, "keys": d.keys, "properties": d.properties,
     });
     if let Some(o) = d.queue_offset {
         v["queue_offset"] = json!(o);
