@@ -685,6 +685,14 @@ impl BrokerConfig {
         c.max_snapshot_bytes = usize::try_from(self.raft_max_snapshot_bytes).unwrap_or(usize::MAX);
         c.install_snapshot_timeout_ms = self.raft_install_snapshot_timeout_ms;
         c.connect_timeout_ms = self.raft_connect_timeout_ms;
+        // Connections to peers leave from the address this member listens
+        // on, when it names one (firewall rules, several addresses).
+        c.local_ip = self
+            .listen
+            .parse::<std::net::SocketAddr>()
+            .ok()
+            .map(|a| a.ip())
+            .filter(|ip| !ip.is_unspecified());
         c.validate()
             .map_err(|e| bad("raft_election_timeout_min_ms", e))?;
         Ok(Some(c))

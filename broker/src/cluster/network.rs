@@ -104,6 +104,8 @@ pub struct Network {
     pub snapshot_chunk_bytes: usize,
     /// Snapshots being sent now, counted while their bytes are read.
     pub snapshot_sends: Arc<AtomicUsize>,
+    /// The IP address connections leave from (`None`: the system picks).
+    pub local_ip: Option<std::net::IpAddr>,
 }
 
 /// The connection to one peer.
@@ -115,6 +117,7 @@ pub struct PeerClient {
     connect_timeout: Duration,
     snapshot_chunk_bytes: usize,
     snapshot_sends: Arc<AtomicUsize>,
+    local_ip: Option<std::net::IpAddr>,
 }
 
 /// Counts one snapshot being sent while it lives.
@@ -161,6 +164,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             connect_timeout: self.connect_timeout,
             snapshot_chunk_bytes: self.snapshot_chunk_bytes,
             snapshot_sends: Arc::clone(&self.snapshot_sends),
+            local_ip: self.local_ip,
         }
     }
 }
@@ -178,6 +182,7 @@ impl PeerClient {
         let ep = tonic::transport::Endpoint::from_shared(uri)
             .map_err(|e| Unreachable::new(&e))?
             .connect_timeout(self.connect_timeout)
+            .local_address(self.local_ip)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5));

@@ -51,6 +51,10 @@ pub struct ClusterConfig {
     /// How long a connection attempt to a peer may take, in milliseconds.
     /// Default 1,000.
     pub connect_timeout_ms: u64,
+    /// The IP address connections to peers leave from: the listen
+    /// address's, when it names one (not `0.0.0.0` or `::`). Default none
+    /// (the system picks).
+    pub local_ip: Option<std::net::IpAddr>,
 }
 
 impl ClusterConfig {
@@ -67,6 +71,7 @@ impl ClusterConfig {
             max_snapshot_bytes: 1 << 40,
             install_snapshot_timeout_ms: 600_000,
             connect_timeout_ms: 1000,
+            local_ip: None,
         }
     }
 
@@ -191,6 +196,7 @@ impl NodeHandle {
             connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
             snapshot_chunk_bytes: cfg.snapshot_chunk_bytes,
             snapshot_sends: Arc::clone(&snapshot_sends),
+            local_ip: cfg.local_ip,
         };
         let raft = Raft::new(cfg.node_id, rcfg, net, log, sm.clone())
             .await
