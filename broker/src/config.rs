@@ -220,6 +220,10 @@ pub struct BrokerConfig {
     /// `"ID=HOST:PORT,..."` (each member's client address, this one's
     /// included); empty = a single broker, no replication. Default empty.
     pub peers: String,
+    /// This member joins a broker group that exists already (`--join`): it
+    /// never proposes `peers` as a new group and waits until the leader
+    /// adds it (`halfmq cluster add-learner`). Default false.
+    pub join: bool,
     /// Raft: how often the leader sends heartbeats, ms. Default 100.
     #[serde(deserialize_with = "crate::units::ms")]
     pub raft_heartbeat_interval_ms: u64,
@@ -298,6 +302,7 @@ impl Default for BrokerConfig {
             worker_threads: 0,
             node_id: 0,
             peers: String::new(),
+            join: false,
             raft_heartbeat_interval_ms: 100,
             raft_election_timeout_min_ms: 500,
             raft_election_timeout_max_ms: 1000,
@@ -685,6 +690,7 @@ impl BrokerConfig {
         c.max_snapshot_bytes = usize::try_from(self.raft_max_snapshot_bytes).unwrap_or(usize::MAX);
         c.install_snapshot_timeout_ms = self.raft_install_snapshot_timeout_ms;
         c.connect_timeout_ms = self.raft_connect_timeout_ms;
+        c.join = self.join;
         // Connections to peers leave from the address this member listens
         // on, when it names one (firewall rules, several addresses).
         c.local_ip = self

@@ -189,6 +189,11 @@ struct Args {
     /// (each member's client address, this one's included).
     #[arg(long)]
     peers: Option<String>,
+    /// `join`: this member joins a broker group that exists already (it
+    /// waits to be added with `halfmq cluster add-learner`); `--join` alone
+    /// means true.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    join: Option<bool>,
     /// `raft_heartbeat_interval_ms`, as a duration.
     #[arg(long, value_parser = duration_ms)]
     raft_heartbeat_interval: Option<u64>,
@@ -258,7 +263,7 @@ fn load_config(args: &Args) -> anyhow::Result<BrokerConfig> {
         max_pending_halves => max_pending_halves,
         dedup_window => dedup_window_ms, max_dedup_keys => max_dedup_keys,
         retry_delays => retry_delays, max_reconsume_times => max_reconsume_times,
-        node_id => node_id, peers => peers,
+        node_id => node_id, peers => peers, join => join,
         raft_heartbeat_interval => raft_heartbeat_interval_ms,
         raft_election_timeout_min => raft_election_timeout_min_ms,
         raft_election_timeout_max => raft_election_timeout_max_ms,

@@ -124,16 +124,7 @@ impl BrokerProcess {
     /// # Panics
     /// When the CLI cannot be run.
     pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(binary("halfmq"))
-            .args(["--broker", &self.addr])
-            .args(args)
-            .output()
-            .expect("run halfmq");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        cli(&self.addr, args)
     }
 
     /// SIGKILL, and reap.
@@ -252,6 +243,24 @@ pub async fn stored(admin: &halfmq_client::Admin, topic: &str) -> u64 {
         .iter()
         .find(|t| t.name == topic)
         .map_or(0, |t| t.messages)
+}
+
+/// Runs the `halfmq` CLI with `--broker brokers` and `args`; returns (exit
+/// success, stdout, stderr).
+///
+/// # Panics
+/// When the CLI cannot be run.
+pub fn cli(brokers: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(binary("halfmq"))
+        .args(["--broker", brokers])
+        .args(args)
+        .output()
+        .expect("run halfmq");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// A port free on 127.0.0.1 now (another process may take it before use).

@@ -695,3 +695,136 @@ fn a_wiped_follower_catches_up_and_leads() {
             .expect("a half stored before the wipe commits on the wiped member");
     });
 }
+
+/// Membership changes with the CLI: a fourth broker started with `--join`
+/// is added as a learner, catches up, is promoted to voter; a member is
+/// removed and killed, and the group of the other three goes on, the new
+/// member holding everything.
+#[test]
+fn members_are_added_promoted_and_removed() {
+    let mut g = Group::start_all();
+    let rt = halfmq_tests::runtime();
+    let opts = || ClientOptions {
+        request_timeout: Duration::from_secs(3),
+        failover_timeout: Duration::from_secs(20),
+        ..ClientOptions::default()
+    };
+    let send = |rt: &tokio::runtime::Runtime, addrs: &str, from: u64, n: u64| -> Vec<String> {
+        rt.block_on(async {
+            let p = Producer::new(Client::connect_with(addrs, opts()).await.unwrap());
+            let mut ids = Vec::new();
+            for k in from..from + n {
+                ids.push(
+                    p.send(Message::new("members", format!("m-{k}")))
+                        .await
+                        .unwrap()
+                        .message_id,
+                );
+            }
+            ids
+        })
+    };
+    let status = |rt: &tokio::runtime::Runtime, addrs: &str| {
+        rt.block_on(async {
+            let c = Cluster::new(Client::connect(addrs).await.unwrap());
+            c.status().await.0
+        })
+    };
+    let wait = |what: &str, f: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting: {what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let all = g.addrs.join(",");
+    let mut ids = send(&rt, &all, 0, 100);
+
+    // A fourth broker joins: it proposes nothing and waits to be added.
+    let addr4 = format!("127.0.0.1:{}", free_port());
+    let dir4 = tempfile::tempdir().unwrap();
+    let peers4 = format!("{},4={addr4}", g.peers);
+    let p4 = BrokerProcess::start(
+        dir4.path(),
+        &[
+            "--listen",
+            &addr4,
+            "--node-id",
+            "4",
+            "--peers",
+            &peers4,
+            "--join",
+            "--raft-heartbeat-interval",
+            "50ms",
+            "--raft-election-timeout-min",
+            "300ms",
+            "--raft-election-timeout-max",
+            "600ms",
+        ],
+    );
+    let cli = |args: &[&str]| {
+        let (ok, out, err) = g.procs[0].as_ref().unwrap().cli(args);
+        assert!(ok, "halfmq {args:?}: {out} {err}");
+    };
+    cli(&["cluster", "add-learner", "4", &addr4]);
+    let with4 = format!("{all},{addr4}");
+    wait("the learner catches up", &|| {
+        let nodes = status(&rt, &with4);
+        let applied: BTreeSet<u64> = nodes.iter().map(|n| n.last_applied).collect();
+        nodes.len() == 4
+            && applied.len() == 1
+            && nodes.iter().any(|n| n.node_id == 4 && n.role == "learner")
+    });
+    cli(&["cluster", "promote", "4"]);
+    wait("the learner becomes a voter", &|| {
+        status(&rt, &with4)
+            .iter()
+            .all(|n| n.voters.contains_key(&4) && n.voters.len() == 4)
+    });
+    ids.extend(send(&rt, &with4, 100, 50));
+
+    // Member 1 leaves (the leader, if it is: the others elect another).
+    let (ok, out, err) = halfmq_tests::cli(&with4, &["cluster", "remove", "1"]);
+    assert!(ok, "cluster remove 1: {out} {err}");
+    let rest = format!("{},{},{addr4}", g.addrs[1], g.addrs[2]);
+    wait("member 1 is out", &|| {
+        let nodes = status(&rt, &rest);
+        nodes.len() == 3
+            && nodes
+                .iter()
+                .all(|n| !n.voters.contains_key(&1) && !n.learners.contains_key(&1))
+    });
+    if let Some(p) = g.procs[0].take() {
+        p.kill9();
+    }
+    ids.extend(send(&rt, &rest, 150, 50));
+    // Everything is there, also through the new member.
+    rt.block_on(async {
+        let c = Consumer::new(
+            Client::connect_with(&rest, opts()).await.unwrap(),
+            "member-readers",
+            "members",
+        );
+        let mut seen = HashSet::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while seen.len() < ids.len() {
+            assert!(
+                Instant::now() < deadline,
+                "{} of {} delivered",
+                seen.len(),
+                ids.len()
+            );
+            for m in c.receive(64, Duration::from_millis(500)).await.unwrap() {
+                seen.insert(m.message_id.clone());
+                c.ack(&m).await.unwrap();
+            }
+        }
+        for id in &ids {
+            assert!(seen.contains(id), "{id} not delivered");
+        }
+    });
+    let nodes = status(&rt, &addr4);
+    let me = nodes.iter().find(|n| n.node_id == 4).unwrap();
+    assert!(me.voters.contains_key(&4));
+    drop(p4);
+}

@@ -55,6 +55,9 @@ pub struct ClusterConfig {
     /// address's, when it names one (not `0.0.0.0` or `::`). Default none
     /// (the system picks).
     pub local_ip: Option<std::net::IpAddr>,
+    /// Joins a group that exists already (`join`): never proposes `peers`
+    /// as a new group. Default false.
+    pub join: bool,
 }
 
 impl ClusterConfig {
@@ -72,6 +75,7 @@ impl ClusterConfig {
             install_snapshot_timeout_ms: 600_000,
             connect_timeout_ms: 1000,
             local_ip: None,
+            join: false,
         }
     }
 
@@ -201,7 +205,9 @@ impl NodeHandle {
         let raft = Raft::new(cfg.node_id, rcfg, net, log, sm.clone())
             .await
             .map_err(|e| format!("starting replication: {e}"))?;
-        if !raft.is_initialized().await.map_err(|e| e.to_string())? {
+        if cfg.join {
+            tracing::info!("joining an existing broker group: waiting to be added by its leader");
+        } else if !raft.is_initialized().await.map_err(|e| e.to_string())? {
             let members: BTreeMap<u64, BasicNode> = cfg
                 .peers
                 .iter()
