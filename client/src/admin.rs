@@ -261,11 +261,11 @@ impl Admin {
         };
         let resp = self
             .client
-            .admin()
-            .delete_topic(self.client.request(req, Duration::ZERO))
-            .await
-            .map_err(|s| self.client.transport_error(s))?
-            .into_inner();
+            .call(req, Duration::ZERO, |r| {
+                let mut c = self.client.admin();
+                async move { c.delete_topic(r).await }
+            })
+            .await?;
         check(resp.status)
     }
 
@@ -305,11 +305,11 @@ impl Admin {
         };
         let resp = self
             .client
-            .admin()
-            .redrive_dead_letters(self.client.request(req, Duration::ZERO))
-            .await
-            .map_err(|s| self.client.transport_error(s))?
-            .into_inner();
+            .call(req, Duration::ZERO, |r| {
+                let mut c = self.client.admin();
+                async move { c.redrive_dead_letters(r).await }
+            })
+            .await?;
         check(resp.status)?;
         Ok(resp.count)
     }
@@ -324,11 +324,11 @@ impl Admin {
         };
         let resp = self
             .client
-            .admin()
-            .purge_dead_letters(self.client.request(req, Duration::ZERO))
-            .await
-            .map_err(|s| self.client.transport_error(s))?
-            .into_inner();
+            .call(req, Duration::ZERO, |r| {
+                let mut c = self.client.admin();
+                async move { c.purge_dead_letters(r).await }
+            })
+            .await?;
         check(resp.status)?;
         Ok(resp.count)
     }

@@ -828,3 +828,158 @@ fn members_are_added_promoted_and_removed() {
     assert!(me.voters.contains_key(&4));
     drop(p4);
 }
+
+/// Operators' changes go through the log: a DLQ redrive and purge, an
+/// offset reset and a topic deletion made on one leader hold on the next
+/// one, after the first is killed.
+#[test]
+fn operators_changes_hold_after_a_failover() {
+    let mut g = Group::start_all();
+    let all = g.addrs.join(",");
+    let rt = halfmq_tests::runtime();
+    let opts = || ClientOptions {
+        request_timeout: Duration::from_secs(3),
+        failover_timeout: Duration::from_secs(20),
+        ..ClientOptions::default()
+    };
+    let leader = |rt: &tokio::runtime::Runtime| -> usize {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let nodes = rt.block_on(async {
+                Cluster::new(Client::connect(&all).await.unwrap())
+                    .status()
+                    .await
+                    .0
+            });
+            if let Some(n) = nodes.iter().find(|n| n.role == "leader") {
+                return n.node_id as usize - 1;
+            }
+            assert!(Instant::now() < deadline, "no leader");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let (redriven, reset_ids) = rt.block_on(async {
+        let c = || async { Client::connect_with(&all, opts()).await.unwrap() };
+        let p = Producer::new(c().await);
+        let admin = Admin::new(c().await);
+        // 10 messages of "ops" dead-lettered by a group that nacks them all.
+        for k in 0..10 {
+            p.send(Message::new("ops", format!("ops-{k}")))
+                .await
+                .unwrap();
+        }
+        let failing = Consumer::new(c().await, "ops-group", "ops");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while admin.list_dead_letters("ops-group").await.unwrap().len() < 10 {
+            assert!(Instant::now() < deadline, "dead letters never came");
+            for m in failing
+                .receive(32, Duration::from_millis(200))
+                .await
+                .unwrap()
+            {
+                let _ = failing.nack(&m, "no", None).await;
+            }
+        }
+        // Redrive one, purge the rest.
+        let dead = admin.list_dead_letters("ops-group").await.unwrap();
+        let one = dead[0].message_id.clone();
+        assert_eq!(
+            admin
+                .redrive_dead_letters("ops-group", Some(&one))
+                .await
+                .unwrap(),
+            1
+        );
+        assert_eq!(admin.purge_dead_letters("ops-group").await.unwrap(), 9);
+        // "replay": consumed and acked, then reset to the earliest offsets.
+        let mut ids = HashSet::new();
+        for k in 0..20 {
+            ids.insert(
+                p.send(Message::new("replay", format!("r-{k}")))
+                    .await
+                    .unwrap()
+                    .message_id,
+            );
+        }
+        let readers = Consumer::new(c().await, "replayers", "replay");
+        let mut seen = HashSet::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while seen.len() < ids.len() {
+            assert!(Instant::now() < deadline, "replay not consumed");
+            for m in readers
+                .receive(32, Duration::from_millis(200))
+                .await
+                .unwrap()
+            {
+                seen.insert(m.message_id.clone());
+                readers.ack(&m).await.unwrap();
+            }
+        }
+        admin
+            .reset_offset("replayers", "replay", halfmq_client::ResetTo::Earliest)
+            .await
+            .unwrap();
+        // "gone": deleted.
+        p.send(Message::new("gone", "soon gone")).await.unwrap();
+        admin.delete_topic("gone").await.unwrap();
+        (one, ids)
+    });
+
+    // The leader that made the changes dies.
+    let l = leader(&rt);
+    if let Some(p) = g.procs[l].take() {
+        p.kill9();
+    }
+    let rest: Vec<String> = (0..3)
+        .filter(|i| *i != l)
+        .map(|i| g.addrs[i].clone())
+        .collect();
+    let rest = rest.join(",");
+    rt.block_on(async {
+        let c = || async { Client::connect_with(&rest, opts()).await.unwrap() };
+        let admin = Admin::new(c().await);
+        // The DLQ stays empty; the redriven message comes back to its group.
+        assert!(admin
+            .list_dead_letters("ops-group")
+            .await
+            .unwrap()
+            .is_empty());
+        let again = Consumer::new(c().await, "ops-group", "ops");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut got = Vec::new();
+        while got.is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "the redriven message never came back"
+            );
+            for m in again.receive(32, Duration::from_millis(300)).await.unwrap() {
+                got.push(m.message_id.clone());
+                again.ack(&m).await.unwrap();
+            }
+        }
+        assert_eq!(got, vec![redriven.clone()]);
+        // The reset holds: "replay" is delivered again from the start.
+        let readers = Consumer::new(c().await, "replayers", "replay");
+        let mut seen = HashSet::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while seen.len() < reset_ids.len() {
+            assert!(
+                Instant::now() < deadline,
+                "{} of {} replayed",
+                seen.len(),
+                reset_ids.len()
+            );
+            for m in readers
+                .receive(32, Duration::from_millis(200))
+                .await
+                .unwrap()
+            {
+                seen.insert(m.message_id.clone());
+                readers.ack(&m).await.unwrap();
+            }
+        }
+        // The deleted topic is gone.
+        let topics = admin.list_topics().await.unwrap();
+        assert!(topics.iter().all(|t| t.name != "gone"), "{topics:?}");
+    });
+}

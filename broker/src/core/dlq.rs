@@ -38,6 +38,23 @@ impl DlqState {
         })
     }
 
+    /// Saves one group's removal state (no flush).
+    pub(crate) fn save_group(
+        &self,
+        store: &halfmq_storage::Store,
+        group: &str,
+    ) -> Result<(), BrokerError> {
+        let p = lock(&self.removed).get(group).cloned();
+        if let Some(p) = p {
+            store.meta().put(
+                DLQ_SPACE,
+                group.as_bytes(),
+                &crate::core::progress::encode_progress(&p),
+            )?;
+        }
+        Ok(())
+    }
+
     pub(crate) fn save(&self, store: &halfmq_storage::Store) -> Result<(), BrokerError> {
         let removed = lock(&self.removed).clone();
         for (g, p) in removed {

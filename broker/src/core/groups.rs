@@ -100,20 +100,6 @@ impl Broker {
         self.replicate_consumer_group(group, fifo).await
     }
 
-    /// Refuses what a broker group does not do yet (`what`): DLQ purges,
-    /// offset resets and topic deletions are not replicated so far.
-    ///
-    /// # Errors
-    /// [`BrokerError::BadRequest`] on a broker group member.
-    pub fn not_in_a_group_yet(&self, what: &str) -> Result<(), BrokerError> {
-        if self.replication().is_some() {
-            return Err(BrokerError::BadRequest(format!(
-                "{what} is not supported in a broker group yet"
-            )));
-        }
-        Ok(())
-    }
-
     /// Whether `group` is declared FIFO.
     pub fn is_fifo_group(&self, group: &str) -> bool {
         lock(&self.consumer_groups)

@@ -23,6 +23,7 @@ pub mod dedup;
 pub mod delivery;
 pub mod dlq;
 pub mod fifo;
+pub mod group_admin;
 pub mod groups;
 pub mod handoff;
 pub mod idempotence;

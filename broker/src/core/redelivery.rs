@@ -296,7 +296,7 @@ impl Broker {
     /// dead-lettered twice after a kill -9 (the hand-off was durable, the
     /// ack of the failed offset not yet); the copies of one message id are
     /// listed once and removed together.
-    fn dlq_live(&self, group: &str) -> Vec<(Vec<u64>, Record)> {
+    pub(crate) fn dlq_live(&self, group: &str) -> Vec<(Vec<u64>, Record)> {
         let topic = dlq_topic(group);
         let max = self.store().max_queue_offset(&topic, 0);
         let removed = lock(&self.dlq_state().removed)
@@ -464,6 +464,9 @@ impl Broker {
             })
             .collect();
         if self.replication().is_some() {
+            // The removal goes with the redriven messages, in one entry.
+            let mut records = records;
+            records.push(super::group_admin::dlq_removal_for(group, &chosen));
             self.replicate(records).await?;
         } else {
             let r = self.store().append(records)?;

@@ -567,6 +567,14 @@ impl Broker {
         ))
     }
 
+    /// Forgets the leader's next queue offsets of `topic` (deleted: a
+    /// topic of the same name starts its queues at 0 again).
+    pub(crate) async fn forget_queue_offsets_of(&self, topic: &str) {
+        if let Some(r) = self.replication() {
+            r.seq.lock().await.next.retain(|(t, _), _| t != topic);
+        }
+    }
+
     /// Applies one committed entry on this replica (see the module docs);
     /// `records` are the entry's records, back to back up to `end`:
     /// decides each record's fate the same way on every replica, dispatches
@@ -591,6 +599,7 @@ impl Broker {
         let mut groups_declared: Vec<(String, bool)> = Vec::new();
         let mut secrets: Vec<&Bytes> = Vec::new();
         let mut retain: Option<u64> = None;
+        let mut changes: Vec<super::group_admin::GroupChange> = Vec::new();
         {
             let mut inner = tx.inner.lock();
             let mut dedup = lock(&self.dedup);
@@ -661,6 +670,13 @@ impl Broker {
                         groups_declared.push((name, prop(r, FIFO_PROPERTY) == Some("1")));
                         Outcome::Applied
                     }
+                    RecordKind::System
+                        if r.topic == super::group_admin::DLQ_REMOVE_TOPIC
+                            || r.topic == super::group_admin::TOPIC_DELETE_TOPIC =>
+                    {
+                        changes.extend(super::group_admin::change_of(r));
+                        Outcome::Applied
+                    }
                     RecordKind::System if r.topic == RETAIN_TOPIC => {
                         if let Some(b) = prop(r, BEFORE_PROPERTY).and_then(|b| b.parse().ok()) {
                             retain = retain.max(Some(b));
@@ -703,6 +719,7 @@ impl Broker {
                 tracing::error!(group = %name, error = %e, "a replicated consumer group could not be declared here");
             }
         }
+        self.apply_group_changes(changes);
         self.apply_progress_changes(&progress_bodies, handoffs, end);
         self.store.dispatch_applied(&keep, end, note)?;
         if let (Some(before), Some(r)) = (retain, self.replication()) {

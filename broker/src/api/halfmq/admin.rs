@@ -223,11 +223,7 @@ impl pb::admin_server::Admin for Services {
     ) -> Rpc<pb::PurgeDeadLettersResponse> {
         let r = req.into_inner();
         Ok(Response::new(
-            match self
-                .broker
-                .not_in_a_group_yet("purging a DLQ")
-                .and_then(|()| self.broker.purge_dead_letters(&r.group))
-            {
+            match self.broker.purge_dead_letters_everywhere(&r.group).await {
                 Ok(n) => pb::PurgeDeadLettersResponse {
                     status: ok(),
                     count: n as u64,
@@ -254,11 +250,12 @@ impl pb::admin_server::Admin for Services {
                 "say where to: earliest, latest or timestamp_ms".into(),
             )),
         };
-        let b = Arc::clone(&self.broker);
-        let res = match to.and_then(|to| b.not_in_a_group_yet("an offset reset").map(|()| to)) {
-            Ok(to) => tokio::task::spawn_blocking(move || b.reset_offset(&r.group, &r.topic, to))
-                .await
-                .unwrap_or_else(|e| Err(BrokerError::Internal(format!("reset offset: {e}")))),
+        let res = match to {
+            Ok(to) => {
+                self.broker
+                    .reset_offset_everywhere(&r.group, &r.topic, to)
+                    .await
+            }
             Err(e) => Err(e),
         };
         Ok(Response::new(match res {
@@ -285,13 +282,7 @@ impl pb::admin_server::Admin for Services {
         req: Request<pb::DeleteTopicRequest>,
     ) -> Rpc<pb::DeleteTopicResponse> {
         let name = req.into_inner().name;
-        let b = Arc::clone(&self.broker);
-        let res = match b.not_in_a_group_yet("deleting a topic") {
-            Err(e) => Err(e),
-            Ok(()) => tokio::task::spawn_blocking(move || b.delete_topic(&name))
-                .await
-                .unwrap_or_else(|e| Err(BrokerError::Internal(format!("delete topic: {e}")))),
-        };
+        let res = self.broker.delete_topic_everywhere(&name).await;
         Ok(Response::new(pb::DeleteTopicResponse {
             status: match res {
                 Ok(()) => ok(),
