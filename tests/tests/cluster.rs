@@ -129,7 +129,10 @@ impl Group {
             "--max-reconsume-times",
             "2",
         ]
-        .iter()
+        .chunks(2)
+        // A flag given in `extra` replaces the default.
+        .filter(|kv| !self.extra.iter().any(|e| e == kv[0]))
+        .flatten()
         .map(|s| s.to_string())
         .chain(self.extra.iter().cloned())
         .collect()
@@ -982,4 +985,81 @@ fn operators_changes_hold_after_a_failover() {
         let topics = admin.list_topics().await.unwrap();
         assert!(topics.iter().all(|t| t.name != "gone"), "{topics:?}");
     });
+}
+
+/// Check counts carry over a failover: a half whose producer answers
+/// UNKNOWN is given up after `check_max` checks in all, not `check_max`
+/// more on each new leader.
+#[test]
+fn check_counts_carry_over_a_failover() {
+    const CHECK_MAX: u32 = 6;
+    let mut g = Group::start_all_with(&["--check-max", "6"]);
+    let all = g.addrs.join(",");
+    let rt = halfmq_tests::runtime();
+    let opts = || ClientOptions {
+        request_timeout: Duration::from_secs(3),
+        failover_timeout: Duration::from_secs(20),
+        ..ClientOptions::default()
+    };
+    let seen: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let s2 = seen.clone();
+    let tp = rt.block_on(async {
+        let tp = TransactionProducer::new(
+            Client::connect_with(&all, opts()).await.unwrap(),
+            "counted-pg",
+            move |m: MessageView| {
+                s2.lock().unwrap().push(m.check_times);
+                std::future::ready(TransactionResolution::Unknown)
+            },
+        );
+        tp.send_half(Message::new("counted", "undecided"))
+            .await
+            .unwrap();
+        tp
+    });
+    let wait = |what: &str, secs: u64, f: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting: {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait("3 checks", 20, &|| seen.lock().unwrap().len() >= 3);
+    // One checkpoint interval: the counts are in the log.
+    std::thread::sleep(Duration::from_millis(400));
+    let before = seen.lock().unwrap().len();
+    let l = rt.block_on(async {
+        let nodes = Cluster::new(Client::connect(&all).await.unwrap())
+            .status()
+            .await
+            .0;
+        nodes
+            .iter()
+            .find(|n| n.role == "leader")
+            .map(|n| n.node_id as usize - 1)
+            .unwrap()
+    });
+    if let Some(p) = g.procs[l].take() {
+        p.kill9();
+    }
+    let given_up = || {
+        rt.block_on(async {
+            let Ok(c) = Client::connect_with(&all, opts()).await else {
+                return false;
+            };
+            Admin::new(c)
+                .list_transactions()
+                .await
+                .is_ok_and(|v| v.iter().any(|t| t.given_up))
+        })
+    };
+    wait("the half given up on the new leader", 30, &given_up);
+    let seen = seen.lock().unwrap().clone();
+    eprintln!("checks seen: {seen:?} ({before} before the kill)");
+    assert!(
+        seen.len() as u32 <= CHECK_MAX + 1,
+        "{} checks for check_max {CHECK_MAX}: {seen:?}",
+        seen.len()
+    );
+    drop(tp);
 }

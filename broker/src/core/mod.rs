@@ -19,6 +19,7 @@
 //! argument and depend on nothing else of the crate.
 
 pub mod admin;
+pub mod check_counts;
 pub mod dedup;
 pub mod delivery;
 pub mod dlq;

@@ -677,6 +677,10 @@ impl Broker {
                         changes.extend(super::group_admin::change_of(r));
                         Outcome::Applied
                     }
+                    RecordKind::System if r.topic == super::check_counts::CHECKS_TOPIC => {
+                        self.apply_check_counts(&mut inner, &r.body);
+                        Outcome::Applied
+                    }
                     RecordKind::System if r.topic == RETAIN_TOPIC => {
                         if let Some(b) = prop(r, BEFORE_PROPERTY).and_then(|b| b.parse().ok()) {
                             retain = retain.max(Some(b));

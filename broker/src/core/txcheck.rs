@@ -96,6 +96,8 @@ pub struct CheckScheduler {
     heads: BTreeSet<(u64, u32)>,
     /// Groups with no live session: their halves are not due.
     parked: HashSet<u32>,
+    /// Halves whose check count changed since [`CheckScheduler::take_changed_counts`].
+    changed_counts: BTreeSet<u64>,
 }
 
 impl CheckScheduler {
@@ -107,6 +109,29 @@ impl CheckScheduler {
             queues: HashMap::default(),
             heads: BTreeSet::new(),
             parked: HashSet::default(),
+            changed_counts: BTreeSet::new(),
+        }
+    }
+
+    /// The (offset, check count) of the pending halves whose count changed
+    /// since the last call (what a broker group's leader replicates).
+    pub fn take_changed_counts(&mut self) -> Vec<(u64, u32)> {
+        let changed = std::mem::take(&mut self.changed_counts);
+        changed
+            .into_iter()
+            .filter_map(|o| self.halves.get(&o).map(|s| (o, s.check_times)))
+            .collect()
+    }
+
+    /// Sets a pending half's check count (a broker group member applying
+    /// its leader's count); returns whether the half is pending.
+    pub fn set_check_times(&mut self, offset: u64, check_times: u32) -> bool {
+        match self.halves.get_mut(&offset) {
+            Some(s) => {
+                s.check_times = check_times;
+                true
+            }
+            None => false,
         }
     }
 
@@ -274,6 +299,7 @@ impl CheckScheduler {
         if let Some(s) = self.halves.get_mut(&offset) {
             s.check_times += 1;
             s.checking = true;
+            self.changed_counts.insert(offset);
         }
         self.reschedule(offset, now_ms + self.cfg.check_reply_timeout_ms);
     }
@@ -333,6 +359,7 @@ impl CheckScheduler {
         }
         s.checking = false;
         s.check_times = s.check_times.saturating_sub(1);
+        self.changed_counts.insert(offset);
         self.reschedule(offset, now_ms);
     }
 
@@ -360,6 +387,33 @@ impl CheckScheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn changed_counts_are_taken_once_and_set_elsewhere() {
+        let cfg = CheckConfig {
+            transaction_timeout_ms: 10,
+            check_interval_ms: 10,
+            check_reply_timeout_ms: 10,
+            check_max: 5,
+        };
+        let mut s = CheckScheduler::new(cfg);
+        s.add(100, 0, 0, 0);
+        s.add(200, 0, 0, 0);
+        assert!(s.take_changed_counts().is_empty());
+        s.check_sent(100, 20);
+        s.check_sent(200, 20);
+        s.check_lost(200, 25);
+        s.remove(200);
+        assert_eq!(s.take_changed_counts(), vec![(100, 1)]);
+        assert!(s.take_changed_counts().is_empty());
+        // A follower's scheduler takes the leader's count.
+        let mut f = CheckScheduler::new(cfg);
+        f.add(100, 0, 0, 0);
+        assert!(f.set_check_times(100, 3));
+        assert!(!f.set_check_times(300, 1));
+        assert_eq!(f.get(100).map(|h| h.check_times), Some(3));
+        assert!(f.take_changed_counts().is_empty());
+    }
 
     fn cfg() -> CheckConfig {
         CheckConfig {

@@ -49,6 +49,9 @@ async fn leadership_watch(b: Arc<Broker>) {
                 if let Err(e) = b.propose_progress().await {
                     tracing::warn!(error = %e, "progress record not stored");
                 }
+                if let Err(e) = b.propose_check_counts().await {
+                    tracing::warn!(error = %e, "check-count record not stored");
+                }
             } else if let Err(e) = b.propose_retention().await {
                 tracing::warn!(error = %e, "retention record not stored");
             }
