@@ -31,6 +31,15 @@ type Snapshot = openraft::Snapshot<super::types::CommittedLeaderId, u64, Node, S
 /// are cut by `raft_max_payload_entries`; this bounds what tonic decodes).
 pub const MAX_RAFT_MESSAGE_BYTES: usize = 256 << 20;
 
+/// Bytes of entries an AppendEntries request carries at most (one entry
+/// larger than this goes alone): well within [`MAX_RAFT_MESSAGE_BYTES`].
+const APPEND_CHUNK_BYTES: usize = 32 << 20;
+
+/// An entry's bytes on the wire, about.
+fn entry_bytes(e: &pb::Entry) -> usize {
+    e.payload.len() + e.membership.len() + 32
+}
+
 pub(crate) fn vote_to_pb(v: &Vote) -> pb::Vote {
     pb::Vote {
         term: v.leader_id.term,
@@ -238,29 +247,54 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             .map(entry_to_pb)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| RPCError::Network(NetworkError::from_string(e)))?;
-        let req = pb::AppendEntriesRequest {
-            vote: Some(vote_to_pb(&rpc.vote)),
-            prev_log_id: rpc.prev_log_id.as_ref().map(log_id_to_pb),
-            entries,
-            leader_commit: rpc.leader_commit.as_ref().map(log_id_to_pb),
-            from: self.from,
-        };
         let ttl = option.hard_ttl();
-        let resp = match tokio::time::timeout(ttl, client.append_entries(req)).await {
-            Err(_) => {
-                return Err(RPCError::Timeout(
-                    self.timeout(RPCTypes::AppendEntries, ttl),
-                ))
+        // Entries in requests of at most APPEND_CHUNK_BYTES each (openraft
+        // sends up to `raft_max_payload_entries` at once, however large),
+        // sent one after the other, each following the last one's entries.
+        let mut prev = rpc.prev_log_id.as_ref().map(log_id_to_pb);
+        let mut rest = entries;
+        loop {
+            let mut n = 0usize;
+            let mut bytes = 0usize;
+            while n < rest.len() && (n == 0 || bytes + entry_bytes(&rest[n]) <= APPEND_CHUNK_BYTES)
+            {
+                bytes += entry_bytes(&rest[n]);
+                n += 1;
             }
-            Ok(Err(s)) => return Err(self.failed(s)),
-            Ok(Ok(r)) => r.into_inner(),
-        };
-        Ok(match resp.result {
-            0 => AppendEntriesResponse::Success,
-            1 => AppendEntriesResponse::PartialSuccess(resp.matched.map(log_id_from_pb)),
-            2 => AppendEntriesResponse::Conflict,
-            _ => AppendEntriesResponse::HigherVote(vote_from_pb(resp.higher_vote)),
-        })
+            let later = rest.split_off(n);
+            let now = std::mem::replace(&mut rest, later);
+            let next_prev = now.last().map(|e| pb::LogId {
+                term: e.term,
+                index: e.index,
+            });
+            let later_empty = rest.is_empty();
+            let req = pb::AppendEntriesRequest {
+                vote: Some(vote_to_pb(&rpc.vote)),
+                prev_log_id: prev,
+                entries: now,
+                leader_commit: rpc.leader_commit.as_ref().map(log_id_to_pb),
+                from: self.from,
+            };
+            let resp = match tokio::time::timeout(ttl, client.append_entries(req)).await {
+                Err(_) => {
+                    return Err(RPCError::Timeout(
+                        self.timeout(RPCTypes::AppendEntries, ttl),
+                    ))
+                }
+                Ok(Err(s)) => return Err(self.failed(s)),
+                Ok(Ok(r)) => r.into_inner(),
+            };
+            let r = match resp.result {
+                0 => AppendEntriesResponse::Success,
+                1 => AppendEntriesResponse::PartialSuccess(resp.matched.map(log_id_from_pb)),
+                2 => AppendEntriesResponse::Conflict,
+                _ => AppendEntriesResponse::HigherVote(vote_from_pb(resp.higher_vote)),
+            };
+            if later_empty || !matches!(r, AppendEntriesResponse::Success) {
+                return Ok(r);
+            }
+            prev = next_prev;
+        }
     }
 
     async fn vote(
