@@ -734,6 +734,51 @@ mod tests {
     use super::*;
 
     #[test]
+    fn peers_are_parsed_and_bad_ones_named() {
+        let group = |node_id: u64, peers: &str, listen: &str| BrokerConfig {
+            node_id,
+            peers: peers.into(),
+            listen: listen.into(),
+            join: true,
+            ..BrokerConfig::default()
+        };
+        assert!(group(0, " ", "127.0.0.1:1")
+            .cluster_config()
+            .unwrap()
+            .is_none());
+        let c = group(
+            2,
+            "1=127.0.0.1:8081, 2=127.0.0.2:8091,3=h:8101",
+            "127.0.0.2:8091",
+        )
+        .cluster_config()
+        .unwrap()
+        .unwrap();
+        assert_eq!(c.peers.len(), 3);
+        assert_eq!(c.own_address(), Some("127.0.0.2:8091"));
+        assert_eq!(c.local_ip, Some("127.0.0.2".parse().unwrap()));
+        assert!(c.join);
+        let any = group(1, "1=127.0.0.1:8081", "0.0.0.0:8081")
+            .cluster_config()
+            .unwrap()
+            .unwrap();
+        assert_eq!(any.local_ip, None);
+        for (node, peers, key) in [
+            (1, "1=127.0.0.1", "peers"),
+            (1, "x=127.0.0.1:1", "peers"),
+            (1, "1127.0.0.1:1", "peers"),
+            (1, "1=a:1,2=a:1", "peers"),
+            (1, "1=a:1,1=b:1", "peers"),
+            (3, "1=a:1,2=b:1", "node_id"),
+        ] {
+            let e = group(node, peers, "127.0.0.1:1")
+                .cluster_config()
+                .unwrap_err();
+            assert_eq!(e.key, key, "{peers}: {}", e.reason);
+        }
+    }
+
+    #[test]
     fn defaults_are_valid_and_toml_overrides() {
         BrokerConfig::default().validate().unwrap();
         let c =
