@@ -145,6 +145,35 @@ impl Group {
     }
 }
 
+/// Client options of these tests: short requests, long enough to fail over.
+fn opts() -> ClientOptions {
+    ClientOptions {
+        request_timeout: Duration::from_secs(3),
+        failover_timeout: Duration::from_secs(20),
+        ..ClientOptions::default()
+    }
+}
+
+/// The group as the members at `addrs` see it.
+fn status_of(rt: &tokio::runtime::Runtime, addrs: &str) -> Vec<halfmq_client::NodeStatus> {
+    rt.block_on(async {
+        let c = Cluster::new(Client::connect(addrs).await.unwrap());
+        c.status().await.0
+    })
+}
+
+/// The leader's index (node id - 1), waiting up to 20 s for one.
+fn leader_of(rt: &tokio::runtime::Runtime, addrs: &str) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(n) = status_of(rt, addrs).iter().find(|n| n.role == "leader") {
+            return n.node_id as usize - 1;
+        }
+        assert!(Instant::now() < deadline, "no leader");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn leader_kills_lose_nothing_acknowledged() {
     let kills: usize = std::env::var("HALFMQ_CLUSTER_KILLS")
@@ -157,11 +186,6 @@ fn leader_kills_lose_nothing_acknowledged() {
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let producing = Arc::new(AtomicBool::new(true));
     let consuming = Arc::new(AtomicBool::new(true));
-    let opts = || ClientOptions {
-        request_timeout: Duration::from_secs(3),
-        failover_timeout: Duration::from_secs(20),
-        ..ClientOptions::default()
-    };
     let tasks = rt.block_on(async {
         let mut tasks = Vec::new();
         {
@@ -561,27 +585,7 @@ fn a_wiped_follower_catches_up_and_leads() {
     ]);
     let all = g.addrs.join(",");
     let rt = halfmq_tests::runtime();
-    let opts = || ClientOptions {
-        request_timeout: Duration::from_secs(3),
-        failover_timeout: Duration::from_secs(20),
-        ..ClientOptions::default()
-    };
-    let status = |rt: &tokio::runtime::Runtime| {
-        rt.block_on(async {
-            let c = Cluster::new(Client::connect(&all).await.unwrap());
-            c.status().await.0
-        })
-    };
-    let leader_of = |rt: &tokio::runtime::Runtime| -> usize {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(n) = status(rt).iter().find(|n| n.role == "leader") {
-                return n.node_id as usize - 1;
-            }
-            assert!(Instant::now() < deadline, "no leader");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
+    let status = |rt: &tokio::runtime::Runtime| status_of(rt, &all);
     let send = |rt: &tokio::runtime::Runtime, from: u64, n: u64| -> Vec<String> {
         rt.block_on(async {
             let p = Producer::new(Client::connect_with(&all, opts()).await.unwrap());
@@ -625,7 +629,7 @@ fn a_wiped_follower_catches_up_and_leads() {
         std::thread::sleep(Duration::from_millis(100));
     }
     // Wipe a follower.
-    let leader = leader_of(&rt);
+    let leader = leader_of(&rt, &all);
     let wiped = (leader + 1) % 3;
     if let Some(p) = g.procs[wiped].take() {
         p.kill9();
@@ -652,7 +656,7 @@ fn a_wiped_follower_catches_up_and_leads() {
     // Kill leaders (restarting them) until the wiped member leads.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let l = leader_of(&rt);
+        let l = leader_of(&rt, &all);
         if l == wiped {
             break;
         }
@@ -663,7 +667,7 @@ fn a_wiped_follower_catches_up_and_leads() {
         if let Some(p) = g.procs[l].take() {
             p.kill9();
         }
-        let _ = leader_of(&rt);
+        let _ = leader_of(&rt, &all);
         g.start(l);
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -707,11 +711,6 @@ fn a_wiped_follower_catches_up_and_leads() {
 fn members_are_added_promoted_and_removed() {
     let mut g = Group::start_all();
     let rt = halfmq_tests::runtime();
-    let opts = || ClientOptions {
-        request_timeout: Duration::from_secs(3),
-        failover_timeout: Duration::from_secs(20),
-        ..ClientOptions::default()
-    };
     let send = |rt: &tokio::runtime::Runtime, addrs: &str, from: u64, n: u64| -> Vec<String> {
         rt.block_on(async {
             let p = Producer::new(Client::connect_with(addrs, opts()).await.unwrap());
@@ -725,12 +724,6 @@ fn members_are_added_promoted_and_removed() {
                 );
             }
             ids
-        })
-    };
-    let status = |rt: &tokio::runtime::Runtime, addrs: &str| {
-        rt.block_on(async {
-            let c = Cluster::new(Client::connect(addrs).await.unwrap());
-            c.status().await.0
         })
     };
     let wait = |what: &str, f: &dyn Fn() -> bool| {
@@ -772,7 +765,7 @@ fn members_are_added_promoted_and_removed() {
     cli(&["cluster", "add-learner", "4", &addr4]);
     let with4 = format!("{all},{addr4}");
     wait("the learner catches up", &|| {
-        let nodes = status(&rt, &with4);
+        let nodes = status_of(&rt, &with4);
         let applied: BTreeSet<u64> = nodes.iter().map(|n| n.last_applied).collect();
         nodes.len() == 4
             && applied.len() == 1
@@ -780,7 +773,7 @@ fn members_are_added_promoted_and_removed() {
     });
     cli(&["cluster", "promote", "4"]);
     wait("the learner becomes a voter", &|| {
-        status(&rt, &with4)
+        status_of(&rt, &with4)
             .iter()
             .all(|n| n.voters.contains_key(&4) && n.voters.len() == 4)
     });
@@ -791,7 +784,7 @@ fn members_are_added_promoted_and_removed() {
     assert!(ok, "cluster remove 1: {out} {err}");
     let rest = format!("{},{},{addr4}", g.addrs[1], g.addrs[2]);
     wait("member 1 is out", &|| {
-        let nodes = status(&rt, &rest);
+        let nodes = status_of(&rt, &rest);
         nodes.len() == 3
             && nodes
                 .iter()
@@ -826,7 +819,7 @@ fn members_are_added_promoted_and_removed() {
             assert!(seen.contains(id), "{id} not delivered");
         }
     });
-    let nodes = status(&rt, &addr4);
+    let nodes = status_of(&rt, &addr4);
     let me = nodes.iter().find(|n| n.node_id == 4).unwrap();
     assert!(me.voters.contains_key(&4));
     drop(p4);
@@ -840,27 +833,6 @@ fn operators_changes_hold_after_a_failover() {
     let mut g = Group::start_all();
     let all = g.addrs.join(",");
     let rt = halfmq_tests::runtime();
-    let opts = || ClientOptions {
-        request_timeout: Duration::from_secs(3),
-        failover_timeout: Duration::from_secs(20),
-        ..ClientOptions::default()
-    };
-    let leader = |rt: &tokio::runtime::Runtime| -> usize {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let nodes = rt.block_on(async {
-                Cluster::new(Client::connect(&all).await.unwrap())
-                    .status()
-                    .await
-                    .0
-            });
-            if let Some(n) = nodes.iter().find(|n| n.role == "leader") {
-                return n.node_id as usize - 1;
-            }
-            assert!(Instant::now() < deadline, "no leader");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
     let (redriven, reset_ids) = rt.block_on(async {
         let c = || async { Client::connect_with(&all, opts()).await.unwrap() };
         let p = Producer::new(c().await);
@@ -929,7 +901,7 @@ fn operators_changes_hold_after_a_failover() {
     });
 
     // The leader that made the changes dies.
-    let l = leader(&rt);
+    let l = leader_of(&rt, &all);
     if let Some(p) = g.procs[l].take() {
         p.kill9();
     }
@@ -996,11 +968,6 @@ fn check_counts_carry_over_a_failover() {
     let mut g = Group::start_all_with(&["--check-max", "6"]);
     let all = g.addrs.join(",");
     let rt = halfmq_tests::runtime();
-    let opts = || ClientOptions {
-        request_timeout: Duration::from_secs(3),
-        failover_timeout: Duration::from_secs(20),
-        ..ClientOptions::default()
-    };
     let seen: Arc<Mutex<Vec<u32>>> = Arc::default();
     let s2 = seen.clone();
     let tp = rt.block_on(async {
