@@ -286,7 +286,8 @@ impl CheckScheduler {
         }
         // invariant: a group in `heads` has a non-empty queue headed by `due`
         let &(_, offset) = self.queues.get(&group)?.first()?;
-        let s = *self.halves.get(&offset).expect("queue and map agree"); // invariant: every queued offset has a state
+        // Every queued offset has a state; were one missing, nothing is due.
+        let s = *self.halves.get(&offset)?;
         if s.checking {
             return Some(Due::ReplyTimedOut { offset });
         }

@@ -307,12 +307,13 @@ impl CommitLog {
 
         let report = recover(&dir, &segments, scan_from, on_record)?;
 
-        let active = segments
-            .values()
-            .next_back()
-            .cloned()
-            // invariant: open() created a segment above when there was none
-            .expect("at least one segment exists: created above when empty");
+        let Some(active) = segments.values().next_back().cloned() else {
+            // open() created a segment above when there was none.
+            return Err(Error::Config {
+                key: "data_dir",
+                reason: "the commit log has no segment after opening".into(),
+            });
+        };
         // The recovered tail may sit only in the page cache (after a process
         // kill in async mode): make it durable before calling it flushed.
         active.sync()?;
@@ -768,9 +769,13 @@ impl CommitLog {
                 max: oldest.unwrap_or(0),
             });
         }
-        let seg = segs
-            .remove(&base)
-            .expect("checked above that base is the first key"); // invariant: checked just above
+        let Some(seg) = segs.remove(&base) else {
+            return Err(Error::OffsetOutOfRange {
+                offset: base,
+                min: base,
+                max: base,
+            });
+        };
         drop(segs);
         fs::remove_file(&seg.path).map_err(|e| Error::io("remove segment", &seg.path, e))?;
         sync_dir(&self.inner.dir)
