@@ -72,6 +72,31 @@ async fn start_replica_with(
     }
 }
 
+/// Three replicas on ports of their own, each in a temporary directory.
+async fn start_group(
+    segment_bytes: Option<u64>,
+) -> (
+    Vec<tempfile::TempDir>,
+    BTreeMap<u64, String>,
+    Vec<Option<Replica>>,
+) {
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut listeners = Vec::new();
+    let mut peers = BTreeMap::new();
+    for id in 1..=3u64 {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        peers.insert(id, l.local_addr().unwrap().to_string());
+        listeners.push(l);
+    }
+    let mut replicas = Vec::new();
+    for (i, l) in listeners.into_iter().enumerate() {
+        replicas.push(Some(
+            start_replica_with(i as u64 + 1, &peers, l, dirs[i].path(), segment_bytes).await,
+        ));
+    }
+    (dirs, peers, replicas)
+}
+
 /// A write of `n` messages to topic `t` queue 0, queue offsets from `first`.
 fn write(first: u64, n: u64, tag: &str) -> Write {
     let mut buf = Vec::new();
@@ -141,20 +166,7 @@ fn bodies(store: &Store, n: u64) -> Vec<Bytes> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_replicates_elects_and_catches_up() {
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut listeners = Vec::new();
-    let mut peers = BTreeMap::new();
-    for id in 1..=3u64 {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        peers.insert(id, l.local_addr().unwrap().to_string());
-        listeners.push(l);
-    }
-    let mut replicas: Vec<Option<Replica>> = Vec::new();
-    for (i, l) in listeners.into_iter().enumerate() {
-        replicas.push(Some(
-            start_replica(i as u64 + 1, &peers, l, dirs[i].path()).await,
-        ));
-    }
+    let (_dirs, peers, mut replicas) = start_group(None).await;
     let l = leader_of(&replicas).await;
     // A follower refuses, naming the leader (once its first heartbeat told
     // it who that is).
@@ -299,20 +311,7 @@ async fn retention_purges_and_a_wiped_replica_installs_a_snapshot() {
         .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
         .with_test_writer()
         .try_init();
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut listeners = Vec::new();
-    let mut peers = BTreeMap::new();
-    for id in 1..=3u64 {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        peers.insert(id, l.local_addr().unwrap().to_string());
-        listeners.push(l);
-    }
-    let mut replicas: Vec<Option<Replica>> = Vec::new();
-    for (i, l) in listeners.into_iter().enumerate() {
-        replicas.push(Some(
-            start_replica_with(i as u64 + 1, &peers, l, dirs[i].path(), Some(SEGMENT)).await,
-        ));
-    }
+    let (_dirs, peers, mut replicas) = start_group(Some(SEGMENT)).await;
     // About 120 KiB of entries: several segments.
     let mut next = 0;
     for _ in 0..100 {
