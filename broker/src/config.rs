@@ -255,6 +255,10 @@ pub struct BrokerConfig {
     /// 1,000.
     #[serde(deserialize_with = "crate::units::ms")]
     pub raft_connect_timeout_ms: u64,
+    /// `[auth]`: users, signed requests, policies (README "Security").
+    pub auth: crate::auth::config::AuthConfig,
+    /// `[tls]`: TLS of the listener and of members' connections.
+    pub tls: crate::auth::config::TlsConfig,
 }
 
 impl Default for BrokerConfig {
@@ -311,6 +315,8 @@ impl Default for BrokerConfig {
             raft_max_snapshot_bytes: 1 << 40,
             raft_install_snapshot_timeout_ms: 600_000,
             raft_connect_timeout_ms: 1000,
+            auth: Default::default(),
+            tls: Default::default(),
             transaction_replay_bytes: 1 << 30,
             transaction_timeout_ms: 6_000,
             check_interval_ms: 30_000,
@@ -451,8 +457,9 @@ impl BrokerConfig {
                 Ok(())
             }
         };
-        self.listen_addr()?;
+        let listen = self.listen_addr()?;
         self.cluster_config()?;
+        crate::auth::config::validate(&self.auth, &self.tls, listen, !self.peers.is_empty())?;
         at_least("flush_interval_ms", self.flush_interval_ms, 1)?;
         at_least("segment_bytes", self.segment_bytes, 64 * 1024)?;
         at_least("max_message_bytes", self.max_message_bytes, 1)?;
@@ -699,6 +706,15 @@ impl BrokerConfig {
             .ok()
             .map(|a| a.ip())
             .filter(|ip| !ip.is_unspecified());
+        if self.auth.enabled {
+            if let Some(secret) = &self.auth.cluster_secret {
+                c.signer =
+                    halfmq_proto::auth::Signer::new(halfmq_proto::auth::MEMBER_USER, secret.expose());
+            }
+        }
+        if self.tls.enabled() {
+            c.tls = Some(crate::auth::tls::peer_client(&self.tls)?);
+        }
         c.validate()
             .map_err(|e| bad("raft_election_timeout_min_ms", e))?;
         Ok(Some(c))

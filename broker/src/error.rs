@@ -91,4 +91,19 @@ pub enum BrokerError {
     /// idempotency keys, it is stored once either way.
     #[error("leadership was lost while this write was replicated; it may or may not be stored{}", .0.as_ref().map(|l| format!("; the leader is {l}")).unwrap_or_default())]
     LeadershipLost(Option<String>),
+    /// No user of this name (security admin calls).
+    #[error("user {0} does not exist")]
+    UserNotFound(String),
+    /// A user of this name exists already.
+    #[error("user {0} exists already")]
+    UserExists(String),
+    /// The caller's policy does not allow this: the action and resource
+    /// (gRPC `PERMISSION_DENIED`).
+    #[error("permission denied: {action} on {resource}")]
+    PermissionDenied {
+        /// The action's policy name (`pub`, `sub`, `tx`, `admin`).
+        action: &'static str,
+        /// The resource, `topic:NAME`, `group:NAME`, `producer-group:NAME` or `cluster`.
+        resource: String,
+    },
 }

@@ -24,6 +24,7 @@
 //! only lower modules and its siblings' operations.
 
 pub mod api;
+pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod core;

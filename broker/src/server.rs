@@ -14,7 +14,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::transport::server::Connected;
+
+use crate::auth::layer::{AuthLayer, ConnInfo, Gate};
 
 use crate::api::halfmq::Services;
 use crate::config::BrokerConfig;
@@ -63,10 +65,26 @@ pub fn bind(cfg: &BrokerConfig) -> std::io::Result<TcpListener> {
 /// The first bytes every HTTP/2 client sends (RFC 9113 section 3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// A client's socket: plain TCP, or TLS over it.
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+macro_rules! on_io {
+    ($io:expr, $s:ident => $e:expr) => {
+        match $io {
+            Io::Plain($s) => $e,
+            Io::Tls($s) => $e,
+        }
+    };
+}
+
 /// A connection holding one of the `max_connections` permits, closed by its
 /// reader when the peer sends nothing for `idle_timeout_ms`.
 struct LimitedConn {
-    io: TcpStream,
+    io: Io,
+    info: ConnInfo,
     /// The preface already read by the handshake, handed to hyper first.
     preface: &'static [u8],
     idle: Duration,
@@ -92,9 +110,9 @@ impl Drop for Counted {
 }
 
 impl Connected for LimitedConn {
-    type ConnectInfo = TcpConnectInfo;
+    type ConnectInfo = ConnInfo;
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.io.connect_info()
+        self.info.clone()
     }
 }
 
@@ -112,7 +130,8 @@ impl AsyncRead for LimitedConn {
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();
-        match Pin::new(&mut this.io).poll_read(cx, buf) {
+        let read = on_io!(&mut this.io, io => Pin::new(io).poll_read(cx, buf));
+        match read {
             Poll::Ready(r) => {
                 if buf.filled().len() > before {
                     let at = tokio::time::Instant::now() + this.idle;
@@ -137,23 +156,23 @@ impl AsyncWrite for LimitedConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        on_io!(&mut self.io, io => Pin::new(io).poll_write(cx, buf))
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        on_io!(&mut self.io, io => Pin::new(io).poll_flush(cx))
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        on_io!(&mut self.io, io => Pin::new(io).poll_shutdown(cx))
     }
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        on_io!(&mut self.io, io => Pin::new(io).poll_write_vectored(cx, bufs))
     }
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        on_io!(&self.io, io => io.is_write_vectored())
     }
 }
 
@@ -183,11 +202,17 @@ pub async fn serve_member(
     node: Option<crate::cluster::NodeHandle>,
 ) -> Result<(), BrokerError> {
     let cfg = broker.config().clone();
+    let tls = if cfg.tls.enabled() {
+        Some(crate::auth::tls::acceptor(&cfg.tls)?)
+    } else {
+        None
+    };
     let (conn_tx, conn_rx) = tokio::sync::mpsc::channel::<std::io::Result<LimitedConn>>(64);
     let (stop_accept_tx, stop_accept_rx) = oneshot::channel::<()>();
     let accept = tokio::spawn(accept_loop(
         Arc::clone(&broker),
         listener,
+        tls,
         conn_tx,
         stop_accept_rx,
     ));
@@ -204,6 +229,7 @@ pub async fn serve_member(
     // limits refuse (tonic's default would cut every request at 4 MiB).
     let max_request = cfg.max_request_bytes();
     let result = tonic::transport::Server::builder()
+        .layer(AuthLayer::new(gate(&broker)))
         .concurrency_limit_per_connection(cfg.max_requests_per_connection as usize)
         // Clients learn the limit instead of having streams queue up.
         .max_concurrent_streams(Some(cfg.max_requests_per_connection))
@@ -242,6 +268,26 @@ pub async fn serve_member(
     closed
 }
 
+/// The auth gate of `broker`'s requests; `None` with auth off.
+fn gate(broker: &Arc<Broker>) -> Option<Arc<Gate>> {
+    let a = &broker.config().auth;
+    if !a.enabled {
+        return None;
+    }
+    let verifier = crate::auth::verify::Verifier::new(
+        Arc::clone(broker.users()),
+        a.cluster_secret.as_ref().map(|s| s.expose()),
+        a.max_request_age_ms,
+        usize::try_from(a.max_replay_nonces).unwrap_or(usize::MAX),
+    );
+    let b = Arc::downgrade(broker);
+    Some(Arc::new(Gate::new(
+        verifier,
+        Arc::new(move || b.upgrade().map_or(0, |b| b.now_ms())),
+        a.failure_delay_max_ms,
+    )))
+}
+
 /// How often the broker pings each connection: 60 s, or a third of
 /// `idle_timeout_ms` when that is shorter (a pinged peer answers, which
 /// counts as traffic).
@@ -257,6 +303,7 @@ fn keepalive_interval(cfg: &BrokerConfig) -> Duration {
 async fn accept_loop(
     broker: Arc<Broker>,
     listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     conn_tx: tokio::sync::mpsc::Sender<std::io::Result<LimitedConn>>,
     mut stop: oneshot::Receiver<()>,
 ) {
@@ -290,6 +337,7 @@ async fn accept_loop(
         let _ = io.set_nodelay(true);
         let handshake = tokio::spawn(handshake(
             io,
+            tls.clone(),
             peer,
             Arc::clone(&broker),
             Arc::clone(&permits),
@@ -303,10 +351,12 @@ async fn accept_loop(
     }
 }
 
-/// Reads the HTTP/2 preface of a new socket within `handshake_timeout_ms`,
-/// then hands it to the server with a `max_connections` slot.
+/// Runs the TLS handshake (with TLS on) and reads the HTTP/2 preface of a
+/// new socket, both within `handshake_timeout_ms`, then hands it to the
+/// server with a `max_connections` slot.
 async fn handshake(
-    mut io: TcpStream,
+    tcp: TcpStream,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     peer: SocketAddr,
     broker: Arc<Broker>,
     permits: Arc<Semaphore>,
@@ -317,26 +367,50 @@ async fn handshake(
     let cfg = broker.config();
     let mut first = [0u8; PREFACE.len()];
     let timeout = Duration::from_millis(cfg.handshake_timeout_ms);
-    match tokio::time::timeout(timeout, io.read_exact(&mut first)).await {
-        Ok(Ok(_)) if &first == PREFACE => {}
-        Ok(Ok(_)) => {
-            refusals.refused("the client did not speak HTTP/2 (gRPC)");
+    let opened = tokio::time::timeout(timeout, async {
+        let mut io = match tls {
+            None => Io::Plain(tcp),
+            Some(acceptor) => match acceptor.accept(tcp).await {
+                Ok(s) => Io::Tls(Box::new(s)),
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return Err("TLS handshake failed (a plaintext client, or an untrusted certificate)");
+                }
+            },
+        };
+        match on_io!(&mut io, s => s.read_exact(&mut first).await) {
+            Ok(_) if &first == PREFACE => Ok(io),
+            Ok(_) => Err("the client did not speak HTTP/2 (gRPC)"),
+            Err(_) => Err(""),
+        }
+    })
+    .await;
+    let io = match opened {
+        Ok(Ok(io)) => io,
+        Ok(Err("")) => return,
+        Ok(Err(why)) => {
+            refusals.refused(why);
             return;
         }
-        Ok(Err(_)) => return,
         Err(_) => {
-            refusals.refused("no HTTP/2 preface within handshake_timeout_ms");
+            refusals.refused("no TLS handshake and HTTP/2 preface within handshake_timeout_ms");
             return;
         }
-    }
+    };
     let Ok(permit) = permits.try_acquire_owned() else {
         refusals.refused("max_connections reached");
         tracing::debug!(%peer, "connection refused: max_connections reached");
         return;
     };
     let idle = Duration::from_millis(cfg.idle_timeout_ms);
+    let info = ConnInfo {
+        remote: Some(peer),
+        tls: matches!(io, Io::Tls(_)),
+        failures: Arc::default(),
+    };
     let conn = LimitedConn {
         io,
+        info,
         preface: PREFACE,
         idle,
         idle_timer: Box::pin(tokio::time::sleep(idle)),

@@ -1,13 +1,17 @@
 //! Wire types of the halfmq gRPC API (package `halfmq.v1`), generated from
 //! `proto/halfmq.proto` by tonic/prost at build time with a vendored protoc.
 //!
-//! Generated code only: no I/O, no domain logic. The broker and the client
+//! Generated code, and the signed-request scheme ([`auth`]) that is part of
+//! the wire contract: no I/O, no domain logic. The broker and the client
 //! convert these types to their own at the boundary.
 //!
 //! # Layout
 //! - [`v1`]: messages, the [`v1::Code`] status codes, and the `producer`,
 //!   `consumer` and `admin` services (clients and servers).
 //! - [`raft`]: replica-to-replica RPCs of a broker group (`halfmq.raft.v1`).
+//! - [`auth`]: how a request is signed (headers, key derivation, proof).
+
+pub mod auth;
 
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod v1 {

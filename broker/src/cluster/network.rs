@@ -20,7 +20,11 @@ use openraft::raft::{
 };
 use openraft::{EntryPayload, OptionalSend, RaftNetworkFactory, RaftNetworkV2};
 use pb::raft_client::RaftClient;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+
+/// A signed channel to a peer.
+type PeerChannel = InterceptedService<Channel, halfmq_proto::auth::Signer>;
 
 use super::state_machine::{LogRange, SnapshotData};
 use super::types::{log_id, Entry, LogId, Node, SnapshotMeta, TypeConfig, Vote};
@@ -115,18 +119,24 @@ pub struct Network {
     pub snapshot_sends: Arc<AtomicUsize>,
     /// The IP address connections leave from (`None`: the system picks).
     pub local_ip: Option<std::net::IpAddr>,
+    /// Signs each RPC (auth on: with the group's secret).
+    pub signer: halfmq_proto::auth::Signer,
+    /// TLS to the peers, if the listeners speak it.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// The connection to one peer.
 pub struct PeerClient {
     from: u64,
     target: u64,
-    client: Option<RaftClient<Channel>>,
+    client: Option<RaftClient<PeerChannel>>,
     addr: String,
     connect_timeout: Duration,
     snapshot_chunk_bytes: usize,
     snapshot_sends: Arc<AtomicUsize>,
     local_ip: Option<std::net::IpAddr>,
+    signer: halfmq_proto::auth::Signer,
+    tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// Counts one snapshot being sent while it lives.
@@ -174,28 +184,35 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             snapshot_chunk_bytes: self.snapshot_chunk_bytes,
             snapshot_sends: Arc::clone(&self.snapshot_sends),
             local_ip: self.local_ip,
+            signer: self.signer.clone(),
+            tls: self.tls.clone(),
         }
     }
 }
 
 impl PeerClient {
-    fn client(&mut self) -> Result<RaftClient<Channel>, Unreachable<TypeConfig>> {
+    fn client(&mut self) -> Result<RaftClient<PeerChannel>, Unreachable<TypeConfig>> {
         if let Some(c) = &self.client {
             return Ok(c.clone());
         }
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         let uri = if self.addr.contains("://") {
             self.addr.clone()
         } else {
-            format!("http://{}", self.addr)
+            format!("{scheme}://{}", self.addr)
         };
-        let ep = tonic::transport::Endpoint::from_shared(uri)
-            .map_err(|e| Unreachable::new(&e))?
+        let mut ep = tonic::transport::Endpoint::from_shared(uri)
+            .map_err(|e| Unreachable::new(&e))?;
+        if let Some(t) = &self.tls {
+            ep = ep.tls_config(t.clone()).map_err(|e| Unreachable::new(&e))?;
+        }
+        let ep = ep
             .connect_timeout(self.connect_timeout)
             .local_address(self.local_ip)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5));
-        let c = RaftClient::new(ep.connect_lazy())
+        let c = RaftClient::with_interceptor(ep.connect_lazy(), self.signer.clone())
             .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES);
         self.client = Some(c.clone());

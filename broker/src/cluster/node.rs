@@ -58,6 +58,12 @@ pub struct ClusterConfig {
     /// Joins a group that exists already (`join`): never proposes `peers`
     /// as a new group. Default false.
     pub join: bool,
+    /// Signs this member's RPCs to the others (with the group's secret,
+    /// when auth is on). Default: signs nothing.
+    pub signer: halfmq_proto::auth::Signer,
+    /// TLS of this member's connections to the others (`[tls]`). Default
+    /// none: plaintext.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl ClusterConfig {
@@ -76,6 +82,8 @@ impl ClusterConfig {
             connect_timeout_ms: 1000,
             local_ip: None,
             join: false,
+            signer: halfmq_proto::auth::Signer::none(),
+            tls: None,
         }
     }
 
@@ -201,6 +209,8 @@ impl NodeHandle {
             snapshot_chunk_bytes: cfg.snapshot_chunk_bytes,
             snapshot_sends: Arc::clone(&snapshot_sends),
             local_ip: cfg.local_ip,
+            signer: cfg.signer.clone(),
+            tls: cfg.tls.clone(),
         };
         let raft = Raft::new(cfg.node_id, rcfg, net, log, sm.clone())
             .await

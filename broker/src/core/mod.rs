@@ -36,6 +36,7 @@ pub mod redelivery;
 pub mod replicated;
 pub mod retry;
 pub mod secret;
+pub mod security;
 pub mod send;
 pub mod stats;
 pub mod topics;
@@ -132,6 +133,8 @@ pub struct Broker {
     /// The term whose leadership this member took up (progress reloaded,
     /// services started); 0 = none.
     pub(crate) leader_term: AtomicU64,
+    /// Users and policies (`core/security.rs`).
+    pub(crate) users: Arc<crate::auth::users::Users>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -196,7 +199,14 @@ impl Broker {
         if store.config().replicated {
             dedup = dedup.replicated();
         }
-        Ok(Arc::new(Broker {
+        let users = Arc::new(crate::auth::users::Users::load(
+            store.meta(),
+            crate::auth::users::Limits {
+                max_users: cfg.auth.max_users as usize,
+                max_rules_per_user: cfg.auth.max_rules_per_user as usize,
+            },
+        )?);
+        let broker = Arc::new(Broker {
             cfg,
             store,
             clock,
@@ -222,7 +232,10 @@ impl Broker {
             progress_outbox: Mutex::new(Vec::new()),
             handoff_marks: Mutex::new(handoff::HandoffMarks::default()),
             leader_term: AtomicU64::new(0),
-        }))
+            users,
+        });
+        broker.bootstrap_single()?;
+        Ok(broker)
     }
 
     /// The key that MACs receipt handles and transaction ids.

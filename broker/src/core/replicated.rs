@@ -369,6 +369,7 @@ impl Broker {
                 ..Record::default()
             });
         }
+        before.push(super::security::auth_record(&self.users.snapshot(), self.now_ms())?);
         let mut topics: Vec<(String, u32)> = self
             .topics
             .read()
@@ -598,6 +599,7 @@ impl Broker {
         let mut handoffs: Vec<super::handoff::Mark> = Vec::new();
         let mut groups_declared: Vec<(String, bool)> = Vec::new();
         let mut secrets: Vec<&Bytes> = Vec::new();
+        let mut security: Vec<&Bytes> = Vec::new();
         let mut retain: Option<u64> = None;
         let mut changes: Vec<super::group_admin::GroupChange> = Vec::new();
         {
@@ -661,6 +663,10 @@ impl Broker {
                         secrets.push(&r.body);
                         Outcome::Applied
                     }
+                    RecordKind::System if r.topic == super::security::AUTH_TOPIC => {
+                        security.push(&r.body);
+                        Outcome::Applied
+                    }
                     RecordKind::System if r.topic == PROGRESS_TOPIC => {
                         progress_bodies.push((&r.body, super::handoff::as_of(r)));
                         Outcome::Applied
@@ -717,6 +723,9 @@ impl Broker {
         }
         for b in secrets {
             self.apply_secret(b);
+        }
+        for b in security {
+            self.apply_security(b);
         }
         for (name, fifo) in groups_declared {
             if let Err(e) = self.create_consumer_group(&name, fifo) {

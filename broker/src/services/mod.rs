@@ -43,6 +43,10 @@ async fn leadership_watch(b: Arc<Broker>) {
                     }
                     Err(e) => tracing::error!(error = %e, "taking up leadership panicked"),
                 }
+            } else if b.admin_bootstrap().is_some() {
+                if let Err(e) = b.bootstrap_group().await {
+                    tracing::warn!(error = %e, "the first admin is not stored yet; retrying");
+                }
             } else if last_progress.elapsed() >= Duration::from_millis(b.cfg.checkpoint_interval_ms)
             {
                 last_progress = tokio::time::Instant::now();

@@ -49,6 +49,10 @@ pub fn code_of(e: &BrokerError) -> pb::Code {
         BrokerError::ShuttingDown => Code::ShuttingDown,
         BrokerError::NotLeader(_) => Code::NotLeader,
         BrokerError::LeadershipLost(_) => Code::LeadershipLost,
+        BrokerError::UserNotFound(_) => Code::UserNotFound,
+        BrokerError::UserExists(_) => Code::UserExists,
+        // Answered as gRPC PERMISSION_DENIED before a response is made.
+        BrokerError::PermissionDenied { .. } => Code::BadRequest,
     }
 }
 
