@@ -218,11 +218,32 @@ struct Args {
     /// `raft_connect_timeout_ms`, as a duration.
     #[arg(long, value_parser = duration_ms)]
     raft_connect_timeout: Option<u64>,
+    /// Require signed requests and apply users' policies ([auth] enabled).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    auth: Option<bool>,
+    /// With auth off, listen on a non-loopback address anyway ([auth] allow_anonymous).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    allow_anonymous: Option<bool>,
+    /// Window of a signed request's time, either way ([auth] max_request_age_ms).
+    #[arg(long, value_parser = duration_ms)]
+    max_request_age: Option<u64>,
+    /// PEM certificate chain: the listener speaks TLS ([tls] cert).
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert ([tls] key).
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// PEM CA: clients must present a certificate it signed ([tls] client_ca).
+    #[arg(long)]
+    tls_client_ca: Option<PathBuf>,
+    /// PEM CA of the other members' certificates ([tls] peer_ca).
+    #[arg(long)]
+    tls_peer_ca: Option<PathBuf>,
 }
 
 macro_rules! apply {
-    ($cfg:ident, $args:ident, $($flag:ident => $key:ident),* $(,)?) => {
-        $( if let Some(v) = $args.$flag.clone() { $cfg.$key = v; } )*
+    ($cfg:ident, $args:ident, $($flag:ident => $($key:ident).+),* $(,)?) => {
+        $( if let Some(v) = $args.$flag.clone() { $cfg.$($key).+ = v; } )*
     };
 }
 
@@ -273,6 +294,27 @@ fn load_config(args: &Args) -> anyhow::Result<BrokerConfig> {
         raft_install_snapshot_timeout => raft_install_snapshot_timeout_ms,
         raft_connect_timeout => raft_connect_timeout_ms,
     );
+    apply!(cfg, args,
+        max_request_age => auth.max_request_age_ms,
+        tls_cert => tls.cert, tls_key => tls.key, tls_client_ca => tls.client_ca,
+        tls_peer_ca => tls.peer_ca,
+    );
+    if let Some(v) = args.auth {
+        cfg.auth.enabled = v;
+    }
+    if let Some(v) = args.allow_anonymous {
+        cfg.auth.allow_anonymous = v;
+    }
+    // Secrets come from the environment only: never a flag (visible in
+    // `ps`) or the config file.
+    let secret = |name: &str| {
+        std::env::var(name)
+            .ok()
+            .filter(|s| !s.is_empty())
+            .map(halfmq_broker::auth::config::SecretString::new)
+    };
+    cfg.auth.admin_secret = secret("HALFMQ_ADMIN_SECRET");
+    cfg.auth.cluster_secret = secret("HALFMQ_CLUSTER_SECRET");
     if let Some(f) = &args.flush {
         cfg.flush = if f == "async" {
             FlushSetting::Async

@@ -247,6 +247,7 @@ pub async fn serve_member(
                 .max_decoding_message_size(max_request)
                 .max_encoding_message_size(usize::MAX),
         )
+        .add_service(pb::security_server::SecurityServer::new(svc.clone()))
         .add_service(
             pb::admin_server::AdminServer::new(svc)
                 .max_decoding_message_size(max_request)

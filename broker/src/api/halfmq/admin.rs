@@ -6,7 +6,8 @@ use std::sync::Arc;
 use halfmq_proto::v1 as pb;
 use tonic::{Request, Response};
 
-use super::{ok, parse_message_id, status, Rpc, Services};
+use super::{ok, parse_message_id, status, who, Rpc, Services};
+use crate::auth::policy::{Action, Resource};
 use crate::core::admin::ResetTo;
 use crate::core::redelivery::DeadLetterContent;
 use crate::error::BrokerError;
@@ -18,38 +19,44 @@ impl pb::admin_server::Admin for Services {
         &self,
         req: Request<pb::CreateTopicRequest>,
     ) -> Rpc<pb::CreateTopicResponse> {
+        let w = who(&req);
         let r = req.into_inner();
-        Ok(Response::new(pb::CreateTopicResponse {
-            status: match self.broker.create_topic_everywhere(&r.name, r.queues).await {
-                Ok(()) => ok(),
-                Err(e) => status(&e),
-            },
-        }))
+        self.allow(w.as_ref(), Action::Admin, Resource::Topic(&r.name), "CreateTopic")?;
+        let status = match self.broker.create_topic_everywhere(&r.name, r.queues).await {
+            Ok(()) => ok(),
+            Err(e) => status(&e),
+        };
+        self.audit(w.as_ref(), "create topic", &format!("topic:{}", r.name), &status);
+        Ok(Response::new(pb::CreateTopicResponse { status }))
     }
 
     async fn create_consumer_group(
         &self,
         req: Request<pb::CreateConsumerGroupRequest>,
     ) -> Rpc<pb::CreateConsumerGroupResponse> {
+        let w = who(&req);
         let r = req.into_inner();
-        Ok(Response::new(pb::CreateConsumerGroupResponse {
-            status: match self.broker.declare_consumer_group(&r.group, r.fifo).await {
-                Ok(()) => ok(),
-                Err(e) => status(&e),
-            },
-        }))
+        self.allow(w.as_ref(), Action::Admin, Resource::Group(&r.group), "CreateConsumerGroup")?;
+        let status = match self.broker.declare_consumer_group(&r.group, r.fifo).await {
+            Ok(()) => ok(),
+            Err(e) => status(&e),
+        };
+        self.audit(w.as_ref(), "create consumer group", &format!("group:{}", r.group), &status);
+        Ok(Response::new(pb::CreateConsumerGroupResponse { status }))
     }
 
     async fn list_consumer_groups(
         &self,
-        _req: Request<pb::ListConsumerGroupsRequest>,
+        req: Request<pb::ListConsumerGroupsRequest>,
     ) -> Rpc<pb::ListConsumerGroupsResponse> {
+        let w = who(&req);
         Ok(Response::new(pb::ListConsumerGroupsResponse {
             status: ok(),
             groups: self
                 .broker
                 .list_consumer_groups()
                 .into_iter()
+                .filter(|g| self.sees(w.as_ref(), &[Action::Sub, Action::Admin], Resource::Group(&g.group)))
                 .map(|g| pb::ConsumerGroupInfo {
                     group: g.group,
                     fifo: g.fifo,
@@ -60,14 +67,16 @@ impl pb::admin_server::Admin for Services {
 
     async fn list_topics(
         &self,
-        _req: Request<pb::ListTopicsRequest>,
+        req: Request<pb::ListTopicsRequest>,
     ) -> Rpc<pb::ListTopicsResponse> {
+        let w = who(&req);
         Ok(Response::new(pb::ListTopicsResponse {
             status: ok(),
             topics: self
                 .broker
                 .list_topics()
                 .into_iter()
+                .filter(|t| self.sees(w.as_ref(), &Action::ALL, Resource::Topic(&t.name)))
                 .map(|t| pb::TopicInfo {
                     name: t.name,
                     queues: t.queues,
@@ -79,8 +88,9 @@ impl pb::admin_server::Admin for Services {
 
     async fn list_transactions(
         &self,
-        _req: Request<pb::ListTransactionsRequest>,
+        req: Request<pb::ListTransactionsRequest>,
     ) -> Rpc<pb::ListTransactionsResponse> {
+        let w = who(&req);
         // The walk (delayed messages are skipped) and a log read per row run
         // off the async workers.
         let b = Arc::clone(&self.broker);
@@ -98,6 +108,10 @@ impl pb::admin_server::Admin for Services {
             status: ok(),
             transactions: listed
                 .into_iter()
+                .filter(|t| {
+                    let pg = Resource::ProducerGroup(&t.producer_group);
+                    self.sees(w.as_ref(), &[Action::Tx, Action::Admin], pg)
+                })
                 .map(|t| pb::PendingTransaction {
                     transaction_id: t.transaction_id,
                     message_id: t.message_id,
@@ -117,7 +131,10 @@ impl pb::admin_server::Admin for Services {
         &self,
         req: Request<pb::ListDeadLettersRequest>,
     ) -> Rpc<pb::ListDeadLettersResponse> {
+        let w = who(&req);
         let r = req.into_inner();
+        let g = Resource::Group(&r.group);
+        self.allow_any(w.as_ref(), &[Action::Sub, Action::Admin], g, "ListDeadLetters")?;
         let limit = if r.limit == 0 {
             10_000
         } else {
@@ -180,14 +197,16 @@ impl pb::admin_server::Admin for Services {
 
     async fn dead_letter_counts(
         &self,
-        _req: Request<pb::DeadLetterCountsRequest>,
+        req: Request<pb::DeadLetterCountsRequest>,
     ) -> Rpc<pb::DeadLetterCountsResponse> {
+        let w = who(&req);
         Ok(Response::new(pb::DeadLetterCountsResponse {
             status: ok(),
             counts: self
                 .broker
                 .dead_letter_counts()
                 .into_iter()
+                .filter(|(g, _)| self.sees(w.as_ref(), &[Action::Sub, Action::Admin], Resource::Group(g)))
                 .map(|(group, count)| pb::DeadLetterCount { group, count })
                 .collect(),
         }))
@@ -198,12 +217,16 @@ impl pb::admin_server::Admin for Services {
         &self,
         req: Request<pb::RedriveDeadLettersRequest>,
     ) -> Rpc<pb::RedriveDeadLettersResponse> {
+        let w = who(&req);
         let r = req.into_inner();
+        self.allow(w.as_ref(), Action::Admin, Resource::Group(&r.group), "RedriveDeadLetters")?;
         let id = parse_message_id(&r.message_id);
         let res = match id {
             Ok(id) => self.broker.redrive(&r.group, id).await,
             Err(e) => Err(e),
         };
+        let outcome = res.as_ref().map_or_else(|e| status(e), |_| ok());
+        self.audit(w.as_ref(), "dlq redrive", &format!("group:{}", r.group), &outcome);
         Ok(Response::new(match res {
             Ok(n) => pb::RedriveDeadLettersResponse {
                 status: ok(),
@@ -221,19 +244,21 @@ impl pb::admin_server::Admin for Services {
         &self,
         req: Request<pb::PurgeDeadLettersRequest>,
     ) -> Rpc<pb::PurgeDeadLettersResponse> {
+        let w = who(&req);
         let r = req.into_inner();
-        Ok(Response::new(
-            match self.broker.purge_dead_letters_everywhere(&r.group).await {
-                Ok(n) => pb::PurgeDeadLettersResponse {
-                    status: ok(),
-                    count: n as u64,
-                },
-                Err(e) => pb::PurgeDeadLettersResponse {
-                    status: status(&e),
-                    count: 0,
-                },
+        self.allow(w.as_ref(), Action::Admin, Resource::Group(&r.group), "PurgeDeadLetters")?;
+        let resp = match self.broker.purge_dead_letters_everywhere(&r.group).await {
+            Ok(n) => pb::PurgeDeadLettersResponse {
+                status: ok(),
+                count: n as u64,
             },
-        ))
+            Err(e) => pb::PurgeDeadLettersResponse {
+                status: status(&e),
+                count: 0,
+            },
+        };
+        self.audit(w.as_ref(), "dlq purge", &format!("group:{}", r.group), &resp.status);
+        Ok(Response::new(resp))
     }
 
     #[tracing::instrument(skip_all, fields(group = %req.get_ref().group, topic = %req.get_ref().topic))]
@@ -241,7 +266,9 @@ impl pb::admin_server::Admin for Services {
         &self,
         req: Request<pb::ResetOffsetRequest>,
     ) -> Rpc<pb::ResetOffsetResponse> {
+        let w = who(&req);
         let r = req.into_inner();
+        self.allow(w.as_ref(), Action::Admin, Resource::Group(&r.group), "ResetOffset")?;
         let to = match r.to {
             Some(pb::reset_offset_request::To::Earliest(true)) => Ok(ResetTo::Earliest),
             Some(pb::reset_offset_request::To::Latest(true)) => Ok(ResetTo::Latest),
@@ -258,6 +285,9 @@ impl pb::admin_server::Admin for Services {
             }
             Err(e) => Err(e),
         };
+        let outcome = res.as_ref().map_or_else(|e| status(e), |_| ok());
+        let what = format!("group:{} topic:{}", r.group, r.topic);
+        self.audit(w.as_ref(), "reset offset", &what, &outcome);
         Ok(Response::new(match res {
             Ok(v) => pb::ResetOffsetResponse {
                 status: ok(),
@@ -281,17 +311,19 @@ impl pb::admin_server::Admin for Services {
         &self,
         req: Request<pb::DeleteTopicRequest>,
     ) -> Rpc<pb::DeleteTopicResponse> {
+        let w = who(&req);
         let name = req.into_inner().name;
-        let res = self.broker.delete_topic_everywhere(&name).await;
-        Ok(Response::new(pb::DeleteTopicResponse {
-            status: match res {
-                Ok(()) => ok(),
-                Err(e) => status(&e),
-            },
-        }))
+        self.allow(w.as_ref(), Action::Admin, Resource::Topic(&name), "DeleteTopic")?;
+        let status = match self.broker.delete_topic_everywhere(&name).await {
+            Ok(()) => ok(),
+            Err(e) => status(&e),
+        };
+        self.audit(w.as_ref(), "delete topic", &format!("topic:{name}"), &status);
+        Ok(Response::new(pb::DeleteTopicResponse { status }))
     }
 
-    async fn stats(&self, _req: Request<pb::StatsRequest>) -> Rpc<pb::StatsResponse> {
+    async fn stats(&self, req: Request<pb::StatsRequest>) -> Rpc<pb::StatsResponse> {
+        self.allow(who(&req).as_ref(), Action::Admin, Resource::Cluster, "Stats")?;
         let s = self.broker.stats();
         Ok(Response::new(pb::StatsResponse {
             status: ok(),

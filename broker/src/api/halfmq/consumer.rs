@@ -4,14 +4,18 @@
 use halfmq_proto::v1 as pb;
 use tonic::{Request, Response};
 
-use super::{ok, status, wire_message, Rpc, Services};
+use super::{ok, status, who, wire_message, Rpc, Services};
+use crate::auth::policy::{Action, Resource};
 use crate::core::types::{Receipt, ReceiveRequest};
 
 #[tonic::async_trait]
 impl pb::consumer_server::Consumer for Services {
     #[tracing::instrument(skip_all, fields(group = %req.get_ref().group, topic = %req.get_ref().topic))]
     async fn receive(&self, req: Request<pb::ReceiveRequest>) -> Rpc<pb::ReceiveResponse> {
+        let w = who(&req);
         let r = req.into_inner();
+        self.allow(w.as_ref(), Action::Sub, Resource::Group(&r.group), "Receive")?;
+        self.allow(w.as_ref(), Action::Sub, Resource::Topic(&r.topic), "Receive")?;
         let group = r.group.clone();
         let res = self
             .broker
@@ -44,7 +48,9 @@ impl pb::consumer_server::Consumer for Services {
 
     #[tracing::instrument(skip_all, fields(group = %req.get_ref().group, handles = req.get_ref().receipt_handles.len()))]
     async fn ack(&self, req: Request<pb::AckRequest>) -> Rpc<pb::AckResponse> {
+        let w = who(&req);
         let r = req.into_inner();
+        self.allow(w.as_ref(), Action::Sub, Resource::Group(&r.group), "Ack")?;
         let results = r
             .receipt_handles
             .iter()
@@ -65,7 +71,9 @@ impl pb::consumer_server::Consumer for Services {
 
     #[tracing::instrument(skip_all, fields(group = %req.get_ref().group))]
     async fn nack(&self, req: Request<pb::NackRequest>) -> Rpc<pb::NackResponse> {
+        let w = who(&req);
         let r = req.into_inner();
+        self.allow(w.as_ref(), Action::Sub, Resource::Group(&r.group), "Nack")?;
         let res = match Receipt::from_handle(&r.receipt_handle, &r.group, self.broker.secret()) {
             Ok(rc) => self.broker.nack(&r.group, &rc, &r.reason, r.delay_ms).await,
             Err(e) => Err(e),
@@ -83,7 +91,9 @@ impl pb::consumer_server::Consumer for Services {
         &self,
         req: Request<pb::ChangeInvisibleDurationRequest>,
     ) -> Rpc<pb::ChangeInvisibleDurationResponse> {
+        let w = who(&req);
         let r = req.into_inner();
+        self.allow(w.as_ref(), Action::Sub, Resource::Group(&r.group), "ChangeInvisibleDuration")?;
         let res = Receipt::from_handle(&r.receipt_handle, &r.group, self.broker.secret()).and_then(
             |rc| {
                 self.broker

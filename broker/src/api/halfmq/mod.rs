@@ -4,17 +4,20 @@
 //!
 //! # Layout
 //! - this module: [`Services`], status codes ([`code_of`]), conversions.
-//! - `producer`, `consumer`, `admin`: one gRPC service each.
+//! - `producer`, `consumer`, `admin`, `security`: one gRPC service each.
 
 mod admin;
 mod consumer;
 mod producer;
+mod security;
 
 use std::sync::Arc;
 
 use halfmq_proto::v1 as pb;
 use tonic::Response;
 
+use crate::auth::policy::{Action, Resource};
+use crate::auth::verify::Principal;
 use crate::core::transactions::Resolution;
 use crate::core::types::{DeliveredMessage, OutgoingMessage, QueueChoice};
 use crate::core::Broker;
@@ -128,6 +131,103 @@ impl Services {
 }
 
 pub(super) type Rpc<T> = Result<Response<T>, tonic::Status>;
+
+/// Who sent a request (set by the auth gate; `None` with auth off).
+pub(super) fn who<T>(req: &tonic::Request<T>) -> Option<Principal> {
+    req.extensions().get::<Principal>().cloned()
+}
+
+/// The gRPC answer of a refusal: `PERMISSION_DENIED` for a denial.
+pub(super) fn denied(e: BrokerError) -> tonic::Status {
+    match e {
+        BrokerError::PermissionDenied { .. } => tonic::Status::permission_denied(e.to_string()),
+        e => tonic::Status::internal(e.to_string()),
+    }
+}
+
+impl Services {
+    /// Whether `who` may do `action` on `res` (always with auth off).
+    ///
+    /// # Errors
+    /// gRPC `PERMISSION_DENIED` naming the action and resource; logged.
+    pub(super) fn allow(
+        &self,
+        who: Option<&Principal>,
+        action: Action,
+        res: Resource<'_>,
+        rpc: &str,
+    ) -> Result<(), tonic::Status> {
+        crate::auth::authorize(self.broker.auth_users(), who, action, &res, rpc).map_err(denied)
+    }
+
+    /// Whether `who` may do `action` on every topic of `msgs`.
+    ///
+    /// # Errors
+    /// As [`Services::allow`], for the first topic refused.
+    pub(super) fn allow_topics(
+        &self,
+        who: Option<&Principal>,
+        action: Action,
+        msgs: &[pb::Message],
+        rpc: &str,
+    ) -> Result<(), tonic::Status> {
+        if self.broker.auth_users().is_none() {
+            return Ok(());
+        }
+        let mut last: Option<&str> = None;
+        for m in msgs {
+            if last != Some(m.topic.as_str()) {
+                self.allow(who, action, Resource::Topic(&m.topic), rpc)?;
+                last = Some(&m.topic);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `who` may do one of `actions` on `res` (listings show only
+    /// such resources; nothing is logged).
+    pub(super) fn sees(&self, who: Option<&Principal>, actions: &[Action], res: Resource<'_>) -> bool {
+        let Some(users) = self.broker.auth_users() else {
+            return true;
+        };
+        match who {
+            Some(Principal::User(u)) => actions.iter().any(|a| users.allows(u, *a, &res)),
+            _ => false,
+        }
+    }
+
+    /// Whether `who` may do one of `actions` on `res`.
+    ///
+    /// # Errors
+    /// As [`Services::allow`], naming the first action.
+    pub(super) fn allow_any(
+        &self,
+        who: Option<&Principal>,
+        actions: &[Action],
+        res: Resource<'_>,
+        rpc: &str,
+    ) -> Result<(), tonic::Status> {
+        if self.sees(who, actions, res) {
+            return Ok(());
+        }
+        self.allow(who, actions.first().copied().unwrap_or(Action::Admin), res, rpc)
+    }
+
+    /// Logs an admin action of `who` (target `halfmq::audit`).
+    pub(super) fn audit(
+        &self,
+        who: Option<&Principal>,
+        action: &str,
+        res: &str,
+        status: &Option<pb::Status>,
+    ) {
+        let outcome = status
+            .as_ref()
+            .and_then(|s| pb::Code::try_from(s.code).ok())
+            .map_or("?", |c| c.as_str_name());
+        crate::auth::audit_admin(who.map_or("-", Principal::name), action, res, outcome);
+    }
+}
 
 /// A delivered message on the wire, with `receipt_handle` (empty for a
 /// check-back's copy of a half).

@@ -6,11 +6,78 @@ use std::sync::Arc;
 use halfmq_proto::v1 as pb;
 use tonic::{Request, Response};
 
-use super::{down, ok, outgoing, resolution, status, wire_message, Rpc, Services, SessionStream};
+use super::{
+    denied, down, ok, outgoing, resolution, status, who, wire_message, Rpc, Services,
+    SessionStream,
+};
+use crate::auth::policy::{Action, Resource};
+use crate::auth::verify::Principal;
 use crate::core::transactions::{EndSource, Resolution};
 use crate::error::BrokerError;
 
+fn end_source(s: i32) -> EndSource {
+    match pb::EndSource::try_from(s) {
+        Ok(pb::EndSource::Check) => EndSource::Check,
+        Ok(pb::EndSource::Operator) => EndSource::Operator,
+        _ => EndSource::Producer,
+    }
+}
+
 impl Services {
+    /// Whether `who` may send half messages `msgs` of producer group
+    /// `group`: `tx` on the group and `pub` on each topic.
+    fn allow_halves(
+        &self,
+        who: Option<&Principal>,
+        group: &str,
+        msgs: &[pb::Message],
+        rpc: &str,
+    ) -> Result<(), tonic::Status> {
+        if msgs.is_empty() {
+            return Ok(());
+        }
+        self.allow(who, Action::Tx, Resource::ProducerGroup(group), rpc)?;
+        self.allow_topics(who, Action::Pub, msgs, rpc)
+    }
+
+    /// Ends transactions of `who`: `tx` on each half's producer group, or
+    /// `admin` for an operator's end of a given-up half. A refusal ends
+    /// nothing.
+    async fn end_as(
+        &self,
+        who: Option<&Principal>,
+        ends: Vec<(String, Resolution)>,
+        source: EndSource,
+        rpc: &str,
+    ) -> Result<Vec<Result<(), BrokerError>>, tonic::Status> {
+        let action = if source == EndSource::Operator {
+            Action::Admin
+        } else {
+            Action::Tx
+        };
+        let users = self.broker.auth_users();
+        let may_end = |group: &str| {
+            crate::auth::authorize(users, who, action, &Resource::ProducerGroup(group), rpc)
+        };
+        let results = self.broker.end_transactions_as(ends, source, &may_end).await;
+        if let Some(Err(BrokerError::PermissionDenied { action, resource })) = results
+            .iter()
+            .find(|r| matches!(r, Err(BrokerError::PermissionDenied { .. })))
+        {
+            return Err(denied(BrokerError::PermissionDenied {
+                action,
+                resource: resource.clone(),
+            }));
+        }
+        if source == EndSource::Operator {
+            for r in &results {
+                let outcome = if r.is_ok() { "OK" } else { "refused" };
+                crate::auth::audit_admin(who.map_or("-", Principal::name), "tx end", "transaction", outcome);
+            }
+        }
+        Ok(results)
+    }
+
     /// Stores half messages all or nothing: (status, one receipt per half).
     async fn halves(
         &self,
@@ -37,7 +104,12 @@ impl Services {
     /// Ends transactions, each alone: one status per end. More than
     /// `max_batch_messages` ends are refused as a whole (the limit bounds how
     /// long one request holds the transaction lock).
-    async fn ends(&self, ends: Vec<pb::EndTransactionRequest>) -> Vec<pb::Status> {
+    async fn ends(
+        &self,
+        who: Option<&Principal>,
+        ends: Vec<pb::EndTransactionRequest>,
+        rpc: &str,
+    ) -> Result<Vec<pb::Status>, tonic::Status> {
         let max = self.broker.config().max_batch_messages as usize;
         if ends.len() > max {
             let e = BrokerError::BadRequest(format!(
@@ -45,16 +117,12 @@ impl Services {
                 ends.len()
             ));
             let s = status(&e).unwrap_or_default();
-            return vec![s; ends.len()];
+            return Ok(vec![s; ends.len()]);
         }
-        if ends.is_empty() {
-            return Vec::new();
-        }
-        let source = match ends.first().map(|e| pb::EndSource::try_from(e.source)) {
-            Some(Ok(pb::EndSource::Check)) => EndSource::Check,
-            Some(Ok(pb::EndSource::Operator)) => EndSource::Operator,
-            _ => EndSource::Producer,
+        let Some(first) = ends.first() else {
+            return Ok(Vec::new());
         };
+        let source = end_source(first.source);
         let ends: Vec<(String, Resolution)> = ends
             .into_iter()
             .map(|e| {
@@ -64,15 +132,15 @@ impl Services {
                 )
             })
             .collect();
-        self.broker
-            .end_transactions(ends, source)
-            .await
+        Ok(self
+            .end_as(who, ends, source, rpc)
+            .await?
             .into_iter()
             .map(|r| match r {
                 Ok(()) => ok().unwrap_or_default(),
                 Err(e) => status(&e).unwrap_or_default(),
             })
-            .collect()
+            .collect())
     }
 }
 
@@ -82,6 +150,7 @@ impl pb::producer_server::Producer for Services {
 
     #[tracing::instrument(skip_all, fields(group = %req.get_ref().producer_group))]
     async fn send_half(&self, req: Request<pb::SendHalfRequest>) -> Rpc<pb::SendHalfResponse> {
+        let w = who(&req);
         let r = req.into_inner();
         let Some(m) = r.message else {
             return Ok(Response::new(pb::SendHalfResponse {
@@ -89,6 +158,7 @@ impl pb::producer_server::Producer for Services {
                 ..Default::default()
             }));
         };
+        self.allow_halves(w.as_ref(), &r.producer_group, std::slice::from_ref(&m), "SendHalf")?;
         Ok(Response::new(
             match self.broker.send_half(&r.producer_group, outgoing(m)).await {
                 Ok(h) => pb::SendHalfResponse {
@@ -110,18 +180,15 @@ impl pb::producer_server::Producer for Services {
         &self,
         req: Request<pb::EndTransactionRequest>,
     ) -> Rpc<pb::EndTransactionResponse> {
+        let w = who(&req);
         let r = req.into_inner();
-        let source = match pb::EndSource::try_from(r.source) {
-            Ok(pb::EndSource::Check) => EndSource::Check,
-            Ok(pb::EndSource::Operator) => EndSource::Operator,
-            _ => EndSource::Producer,
-        };
+        let source = end_source(r.source);
         let res = match resolution(r.resolution) {
-            Some(res @ (Resolution::Commit | Resolution::Rollback)) => {
-                self.broker
-                    .end_transaction(&r.transaction_id, res, source)
-                    .await
-            }
+            Some(res @ (Resolution::Commit | Resolution::Rollback)) => self
+                .end_as(w.as_ref(), vec![(r.transaction_id, res)], source, "EndTransaction")
+                .await?
+                .pop()
+                .unwrap_or_else(|| Err(BrokerError::Internal("no result for an end".into()))),
             _ => Err(BrokerError::BadRequest(
                 "resolution must be COMMIT or ROLLBACK".into(),
             )),
@@ -139,7 +206,9 @@ impl pb::producer_server::Producer for Services {
         &self,
         req: Request<pb::SendHalvesRequest>,
     ) -> Rpc<pb::SendHalvesResponse> {
+        let w = who(&req);
         let r = req.into_inner();
+        self.allow_halves(w.as_ref(), &r.producer_group, &r.messages, "SendHalves")?;
         let (status, receipts) = self.halves(&r.producer_group, r.messages).await;
         Ok(Response::new(pb::SendHalvesResponse { status, receipts }))
     }
@@ -149,7 +218,8 @@ impl pb::producer_server::Producer for Services {
         &self,
         req: Request<pb::EndTransactionsRequest>,
     ) -> Rpc<pb::EndTransactionsResponse> {
-        let results = self.ends(req.into_inner().ends).await;
+        let w = who(&req);
+        let results = self.ends(w.as_ref(), req.into_inner().ends, "EndTransactions").await?;
         Ok(Response::new(pb::EndTransactionsResponse {
             status: ok(),
             results,
@@ -161,7 +231,24 @@ impl pb::producer_server::Producer for Services {
         &self,
         req: Request<pb::TransactionBatchRequest>,
     ) -> Rpc<pb::TransactionBatchResponse> {
+        let w = who(&req);
         let r = req.into_inner();
+        self.allow_halves(w.as_ref(), &r.producer_group, &r.halves, "TransactionBatch")?;
+        if self.broker.auth_users().is_some() && !r.ends.is_empty() {
+            // The halves are stored while the ends run: the ends' producer
+            // groups are checked first, so that a refusal stores nothing.
+            let action = match r.ends.first().map(|e| end_source(e.source)) {
+                Some(EndSource::Operator) => Action::Admin,
+                _ => Action::Tx,
+            };
+            let tids: Vec<&str> = r.ends.iter().map(|e| e.transaction_id.as_str()).collect();
+            let mut groups = self.broker.producer_groups_of(&tids);
+            groups.sort();
+            groups.dedup();
+            for g in groups.iter().flatten() {
+                self.allow(w.as_ref(), action, Resource::ProducerGroup(g), "TransactionBatch")?;
+            }
+        }
         // Both appends usually land before the same flush, so the two
         // durability waits end together.
         let ((halves_status, receipts), end_results) = tokio::join!(
@@ -172,8 +259,9 @@ impl pb::producer_server::Producer for Services {
                     self.halves(&r.producer_group, r.halves).await
                 }
             },
-            self.ends(r.ends),
+            self.ends(w.as_ref(), r.ends, "TransactionBatch"),
         );
+        let end_results = end_results?;
         Ok(Response::new(pb::TransactionBatchResponse {
             halves_status,
             receipts,
@@ -185,6 +273,7 @@ impl pb::producer_server::Producer for Services {
         &self,
         req: Request<tonic::Streaming<pb::SessionUp>>,
     ) -> Rpc<Self::SessionStream> {
+        let w = who(&req);
         let mut inbound = req.into_inner();
         let (out_tx, out_rx) =
             tokio::sync::mpsc::channel::<Result<pb::SessionDown, tonic::Status>>(16);
@@ -201,6 +290,9 @@ impl pb::producer_server::Producer for Services {
                 return Ok(refuse_session(out_tx, out_rx, refusal).await);
             }
         };
+        // Only a user with `tx` on the group gets its check-backs and may
+        // answer them.
+        self.allow(w.as_ref(), Action::Tx, Resource::ProducerGroup(&hello.producer_group), "Session")?;
         // A session opened once shutdown has begun would keep the drain waiting.
         let refused = self
             .broker
@@ -211,6 +303,7 @@ impl pb::producer_server::Producer for Services {
             return Ok(refuse_session(out_tx, out_rx, status(&e).unwrap_or_default()).await);
         }
         let broker = Arc::clone(&self.broker);
+        let group = hello.producer_group.clone();
         let opened = broker.tx_state().open_session(
             hello.producer_group.clone(),
             hello.topics,
@@ -236,10 +329,20 @@ impl pb::producer_server::Producer for Services {
             loop {
                 tokio::select! {
                     _ = leadership.tick() => {
-                        if let Err(e) = broker.check_serving() {
-                            let _ = out_tx
-                                .send(down(pb::session_down::Kind::Error(status(&e).unwrap_or_default())))
-                                .await;
+                        // A revoked `tx` ends the session too.
+                        let allowed = crate::auth::authorize(
+                            broker.auth_users(),
+                            w.as_ref(),
+                            Action::Tx,
+                            &Resource::ProducerGroup(&group),
+                            "Session",
+                        );
+                        if let Err(e) = broker.check_serving().and(allowed) {
+                            let end = match e {
+                                BrokerError::PermissionDenied { .. } => Err(denied(e)),
+                                e => down(pb::session_down::Kind::Error(status(&e).unwrap_or_default())),
+                            };
+                            let _ = out_tx.send(end).await;
                             break;
                         }
                     }
@@ -279,9 +382,10 @@ impl pb::producer_server::Producer for Services {
 
     #[tracing::instrument(skip_all, fields(messages = req.get_ref().messages.len()))]
     async fn send(&self, req: Request<pb::SendRequest>) -> Rpc<pb::SendResponse> {
-        let msgs = req
-            .into_inner()
-            .messages
+        let w = who(&req);
+        let msgs = req.into_inner().messages;
+        self.allow_topics(w.as_ref(), Action::Pub, &msgs, "Send")?;
+        let msgs = msgs
             .into_iter()
             .map(outgoing)
             .collect();

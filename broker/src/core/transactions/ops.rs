@@ -287,6 +287,34 @@ impl Broker {
         ends: Vec<(String, Resolution)>,
         source: EndSource,
     ) -> Vec<Result<(), BrokerError>> {
+        self.end_transactions_as(ends, source, &|_| Ok(())).await
+    }
+
+    /// The producer group of each transaction id's half, where it can be
+    /// read (`None` for an id that does not parse or names no half).
+    pub fn producer_groups_of(&self, transaction_ids: &[&str]) -> Vec<Option<String>> {
+        transaction_ids
+            .iter()
+            .map(|tid| {
+                let id = TransactionId::decode(tid, &self.secret).ok()?;
+                let r = self.store().log().read(id.offset).ok()?;
+                (r.kind == RecordKind::Half && r.message_id == id.message_id)
+                    .then(|| crate::core::props::prop(&r, PRODUCER_GROUP_PROPERTY).map(str::to_owned))
+                    .flatten()
+            })
+            .collect()
+    }
+
+    /// [`Broker::end_transactions`] for a caller that `may_end` transactions
+    /// of some producer groups: each half's producer group is checked once
+    /// the half is read, before anything is written; when one is refused,
+    /// nothing is ended and every result is that refusal.
+    pub async fn end_transactions_as(
+        &self,
+        ends: Vec<(String, Resolution)>,
+        source: EndSource,
+        may_end: &(dyn Fn(&str) -> Result<(), BrokerError> + Sync),
+    ) -> Vec<Result<(), BrokerError>> {
         if self.check_running().is_err() {
             return ends
                 .iter()
@@ -340,6 +368,20 @@ impl Broker {
                     results.push(Some(Err(e)));
                     items.push(None);
                 }
+            }
+        }
+        for (_, half, _) in items.iter().flatten() {
+            let group = crate::core::props::prop(half, PRODUCER_GROUP_PROPERTY).unwrap_or_default();
+            if let Err(BrokerError::PermissionDenied { action, resource }) = may_end(group) {
+                return ends
+                    .iter()
+                    .map(|_| {
+                        Err(BrokerError::PermissionDenied {
+                            action,
+                            resource: resource.clone(),
+                        })
+                    })
+                    .collect();
             }
         }
         // 2. Under the tx lock: end records for the pending ones, one append.
