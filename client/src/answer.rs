@@ -2,12 +2,11 @@
 //! where a request should have gone), [`Client::follow`], and the channels.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use halfmq_proto::v1 as pb;
-use tonic::transport::{Channel, Endpoint};
 
-use crate::{endpoint_url, Client, ClientError, ClientOptions, Code, DOWN_FOR};
+use crate::channel::open_channel;
+use crate::{Client, Code, DOWN_FOR};
 
 impl Client {
     /// Points requests at `leader` when it is named (and not known to be
@@ -62,18 +61,6 @@ impl Client {
     }
 }
 
-/// A lazily connected channel to `addr`.
-pub(crate) fn open_channel(addr: &str, opts: &ClientOptions) -> Result<Channel, ClientError> {
-    let url = endpoint_url(addr)?;
-    let ep = Endpoint::from_shared(url)
-        .map_err(|e| ClientError::Connect(format!("{addr}: {e}")))?
-        .connect_timeout(opts.connect_timeout)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_while_idle(true);
-    Ok(ep.connect_lazy())
-}
-
 /// An answer the client looks at before handing it on: whether it says
 /// "not here" (a broker group member that is not the leader).
 pub(crate) trait Answer {
@@ -121,6 +108,11 @@ answers!(
     ResetOffsetResponse,
     DeleteTopicResponse,
     ListTransactionsResponse,
+    CreateUserResponse,
+    DeleteUserResponse,
+    ListUsersResponse,
+    GrantResponse,
+    RevokeResponse,
 );
 
 impl Answer for pb::EndTransactionsResponse {

@@ -54,7 +54,7 @@ pub struct Cluster {
 fn raft_client(
     client: &Client,
     addr: &str,
-) -> Result<pb::raft_client::RaftClient<tonic::transport::Channel>, ClientError> {
+) -> Result<pb::raft_client::RaftClient<crate::channel::Ch>, ClientError> {
     Ok(pb::raft_client::RaftClient::new(client.channel_to(addr)?))
 }
 

@@ -40,21 +40,25 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use halfmq_proto::v1 as pb;
-use tonic::transport::Channel;
 
 pub use halfmq_proto::v1::Code;
 
 mod admin;
 mod answer;
+mod channel;
 mod cluster;
 mod coalesce;
 mod consumer;
+mod security;
 mod transaction;
 pub use admin::{Admin, ResetTo, TopicInfo};
-use answer::{open_channel, Answer};
+use answer::Answer;
+use channel::{open_channel, Ch};
+pub use channel::{ClientOptions, Credentials, TlsOptions};
 pub use cluster::{Cluster, NodeStatus, Unanswered};
 use coalesce::{BatchLimits, Coalescer};
 pub use consumer::{ConsumeResult, Consumer, ReceivedMessage};
+pub use security::{Rule, Security, UserInfo};
 /// A dead-lettered message (wire form), from [`Admin::list_dead_letters`].
 pub use halfmq_proto::v1::DeadLetter;
 /// Who ends a transaction (wire enum), for [`end_transaction`].
@@ -215,37 +219,6 @@ fn check(status: Option<pb::Status>) -> Result<(), ClientError> {
     }
 }
 
-/// Connection settings.
-#[derive(Debug, Clone)]
-pub struct ClientOptions {
-    /// Timeout to establish the connection. Default 3 s.
-    pub connect_timeout: Duration,
-    /// Timeout of one request, long polls excluded (they add their wait).
-    /// Default 10 s.
-    pub request_timeout: Duration,
-    /// Attempts for calls safe to repeat (receive, ack, admin, sends whose
-    /// messages all carry idempotency keys). Default 5.
-    pub max_attempts: u32,
-    /// First retry backoff; doubles each attempt up to 2 s. Default 50 ms.
-    pub initial_backoff: Duration,
-    /// With several brokers (a broker group): how long a request keeps
-    /// looking for the leader (following `NOT_LEADER` hints, trying the
-    /// other addresses) before it fails. Default 10 s.
-    pub failover_timeout: Duration,
-}
-
-impl Default for ClientOptions {
-    fn default() -> Self {
-        ClientOptions {
-            connect_timeout: Duration::from_secs(3),
-            request_timeout: Duration::from_secs(10),
-            max_attempts: 5,
-            initial_backoff: Duration::from_millis(50),
-            failover_timeout: Duration::from_secs(10),
-        }
-    }
-}
-
 /// A connection to a broker, or to the leader of a broker group. Cheap to
 /// clone; clones share the connection.
 #[derive(Debug, Clone)]
@@ -260,9 +233,9 @@ struct Conn {
     /// Every address given, in order (one for a single broker).
     brokers: Vec<String>,
     /// (address, channel) of the broker requests go to now.
-    current: std::sync::RwLock<(Arc<str>, Channel)>,
+    current: std::sync::RwLock<(Arc<str>, Ch)>,
     /// Channels opened so far, by address (lazily connected).
-    channels: std::sync::Mutex<HashMap<String, Channel>>,
+    channels: std::sync::Mutex<HashMap<String, Ch>>,
     /// Addresses that failed to connect lately, and when: a `NOT_LEADER`
     /// hint naming one (a follower that has not noticed the leader died)
     /// is not followed for [`DOWN_FOR`].
@@ -349,7 +322,7 @@ impl Client {
         &self.conn.brokers
     }
 
-    fn current(&self) -> (Arc<str>, Channel) {
+    fn current(&self) -> (Arc<str>, Ch) {
         self.conn
             .current
             .read()
@@ -357,12 +330,12 @@ impl Client {
             .clone()
     }
 
-    fn channel(&self) -> Channel {
+    fn channel(&self) -> Ch {
         self.current().1
     }
 
     /// The (lazily connected) channel to `addr`, opened once.
-    pub(crate) fn channel_to(&self, addr: &str) -> Result<Channel, ClientError> {
+    pub(crate) fn channel_to(&self, addr: &str) -> Result<Ch, ClientError> {
         let mut chans = self.conn.channels.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = chans.get(addr) {
             return Ok(c.clone());
@@ -398,19 +371,23 @@ impl Client {
         ClientError::Transport(s)
     }
 
-    fn producer(&self) -> pb::producer_client::ProducerClient<Channel> {
+    fn producer(&self) -> pb::producer_client::ProducerClient<Ch> {
         pb::producer_client::ProducerClient::new(self.channel())
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX)
     }
 
-    fn consumer(&self) -> pb::consumer_client::ConsumerClient<Channel> {
+    fn consumer(&self) -> pb::consumer_client::ConsumerClient<Ch> {
         pb::consumer_client::ConsumerClient::new(self.channel())
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX)
     }
 
-    fn admin(&self) -> pb::admin_client::AdminClient<Channel> {
+    fn security(&self) -> pb::security_client::SecurityClient<Ch> {
+        pb::security_client::SecurityClient::new(self.channel())
+    }
+
+    fn admin(&self) -> pb::admin_client::AdminClient<Ch> {
         pb::admin_client::AdminClient::new(self.channel())
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX)
@@ -585,37 +562,6 @@ impl Client {
                 _ => return Ok(resp),
             }
         }
-    }
-}
-
-/// The URL of a broker address: `HOST:PORT` (or a full `http://` URL with a
-/// port); a missing port is an error rather than port 80.
-fn endpoint_url(addr: &str) -> Result<String, ClientError> {
-    let no_port = || {
-        ClientError::Connect(format!(
-            "broker address {addr:?} has no port: use HOST:PORT, e.g. 127.0.0.1:8081"
-        ))
-    };
-    if addr.contains("://") {
-        let uri: tonic::codegen::http::Uri = addr
-            .parse()
-            .map_err(|e| ClientError::Connect(format!("{addr}: {e}")))?;
-        return if uri.port().is_some() {
-            Ok(addr.to_owned())
-        } else {
-            Err(no_port())
-        };
-    }
-    if addr.parse::<std::net::SocketAddr>().is_ok() {
-        return Ok(format!("http://{addr}"));
-    }
-    match addr.rsplit_once(':') {
-        Some((host, port))
-            if !host.is_empty() && !host.contains(':') && port.parse::<u16>().is_ok() =>
-        {
-            Ok(format!("http://{addr}"))
-        }
-        _ => Err(no_port()),
     }
 }
 

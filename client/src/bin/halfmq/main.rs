@@ -1,6 +1,8 @@
 //! `halfmq`: the command-line tool for people and scripts.
 //!
 //! `--broker HOST:PORT` (env `HALFMQ_BROKER`, default `127.0.0.1:8081`);
+//! `--user NAME` (env `HALFMQ_USER`) signs requests with the secret in
+//! `HALFMQ_SECRET` (never a flag); `--tls-ca PEM` speaks TLS.
 //! `--json` prints one JSON object per line where listed. Exit status is
 //! non-zero when an operation fails; 0 when the reader of its output went
 //! away (`| head -1`), with nothing more printed or acked.
@@ -9,6 +11,7 @@
 //! - `main.rs`: the command line, `send` and `consume`.
 //! - `tx.rs`: `tx send / checker / pending / end`.
 //! - `admin.rs`: `topic`, `group`, `dlq`, `stats`.
+//! - `security.rs`: `user`, `acl`.
 //! - `out.rs`: stdout lines (broken pipes), bodies, tables, error reports.
 
 use std::io::Read;
@@ -21,6 +24,7 @@ use serde_json::json;
 
 mod admin;
 mod out;
+mod security;
 mod tx;
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -41,8 +45,42 @@ struct Cli {
         default_value = "127.0.0.1:8081"
     )]
     broker: String,
+    /// Sign requests as this user (a broker with auth on); the secret is
+    /// read from the environment variable HALFMQ_SECRET, never a flag.
+    #[arg(long, global = true, env = "HALFMQ_USER")]
+    user: Option<String>,
+    /// Speak TLS, checking the broker's certificate against this PEM CA.
+    #[arg(long, global = true, env = "HALFMQ_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// With --tls-ca: this client's PEM certificate (a broker requiring
+    /// client certificates).
+    #[arg(long, global = true, env = "HALFMQ_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The PEM key of --tls-cert.
+    #[arg(long, global = true, env = "HALFMQ_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// Connection options from the command line and environment.
+fn options(cli: &Cli) -> anyhow::Result<halfmq_client::ClientOptions> {
+    let mut o = halfmq_client::ClientOptions::default();
+    if let Some(user) = &cli.user {
+        let Some(secret) = std::env::var("HALFMQ_SECRET").ok().filter(|s| !s.is_empty()) else {
+            anyhow::bail!("--user {user}: set its secret in the environment variable HALFMQ_SECRET");
+        };
+        o.credentials = Some(halfmq_client::Credentials::new(user, &secret));
+    }
+    match (&cli.tls_ca, &cli.tls_cert, &cli.tls_key) {
+        (Some(ca), cert, key) => {
+            let id = cert.as_deref().zip(key.as_deref());
+            o.tls = Some(halfmq_client::TlsOptions::from_files(ca, id)?);
+        }
+        (None, Some(_), _) => anyhow::bail!("--tls-cert needs --tls-ca"),
+        _ => {}
+    }
+    Ok(o)
 }
 
 #[derive(Debug, Subcommand)]
@@ -128,6 +166,16 @@ enum Cmd {
         #[command(subcommand)]
         cmd: admin::ClusterCmd,
     },
+    /// Users (a broker with auth on): create, delete, list.
+    User {
+        #[command(subcommand)]
+        cmd: security::UserCmd,
+    },
+    /// Users' policies: grant, revoke, list.
+    Acl {
+        #[command(subcommand)]
+        cmd: security::AclCmd,
+    },
     /// The broker's counters.
     Stats {
         /// One JSON object.
@@ -179,8 +227,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         clap_complete::generate(shell, &mut Cli::command(), "halfmq", &mut text);
         return out::line(String::from_utf8_lossy(&text).trim_end());
     }
-    let client = Client::connect(&cli.broker).await?;
+    let client = Client::connect_with(&cli.broker, options(&cli)?).await?;
     match cli.cmd {
+        Cmd::User { cmd } => security::user(client, cmd).await?,
+        Cmd::Acl { cmd } => security::acl(client, cmd).await?,
         Cmd::Topic { cmd } => admin::topic(client, cmd).await?,
         Cmd::Group { cmd } => admin::group(client, cmd).await?,
         Cmd::Dlq { cmd } => admin::dlq(client, cmd).await?,
