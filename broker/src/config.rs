@@ -708,8 +708,10 @@ impl BrokerConfig {
             .filter(|ip| !ip.is_unspecified());
         if self.auth.enabled {
             if let Some(secret) = &self.auth.cluster_secret {
-                c.signer =
-                    halfmq_proto::auth::Signer::new(halfmq_proto::auth::MEMBER_USER, secret.expose());
+                c.signer = halfmq_proto::auth::Signer::new(
+                    halfmq_proto::auth::MEMBER_USER,
+                    secret.expose(),
+                );
             }
         }
         if self.tls.enabled() {

@@ -124,8 +124,8 @@ impl Default for ClientOptions {
 /// A lazily connected channel to `addr`, signing with `opts`' credentials.
 pub(crate) fn open_channel(addr: &str, opts: &ClientOptions) -> Result<Ch, ClientError> {
     let url = endpoint_url(addr, opts.tls.is_some())?;
-    let mut ep = Endpoint::from_shared(url)
-        .map_err(|e| ClientError::Connect(format!("{addr}: {e}")))?;
+    let mut ep =
+        Endpoint::from_shared(url).map_err(|e| ClientError::Connect(format!("{addr}: {e}")))?;
     if let Some(t) = &opts.tls {
         let mut c = tonic::transport::ClientTlsConfig::new()
             .ca_certificate(tonic::transport::Certificate::from_pem(&t.ca_pem));
@@ -182,4 +182,3 @@ pub(crate) fn endpoint_url(addr: &str, tls: bool) -> Result<String, ClientError>
         _ => Err(no_port()),
     }
 }
-

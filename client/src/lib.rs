@@ -58,11 +58,11 @@ pub use channel::{ClientOptions, Credentials, TlsOptions};
 pub use cluster::{Cluster, NodeStatus, Unanswered};
 use coalesce::{BatchLimits, Coalescer};
 pub use consumer::{ConsumeResult, Consumer, ReceivedMessage};
-pub use security::{Rule, Security, UserInfo};
 /// A dead-lettered message (wire form), from [`Admin::list_dead_letters`].
 pub use halfmq_proto::v1::DeadLetter;
 /// Who ends a transaction (wire enum), for [`end_transaction`].
 pub use halfmq_proto::v1::EndSource;
+pub use security::{Rule, Security, UserInfo};
 pub use transaction::{
     end_transaction, MessageView, PendingTransaction, Transaction, TransactionChecker,
     TransactionOutcome, TransactionProducer, TransactionResolution,
@@ -315,6 +315,11 @@ impl Client {
     /// the leader, once found).
     pub fn addr(&self) -> String {
         self.current().0.to_string()
+    }
+
+    /// The credentials requests are signed with, if any.
+    pub fn credentials(&self) -> Option<&Credentials> {
+        self.opts.credentials.as_ref()
     }
 
     /// Every broker address given.

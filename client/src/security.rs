@@ -126,7 +126,11 @@ impl Security {
     /// # Errors
     /// As [`Security::create_user`]; [`Code::BadRequest`] for a short
     /// secret.
-    pub async fn create_user_with_secret(&self, name: &str, secret: &str) -> Result<(), ClientError> {
+    pub async fn create_user_with_secret(
+        &self,
+        name: &str,
+        secret: &str,
+    ) -> Result<(), ClientError> {
         if secret.len() < 16 {
             return Err(ClientError::Broker {
                 code: Code::BadRequest,

@@ -68,7 +68,12 @@ fn unreachable_key() -> ! {
 pub fn client_key(user: &str, secret: &str) -> [u8; KEY_BYTES] {
     let mut salted = [0u8; KEY_BYTES];
     let salt = format!("halfmq:{user}");
-    pbkdf2::pbkdf2_hmac::<Sha256>(secret.as_bytes(), salt.as_bytes(), PBKDF2_ROUNDS, &mut salted);
+    pbkdf2::pbkdf2_hmac::<Sha256>(
+        secret.as_bytes(),
+        salt.as_bytes(),
+        PBKDF2_ROUNDS,
+        &mut salted,
+    );
     hmac(&salted, &[b"Client Key"])
 }
 
@@ -224,11 +229,21 @@ mod tests {
     fn a_proof_verifies_only_for_its_key_and_request() {
         let ck = client_key("alice", "a long enough secret");
         let sk = stored_key(&ck);
-        let c = canonical("/halfmq.v1.Producer/Send", "alice", 1_700_000_000_000, "00ff");
+        let c = canonical(
+            "/halfmq.v1.Producer/Send",
+            "alice",
+            1_700_000_000_000,
+            "00ff",
+        );
         let p = proof(&ck, &c);
         assert!(verify(&sk, &c, &p));
         // Another request, another user's key, a flipped bit: refused.
-        let other = canonical("/halfmq.v1.Admin/DeleteTopic", "alice", 1_700_000_000_000, "00ff");
+        let other = canonical(
+            "/halfmq.v1.Admin/DeleteTopic",
+            "alice",
+            1_700_000_000_000,
+            "00ff",
+        );
         assert!(!verify(&sk, &other, &p));
         let bob = stored_key(&client_key("bob", "a long enough secret"));
         assert!(!verify(&bob, &c, &p));

@@ -153,7 +153,9 @@ pub fn validate(
             ("HALFMQ_ADMIN_SECRET", &auth.admin_secret),
             ("HALFMQ_CLUSTER_SECRET", &auth.cluster_secret),
         ] {
-            if s.as_ref().is_some_and(|s| s.expose().len() < MIN_SECRET_BYTES) {
+            if s.as_ref()
+                .is_some_and(|s| s.expose().len() < MIN_SECRET_BYTES)
+            {
                 return Err(bad(
                     "auth",
                     format!("{name} must be at least {MIN_SECRET_BYTES} bytes"),
@@ -169,9 +171,13 @@ pub fn validate(
     }
     let empty = |p: &PathBuf| p.as_os_str().is_empty();
     if empty(&tls.cert) != empty(&tls.key) {
-        return Err(bad("tls", "cert and key go together (--tls-cert, --tls-key)"));
+        return Err(bad(
+            "tls",
+            "cert and key go together (--tls-cert, --tls-key)",
+        ));
     }
-    if !tls.enabled() && !(empty(&tls.client_ca) && empty(&tls.peer_ca)) {
+    let ca_given = !empty(&tls.client_ca) || !empty(&tls.peer_ca);
+    if !tls.enabled() && ca_given {
         return Err(bad("tls", "client_ca and peer_ca need cert and key"));
     }
     if tls.enabled() && group && empty(&tls.peer_ca) {

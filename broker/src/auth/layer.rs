@@ -69,7 +69,12 @@ impl Gate {
         let h = req.headers();
         let get = |k: &str| h.get(k).and_then(|v| v.to_str().ok());
         let path = req.uri().path();
-        let signed = match (get(HEADER_USER), get(HEADER_TIME), get(HEADER_NONCE), get(HEADER_PROOF)) {
+        let signed = match (
+            get(HEADER_USER),
+            get(HEADER_TIME),
+            get(HEADER_NONCE),
+            get(HEADER_PROOF),
+        ) {
             (Some(user), Some(time), Some(nonce), Some(proof)) => Signed {
                 user,
                 time,

@@ -59,9 +59,7 @@ impl Action {
             .into_iter()
             .find(|a| a.name() == s)
             .ok_or_else(|| {
-                BrokerError::BadRequest(format!(
-                    "unknown action {s:?}: use pub, sub, tx or admin"
-                ))
+                BrokerError::BadRequest(format!("unknown action {s:?}: use pub, sub, tx or admin"))
             })
     }
 }
@@ -340,8 +338,16 @@ mod tests {
         let allow = rule(ResourceKind::Topic, "orders-*", &["pub", "sub"], false);
         let deny = rule(ResourceKind::Topic, "orders-secret", &["pub"], true);
         for rules in [vec![allow.clone(), deny.clone()], vec![deny, allow]] {
-            assert!(!allows(&rules, Action::Pub, &Resource::Topic("orders-secret")));
-            assert!(allows(&rules, Action::Sub, &Resource::Topic("orders-secret")));
+            assert!(!allows(
+                &rules,
+                Action::Pub,
+                &Resource::Topic("orders-secret")
+            ));
+            assert!(allows(
+                &rules,
+                Action::Sub,
+                &Resource::Topic("orders-secret")
+            ));
             assert!(allows(&rules, Action::Pub, &Resource::Topic("orders-eu")));
         }
     }
@@ -351,7 +357,11 @@ mod tests {
         let rules = vec![rule(ResourceKind::Cluster, "", &["admin"], false)];
         assert!(allows(&rules, Action::Admin, &Resource::Cluster));
         assert!(allows(&rules, Action::Admin, &Resource::Topic("t")));
-        assert!(allows(&rules, Action::Admin, &Resource::ProducerGroup("pg")));
+        assert!(allows(
+            &rules,
+            Action::Admin,
+            &Resource::ProducerGroup("pg")
+        ));
         assert!(!allows(&rules, Action::Pub, &Resource::Topic("t")));
         let mut denied = rules.clone();
         denied.push(rule(ResourceKind::Topic, "t", &["admin"], true));
@@ -363,11 +373,21 @@ mod tests {
     fn bad_rules_are_refused_with_a_reason() {
         let a = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
         let err = |r: Result<Rule, BrokerError>| r.unwrap_err().to_string();
-        assert!(err(Rule::new(ResourceKind::Topic, "t", &a(&["tx"]), false)).contains("only pub, sub, admin"));
-        assert!(err(Rule::new(ResourceKind::Topic, "t", &a(&["fly"]), false)).contains("unknown action"));
-        assert!(err(Rule::new(ResourceKind::Topic, "a*b", &a(&["pub"]), false)).contains("pattern"));
-        assert!(err(Rule::new(ResourceKind::Topic, "", &a(&["pub"]), false)).contains("needs a name"));
-        assert!(err(Rule::new(ResourceKind::Cluster, "x", &a(&["admin"]), false)).contains("no name"));
+        assert!(err(Rule::new(ResourceKind::Topic, "t", &a(&["tx"]), false))
+            .contains("only pub, sub, admin"));
+        assert!(
+            err(Rule::new(ResourceKind::Topic, "t", &a(&["fly"]), false))
+                .contains("unknown action")
+        );
+        assert!(
+            err(Rule::new(ResourceKind::Topic, "a*b", &a(&["pub"]), false)).contains("pattern")
+        );
+        assert!(
+            err(Rule::new(ResourceKind::Topic, "", &a(&["pub"]), false)).contains("needs a name")
+        );
+        assert!(
+            err(Rule::new(ResourceKind::Cluster, "x", &a(&["admin"]), false)).contains("no name")
+        );
         assert!(err(Rule::new(ResourceKind::Group, "g", &a(&[]), false)).contains("at least one"));
     }
 
@@ -376,12 +396,20 @@ mod tests {
         let r = rule(ResourceKind::Topic, "t", &["pub"], false);
         let more = r.with_added(&rule(ResourceKind::Topic, "t", &["sub"], false));
         assert_eq!(more.actions(), vec!["pub", "sub"]);
-        let less = more.without(&rule(ResourceKind::Topic, "t", &["pub"], false)).unwrap();
+        let less = more
+            .without(&rule(ResourceKind::Topic, "t", &["pub"], false))
+            .unwrap();
         assert_eq!(less.actions(), vec!["sub"]);
         assert!(less.without(&less).is_none());
         let json = serde_json::to_string(&less).unwrap();
-        assert_eq!(json, r#"{"kind":"topic","pattern":"t","actions":["sub"],"deny":false}"#);
+        assert_eq!(
+            json,
+            r#"{"kind":"topic","pattern":"t","actions":["sub"],"deny":false}"#
+        );
         assert_eq!(serde_json::from_str::<Rule>(&json).unwrap(), less);
-        assert!(serde_json::from_str::<Rule>(r#"{"kind":"topic","pattern":"t","actions":["tx"],"deny":false}"#).is_err());
+        assert!(serde_json::from_str::<Rule>(
+            r#"{"kind":"topic","pattern":"t","actions":["tx"],"deny":false}"#
+        )
+        .is_err());
     }
 }

@@ -29,7 +29,10 @@ fn certs(key: &str, p: &Path) -> Result<Vec<CertificateDer<'static>>, ConfigErro
         .collect::<Result<_, _>>()
         .map_err(|e| bad(key, format!("{}: {e}", p.display())))?;
     if v.is_empty() {
-        return Err(bad(key, format!("{}: no PEM certificate in it", p.display())));
+        return Err(bad(
+            key,
+            format!("{}: no PEM certificate in it", p.display()),
+        ));
     }
     Ok(v)
 }
@@ -59,10 +62,12 @@ pub fn acceptor(cfg: &TlsConfig) -> Result<tokio_rustls::TlsAcceptor, ConfigErro
                 .add(c)
                 .map_err(|e| bad("tls.client_ca", e.to_string()))?;
         }
-        let verifier =
-            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-                .build()
-                .map_err(|e| bad("tls.client_ca", e.to_string()))?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider(),
+        )
+        .build()
+        .map_err(|e| bad("tls.client_ca", e.to_string()))?;
         builder.with_client_cert_verifier(verifier)
     };
     let mut server = builder

@@ -347,10 +347,7 @@ impl Users {
                 put.extend(users.iter().cloned());
             }
         }
-        let states: Vec<Arc<UserState>> = put
-            .into_iter()
-            .map(state)
-            .collect::<Result<_, _>>()?;
+        let states: Vec<Arc<UserState>> = put.into_iter().map(state).collect::<Result<_, _>>()?;
         for u in &states {
             let json = serde_json::to_vec(&u.user)
                 .map_err(|e| BrokerError::Internal(format!("user to JSON: {e}")))?;
@@ -406,15 +403,39 @@ mod tests {
             created_ms: 7,
         };
         users.apply(&create("alice"), &meta).unwrap();
-        assert!(matches!(users.apply(&create("alice"), &meta), Err(BrokerError::UserExists(_))));
+        assert!(matches!(
+            users.apply(&create("alice"), &meta),
+            Err(BrokerError::UserExists(_))
+        ));
         assert!(users.apply(&create("bad name"), &meta).is_err());
-        let grant = |r: Rule| Change::Grant { user: "alice".into(), rule: r };
-        users.apply(&grant(rule(ResourceKind::Topic, "orders-*", &["pub"], false)), &meta).unwrap();
-        users.apply(&grant(rule(ResourceKind::Topic, "orders-*", &["sub"], false)), &meta).unwrap();
-        users.apply(&grant(rule(ResourceKind::Topic, "orders-x", &["pub"], true)), &meta).unwrap();
+        let grant = |r: Rule| Change::Grant {
+            user: "alice".into(),
+            rule: r,
+        };
+        users
+            .apply(
+                &grant(rule(ResourceKind::Topic, "orders-*", &["pub"], false)),
+                &meta,
+            )
+            .unwrap();
+        users
+            .apply(
+                &grant(rule(ResourceKind::Topic, "orders-*", &["sub"], false)),
+                &meta,
+            )
+            .unwrap();
+        users
+            .apply(
+                &grant(rule(ResourceKind::Topic, "orders-x", &["pub"], true)),
+                &meta,
+            )
+            .unwrap();
         // A third target is past max_rules_per_user (2); merging is not.
         let third = grant(rule(ResourceKind::Group, "g", &["sub"], false));
-        assert!(matches!(users.apply(&third, &meta), Err(BrokerError::TooManyRequests(_))));
+        assert!(matches!(
+            users.apply(&third, &meta),
+            Err(BrokerError::TooManyRequests(_))
+        ));
         assert!(users.allows("alice", Action::Sub, &Resource::Topic("orders-eu")));
         assert!(!users.allows("alice", Action::Pub, &Resource::Topic("orders-x")));
         assert!(!users.allows("bob", Action::Pub, &Resource::Topic("orders-eu")));
@@ -429,8 +450,18 @@ mod tests {
         assert!(again.allows("alice", Action::Sub, &Resource::Topic("orders-eu")));
         assert!(!again.allows("alice", Action::Pub, &Resource::Topic("orders-eu")));
         assert_eq!(again.list(None).len(), 1);
-        assert_eq!(again.stored_key("alice").map(|k| hex(&k)), Some(key("alice")));
-        again.apply(&Change::DeleteUser { name: "alice".into() }, &meta).unwrap();
+        assert_eq!(
+            again.stored_key("alice").map(|k| hex(&k)),
+            Some(key("alice"))
+        );
+        again
+            .apply(
+                &Change::DeleteUser {
+                    name: "alice".into(),
+                },
+                &meta,
+            )
+            .unwrap();
         assert!(again.stored_key("alice").is_none());
         assert!(Users::load(&meta, limits()).unwrap().list(None).is_empty());
     }
@@ -441,13 +472,19 @@ mod tests {
         let meta = Meta::open(dir.path()).unwrap();
         let users = Users::load(&meta, limits()).unwrap();
         assert!(!users.has_admin());
-        let boot = |k: String| Change::Bootstrap { stored_key: k, created_ms: 1 };
+        let boot = |k: String| Change::Bootstrap {
+            stored_key: k,
+            created_ms: 1,
+        };
         users.apply(&boot(key("admin")), &meta).unwrap();
         assert!(users.has_admin());
         assert!(users.allows(ADMIN_USER, Action::Admin, &Resource::Topic("t")));
         // A second bootstrap (another start-up with another secret) changes nothing.
         users.apply(&boot(key("other")), &meta).unwrap();
-        assert_eq!(users.stored_key(ADMIN_USER).map(|k| hex(&k)), Some(key("admin")));
+        assert_eq!(
+            users.stored_key(ADMIN_USER).map(|k| hex(&k)),
+            Some(key("admin"))
+        );
         let snap = users.snapshot();
         let json = serde_json::to_string(&snap).unwrap();
         let back: Change = serde_json::from_str(&json).unwrap();
@@ -455,7 +492,14 @@ mod tests {
         let meta2 = Meta::open(dir2.path()).unwrap();
         let other = Users::load(&meta2, limits()).unwrap();
         other
-            .apply(&Change::CreateUser { name: "gone".into(), stored_key: key("gone"), created_ms: 1 }, &meta2)
+            .apply(
+                &Change::CreateUser {
+                    name: "gone".into(),
+                    stored_key: key("gone"),
+                    created_ms: 1,
+                },
+                &meta2,
+            )
             .unwrap();
         other.apply(&back, &meta2).unwrap();
         assert_eq!(other.list(None), users.list(None));

@@ -114,8 +114,7 @@ impl Verifier {
     ) -> Verifier {
         Verifier {
             users,
-            member_key: member_secret
-                .map(|s| auth::stored_key(&auth::client_key(MEMBER_USER, s))),
+            member_key: member_secret.map(|s| auth::stored_key(&auth::client_key(MEMBER_USER, s))),
             max_age_ms,
             max_nonces,
             replay: Mutex::new(Replay::default()),
@@ -212,7 +211,10 @@ mod tests {
                 &meta,
             )
             .unwrap();
-        (dir, Verifier::new(users, Some("group secret"), 60_000, max_nonces))
+        (
+            dir,
+            Verifier::new(users, Some("group secret"), 60_000, max_nonces),
+        )
     }
 
     struct Req {
@@ -253,7 +255,10 @@ mod tests {
         let stale = sign("alice", "alice's secret!!", now - 60_001, 2);
         assert!(matches!(check(&v, &stale, now), Err(Refusal::Stale { .. })));
         let future = sign("alice", "alice's secret!!", now + 60_001, 3);
-        assert!(matches!(check(&v, &future, now), Err(Refusal::Stale { .. })));
+        assert!(matches!(
+            check(&v, &future, now),
+            Err(Refusal::Stale { .. })
+        ));
         let wrong = sign("alice", "not the secret!!", now, 4);
         assert_eq!(check(&v, &wrong, now), Err(Refusal::BadProof));
         let unknown = sign("mallory", "alice's secret!!", now, 5);

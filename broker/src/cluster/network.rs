@@ -201,8 +201,8 @@ impl PeerClient {
         } else {
             format!("{scheme}://{}", self.addr)
         };
-        let mut ep = tonic::transport::Endpoint::from_shared(uri)
-            .map_err(|e| Unreachable::new(&e))?;
+        let mut ep =
+            tonic::transport::Endpoint::from_shared(uri).map_err(|e| Unreachable::new(&e))?;
         if let Some(t) = &self.tls {
             ep = ep.tls_config(t.clone()).map_err(|e| Unreachable::new(&e))?;
         }

@@ -369,7 +369,10 @@ impl Broker {
                 ..Record::default()
             });
         }
-        before.push(super::security::auth_record(&self.users.snapshot(), self.now_ms())?);
+        before.push(super::security::auth_record(
+            &self.users.snapshot(),
+            self.now_ms(),
+        )?);
         let mut topics: Vec<(String, u32)> = self
             .topics
             .read()

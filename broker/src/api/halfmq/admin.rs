@@ -21,12 +21,22 @@ impl pb::admin_server::Admin for Services {
     ) -> Rpc<pb::CreateTopicResponse> {
         let w = who(&req);
         let r = req.into_inner();
-        self.allow(w.as_ref(), Action::Admin, Resource::Topic(&r.name), "CreateTopic")?;
+        self.allow(
+            w.as_ref(),
+            Action::Admin,
+            Resource::Topic(&r.name),
+            "CreateTopic",
+        )?;
         let status = match self.broker.create_topic_everywhere(&r.name, r.queues).await {
             Ok(()) => ok(),
             Err(e) => status(&e),
         };
-        self.audit(w.as_ref(), "create topic", &format!("topic:{}", r.name), &status);
+        self.audit(
+            w.as_ref(),
+            "create topic",
+            &format!("topic:{}", r.name),
+            &status,
+        );
         Ok(Response::new(pb::CreateTopicResponse { status }))
     }
 
@@ -36,12 +46,22 @@ impl pb::admin_server::Admin for Services {
     ) -> Rpc<pb::CreateConsumerGroupResponse> {
         let w = who(&req);
         let r = req.into_inner();
-        self.allow(w.as_ref(), Action::Admin, Resource::Group(&r.group), "CreateConsumerGroup")?;
+        self.allow(
+            w.as_ref(),
+            Action::Admin,
+            Resource::Group(&r.group),
+            "CreateConsumerGroup",
+        )?;
         let status = match self.broker.declare_consumer_group(&r.group, r.fifo).await {
             Ok(()) => ok(),
             Err(e) => status(&e),
         };
-        self.audit(w.as_ref(), "create consumer group", &format!("group:{}", r.group), &status);
+        self.audit(
+            w.as_ref(),
+            "create consumer group",
+            &format!("group:{}", r.group),
+            &status,
+        );
         Ok(Response::new(pb::CreateConsumerGroupResponse { status }))
     }
 
@@ -56,7 +76,13 @@ impl pb::admin_server::Admin for Services {
                 .broker
                 .list_consumer_groups()
                 .into_iter()
-                .filter(|g| self.sees(w.as_ref(), &[Action::Sub, Action::Admin], Resource::Group(&g.group)))
+                .filter(|g| {
+                    self.sees(
+                        w.as_ref(),
+                        &[Action::Sub, Action::Admin],
+                        Resource::Group(&g.group),
+                    )
+                })
                 .map(|g| pb::ConsumerGroupInfo {
                     group: g.group,
                     fifo: g.fifo,
@@ -134,7 +160,12 @@ impl pb::admin_server::Admin for Services {
         let w = who(&req);
         let r = req.into_inner();
         let g = Resource::Group(&r.group);
-        self.allow_any(w.as_ref(), &[Action::Sub, Action::Admin], g, "ListDeadLetters")?;
+        self.allow_any(
+            w.as_ref(),
+            &[Action::Sub, Action::Admin],
+            g,
+            "ListDeadLetters",
+        )?;
         let limit = if r.limit == 0 {
             10_000
         } else {
@@ -206,7 +237,13 @@ impl pb::admin_server::Admin for Services {
                 .broker
                 .dead_letter_counts()
                 .into_iter()
-                .filter(|(g, _)| self.sees(w.as_ref(), &[Action::Sub, Action::Admin], Resource::Group(g)))
+                .filter(|(g, _)| {
+                    self.sees(
+                        w.as_ref(),
+                        &[Action::Sub, Action::Admin],
+                        Resource::Group(g),
+                    )
+                })
                 .map(|(group, count)| pb::DeadLetterCount { group, count })
                 .collect(),
         }))
@@ -219,14 +256,24 @@ impl pb::admin_server::Admin for Services {
     ) -> Rpc<pb::RedriveDeadLettersResponse> {
         let w = who(&req);
         let r = req.into_inner();
-        self.allow(w.as_ref(), Action::Admin, Resource::Group(&r.group), "RedriveDeadLetters")?;
+        self.allow(
+            w.as_ref(),
+            Action::Admin,
+            Resource::Group(&r.group),
+            "RedriveDeadLetters",
+        )?;
         let id = parse_message_id(&r.message_id);
         let res = match id {
             Ok(id) => self.broker.redrive(&r.group, id).await,
             Err(e) => Err(e),
         };
-        let outcome = res.as_ref().map_or_else(|e| status(e), |_| ok());
-        self.audit(w.as_ref(), "dlq redrive", &format!("group:{}", r.group), &outcome);
+        let outcome = res.as_ref().map_or_else(status, |_| ok());
+        self.audit(
+            w.as_ref(),
+            "dlq redrive",
+            &format!("group:{}", r.group),
+            &outcome,
+        );
         Ok(Response::new(match res {
             Ok(n) => pb::RedriveDeadLettersResponse {
                 status: ok(),
@@ -246,7 +293,12 @@ impl pb::admin_server::Admin for Services {
     ) -> Rpc<pb::PurgeDeadLettersResponse> {
         let w = who(&req);
         let r = req.into_inner();
-        self.allow(w.as_ref(), Action::Admin, Resource::Group(&r.group), "PurgeDeadLetters")?;
+        self.allow(
+            w.as_ref(),
+            Action::Admin,
+            Resource::Group(&r.group),
+            "PurgeDeadLetters",
+        )?;
         let resp = match self.broker.purge_dead_letters_everywhere(&r.group).await {
             Ok(n) => pb::PurgeDeadLettersResponse {
                 status: ok(),
@@ -257,7 +309,12 @@ impl pb::admin_server::Admin for Services {
                 count: 0,
             },
         };
-        self.audit(w.as_ref(), "dlq purge", &format!("group:{}", r.group), &resp.status);
+        self.audit(
+            w.as_ref(),
+            "dlq purge",
+            &format!("group:{}", r.group),
+            &resp.status,
+        );
         Ok(Response::new(resp))
     }
 
@@ -268,7 +325,12 @@ impl pb::admin_server::Admin for Services {
     ) -> Rpc<pb::ResetOffsetResponse> {
         let w = who(&req);
         let r = req.into_inner();
-        self.allow(w.as_ref(), Action::Admin, Resource::Group(&r.group), "ResetOffset")?;
+        self.allow(
+            w.as_ref(),
+            Action::Admin,
+            Resource::Group(&r.group),
+            "ResetOffset",
+        )?;
         let to = match r.to {
             Some(pb::reset_offset_request::To::Earliest(true)) => Ok(ResetTo::Earliest),
             Some(pb::reset_offset_request::To::Latest(true)) => Ok(ResetTo::Latest),
@@ -285,7 +347,7 @@ impl pb::admin_server::Admin for Services {
             }
             Err(e) => Err(e),
         };
-        let outcome = res.as_ref().map_or_else(|e| status(e), |_| ok());
+        let outcome = res.as_ref().map_or_else(status, |_| ok());
         let what = format!("group:{} topic:{}", r.group, r.topic);
         self.audit(w.as_ref(), "reset offset", &what, &outcome);
         Ok(Response::new(match res {
@@ -313,17 +375,32 @@ impl pb::admin_server::Admin for Services {
     ) -> Rpc<pb::DeleteTopicResponse> {
         let w = who(&req);
         let name = req.into_inner().name;
-        self.allow(w.as_ref(), Action::Admin, Resource::Topic(&name), "DeleteTopic")?;
+        self.allow(
+            w.as_ref(),
+            Action::Admin,
+            Resource::Topic(&name),
+            "DeleteTopic",
+        )?;
         let status = match self.broker.delete_topic_everywhere(&name).await {
             Ok(()) => ok(),
             Err(e) => status(&e),
         };
-        self.audit(w.as_ref(), "delete topic", &format!("topic:{name}"), &status);
+        self.audit(
+            w.as_ref(),
+            "delete topic",
+            &format!("topic:{name}"),
+            &status,
+        );
         Ok(Response::new(pb::DeleteTopicResponse { status }))
     }
 
     async fn stats(&self, req: Request<pb::StatsRequest>) -> Rpc<pb::StatsResponse> {
-        self.allow(who(&req).as_ref(), Action::Admin, Resource::Cluster, "Stats")?;
+        self.allow(
+            who(&req).as_ref(),
+            Action::Admin,
+            Resource::Cluster,
+            "Stats",
+        )?;
         let s = self.broker.stats();
         Ok(Response::new(pb::StatsResponse {
             status: ok(),

@@ -14,8 +14,18 @@ impl pb::consumer_server::Consumer for Services {
     async fn receive(&self, req: Request<pb::ReceiveRequest>) -> Rpc<pb::ReceiveResponse> {
         let w = who(&req);
         let r = req.into_inner();
-        self.allow(w.as_ref(), Action::Sub, Resource::Group(&r.group), "Receive")?;
-        self.allow(w.as_ref(), Action::Sub, Resource::Topic(&r.topic), "Receive")?;
+        self.allow(
+            w.as_ref(),
+            Action::Sub,
+            Resource::Group(&r.group),
+            "Receive",
+        )?;
+        self.allow(
+            w.as_ref(),
+            Action::Sub,
+            Resource::Topic(&r.topic),
+            "Receive",
+        )?;
         let group = r.group.clone();
         let res = self
             .broker
@@ -93,7 +103,12 @@ impl pb::consumer_server::Consumer for Services {
     ) -> Rpc<pb::ChangeInvisibleDurationResponse> {
         let w = who(&req);
         let r = req.into_inner();
-        self.allow(w.as_ref(), Action::Sub, Resource::Group(&r.group), "ChangeInvisibleDuration")?;
+        self.allow(
+            w.as_ref(),
+            Action::Sub,
+            Resource::Group(&r.group),
+            "ChangeInvisibleDuration",
+        )?;
         let res = Receipt::from_handle(&r.receipt_handle, &r.group, self.broker.secret()).and_then(
             |rc| {
                 self.broker

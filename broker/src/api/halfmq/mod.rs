@@ -186,7 +186,12 @@ impl Services {
 
     /// Whether `who` may do one of `actions` on `res` (listings show only
     /// such resources; nothing is logged).
-    pub(super) fn sees(&self, who: Option<&Principal>, actions: &[Action], res: Resource<'_>) -> bool {
+    pub(super) fn sees(
+        &self,
+        who: Option<&Principal>,
+        actions: &[Action],
+        res: Resource<'_>,
+    ) -> bool {
         let Some(users) = self.broker.auth_users() else {
             return true;
         };
@@ -210,7 +215,12 @@ impl Services {
         if self.sees(who, actions, res) {
             return Ok(());
         }
-        self.allow(who, actions.first().copied().unwrap_or(Action::Admin), res, rpc)
+        self.allow(
+            who,
+            actions.first().copied().unwrap_or(Action::Admin),
+            res,
+            rpc,
+        )
     }
 
     /// Logs an admin action of `who` (target `halfmq::audit`).

@@ -7,8 +7,7 @@ use halfmq_proto::v1 as pb;
 use tonic::{Request, Response};
 
 use super::{
-    denied, down, ok, outgoing, resolution, status, who, wire_message, Rpc, Services,
-    SessionStream,
+    denied, down, ok, outgoing, resolution, status, who, wire_message, Rpc, Services, SessionStream,
 };
 use crate::auth::policy::{Action, Resource};
 use crate::auth::verify::Principal;
@@ -59,7 +58,10 @@ impl Services {
         let may_end = |group: &str| {
             crate::auth::authorize(users, who, action, &Resource::ProducerGroup(group), rpc)
         };
-        let results = self.broker.end_transactions_as(ends, source, &may_end).await;
+        let results = self
+            .broker
+            .end_transactions_as(ends, source, &may_end)
+            .await;
         if let Some(Err(BrokerError::PermissionDenied { action, resource })) = results
             .iter()
             .find(|r| matches!(r, Err(BrokerError::PermissionDenied { .. })))
@@ -72,7 +74,12 @@ impl Services {
         if source == EndSource::Operator {
             for r in &results {
                 let outcome = if r.is_ok() { "OK" } else { "refused" };
-                crate::auth::audit_admin(who.map_or("-", Principal::name), "tx end", "transaction", outcome);
+                crate::auth::audit_admin(
+                    who.map_or("-", Principal::name),
+                    "tx end",
+                    "transaction",
+                    outcome,
+                );
             }
         }
         Ok(results)
@@ -158,7 +165,12 @@ impl pb::producer_server::Producer for Services {
                 ..Default::default()
             }));
         };
-        self.allow_halves(w.as_ref(), &r.producer_group, std::slice::from_ref(&m), "SendHalf")?;
+        self.allow_halves(
+            w.as_ref(),
+            &r.producer_group,
+            std::slice::from_ref(&m),
+            "SendHalf",
+        )?;
         Ok(Response::new(
             match self.broker.send_half(&r.producer_group, outgoing(m)).await {
                 Ok(h) => pb::SendHalfResponse {
@@ -185,7 +197,12 @@ impl pb::producer_server::Producer for Services {
         let source = end_source(r.source);
         let res = match resolution(r.resolution) {
             Some(res @ (Resolution::Commit | Resolution::Rollback)) => self
-                .end_as(w.as_ref(), vec![(r.transaction_id, res)], source, "EndTransaction")
+                .end_as(
+                    w.as_ref(),
+                    vec![(r.transaction_id, res)],
+                    source,
+                    "EndTransaction",
+                )
                 .await?
                 .pop()
                 .unwrap_or_else(|| Err(BrokerError::Internal("no result for an end".into()))),
@@ -219,7 +236,9 @@ impl pb::producer_server::Producer for Services {
         req: Request<pb::EndTransactionsRequest>,
     ) -> Rpc<pb::EndTransactionsResponse> {
         let w = who(&req);
-        let results = self.ends(w.as_ref(), req.into_inner().ends, "EndTransactions").await?;
+        let results = self
+            .ends(w.as_ref(), req.into_inner().ends, "EndTransactions")
+            .await?;
         Ok(Response::new(pb::EndTransactionsResponse {
             status: ok(),
             results,
@@ -246,7 +265,12 @@ impl pb::producer_server::Producer for Services {
             groups.sort();
             groups.dedup();
             for g in groups.iter().flatten() {
-                self.allow(w.as_ref(), action, Resource::ProducerGroup(g), "TransactionBatch")?;
+                self.allow(
+                    w.as_ref(),
+                    action,
+                    Resource::ProducerGroup(g),
+                    "TransactionBatch",
+                )?;
             }
         }
         // Both appends usually land before the same flush, so the two
@@ -292,7 +316,12 @@ impl pb::producer_server::Producer for Services {
         };
         // Only a user with `tx` on the group gets its check-backs and may
         // answer them.
-        self.allow(w.as_ref(), Action::Tx, Resource::ProducerGroup(&hello.producer_group), "Session")?;
+        self.allow(
+            w.as_ref(),
+            Action::Tx,
+            Resource::ProducerGroup(&hello.producer_group),
+            "Session",
+        )?;
         // A session opened once shutdown has begun would keep the drain waiting.
         let refused = self
             .broker
@@ -385,10 +414,7 @@ impl pb::producer_server::Producer for Services {
         let w = who(&req);
         let msgs = req.into_inner().messages;
         self.allow_topics(w.as_ref(), Action::Pub, &msgs, "Send")?;
-        let msgs = msgs
-            .into_iter()
-            .map(outgoing)
-            .collect();
+        let msgs = msgs.into_iter().map(outgoing).collect();
         Ok(Response::new(match self.broker.send(msgs).await {
             Ok(receipts) => pb::SendResponse {
                 status: ok(),

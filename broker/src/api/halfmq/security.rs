@@ -109,7 +109,9 @@ impl pb::security_server::Security for Services {
                 created_ms: self.broker.now_ms(),
             });
         let on = format!("user:{}", r.name);
-        let status = self.security_change(w.as_ref(), "create user", &on, change).await;
+        let status = self
+            .security_change(w.as_ref(), "create user", &on, change)
+            .await;
         Ok(Response::new(pb::CreateUserResponse { status }))
     }
 
@@ -122,15 +124,19 @@ impl pb::security_server::Security for Services {
         let name = req.into_inner().name;
         let on = format!("user:{name}");
         let change = Ok(Change::DeleteUser { name });
-        let status = self.security_change(w.as_ref(), "delete user", &on, change).await;
+        let status = self
+            .security_change(w.as_ref(), "delete user", &on, change)
+            .await;
         Ok(Response::new(pb::DeleteUserResponse { status }))
     }
 
-    async fn list_users(
-        &self,
-        req: Request<pb::ListUsersRequest>,
-    ) -> Rpc<pb::ListUsersResponse> {
-        self.allow(who(&req).as_ref(), Action::Admin, Resource::Cluster, "ListUsers")?;
+    async fn list_users(&self, req: Request<pb::ListUsersRequest>) -> Rpc<pb::ListUsersResponse> {
+        self.allow(
+            who(&req).as_ref(),
+            Action::Admin,
+            Resource::Cluster,
+            "ListUsers",
+        )?;
         let name = req.into_inner().name;
         let users = self
             .broker
@@ -163,7 +169,9 @@ impl pb::security_server::Security for Services {
         let r = req.into_inner();
         let on = describe(&r.user, &r.rule);
         let change = rule_of(r.rule).map(|rule| Change::Revoke { user: r.user, rule });
-        let status = self.security_change(w.as_ref(), "revoke", &on, change).await;
+        let status = self
+            .security_change(w.as_ref(), "revoke", &on, change)
+            .await;
         Ok(Response::new(pb::RevokeResponse { status }))
     }
 }

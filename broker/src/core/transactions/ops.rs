@@ -299,7 +299,9 @@ impl Broker {
                 let id = TransactionId::decode(tid, &self.secret).ok()?;
                 let r = self.store().log().read(id.offset).ok()?;
                 (r.kind == RecordKind::Half && r.message_id == id.message_id)
-                    .then(|| crate::core::props::prop(&r, PRODUCER_GROUP_PROPERTY).map(str::to_owned))
+                    .then(|| {
+                        crate::core::props::prop(&r, PRODUCER_GROUP_PROPERTY).map(str::to_owned)
+                    })
                     .flatten()
             })
             .collect()

@@ -67,8 +67,13 @@ struct Cli {
 fn options(cli: &Cli) -> anyhow::Result<halfmq_client::ClientOptions> {
     let mut o = halfmq_client::ClientOptions::default();
     if let Some(user) = &cli.user {
-        let Some(secret) = std::env::var("HALFMQ_SECRET").ok().filter(|s| !s.is_empty()) else {
-            anyhow::bail!("--user {user}: set its secret in the environment variable HALFMQ_SECRET");
+        let Some(secret) = std::env::var("HALFMQ_SECRET")
+            .ok()
+            .filter(|s| !s.is_empty())
+        else {
+            anyhow::bail!(
+                "--user {user}: set its secret in the environment variable HALFMQ_SECRET"
+            );
         };
         o.credentials = Some(halfmq_client::Credentials::new(user, &secret));
     }

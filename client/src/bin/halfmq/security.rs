@@ -100,7 +100,11 @@ pub enum AclCmd {
 }
 
 fn kind_name(r: &Rule) -> String {
-    r.resource().split(':').next().unwrap_or_default().to_owned()
+    r.resource()
+        .split(':')
+        .next()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 pub async fn user(client: Client, cmd: UserCmd) -> anyhow::Result<()> {
@@ -151,12 +155,22 @@ pub async fn acl(client: Client, cmd: AclCmd) -> anyhow::Result<()> {
             let r = a.rule();
             s.grant(&a.name, &r).await?;
             let effect = if r.deny { "denied" } else { "allowed" };
-            out::line(format!("{effect} {} on {} to {}", r.actions.join(","), r.resource(), a.name))?;
+            out::line(format!(
+                "{effect} {} on {} to {}",
+                r.actions.join(","),
+                r.resource(),
+                a.name
+            ))?;
         }
         AclCmd::Revoke(a) => {
             let r = a.rule();
             s.revoke(&a.name, &r).await?;
-            out::line(format!("revoked {} on {} from {}", r.actions.join(","), r.resource(), a.name))?;
+            out::line(format!(
+                "revoked {} on {} from {}",
+                r.actions.join(","),
+                r.resource(),
+                a.name
+            ))?;
         }
         AclCmd::List { name, json } => {
             let users = s.list_users(name.as_deref()).await?;
@@ -169,8 +183,10 @@ pub async fn acl(client: Client, cmd: AclCmd) -> anyhow::Result<()> {
             for u in &users {
                 for r in &u.rules {
                     if json {
-                        out::line(json!({"user": u.name, "resource": r.resource(), "kind": kind_name(r),
-                            "pattern": r.pattern, "actions": r.actions, "deny": r.deny}))?;
+                        out::line(
+                            json!({"user": u.name, "resource": r.resource(), "kind": kind_name(r),
+                            "pattern": r.pattern, "actions": r.actions, "deny": r.deny}),
+                        )?;
                     } else {
                         rows.push(vec![
                             u.name.clone(),
