@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use halfmq_broker::{BrokerConfig, RunningBroker};
 
+pub mod certs;
+pub mod group;
+
 /// A configuration for tests: ephemeral port, data in `dir`, small segments.
 pub fn test_config(dir: &Path) -> BrokerConfig {
     BrokerConfig {
@@ -87,6 +90,14 @@ impl BrokerProcess {
     /// # Panics
     /// When it does not start within 20 s.
     pub fn start(dir: &Path, extra: &[&str]) -> BrokerProcess {
+        BrokerProcess::start_env(dir, extra, &[])
+    }
+
+    /// [`BrokerProcess::start`] with environment variables `env`.
+    ///
+    /// # Panics
+    /// As [`BrokerProcess::start`].
+    pub fn start_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> BrokerProcess {
         let listen: &[&str] = if extra.contains(&"--listen") {
             &[]
         } else {
@@ -98,6 +109,7 @@ impl BrokerProcess {
             .arg(dir)
             .args(extra)
             .env("RUST_LOG", "error")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -251,9 +263,18 @@ pub async fn stored(admin: &halfmq_client::Admin, topic: &str) -> u64 {
 /// # Panics
 /// When the CLI cannot be run.
 pub fn cli(brokers: &str, args: &[&str]) -> (bool, String, String) {
+    cli_env(brokers, args, &[])
+}
+
+/// [`cli`] with environment variables `env` (e.g. `HALFMQ_SECRET`).
+///
+/// # Panics
+/// When the CLI cannot be run.
+pub fn cli_env(brokers: &str, args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     let out = Command::new(binary("halfmq"))
         .args(["--broker", brokers])
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .expect("run halfmq");
     (

@@ -31,9 +31,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use halfmq_client::{
-    Admin, Client, ClientOptions, Cluster, Consumer, Message, MessageView, Producer,
-    TransactionProducer, TransactionResolution,
+    Admin, Client, Cluster, Consumer, Message, MessageView, Producer, TransactionProducer,
+    TransactionResolution,
 };
+use halfmq_tests::group::{leader_of, opts, status_of, Group};
 use halfmq_tests::{decision, free_port, table_checker, BrokerProcess};
 use rand::Rng;
 
@@ -58,120 +59,6 @@ struct Ledger {
     /// Message ids of acknowledged sends to "doomed" (always nacked: each
     /// must end in the DLQ once).
     doomed: HashSet<String>,
-}
-
-struct Group {
-    // Dropped first: the processes stop before their directories go.
-    procs: Vec<Option<BrokerProcess>>,
-    dirs: Vec<tempfile::TempDir>,
-    addrs: Vec<String>,
-    peers: String,
-    /// More flags for every member.
-    extra: Vec<String>,
-}
-
-impl Group {
-    /// Three members on free ports, each in its own temporary directory,
-    /// started.
-    fn start_all() -> Group {
-        Group::start_all_with(&[])
-    }
-
-    fn start_all_with(extra: &[&str]) -> Group {
-        let addrs: Vec<String> = (0..3)
-            .map(|_| format!("127.0.0.1:{}", free_port()))
-            .collect();
-        let peers = addrs
-            .iter()
-            .enumerate()
-            .map(|(i, a)| format!("{}={a}", i + 1))
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut g = Group {
-            procs: vec![None, None, None],
-            dirs: (0..3).map(|_| tempfile::tempdir().unwrap()).collect(),
-            addrs,
-            peers,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-        };
-        for i in 0..3 {
-            g.start(i);
-        }
-        g
-    }
-
-    fn flags(&self, i: usize) -> Vec<String> {
-        [
-            "--listen",
-            &self.addrs[i],
-            "--node-id",
-            &(i + 1).to_string(),
-            "--peers",
-            &self.peers,
-            "--raft-heartbeat-interval",
-            "50ms",
-            "--raft-election-timeout-min",
-            "300ms",
-            "--raft-election-timeout-max",
-            "600ms",
-            "--checkpoint-interval",
-            "200ms",
-            "--transaction-timeout",
-            "300ms",
-            "--check-interval",
-            "300ms",
-            "--check-reply-timeout",
-            "500ms",
-            "--check-max",
-            "1000",
-            "--retry-delays",
-            "100ms 200ms",
-            "--max-reconsume-times",
-            "2",
-        ]
-        .chunks(2)
-        // A flag given in `extra` replaces the default.
-        .filter(|kv| !self.extra.iter().any(|e| e == kv[0]))
-        .flatten()
-        .map(|s| s.to_string())
-        .chain(self.extra.iter().cloned())
-        .collect()
-    }
-
-    fn start(&mut self, i: usize) {
-        let flags = self.flags(i);
-        let f: Vec<&str> = flags.iter().map(String::as_str).collect();
-        self.procs[i] = Some(BrokerProcess::start(self.dirs[i].path(), &f));
-    }
-}
-
-/// Client options of these tests: short requests, long enough to fail over.
-fn opts() -> ClientOptions {
-    ClientOptions {
-        request_timeout: Duration::from_secs(3),
-        failover_timeout: Duration::from_secs(20),
-        ..ClientOptions::default()
-    }
-}
-
-/// The group as the members at `addrs` see it.
-fn status_of(rt: &tokio::runtime::Runtime, addrs: &str) -> Vec<halfmq_client::NodeStatus> {
-    rt.block_on(async {
-        let c = Cluster::new(Client::connect(addrs).await.unwrap());
-        c.status().await.0
-    })
-}
-
-/// The leader's index (node id - 1), waiting up to 20 s for one.
-fn leader_of(rt: &tokio::runtime::Runtime, addrs: &str) -> usize {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(n) = status_of(rt, addrs).iter().find(|n| n.role == "leader") {
-            return n.node_id as usize - 1;
-        }
-        assert!(Instant::now() < deadline, "no leader");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]

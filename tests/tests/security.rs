@@ -15,6 +15,7 @@ use halfmq_client::{
     Producer, Rule, Security, TlsOptions, TransactionProducer, TransactionResolution,
 };
 use halfmq_proto::{auth, raft as rpb, v1 as pb};
+use halfmq_tests::certs::certs;
 use halfmq_tests::{start, test_config};
 use tonic::metadata::MetadataMap;
 use tonic::transport::Channel;
@@ -670,46 +671,6 @@ async fn repeated_failures_on_one_connection_are_slowed_down() {
         .await;
     assert!(t.elapsed() < Duration::from_millis(90));
     b.shutdown().await.unwrap();
-}
-
-/// A CA and certificates it signed: the broker's (localhost, 127.0.0.1)
-/// and a client's, written as PEM files under `dir`.
-struct Certs {
-    ca: std::path::PathBuf,
-    server_cert: std::path::PathBuf,
-    server_key: std::path::PathBuf,
-    client_cert: std::path::PathBuf,
-    client_key: std::path::PathBuf,
-}
-
-fn certs(dir: &std::path::Path, tag: &str) -> Certs {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let leaf = |names: Vec<String>| {
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(names)
-            .unwrap()
-            .signed_by(&key, &ca, &ca_key)
-            .unwrap();
-        (cert.pem(), key.serialize_pem())
-    };
-    let (sc, sk) = leaf(vec!["localhost".into(), "127.0.0.1".into()]);
-    let (cc, ck) = leaf(vec!["client".into()]);
-    let w = |name: &str, text: &str| {
-        let p = dir.join(format!("{tag}-{name}.pem"));
-        std::fs::write(&p, text).unwrap();
-        p
-    };
-    Certs {
-        ca: w("ca", &ca.pem()),
-        server_cert: w("server", &sc),
-        server_key: w("server-key", &sk),
-        client_cert: w("client", &cc),
-        client_key: w("client-key", &ck),
-    }
 }
 
 async fn tls_client(addr: &str, tls: Option<TlsOptions>) -> Client {
