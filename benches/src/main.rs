@@ -15,7 +15,7 @@ use anyhow::Context;
 use bytes::{BufMut, Bytes, BytesMut};
 use clap::Parser;
 use halfmq_client::{
-    Admin, Client, Consumer, Message, MessageView, Producer, ProducerOptions, TransactionProducer,
+    Admin, Client, ClientOptions, Consumer, Message, MessageView, Producer, ProducerOptions, TransactionProducer,
     TransactionResolution,
 };
 use hdrhistogram::Histogram;
@@ -117,6 +117,37 @@ struct Args {
     /// sleeps; 0 = off (the broker's default).
     #[arg(long, value_parser = duration, default_value = "0s")]
     sync_wait_spin: Duration,
+    /// Sign requests as this user (a broker with auth on); the secret comes
+    /// from the environment variable HALFMQ_SECRET. The user needs pub and
+    /// sub on the topic, sub on the consumer group, tx on the producer
+    /// group `bench-pg`, and admin on the topic to create it (consumer
+    /// groups are named `bench-<pid>`: grant `bench-*`).
+    #[arg(long, env = "HALFMQ_USER")]
+    user: Option<String>,
+    /// Speak TLS, checking the broker's certificate against this PEM CA.
+    #[arg(long, env = "HALFMQ_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
+}
+
+/// The connection options of every client of the run.
+static OPTIONS: std::sync::OnceLock<ClientOptions> = std::sync::OnceLock::new();
+
+/// A client of the run (credentials and TLS as the arguments say).
+async fn connect(addr: &str) -> Result<Client, halfmq_client::ClientError> {
+    Client::connect_with(addr, OPTIONS.get().cloned().unwrap_or_default()).await
+}
+
+fn options(args: &Args) -> anyhow::Result<ClientOptions> {
+    let mut o = ClientOptions::default();
+    if let Some(u) = &args.user {
+        let secret = std::env::var("HALFMQ_SECRET")
+            .map_err(|_| anyhow::anyhow!("--user {u}: set HALFMQ_SECRET"))?;
+        o.credentials = Some(halfmq_client::Credentials::new(u, &secret));
+    }
+    if let Some(ca) = &args.tls_ca {
+        o.tls = Some(halfmq_client::TlsOptions::from_files(ca, None)?);
+    }
+    Ok(o)
 }
 
 /// Resident memory of this process, bytes (Linux).
@@ -377,6 +408,7 @@ fn bench(args: Args) -> anyhow::Result<()> {
         args.batch >= 1 && args.inflight >= 1,
         "--batch and --inflight must be at least 1"
     );
+    let _ = OPTIONS.set(options(&args)?);
     // As the broker does: one thread is tokio's current-thread scheduler.
     let rt = halfmq_broker::server::runtime_builder(args.worker_threads)
         .enable_all()
@@ -414,7 +446,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             a
         }
     };
-    let admin = Admin::new(Client::connect(&addr).await?);
+    let admin = Admin::new(connect(&addr).await?);
     match admin.create_topic(&args.topic, args.queues).await {
         Ok(()) => {}
         Err(e) if e.code() == Some(halfmq_client::Code::TopicExists) => {}
@@ -425,7 +457,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let before = rss_bytes() as i64;
         let t0 = Instant::now();
         let pre = TransactionProducer::new(
-            Client::connect(&addr).await?,
+            connect(&addr).await?,
             "bench-preload",
             |_m: MessageView| std::future::ready(TransactionResolution::Unknown),
         );
@@ -503,7 +535,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut consumer_tasks = Vec::new();
     for _ in 0..args.consumers {
         let c = Consumer::new(
-            Client::connect(&addr).await?,
+            connect(&addr).await?,
             group.clone(),
             args.topic.clone(),
         );
@@ -567,7 +599,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let tasks_total = (args.producers * args.inflight).max(1);
     let mut task_index = 0usize;
     for _ in 0..args.producers {
-        let producer_client = Client::connect(&addr).await?;
+        let producer_client = connect(&addr).await?;
         let producer = Producer::with_options(
             producer_client.clone(),
             ProducerOptions {
@@ -809,7 +841,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 /// `topic`, receives them in `group` and nacks each with a 2 h delay, so that
 /// `n` retries stay scheduled in the group's retry queue during the run.
 async fn preload_retries(addr: &str, topic: &str, group: &str, n: u64) -> anyhow::Result<()> {
-    let c = Client::connect(addr).await?;
+    let c = connect(addr).await?;
     let p = Producer::new(c.clone());
     let mut sent = 0u64;
     while sent < n {
