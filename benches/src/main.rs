@@ -15,8 +15,8 @@ use anyhow::Context;
 use bytes::{BufMut, Bytes, BytesMut};
 use clap::Parser;
 use halfmq_client::{
-    Admin, Client, ClientOptions, Consumer, Message, MessageView, Producer, ProducerOptions, TransactionProducer,
-    TransactionResolution,
+    Admin, Client, ClientOptions, Consumer, Message, MessageView, Producer, ProducerOptions,
+    TransactionProducer, TransactionResolution,
 };
 use hdrhistogram::Histogram;
 
@@ -456,11 +456,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.preload_halves > 0 {
         let before = rss_bytes() as i64;
         let t0 = Instant::now();
-        let pre = TransactionProducer::new(
-            connect(&addr).await?,
-            "bench-preload",
-            |_m: MessageView| std::future::ready(TransactionResolution::Unknown),
-        );
+        let pre =
+            TransactionProducer::new(connect(&addr).await?, "bench-preload", |_m: MessageView| {
+                std::future::ready(TransactionResolution::Unknown)
+            });
         let mut sent = 0u64;
         while sent < args.preload_halves {
             let n = (args.preload_halves - sent).min(4096);
@@ -534,11 +533,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let consumers_done = Arc::new(AtomicBool::new(false));
     let mut consumer_tasks = Vec::new();
     for _ in 0..args.consumers {
-        let c = Consumer::new(
-            connect(&addr).await?,
-            group.clone(),
-            args.topic.clone(),
-        );
+        let c = Consumer::new(connect(&addr).await?, group.clone(), args.topic.clone());
         let run = Arc::clone(&run);
         let done = Arc::clone(&consumers_done);
         consumer_tasks.push(tokio::spawn(async move {

@@ -64,17 +64,10 @@ fn a_group_with_auth_and_mtls_replicates_users_and_enforces_them_after_a_failove
     let leader = leader_with(&rt, &addrs, with("admin", ADMIN_SECRET));
 
     // Users and policies through the CLI (secret from the environment).
+    let tls_args = ["--tls-ca", &ca, "--tls-cert", &cc, "--tls-key", &ck];
     let admin_cli = |args: &[&str]| {
-        let mut a = vec![
-            "--user",
-            "admin",
-            "--tls-ca",
-            &ca,
-            "--tls-cert",
-            &cc,
-            "--tls-key",
-            &ck,
-        ];
+        let mut a = vec!["--user", "admin"];
+        a.extend_from_slice(&tls_args);
         a.extend_from_slice(args);
         // The first admin is made by the first leader a moment after it
         // serves: retry a refused call for a few seconds.
@@ -101,22 +94,10 @@ fn a_group_with_auth_and_mtls_replicates_users_and_enforces_them_after_a_failove
         "pub,sub",
     ]);
     admin_cli(&["acl", "grant", "app", "--group", "g", "--actions", "sub"]);
-    let (ok, _, err) = cli_env(
-        &addrs,
-        &[
-            "--user",
-            "app",
-            "--tls-ca",
-            &ca,
-            "--tls-cert",
-            &cc,
-            "--tls-key",
-            &ck,
-            "user",
-            "list",
-        ],
-        &[("HALFMQ_SECRET", &secret)],
-    );
+    let mut app_args = vec!["--user", "app"];
+    app_args.extend_from_slice(&tls_args);
+    app_args.extend_from_slice(&["user", "list"]);
+    let (ok, _, err) = cli_env(&addrs, &app_args, &[("HALFMQ_SECRET", &secret)]);
     assert!(
         !ok && err.contains("PermissionDenied"),
         "app listed users: {err}"

@@ -54,16 +54,18 @@ fn grpc<T>(r: &Result<T, ClientError>) -> tonic::Code {
     }
 }
 
-/// A broker with auth on; the admin's client; a user per (name, rules).
+/// A broker with auth on; the admin's client; a user per (name, rules),
+/// and their secrets.
 async fn setup(
     dir: &std::path::Path,
     users: &[(&str, Vec<Rule>)],
-) -> (RunningBroker, Client, Vec<Client>) {
+) -> (RunningBroker, Client, Vec<Client>, Vec<String>) {
     let b = start(auth_config(dir)).await;
     let addr = b.addr.to_string();
     let admin = as_user(&addr, "admin", ADMIN_SECRET).await;
     let sec = Security::new(admin.clone());
     let mut clients = Vec::new();
+    let mut secrets = Vec::new();
     for (name, rules) in users {
         let secret = sec.create_user(name).await.unwrap();
         assert_eq!(secret.len(), 64);
@@ -71,8 +73,9 @@ async fn setup(
             sec.grant(name, r).await.unwrap();
         }
         clients.push(as_user(&addr, name, &secret).await);
+        secrets.push(secret);
     }
-    (b, admin, clients)
+    (b, admin, clients, secrets)
 }
 
 /// Signature headers for `path`, as `user` with `secret`, at `time_ms`.
@@ -210,7 +213,7 @@ async fn channel(addr: std::net::SocketAddr) -> Channel {
 #[tokio::test]
 async fn every_rpc_family_refuses_unsigned_wrong_unknown_stale_and_replayed_requests() {
     let dir = tempfile::tempdir().unwrap();
-    let (b, _admin, _) = setup(dir.path(), &[]).await;
+    let (b, _admin, _, _) = setup(dir.path(), &[]).await;
     for f in Family::ALL {
         // A fresh connection per family: failures on one are slowed down.
         let fresh = || channel(b.addr);
@@ -286,8 +289,12 @@ async fn without_the_permission_nothing_is_stored_or_changed() {
         Rule::topic("orders", &["sub"]),
         Rule::group("billing", &["sub"]),
     ];
-    let eve = vec![Rule::topic("other", &["pub"])];
-    let (b, admin, users) = setup(dir.path(), &[("app", app), ("bill", bill), ("eve", eve)]).await;
+    let eve = vec![
+        Rule::topic("other", &["pub"]),
+        Rule::producer_group("evil-pg", &["tx"]),
+    ];
+    let (b, admin, users, secrets) =
+        setup(dir.path(), &[("app", app), ("bill", bill), ("eve", eve)]).await;
     let (app, bill, eve) = (&users[0], &users[1], &users[2]);
     let ad = Admin::new(admin.clone());
     ad.create_topic("orders", 1).await.unwrap();
@@ -412,8 +419,40 @@ async fn without_the_permission_nothing_is_stored_or_changed() {
         tonic::Code::PermissionDenied,
         "ending by hand needs admin"
     );
+    // A TransactionBatch whose halves eve may send but whose end she may
+    // not: refused whole, its halves not stored.
+    let path = "/halfmq.v1.Producer/TransactionBatch";
+    let batch = pb::TransactionBatchRequest {
+        producer_group: "evil-pg".into(),
+        halves: vec![pb::Message {
+            topic: "other".into(),
+            body: bytes::Bytes::from_static(b"half of eve"),
+            ..Default::default()
+        }],
+        ends: vec![pb::EndTransactionRequest {
+            transaction_id: half.transaction_id.clone(),
+            resolution: pb::Resolution::Commit as i32,
+            ..Default::default()
+        }],
+    };
+    let mut req = tonic::Request::new(batch);
+    *req.metadata_mut() = signed(path, "eve", &secrets[2], now_ms());
+    let refused = pb::producer_client::ProducerClient::new(channel(b.addr).await)
+        .transaction_batch(req)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused.message().contains("tx on producer-group:pg"),
+        "{}",
+        refused.message()
+    );
     let pending = ad.list_transactions().await.unwrap();
-    assert_eq!(pending.len(), 1, "the half is still pending");
+    assert_eq!(
+        pending.len(),
+        1,
+        "the half is still pending, and eve's was not stored"
+    );
     // Listings show only what the caller may see.
     assert!(Admin::new(eve.clone())
         .list_transactions()
@@ -481,7 +520,7 @@ async fn a_session_without_tx_gets_no_check_backs() {
         Rule::topic("orders", &["pub"]),
         Rule::producer_group("evil-pg", &["tx"]),
     ];
-    let (b, admin, users) = setup(dir.path(), &[("app", app), ("eve", eve)]).await;
+    let (b, admin, users, _) = setup(dir.path(), &[("app", app), ("eve", eve)]).await;
     Admin::new(admin.clone())
         .create_topic("orders", 1)
         .await
@@ -544,7 +583,7 @@ async fn prefix_and_deny_rules() {
         Rule::topic("orders-*", &["pub"]),
         Rule::topic("orders-secret", &["pub"]).denied(),
     ];
-    let (b, admin, users) = setup(dir.path(), &[("app", rules)]).await;
+    let (b, admin, users, _) = setup(dir.path(), &[("app", rules)]).await;
     let p = Producer::new(users[0].clone());
     p.send(Message::new("orders-eu", "a")).await.unwrap();
     p.send(Message::new("orders-us", "b")).await.unwrap();
@@ -600,7 +639,7 @@ async fn prefix_and_deny_rules() {
 #[tokio::test]
 async fn users_and_policies_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let (b, _admin, users) = setup(
+    let (b, _admin, users, _) = setup(
         dir.path(),
         &[("app", vec![Rule::topic("orders", &["pub"])])],
     )
@@ -650,7 +689,7 @@ async fn users_and_policies_survive_a_restart() {
 #[tokio::test]
 async fn repeated_failures_on_one_connection_are_slowed_down() {
     let dir = tempfile::tempdir().unwrap();
-    let (b, _admin, _) = setup(dir.path(), &[]).await;
+    let (b, _admin, _, _) = setup(dir.path(), &[]).await;
     let ch = channel(b.addr).await;
     let mut took = Vec::new();
     for _ in 0..6 {

@@ -188,3 +188,63 @@ pub fn validate(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::BrokerConfig;
+
+    #[test]
+    fn toml_sections_parse_and_bad_combinations_are_refused() {
+        let c = BrokerConfig::from_toml(
+            "listen = \"0.0.0.0:8081\"\n[auth]\nenabled = true\nmax_request_age_ms = \"1m\"\n[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n",
+        )
+        .unwrap();
+        assert!(c.auth.enabled);
+        assert_eq!(c.auth.max_request_age_ms, 60_000);
+        assert!(c.tls.enabled());
+        let listen: std::net::SocketAddr = "0.0.0.0:8081".parse().unwrap();
+        validate(&c.auth, &c.tls, listen, false).unwrap();
+        // A group member with auth on needs the members' secret; with TLS, the peers' CA.
+        assert_eq!(
+            validate(&c.auth, &c.tls, listen, true).unwrap_err().key,
+            "auth"
+        );
+        let mut with_secret = c.auth.clone();
+        with_secret.cluster_secret = Some(SecretString::new("sixteen bytes at least"));
+        assert_eq!(
+            validate(&with_secret, &c.tls, listen, true)
+                .unwrap_err()
+                .key,
+            "tls.peer_ca"
+        );
+        with_secret.cluster_secret = Some(SecretString::new("short"));
+        assert!(validate(&with_secret, &c.tls, listen, false)
+            .unwrap_err()
+            .reason
+            .contains("16 bytes"));
+        let half = TlsConfig {
+            cert: "c.pem".into(),
+            ..TlsConfig::default()
+        };
+        assert_eq!(
+            validate(&c.auth, &half, listen, false).unwrap_err().key,
+            "tls"
+        );
+        let ca_only = TlsConfig {
+            client_ca: "ca.pem".into(),
+            ..TlsConfig::default()
+        };
+        assert_eq!(
+            validate(&c.auth, &ca_only, listen, false).unwrap_err().key,
+            "tls"
+        );
+        // Secrets are never printed.
+        assert_eq!(
+            format!("{:?}", SecretString::new("hunter2")),
+            "SecretString(..)"
+        );
+        assert!(!toml::to_string(&with_secret).unwrap().contains("short"));
+        assert!(BrokerConfig::from_toml("[auth]\nenabeld = true\n").is_err());
+    }
+}

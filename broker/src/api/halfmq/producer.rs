@@ -11,7 +11,7 @@ use super::{
 };
 use crate::auth::policy::{Action, Resource};
 use crate::auth::verify::Principal;
-use crate::core::transactions::{EndSource, Resolution};
+use crate::core::transactions::{EndSource, PreparedEnds, Resolution};
 use crate::error::BrokerError;
 
 fn end_source(s: i32) -> EndSource {
@@ -39,16 +39,16 @@ impl Services {
         self.allow_topics(who, Action::Pub, msgs, rpc)
     }
 
-    /// Ends transactions of `who`: `tx` on each half's producer group, or
-    /// `admin` for an operator's end of a given-up half. A refusal ends
-    /// nothing.
-    async fn end_as(
+    /// Reads and authorizes ends of `who`: `tx` on each half's producer
+    /// group, or `admin` for an operator's end of a given-up half. A
+    /// refusal ends nothing (gRPC `PERMISSION_DENIED`).
+    fn prepare_ends(
         &self,
         who: Option<&Principal>,
         ends: Vec<(String, Resolution)>,
         source: EndSource,
         rpc: &str,
-    ) -> Result<Vec<Result<(), BrokerError>>, tonic::Status> {
+    ) -> Result<Ends, tonic::Status> {
         let action = if source == EndSource::Operator {
             Action::Admin
         } else {
@@ -58,20 +58,28 @@ impl Services {
         let may_end = |group: &str| {
             crate::auth::authorize(users, who, action, &Resource::ProducerGroup(group), rpc)
         };
-        let results = self
-            .broker
-            .end_transactions_as(ends, source, &may_end)
-            .await;
-        if let Some(Err(BrokerError::PermissionDenied { action, resource })) = results
-            .iter()
-            .find(|r| matches!(r, Err(BrokerError::PermissionDenied { .. })))
-        {
-            return Err(denied(BrokerError::PermissionDenied {
-                action,
-                resource: resource.clone(),
-            }));
+        let prepared = self.broker.prepare_ends(ends, source, &may_end);
+        if let Err(results) = &prepared {
+            if let Some(Err(BrokerError::PermissionDenied { action, resource })) = results
+                .iter()
+                .find(|r| matches!(r, Err(BrokerError::PermissionDenied { .. })))
+            {
+                return Err(denied(BrokerError::PermissionDenied {
+                    action,
+                    resource: resource.clone(),
+                }));
+            }
         }
-        if source == EndSource::Operator {
+        Ok(Ends { source, prepared })
+    }
+
+    /// Writes prepared ends; one result per end (operators' ends audited).
+    async fn finish_ends(&self, who: Option<&Principal>, e: Ends) -> Vec<Result<(), BrokerError>> {
+        let results = match e.prepared {
+            Ok(p) => self.broker.finish_ends(p).await,
+            Err(results) => results,
+        };
+        if e.source == EndSource::Operator {
             for r in &results {
                 let outcome = if r.is_ok() { "OK" } else { "refused" };
                 crate::auth::audit_admin(
@@ -82,7 +90,20 @@ impl Services {
                 );
             }
         }
-        Ok(results)
+        results
+    }
+
+    /// Ends transactions of `who` ([`Services::prepare_ends`], then
+    /// [`Services::finish_ends`]).
+    async fn end_as(
+        &self,
+        who: Option<&Principal>,
+        ends: Vec<(String, Resolution)>,
+        source: EndSource,
+        rpc: &str,
+    ) -> Result<Vec<Result<(), BrokerError>>, tonic::Status> {
+        let e = self.prepare_ends(who, ends, source, rpc)?;
+        Ok(self.finish_ends(who, e).await)
     }
 
     /// Stores half messages all or nothing: (status, one receipt per half).
@@ -108,28 +129,38 @@ impl Services {
         }
     }
 
-    /// Ends transactions, each alone: one status per end. More than
-    /// `max_batch_messages` ends are refused as a whole (the limit bounds how
-    /// long one request holds the transaction lock).
-    async fn ends(
+    /// Reads and authorizes wire ends, each alone (one status per end
+    /// once finished). More than `max_batch_messages` ends are refused as a
+    /// whole (the limit bounds how long one request holds the transaction
+    /// lock).
+    fn prepare_wire_ends(
         &self,
         who: Option<&Principal>,
         ends: Vec<pb::EndTransactionRequest>,
         rpc: &str,
-    ) -> Result<Vec<pb::Status>, tonic::Status> {
+    ) -> Result<Ends, tonic::Status> {
         let max = self.broker.config().max_batch_messages as usize;
-        if ends.len() > max {
-            let e = BrokerError::BadRequest(format!(
-                "{} ends exceeds max_batch_messages {max}",
-                ends.len()
-            ));
-            let s = status(&e).unwrap_or_default();
-            return Ok(vec![s; ends.len()]);
-        }
         let Some(first) = ends.first() else {
-            return Ok(Vec::new());
+            return Ok(Ends {
+                source: EndSource::Producer,
+                prepared: Err(Vec::new()),
+            });
         };
         let source = end_source(first.source);
+        if ends.len() > max {
+            let n = ends.len();
+            let refused = (0..n)
+                .map(|_| {
+                    Err(BrokerError::BadRequest(format!(
+                        "{n} ends exceeds max_batch_messages {max}"
+                    )))
+                })
+                .collect();
+            return Ok(Ends {
+                source,
+                prepared: Err(refused),
+            });
+        }
         let ends: Vec<(String, Resolution)> = ends
             .into_iter()
             .map(|e| {
@@ -139,16 +170,26 @@ impl Services {
                 )
             })
             .collect();
-        Ok(self
-            .end_as(who, ends, source, rpc)
-            .await?
+        self.prepare_ends(who, ends, source, rpc)
+    }
+
+    /// Writes what [`Services::prepare_wire_ends`] prepared: one status per end.
+    async fn finish_wire_ends(&self, who: Option<&Principal>, e: Ends) -> Vec<pb::Status> {
+        self.finish_ends(who, e)
+            .await
             .into_iter()
             .map(|r| match r {
                 Ok(()) => ok().unwrap_or_default(),
                 Err(e) => status(&e).unwrap_or_default(),
             })
-            .collect())
+            .collect()
     }
+}
+
+/// Ends read and authorized, to be written (or their refusals).
+struct Ends {
+    source: EndSource,
+    prepared: Result<PreparedEnds, Vec<Result<(), BrokerError>>>,
 }
 
 #[tonic::async_trait]
@@ -236,9 +277,8 @@ impl pb::producer_server::Producer for Services {
         req: Request<pb::EndTransactionsRequest>,
     ) -> Rpc<pb::EndTransactionsResponse> {
         let w = who(&req);
-        let results = self
-            .ends(w.as_ref(), req.into_inner().ends, "EndTransactions")
-            .await?;
+        let e = self.prepare_wire_ends(w.as_ref(), req.into_inner().ends, "EndTransactions")?;
+        let results = self.finish_wire_ends(w.as_ref(), e).await;
         Ok(Response::new(pb::EndTransactionsResponse {
             status: ok(),
             results,
@@ -253,26 +293,9 @@ impl pb::producer_server::Producer for Services {
         let w = who(&req);
         let r = req.into_inner();
         self.allow_halves(w.as_ref(), &r.producer_group, &r.halves, "TransactionBatch")?;
-        if self.broker.auth_users().is_some() && !r.ends.is_empty() {
-            // The halves are stored while the ends run: the ends' producer
-            // groups are checked first, so that a refusal stores nothing.
-            let action = match r.ends.first().map(|e| end_source(e.source)) {
-                Some(EndSource::Operator) => Action::Admin,
-                _ => Action::Tx,
-            };
-            let tids: Vec<&str> = r.ends.iter().map(|e| e.transaction_id.as_str()).collect();
-            let mut groups = self.broker.producer_groups_of(&tids);
-            groups.sort();
-            groups.dedup();
-            for g in groups.iter().flatten() {
-                self.allow(
-                    w.as_ref(),
-                    action,
-                    Resource::ProducerGroup(g),
-                    "TransactionBatch",
-                )?;
-            }
-        }
+        // The ends are read and authorized before the halves are stored,
+        // so that a refusal stores nothing.
+        let ends = self.prepare_wire_ends(w.as_ref(), r.ends, "TransactionBatch")?;
         // Both appends usually land before the same flush, so the two
         // durability waits end together.
         let ((halves_status, receipts), end_results) = tokio::join!(
@@ -283,9 +306,8 @@ impl pb::producer_server::Producer for Services {
                     self.halves(&r.producer_group, r.halves).await
                 }
             },
-            self.ends(w.as_ref(), r.ends, "TransactionBatch"),
+            self.finish_wire_ends(w.as_ref(), ends),
         );
-        let end_results = end_results?;
         Ok(Response::new(pb::TransactionBatchResponse {
             halves_status,
             receipts,

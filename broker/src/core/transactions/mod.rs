@@ -40,6 +40,7 @@
 
 mod notes;
 mod ops;
+pub use ops::PreparedEnds;
 pub mod state;
 
 pub use state::TxState;

@@ -47,6 +47,15 @@ pub(crate) fn conflict_or_ok(
     }
 }
 
+/// Ends read and authorized, not yet written ([`Broker::prepare_ends`]).
+#[derive(Debug)]
+pub struct PreparedEnds {
+    ends: Vec<(String, Resolution)>,
+    source: EndSource,
+    results: Vec<Option<Result<(), BrokerError>>>,
+    items: Vec<Option<(TransactionId, Record, bool)>>,
+}
+
 impl Broker {
     pub(crate) fn tx(&self) -> &TxState {
         self.tx_state()
@@ -290,23 +299,6 @@ impl Broker {
         self.end_transactions_as(ends, source, &|_| Ok(())).await
     }
 
-    /// The producer group of each transaction id's half, where it can be
-    /// read (`None` for an id that does not parse or names no half).
-    pub fn producer_groups_of(&self, transaction_ids: &[&str]) -> Vec<Option<String>> {
-        transaction_ids
-            .iter()
-            .map(|tid| {
-                let id = TransactionId::decode(tid, &self.secret).ok()?;
-                let r = self.store().log().read(id.offset).ok()?;
-                (r.kind == RecordKind::Half && r.message_id == id.message_id)
-                    .then(|| {
-                        crate::core::props::prop(&r, PRODUCER_GROUP_PROPERTY).map(str::to_owned)
-                    })
-                    .flatten()
-            })
-            .collect()
-    }
-
     /// [`Broker::end_transactions`] for a caller that `may_end` transactions
     /// of some producer groups: each half's producer group is checked once
     /// the half is read, before anything is written; when one is refused,
@@ -317,19 +309,34 @@ impl Broker {
         source: EndSource,
         may_end: &(dyn Fn(&str) -> Result<(), BrokerError> + Sync),
     ) -> Vec<Result<(), BrokerError>> {
+        match self.prepare_ends(ends, source, may_end) {
+            Ok(p) => self.finish_ends(p).await,
+            Err(refused) => refused,
+        }
+    }
+
+    /// The first half of [`Broker::end_transactions_as`], synchronous:
+    /// parses each end, reads its half and checks `may_end` on its producer
+    /// group. Nothing is written yet; `Err` holds every end's result when
+    /// the whole request is refused (shutting down, not the leader, denied).
+    pub fn prepare_ends(
+        &self,
+        ends: Vec<(String, Resolution)>,
+        source: EndSource,
+        may_end: &(dyn Fn(&str) -> Result<(), BrokerError> + Sync),
+    ) -> Result<PreparedEnds, Vec<Result<(), BrokerError>>> {
         if self.check_running().is_err() {
-            return ends
+            return Err(ends
                 .iter()
                 .map(|_| Err(BrokerError::ShuttingDown))
-                .collect();
+                .collect());
         }
         if let Err(BrokerError::NotLeader(l)) = self.check_serving() {
-            return ends
+            return Err(ends
                 .iter()
                 .map(|_| Err(BrokerError::NotLeader(l.clone())))
-                .collect();
+                .collect());
         }
-        let tx = self.tx();
         // 1. Parse and read each half outside the lock (one pread each).
         let mut results: Vec<Option<Result<(), BrokerError>>> = Vec::with_capacity(ends.len());
         let mut items: Vec<Option<(TransactionId, Record, bool)>> = Vec::with_capacity(ends.len());
@@ -375,7 +382,7 @@ impl Broker {
         for (_, half, _) in items.iter().flatten() {
             let group = crate::core::props::prop(half, PRODUCER_GROUP_PROPERTY).unwrap_or_default();
             if let Err(BrokerError::PermissionDenied { action, resource }) = may_end(group) {
-                return ends
+                return Err(ends
                     .iter()
                     .map(|_| {
                         Err(BrokerError::PermissionDenied {
@@ -383,9 +390,28 @@ impl Broker {
                             resource: resource.clone(),
                         })
                     })
-                    .collect();
+                    .collect());
             }
         }
+        Ok(PreparedEnds {
+            ends,
+            source,
+            results,
+            items,
+        })
+    }
+
+    /// The second half of [`Broker::end_transactions_as`]: writes the end
+    /// records of the ends [`Broker::prepare_ends`] read, waits until they
+    /// are durable; one result per end, in order.
+    pub async fn finish_ends(&self, p: PreparedEnds) -> Vec<Result<(), BrokerError>> {
+        let PreparedEnds {
+            ends,
+            source,
+            mut results,
+            items,
+        } = p;
+        let tx = self.tx();
         // 2. Under the tx lock: end records for the pending ones, one append.
         let mut lookup_later: Vec<usize> = Vec::new();
         // (index, half offset, commit, topic, a delayed message)
