@@ -6,6 +6,7 @@
 # and steal hit all alike. Certificates are made with openssl into a temp dir.
 # Run from the project root after `cargo build --release`:
 #   benches/security.sh OUT.jsonl        env: REPS=3 DURATION=10 WARMUP=3 MODES="normal tx"
+#   VARIANTS="off auth tls auth+tls"
 # Appends one JSON line per run to OUT and prints medians per (mode, variant) with the ratio
 # to "off" of the same mode.
 set -euo pipefail
@@ -24,7 +25,7 @@ openssl x509 -req -in "$pki/req.pem" -CA "$pki/ca.pem" -CAkey "$pki/ca.key" -CAc
 export HALFMQ_ADMIN_SECRET=bench-admin-secret-0123456789
 for rep in $(seq 1 "$REPS"); do
   for mode in $MODES; do
-    for v in off auth tls auth+tls; do
+    for v in ${VARIANTS:-off auth tls auth+tls}; do
       d=$(mktemp -d /tmp/hq-sec.XXXXXX)
       bargs=(); cargs=(); unset HALFMQ_USER HALFMQ_SECRET
       case $v in *auth*) bargs+=(--auth) ;; esac
