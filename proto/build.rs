@@ -1,4 +1,4 @@
-//! Compiles `proto/halfmq.proto` and `proto/raft.proto` with a vendored protoc: a fresh machine needs
+//! Compiles `proto/halfmq.proto`, `proto/raft.proto` and `proto/rocketmq/v2.proto` with a vendored protoc: a fresh machine needs
 //! nothing installed beyond the Rust toolchain.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -8,10 +8,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::env::set_var("PROTOC", protoc);
     println!("cargo:rerun-if-changed=proto/halfmq.proto");
     println!("cargo:rerun-if-changed=proto/raft.proto");
+    println!("cargo:rerun-if-changed=proto/rocketmq/v2.proto");
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
         .bytes(".")
-        .compile_protos(&["proto/halfmq.proto", "proto/raft.proto"], &["proto"])?;
+        .compile_protos(
+            &[
+                "proto/halfmq.proto",
+                "proto/raft.proto",
+                "proto/rocketmq/v2.proto",
+            ],
+            &["proto"],
+        )?;
     Ok(())
 }

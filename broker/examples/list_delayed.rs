@@ -28,6 +28,7 @@ fn message(delay_ms: u64) -> OutgoingMessage {
         delay_ms,
         idempotency_key: None,
         message_group: None,
+        origin: None,
     }
 }
 

@@ -255,6 +255,12 @@ pub struct BrokerConfig {
     /// 1,000.
     #[serde(deserialize_with = "crate::units::ms")]
     pub raft_connect_timeout_ms: u64,
+    /// Serve RocketMQ 5's gRPC API (`apache.rocketmq.v2.MessagingService`)
+    /// on the same listener, for the official RocketMQ clients. Default true.
+    pub rocketmq_enabled: bool,
+    /// Most RocketMQ clients with a Telemetry stream open at once; further
+    /// ones are refused with TOO_MANY_REQUESTS. Default 10,000.
+    pub rocketmq_max_clients: u32,
     /// `[auth]`: users, signed requests, policies (README "Security").
     pub auth: crate::auth::config::AuthConfig,
     /// `[tls]`: TLS of the listener and of members' connections.
@@ -273,6 +279,8 @@ impl Default for BrokerConfig {
             max_batch_messages: 1024,
             max_batch_bytes: 16 << 20,
             auto_create_topics: true,
+            rocketmq_enabled: true,
+            rocketmq_max_clients: 10_000,
             default_queues: 4,
             max_queues: 256,
             max_topics: 10_000,
@@ -561,6 +569,11 @@ impl BrokerConfig {
             self.max_invisible_duration_ms,
         )?;
         at_least("max_long_polls", u64::from(self.max_long_polls), 1)?;
+        at_least(
+            "rocketmq_max_clients",
+            u64::from(self.rocketmq_max_clients),
+            1,
+        )?;
         at_least(
             "max_producer_sessions",
             u64::from(self.max_producer_sessions),

@@ -254,6 +254,10 @@ pub async fn serve_member(
                 .max_encoding_message_size(usize::MAX),
         )
         .add_optional_service(
+            cfg.rocketmq_enabled
+                .then(|| crate::api::rocketmq::RocketMq::new(Arc::clone(&broker)).into_server()),
+        )
+        .add_optional_service(
             node.clone()
                 .map(|n| crate::cluster::network::RaftService::new(n).into_server()),
         )

@@ -10,6 +10,9 @@
 //!   `consumer` and `admin` services (clients and servers).
 //! - [`raft`]: replica-to-replica RPCs of a broker group (`halfmq.raft.v1`).
 //! - [`auth`]: how a request is signed (headers, key derivation, proof).
+//! - [`rocketmq`]: the part of RocketMQ 5's gRPC API that halfmq serves
+//!   (`apache.rocketmq.v2`, service `MessagingService`), written for halfmq
+//!   with upstream's names and field numbers.
 
 pub mod auth;
 
@@ -22,4 +25,11 @@ pub mod v1 {
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod raft {
     tonic::include_proto!("halfmq.raft.v1");
+}
+
+/// RocketMQ 5's gRPC API as halfmq serves it (`apache.rocketmq.v2`):
+/// `proto/rocketmq/v2.proto`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod rocketmq {
+    tonic::include_proto!("apache.rocketmq.v2");
 }

@@ -3,5 +3,8 @@
 //! type depends on them.
 //!
 //! - [`halfmq`]: the `halfmq.v1` gRPC services (Producer, Consumer, Admin).
+//! - [`rocketmq`]: RocketMQ 5's `apache.rocketmq.v2.MessagingService`, for
+//!   the official RocketMQ clients.
 
 pub mod halfmq;
+pub mod rocketmq;

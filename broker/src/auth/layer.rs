@@ -36,6 +36,12 @@ pub struct ConnInfo {
     pub failures: Arc<AtomicU32>,
 }
 
+/// A request on the RocketMQ edge that failed authentication: the edge
+/// answers it with the in-body UNAUTHORIZED status RocketMQ clients expect
+/// (they read no gRPC status), carrying this message.
+#[derive(Debug, Clone)]
+pub struct Unauthenticated(pub String);
+
 /// Path prefix of the replication service.
 const RAFT_PATH: &str = "/halfmq.raft.v1.Raft/";
 

@@ -22,6 +22,8 @@ pub const MAX_PROPERTY_VALUE_BYTES: usize = 16 * 1024;
 pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
 /// Longest message group name, bytes.
 pub const MAX_MESSAGE_GROUP_BYTES: usize = 128;
+/// Longest client id or born host of a client's naming of a message, bytes.
+pub const MAX_CLIENT_FIELD_BYTES: usize = 256;
 
 fn name_ok(s: &str) -> bool {
     !s.is_empty()

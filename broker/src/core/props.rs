@@ -37,6 +37,11 @@ pub const IDEMPOTENCY_KEY_PROPERTY: &str = "halfmq.idempotency_key";
 /// A message's message group (FIFO delivery, `core/fifo.rs`).
 pub const MESSAGE_GROUP_PROPERTY: &str = "halfmq.message_group";
 
+/// A message sent by a client that names its own messages: the rest of its
+/// `ClientOrigin` (the message id is the idempotency key), as
+/// `<born ms>\n<client id>\n<born host>`.
+pub const CLIENT_PROPERTY: &str = "halfmq.client";
+
 /// A property's value, if the record has it.
 pub fn prop<'a>(r: &'a Record, key: &str) -> Option<&'a str> {
     r.properties
@@ -54,6 +59,27 @@ pub fn prop_u64(r: &Record, key: &str) -> u64 {
 /// has one.
 pub fn deliver_at(rec: &Record) -> Option<u64> {
     prop(rec, DELIVER_AT_PROPERTY).and_then(|v| v.parse().ok())
+}
+
+/// The client's naming of a message (`CLIENT_PROPERTY` and the
+/// idempotency key), if it was sent with one.
+pub fn client_origin(r: &Record) -> Option<crate::core::types::ClientOrigin> {
+    let v = prop(r, CLIENT_PROPERTY)?;
+    let mut it = v.splitn(3, '\n');
+    let born_ms = it.next()?.parse().ok()?;
+    let client_id = it.next()?.to_owned();
+    let born_host = it.next().unwrap_or_default().to_owned();
+    Some(crate::core::types::ClientOrigin {
+        message_id: prop(r, IDEMPOTENCY_KEY_PROPERTY)?.to_owned(),
+        client_id,
+        born_host,
+        born_ms,
+    })
+}
+
+/// The value of `CLIENT_PROPERTY` for `o`.
+pub fn client_property(o: &crate::core::types::ClientOrigin) -> String {
+    format!("{}\n{}\n{}", o.born_ms, o.client_id, o.born_host)
 }
 
 /// Strips system properties before a message is shown to a consumer or checker.

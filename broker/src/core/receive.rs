@@ -12,7 +12,7 @@ use super::delivery::{LeaseError, QueueProgress};
 use super::fifo::{self, Bounds};
 use super::names::{check_group, check_topic, TagFilter, MAX_PROPERTY_VALUE_BYTES};
 use super::progress::GroupTopic;
-use super::props::{prop, MESSAGE_GROUP_PROPERTY};
+use super::props::{client_origin, prop, MESSAGE_GROUP_PROPERTY};
 use super::redelivery::{retry_topic, Failure};
 use super::topics::TopicState;
 use super::transactions::user_properties;
@@ -377,6 +377,7 @@ impl Broker {
                             }
                         }
                         let message_group = prop(&r, MESSAGE_GROUP_PROPERTY).map(str::to_owned);
+                        let origin = client_origin(&r);
                         out.push(DeliveredMessage {
                             message_id: r.message_id,
                             topic: req.topic.clone(),
@@ -399,6 +400,7 @@ impl Broker {
                             retry: level.is_some(),
                             original_queue_offset,
                             message_group,
+                            origin,
                         });
                     }
                     Ok(_) => skipped.push((level, qid, d.queue_offset)),
@@ -498,6 +500,31 @@ impl Broker {
         reason: &str,
         delay_ms: Option<u64>,
     ) -> Result<(), BrokerError> {
+        self.fail(group, receipt, reason, delay_ms, false).await
+    }
+
+    /// Moves a delivery to the group's DLQ now, whatever retries are left
+    /// (RocketMQ's ForwardMessageToDeadLetterQueue). Returns once durable.
+    ///
+    /// # Errors
+    /// As [`Broker::nack`].
+    pub async fn dead_letter(
+        &self,
+        group: &str,
+        receipt: &Receipt,
+        reason: &str,
+    ) -> Result<(), BrokerError> {
+        self.fail(group, receipt, reason, None, true).await
+    }
+
+    async fn fail(
+        &self,
+        group: &str,
+        receipt: &Receipt,
+        reason: &str,
+        delay_ms: Option<u64>,
+        dead_letter: bool,
+    ) -> Result<(), BrokerError> {
         self.check_serving()?;
         if reason.len() > MAX_PROPERTY_VALUE_BYTES {
             return Err(BrokerError::BadRequest(format!(
@@ -516,6 +543,7 @@ impl Broker {
             lease,
             reason: reason.to_owned(),
             custom_delay_ms: delay_ms,
+            dead_letter,
         };
         self.hand_off_failures(group, &receipt.topic, &gt, vec![failure])
             .await?;
@@ -598,6 +626,7 @@ pub(crate) fn expired(
         queue_offset,
         lease,
         reason: "invisible duration expired without an ack".to_owned(),
+        dead_letter: false,
         custom_delay_ms: None,
     }
 }

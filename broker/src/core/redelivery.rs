@@ -77,6 +77,20 @@ pub(crate) struct Failure {
     pub lease: Lease,
     pub reason: String,
     pub custom_delay_ms: Option<u64>,
+    /// Straight to the DLQ, whatever retries are left (a consumer that
+    /// forwards it there: RocketMQ's ForwardMessageToDeadLetterQueue).
+    pub dead_letter: bool,
+}
+
+impl Failure {
+    /// What follows this failure under `policy`.
+    fn step(&self, policy: &RetryPolicy) -> Step {
+        if self.dead_letter {
+            Step::DeadLetter
+        } else {
+            policy.after_failure(self.lease.reconsume_times, self.custom_delay_ms)
+        }
+    }
 }
 
 /// The record holding a failed delivery's body and where it is.
@@ -212,17 +226,16 @@ impl Broker {
                 }
             };
             let reconsume_times = f.lease.reconsume_times + 1;
-            let (dest, queue_id, deliver_at) =
-                match policy.after_failure(f.lease.reconsume_times, f.custom_delay_ms) {
-                    Step::Retry { level, delay_ms } => {
-                        (retry_topic(group, topic), level, now + delay_ms)
-                    }
-                    Step::DeadLetter => {
-                        tracing::warn!(group, topic, message_id = %orig.message_id, reconsume_times,
+            let (dest, queue_id, deliver_at) = match f.step(policy) {
+                Step::Retry { level, delay_ms } => {
+                    (retry_topic(group, topic), level, now + delay_ms)
+                }
+                Step::DeadLetter => {
+                    tracing::warn!(group, topic, message_id = %orig.message_id, reconsume_times,
                         reason = %f.reason, "message moved to the dead-letter queue");
-                        (dlq_topic(group), 0, 0)
-                    }
-                };
+                    (dlq_topic(group), 0, 0)
+                }
+            };
             records.push(Record {
                 kind: RecordKind::Redelivery,
                 topic: dest,
@@ -523,7 +536,7 @@ fn retry_fifo_in_place(
     let mut rest = Vec::new();
     for f in failures {
         let qid = f.queue_id as usize;
-        let step = policy.after_failure(f.lease.reconsume_times, f.custom_delay_ms);
+        let step = f.step(policy);
         match (
             f.retry_level,
             step,

@@ -9,9 +9,12 @@ use halfmq_storage::{MessageId, Record, RecordKind};
 use super::fifo;
 use super::idempotence::RecordMeta;
 use super::names::{
-    check_message_fields, check_topic, MAX_IDEMPOTENCY_KEY_BYTES, MAX_MESSAGE_GROUP_BYTES,
+    check_message_fields, check_topic, MAX_CLIENT_FIELD_BYTES, MAX_IDEMPOTENCY_KEY_BYTES,
+    MAX_MESSAGE_GROUP_BYTES,
 };
-use super::props::{IDEMPOTENCY_KEY_PROPERTY, MESSAGE_GROUP_PROPERTY};
+use super::props::{
+    client_property, CLIENT_PROPERTY, IDEMPOTENCY_KEY_PROPERTY, MESSAGE_GROUP_PROPERTY,
+};
 use super::replicated::{first_send, topic_record};
 use super::topics::TopicState;
 use super::types::{OutgoingMessage, QueueChoice, SendReceipt};
@@ -61,8 +64,21 @@ impl Broker {
             held: Vec::new(),
             created: Vec::new(),
         };
-        for m in msgs {
+        for mut m in msgs {
             check_topic(&m.topic)?;
+            if let Some(o) = &m.origin {
+                if o.client_id.len() > MAX_CLIENT_FIELD_BYTES
+                    || o.born_host.len() > MAX_CLIENT_FIELD_BYTES
+                    || o.client_id.contains('\n')
+                    || o.born_host.contains('\n')
+                {
+                    return Err(BrokerError::BadRequest(format!(
+                        "a client id and a born host are at most {MAX_CLIENT_FIELD_BYTES} bytes, on one line"
+                    )));
+                }
+                // The client's message id is the send's identity.
+                m.idempotency_key = Some(o.message_id.clone());
+            }
             if m.body.len() as u64 > self.cfg.max_message_bytes {
                 return Err(BrokerError::MessageTooLarge {
                     size_bytes: m.body.len() as u64,
@@ -126,6 +142,9 @@ impl Broker {
             }
             if let Some(g) = m.message_group {
                 properties.push((MESSAGE_GROUP_PROPERTY.to_owned(), g));
+            }
+            if let Some(o) = &m.origin {
+                properties.push((CLIENT_PROPERTY.to_owned(), client_property(o)));
             }
             let mut kind = kind;
             if m.delay_ms > 0 {

@@ -43,6 +43,26 @@ pub struct OutgoingMessage {
     /// one is chosen) and orders delivery in FIFO consumer groups
     /// (`fifo.rs`).
     pub message_group: Option<String>,
+    /// The sending client's own naming of the message (RocketMQ clients),
+    /// if any: kept with it and shown to clients that read it.
+    pub origin: Option<ClientOrigin>,
+}
+
+/// How a client that names its own messages (RocketMQ 5 clients) named
+/// one: its message id is the send's idempotency key (1 to 128 bytes), the
+/// rest is kept in one system property (`props::CLIENT_PROPERTY`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClientOrigin {
+    /// The client's message id.
+    pub message_id: String,
+    /// The sending client's id (its `x-mq-client-id`, at most
+    /// `MAX_CLIENT_FIELD_BYTES`): a half's check-backs go preferably to a
+    /// session of that client.
+    pub client_id: String,
+    /// The host the client says it runs on (at most `MAX_CLIENT_FIELD_BYTES`).
+    pub born_host: String,
+    /// When the client made the message, by its clock, ms since the epoch.
+    pub born_ms: u64,
 }
 
 /// Where a sent message went.
@@ -187,6 +207,8 @@ pub struct DeliveredMessage {
     pub original_queue_offset: Option<u64>,
     /// The message group it was sent with, if any.
     pub message_group: Option<String>,
+    /// The sending client's naming of it, if it gave one.
+    pub origin: Option<ClientOrigin>,
 }
 
 /// A receive request, in domain form.

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::core::props::{prop, user_properties, MESSAGE_GROUP_PROPERTY};
+use crate::core::props::{client_origin, prop, user_properties, MESSAGE_GROUP_PROPERTY};
 use crate::core::transactions::state::{lock, Session};
 use crate::core::transactions::{CheckRequest, EndSource, Resolution, TransactionId, DELAY_GROUP};
 use crate::core::txcheck::Due;
@@ -155,6 +155,7 @@ impl Broker {
             }
         };
         let message_group = prop(&half, MESSAGE_GROUP_PROPERTY).map(str::to_owned);
+        let origin = client_origin(&half);
         let req = CheckRequest {
             transaction_id: TransactionId {
                 offset,
@@ -186,8 +187,12 @@ impl Broker {
                 retry: false,
                 original_queue_offset: None,
                 message_group,
+                origin,
             },
         };
+        // The client that sent the half, when it says so and is connected,
+        // is asked first (it knows the transaction best).
+        let sender = req.message.origin.as_ref().map(|o| o.client_id.as_str());
         // Pick a live session of the group that declared this topic (or all
         // topics) and has room, round robin across instances.
         let sent_to = {
@@ -198,7 +203,20 @@ impl Broker {
                 .collect();
             // Silent sessions only when there is nothing else.
             let awake: Vec<&Session> = serving.iter().copied().filter(|s| !s.silent()).collect();
-            let candidates = if awake.is_empty() { serving } else { awake };
+            let mut candidates = if awake.is_empty() { serving } else { awake };
+            if let Some(c) = sender {
+                let own: Vec<&Session> = candidates
+                    .iter()
+                    .copied()
+                    .filter(|s| s.client.as_deref() == Some(c))
+                    .collect();
+                if own
+                    .iter()
+                    .any(|s| s.inflight.load(Ordering::Acquire) < tx.max_checks_per_session)
+                {
+                    candidates = own;
+                }
+            }
             let start = tx.round_robin.fetch_add(1, Ordering::Relaxed);
             let mut sent = None;
             let mut any = false;

@@ -114,6 +114,7 @@ pub(super) fn outgoing(m: pb::Message) -> OutgoingMessage {
         body: m.body,
         idempotency_key: m.idempotency_key,
         message_group: m.message_group,
+        origin: None,
     }
 }
 

@@ -358,6 +358,7 @@ impl pb::producer_server::Producer for Services {
         let opened = broker.tx_state().open_session(
             hello.producer_group.clone(),
             hello.topics,
+            None,
             broker.config().max_producer_sessions as usize,
         );
         let (sid, mut checks) = match opened {

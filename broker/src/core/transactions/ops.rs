@@ -759,6 +759,7 @@ mod tests {
             delay_ms,
             idempotency_key: None,
             message_group: None,
+            origin: None,
         }
     }
 

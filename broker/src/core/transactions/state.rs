@@ -100,6 +100,10 @@ pub(crate) struct Session {
     pub(crate) id: u64,
     pub(crate) group: String,
     pub(crate) topics: Vec<String>,
+    /// The client it belongs to, when its API edge knows one (RocketMQ
+    /// clients' `x-mq-client-id`): the halves that client sent are checked
+    /// here first.
+    pub(crate) client: Option<String>,
     pub(crate) tx: mpsc::Sender<CheckRequest>,
     pub(crate) inflight: Arc<AtomicUsize>,
     /// Checks sent to it whose reply timed out since its last answer.
@@ -509,12 +513,17 @@ impl TxState {
         Ok(None)
     }
 
-    /// Registers a producer session; returns its id and the receiver of its
-    /// check requests.
+    /// Registers a producer session of `group` for `topics` (empty = all)
+    /// and, if known, the `client` it belongs to; returns its id and the
+    /// receiver of its check requests.
+    ///
+    /// # Errors
+    /// [`BrokerError::TooManyRequests`] at `max_sessions`.
     pub fn open_session(
         &self,
         group: String,
         topics: Vec<String>,
+        client: Option<String>,
         max_sessions: usize,
     ) -> Result<(u64, mpsc::Receiver<CheckRequest>), BrokerError> {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
@@ -530,6 +539,7 @@ impl TxState {
                 id,
                 group: group.clone(),
                 topics,
+                client,
                 tx,
                 inflight: Arc::new(AtomicUsize::new(0)),
                 timeouts: 0,
