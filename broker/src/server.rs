@@ -207,6 +207,10 @@ pub async fn serve_member(
     } else {
         None
     };
+    // Routes given to RocketMQ clients that name no endpoint point here.
+    let advertised = listener
+        .local_addr()
+        .map_or_else(|_| cfg.listen.clone(), |a| a.to_string());
     let (conn_tx, conn_rx) = tokio::sync::mpsc::channel::<std::io::Result<LimitedConn>>(64);
     let (stop_accept_tx, stop_accept_rx) = oneshot::channel::<()>();
     let accept = tokio::spawn(accept_loop(
@@ -255,7 +259,7 @@ pub async fn serve_member(
         )
         .add_optional_service(
             cfg.rocketmq_enabled
-                .then(|| crate::api::rocketmq::RocketMq::new(Arc::clone(&broker)).into_server()),
+                .then(|| crate::api::rocketmq::RocketMq::new(Arc::clone(&broker), advertised).into_server()),
         )
         .add_optional_service(
             node.clone()

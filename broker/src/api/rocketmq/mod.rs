@@ -47,15 +47,18 @@ const CLIENT_ID_HEADER: &str = "x-mq-client-id";
 pub struct RocketMq {
     broker: Arc<Broker>,
     clients: Arc<telemetry::Clients>,
+    /// `HOST:PORT` routes point at when the client names no endpoint.
+    advertised: Arc<str>,
 }
 
 impl RocketMq {
-    /// The service over `broker`.
-    pub fn new(broker: Arc<Broker>) -> Self {
+    /// The service over `broker`, listening at `advertised` (`HOST:PORT`).
+    pub fn new(broker: Arc<Broker>, advertised: String) -> Self {
         let max = broker.config().rocketmq_max_clients as usize;
         RocketMq {
             broker,
             clients: Arc::new(telemetry::Clients::new(max)),
+            advertised: Arc::from(advertised),
         }
     }
 
@@ -212,7 +215,7 @@ impl RocketMq {
 
     /// The address clients reach this broker at, for routes.
     fn advertised(&self) -> String {
-        self.broker.config().listen.clone()
+        self.advertised.to_string()
     }
 }
 

@@ -283,8 +283,16 @@ impl Stream {
                 }
             }
         }
-        let reply = command(Command::Settings(self.settings_reply(&s)));
-        let _ = self.out.send(Ok(reply)).await;
+        // The Rust 5.0.0 client reads no Settings reply (it logs an error
+        // for one); the others wait for it.
+        let rust = s
+            .user_agent
+            .as_ref()
+            .is_some_and(|ua| ua.language == rmq::Language::Rust as i32);
+        if !rust {
+            let reply = command(Command::Settings(self.settings_reply(&s)));
+            let _ = self.out.send(Ok(reply)).await;
+        }
     }
 
     async fn on_check(&mut self, sid: u64, c: CheckRequest) -> bool {
