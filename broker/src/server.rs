@@ -257,10 +257,9 @@ pub async fn serve_member(
                 .max_decoding_message_size(max_request)
                 .max_encoding_message_size(usize::MAX),
         )
-        .add_optional_service(
-            cfg.rocketmq_enabled
-                .then(|| crate::api::rocketmq::RocketMq::new(Arc::clone(&broker), advertised).into_server()),
-        )
+        .add_optional_service(cfg.rocketmq_enabled.then(|| {
+            crate::api::rocketmq::RocketMq::new(Arc::clone(&broker), advertised).into_server()
+        }))
         .add_optional_service(
             node.clone()
                 .map(|n| crate::cluster::network::RaftService::new(n).into_server()),

@@ -532,3 +532,35 @@ async fn sync_wait_spin_acks_only_what_an_fdatasync_covered() {
         b.shutdown().await.unwrap();
     }
 }
+
+/// A delivery whose invisible duration is cut to 0 is redelivered to a
+/// consumer already long-polling, at once: the poll planned to look again
+/// only at the old deadline (RocketMQ push consumers fail a message so).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shortening_an_invisible_duration_wakes_a_waiting_long_poll() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = start(test_config(dir.path())).await;
+    let c = client(b.addr).await;
+    Producer::new(c.clone())
+        .send(Message::new("cut", "m"))
+        .await
+        .unwrap();
+    let first =
+        Consumer::new(c.clone(), "g", "cut").with_invisible_duration(Duration::from_secs(30));
+    let mut got = first.receive(1, WAIT).await.unwrap();
+    assert_eq!(got.len(), 1);
+    let waiting = Consumer::new(c.clone(), "g", "cut");
+    let poll = tokio::spawn(async move {
+        let t0 = Instant::now();
+        let m = waiting.receive(1, Duration::from_secs(10)).await.unwrap();
+        (m.len(), t0.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    first
+        .change_invisible_duration(&mut got[0], Duration::ZERO)
+        .await
+        .unwrap();
+    let (n, waited) = poll.await.unwrap();
+    assert_eq!(n, 1, "the message came back to the waiting poll");
+    assert!(waited < Duration::from_secs(3), "it took {waited:?}");
+}

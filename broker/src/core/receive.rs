@@ -582,6 +582,10 @@ impl Broker {
             p.change_invisible(receipt.queue_offset, receipt.seq, now, d)
                 .map(Ok)
         })??;
+        // A shorter invisible duration moves the lease's deadline earlier
+        // than waiting long polls planned to look again: wake them (a
+        // RocketMQ push consumer fails a message by setting it to 0).
+        self.notify_topic(&receipt.topic);
         Ok((
             Receipt {
                 seq: lease.seq,

@@ -37,10 +37,10 @@ fn result(v: serde_json::Value) {
     println!("RESULT {v}");
 }
 
-/// The RocketMQ code in a client error's text (`code=NAME`), or the text.
+/// The RocketMQ code in a client error's text (`code: NAME`), or the text.
 fn code_of(e: &dyn std::fmt::Display) -> String {
     let s = e.to_string();
-    match s.split("code=").nth(1) {
+    match s.split("code: ").nth(1).or_else(|| s.split("code=").nth(1)) {
         Some(rest) => rest
             .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
             .next()
