@@ -420,6 +420,42 @@ fn push_consumers_that_fail_send_messages_to_the_dlq() {
     }
 }
 
+/// A push consumer receives with `auto_renew`: a message it works on for
+/// longer than the invisible duration is not delivered again meanwhile.
+#[test]
+fn auto_renew_keeps_a_slow_push_consumers_message_invisible() {
+    let Some(c) = Clients::find() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    // Without renewal, each would be delivered again 1.5 s + 300 ms later.
+    let b = BrokerProcess::start(
+        dir.path(),
+        &[
+            "--default-invisible-duration",
+            "1500ms",
+            "--retry-delays",
+            "100ms 200ms 300ms",
+        ],
+    );
+    let (ok, _, err) = b.cli(&["send", "slow", "s", "--count", "2"]);
+    assert!(ok, "{err}");
+    let r = c.run(
+        Lang::Python,
+        &b.addr,
+        &["push-slow", "slow-g", "slow", "4", "2"],
+    );
+    // Each message once, first attempt, though each took 4 s against an
+    // invisible duration of 1.5 s.
+    let seen = r["seen"].as_array().unwrap();
+    assert_eq!(seen.len(), 2, "{r}");
+    assert!(seen.iter().all(|s| s[1] == 1), "{r}");
+    // Acked: nothing left for the group.
+    let (ok, out, _) = b.cli(&["stats", "--json"]);
+    assert!(ok);
+    assert!(out.contains("slow-g"), "{out}");
+    let got = halfmq_consume(&b, "slow-g", "slow", 2, "3s");
+    assert!(got.is_empty(), "redelivered after the acks: {got:?}");
+}
+
 #[test]
 fn bad_input_gets_the_right_code_and_the_broker_keeps_serving() {
     let Some(c) = Clients::find() else { return };

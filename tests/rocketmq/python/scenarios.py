@@ -240,6 +240,30 @@ def push_ok():
     result(bodies=bodies)
 
 
+def push_slow():
+    """A push consumer that takes SLEEP seconds over each message, then
+    succeeds; runs until N messages were consumed (or 40 s)."""
+    group, topic, sleep_s, n = ARGS[0], ARGS[1], float(ARGS[2]), int(ARGS[3])
+    seen = []
+    done = []
+
+    class Slow(MessageListener):
+        def consume(self, message):
+            seen.append([message.body.decode(), message.delivery_attempt])
+            time.sleep(sleep_s)
+            done.append(message.body.decode())
+            return ConsumeResult.SUCCESS
+
+    c = PushConsumer(CFG, group, Slow(), {topic: FilterExpression("*")})
+    c.startup()
+    deadline = time.time() + 40
+    while len(done) < n and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(1)
+    c.shutdown()
+    result(seen=seen)
+
+
 def bad():
     """Bad input: each refusal's code, then a good send still works."""
     topic, big = ARGS[0], int(ARGS[1])
@@ -290,6 +314,7 @@ SCENARIOS = {
     "fifo-consume": fifo_consume,
     "push-fail": push_fail,
     "push-ok": push_ok,
+    "push-slow": push_slow,
     "bad": bad,
 }
 

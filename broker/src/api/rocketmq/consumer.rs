@@ -123,6 +123,7 @@ impl RocketMq {
                 .map_err(|e| status(&e)),
         };
         let broker = Arc::clone(&self.broker);
+        let renewals = r.auto_renew.then(|| Arc::clone(&self.renewals));
         let topic_resource = r.message_queue.and_then(|q| q.topic);
         let store_host = self.advertised();
         tokio::spawn(async move {
@@ -154,6 +155,15 @@ impl RocketMq {
                         .await;
                     for m in msgs {
                         let handle = m.receipt.handle(&group, broker.secret());
+                        if let Some(rn) = &renewals {
+                            rn.add(
+                                &group,
+                                &handle,
+                                m.receipt.clone(),
+                                m.invisible_until_ms,
+                                now,
+                            );
+                        }
                         let mut w = wire_message(
                             m,
                             Some(handle),
@@ -179,9 +189,14 @@ impl RocketMq {
         Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
     }
 
-    /// A receipt handle of `group` (names are checked first).
+    /// The receipt a handle of `group` names now: the current one of an
+    /// auto-renewed delivery (which stops being renewed), else the
+    /// handle's own.
     fn receipt(&self, group: &str, handle: &str) -> Result<Receipt, BrokerError> {
-        Receipt::from_handle(handle, group, self.broker.secret())
+        match self.renewals.take(group, handle) {
+            Some(r) => Ok(r),
+            None => Receipt::from_handle(handle, group, self.broker.secret()),
+        }
     }
 
     pub(super) fn ack(&self, c: &Caller, r: rmq::AckMessageRequest) -> rmq::AckMessageResponse {

@@ -14,6 +14,7 @@
 //!   ForwardMessageToDeadLetterQueue.
 //! - `telemetry`: the Telemetry stream (Settings; check-backs as
 //!   RecoverOrphanedTransactionCommand) and the live clients.
+//! - `renew`: the invisible durations of `auto_renew` deliveries.
 //!
 //! Every outcome travels as the in-body `Status` the clients expect; only
 //! codes the oldest supported client (Rust `rocketmq` 5.0.0) knows are
@@ -22,6 +23,7 @@
 mod consumer;
 mod convert;
 mod producer;
+mod renew;
 mod route;
 mod telemetry;
 
@@ -47,17 +49,23 @@ const CLIENT_ID_HEADER: &str = "x-mq-client-id";
 pub struct RocketMq {
     broker: Arc<Broker>,
     clients: Arc<telemetry::Clients>,
+    renewals: Arc<renew::Renewals>,
     /// `HOST:PORT` routes point at when the client names no endpoint.
     advertised: Arc<str>,
 }
 
 impl RocketMq {
     /// The service over `broker`, listening at `advertised` (`HOST:PORT`).
+    /// Call inside a tokio runtime: it starts the renewer of `auto_renew`
+    /// deliveries, which stops when the broker shuts down.
     pub fn new(broker: Arc<Broker>, advertised: String) -> Self {
         let max = broker.config().rocketmq_max_clients as usize;
+        let renewals = Arc::new(renew::Renewals::default());
+        renew::spawn(Arc::clone(&renewals), Arc::clone(&broker));
         RocketMq {
             broker,
             clients: Arc::new(telemetry::Clients::new(max)),
+            renewals,
             advertised: Arc::from(advertised),
         }
     }
