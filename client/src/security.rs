@@ -141,6 +141,7 @@ impl Security {
         let req = pb::CreateUserRequest {
             name: name.to_owned(),
             stored_key: halfmq_proto::auth::stored_key(&ck).to_vec().into(),
+            rocketmq_secret_key: halfmq_proto::auth::rocketmq_secret_key(name, secret),
         };
         let resp = self
             .client

@@ -77,6 +77,16 @@ pub fn client_key(user: &str, secret: &str) -> [u8; KEY_BYTES] {
     hmac(&salted, &[b"Client Key"])
 }
 
+/// The secret key a user gives RocketMQ clients (their `MQv2-HMAC-SHA1`
+/// scheme signs with a key the broker must hold): 64 hex digits, derived
+/// from the user's halfmq secret so that it reveals nothing of it, made
+/// where the secret is (`halfmq user create`) and sent to the broker,
+/// which keeps it to check RocketMQ signatures.
+pub fn rocketmq_secret_key(user: &str, secret: &str) -> String {
+    let salted = client_key(user, secret);
+    hex(&hmac(&salted, &[b"RocketMQ Secret Key"]))
+}
+
 /// The stored key of a client key: what the broker keeps of a user.
 pub fn stored_key(client_key: &[u8; KEY_BYTES]) -> [u8; KEY_BYTES] {
     Sha256::digest(client_key).into()

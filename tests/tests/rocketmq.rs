@@ -80,6 +80,10 @@ impl Clients {
     }
 
     fn command(&self, l: Lang, addr: &str, args: &[&str]) -> Command {
+        self.command_env(l, addr, args, &[])
+    }
+
+    fn command_env(&self, l: Lang, addr: &str, args: &[&str], env: &[(&str, &str)]) -> Command {
         let scripts = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("rocketmq");
         let mut c = match l {
             Lang::Python => {
@@ -98,14 +102,18 @@ impl Clients {
             }
             Lang::Rust => Command::new(self.rust_bin()),
         };
-        c.arg(addr).args(args);
+        c.arg(addr).args(args).envs(env.iter().copied());
         c
     }
 
-    /// Starts a scenario; [`finish`] collects its result.
+    /// Starts a scenario; [`Running::finish`] collects its result.
     fn spawn(&self, l: Lang, addr: &str, args: &[&str]) -> Running {
+        self.spawn_env(l, addr, args, &[])
+    }
+
+    fn spawn_env(&self, l: Lang, addr: &str, args: &[&str], env: &[(&str, &str)]) -> Running {
         let mut child = self
-            .command(l, addr, args)
+            .command_env(l, addr, args, env)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -132,6 +140,11 @@ impl Clients {
     /// Runs a scenario to its end (at most 120 s); its RESULT.
     fn run(&self, l: Lang, addr: &str, args: &[&str]) -> Value {
         self.spawn(l, addr, args).finish()
+    }
+
+    /// [`Clients::run`] with environment variables (`RMQ_AK`, `RMQ_SK`).
+    fn run_env(&self, l: Lang, addr: &str, args: &[&str], env: &[(&str, &str)]) -> Value {
+        self.spawn_env(l, addr, args, env).finish()
     }
 }
 
@@ -486,4 +499,112 @@ fn bad_input_gets_the_right_code_and_the_broker_keeps_serving() {
     assert_eq!(bodies(&got), vec!["after-bad"]);
     let got = halfmq_consume(&b, "hq", "bad-node", 2, "3s");
     assert_eq!(bodies(&got), vec!["after-bad"]);
+}
+
+/// With auth on, RocketMQ clients sign with a halfmq user's RocketMQ
+/// secret key (MQv2-HMAC-SHA1) and get that user's policy; a wrong key is
+/// UNAUTHORIZED, a missing permission FORBIDDEN, and nothing is stored.
+#[test]
+fn signed_requests_and_policies_apply_to_rocketmq_clients() {
+    let Some(c) = Clients::find() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let admin = [
+        ("HALFMQ_USER", "admin"),
+        ("HALFMQ_SECRET", "an admin secret of 16+ bytes"),
+    ];
+    let b = BrokerProcess::start_env(
+        dir.path(),
+        &["--auth"],
+        &[("HALFMQ_ADMIN_SECRET", admin[1].1)],
+    );
+    let a = b.addr.clone();
+    let cli = |args: &[&str]| {
+        let (ok, out, err) = halfmq_tests::cli_env(&a, args, &admin);
+        assert!(ok, "{args:?}: {err}");
+        out
+    };
+    let created: Value =
+        serde_json::from_str(cli(&["user", "create", "alice", "--json"]).trim()).unwrap();
+    let sk = created["rocketmq_secret_key"].as_str().unwrap().to_owned();
+    for (flag, name, actions) in [
+        ("--topic", "secure", "pub,sub"),
+        ("--producer-group", "secure", "tx"),
+        ("--group", "sg", "sub"),
+    ] {
+        cli(&["acl", "grant", "alice", flag, name, "--actions", actions]);
+    }
+    cli(&["topic", "create", "secure"]);
+    cli(&["topic", "create", "other"]);
+    // The admin reads what was stored.
+    for (flag, name) in [
+        ("--group", "x"),
+        ("--topic", "secure"),
+        ("--topic", "other"),
+    ] {
+        cli(&["acl", "grant", "admin", flag, name, "--actions", "sub"]);
+    }
+    let alice = [("RMQ_AK", "alice"), ("RMQ_SK", sk.as_str())];
+    // Signed by each client (lower-case hex, upper-case hex, RFC 3339 times).
+    c.run_env(Lang::Python, &a, &["send", "secure", "1"], &alice);
+    c.run_env(Lang::Node, &a, &["send", "secure", "1"], &alice);
+    c.run_env(Lang::Rust, &a, &["send", "secure", "1"], &alice);
+    let r = c.run_env(Lang::Rust, &a, &["receive", "sg", "secure", "3"], &alice);
+    let mut got = strings(&r, "bodies");
+    got.sort();
+    assert_eq!(got, vec!["node-0", "py-0", "rust-0"]);
+    // A transaction needs tx on the topic's producer group: alice has it.
+    c.run_env(Lang::Python, &a, &["tx", "secure"], &alice);
+    // No permission on "other": FORBIDDEN; a wrong key or none:
+    // UNAUTHORIZED (the Rust client reports codes).
+    let r = c.run_env(Lang::Rust, &a, &["try-send", "other"], &alice);
+    assert_eq!(r["outcome"], "FORBIDDEN", "{r}");
+    let wrong = [("RMQ_AK", "alice"), ("RMQ_SK", "not alice's key")];
+    let r = c.run_env(Lang::Rust, &a, &["try-send", "secure"], &wrong);
+    assert_eq!(r["outcome"], "UNAUTHORIZED", "{r}");
+    let r = c.run(Lang::Rust, &a, &["try-send", "secure"]);
+    assert_eq!(r["outcome"], "UNAUTHORIZED", "{r}");
+    // Python refuses too (it reports a failed route, without the code).
+    let r = c.run_env(Lang::Python, &a, &["try-send", "secure"], &wrong);
+    assert_ne!(r["outcome"], "ok", "{r}");
+    // Nothing of the refused sends was stored.
+    let (ok, out, err) = halfmq_tests::cli_env(
+        &a,
+        &[
+            "consume",
+            "other",
+            "--group",
+            "x",
+            "--timeout",
+            "1s",
+            "--json",
+        ],
+        &admin,
+    );
+    assert!(ok, "{err}");
+    assert!(out.trim().is_empty(), "{out}");
+    let (ok, out, err) = halfmq_tests::cli_env(
+        &a,
+        &[
+            "consume",
+            "secure",
+            "--group",
+            "x",
+            "--timeout",
+            "2s",
+            "--json",
+        ],
+        &admin,
+    );
+    assert!(ok, "{err}");
+    let mut stored: Vec<String> = out
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["body"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    stored.sort();
+    assert_eq!(stored, vec!["node-0", "py-0", "py-commit", "rust-0"]);
 }

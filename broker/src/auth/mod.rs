@@ -16,6 +16,7 @@
 pub mod config;
 pub mod layer;
 pub mod policy;
+pub mod rocketmq;
 pub mod tls;
 pub mod users;
 pub mod verify;

@@ -35,6 +35,11 @@ pub struct User {
     pub created_ms: u64,
     /// Policy rules, in the order granted.
     pub rules: Vec<Rule>,
+    /// The key RocketMQ clients sign with (`MQv2-HMAC-SHA1`), if the user
+    /// has one: a secret, kept only to check their signatures and never
+    /// listed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rocketmq_key: Option<String>,
 }
 
 /// A change of the security state, as saved in `%AUTH%` records (JSON,
@@ -50,6 +55,9 @@ pub enum Change {
         stored_key: String,
         /// Creation time, ms since the epoch.
         created_ms: u64,
+        /// Its RocketMQ key, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rocketmq_key: Option<String>,
     },
     /// A user and its policy go.
     DeleteUser {
@@ -77,6 +85,9 @@ pub enum Change {
         stored_key: String,
         /// Creation time, ms since the epoch.
         created_ms: u64,
+        /// Its RocketMQ key.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rocketmq_key: Option<String>,
     },
     /// Every user, as a snapshot carries them.
     Replace {
@@ -126,6 +137,24 @@ pub fn check_user_name(name: &str) -> Result<(), BrokerError> {
     Ok(())
 }
 
+/// Longest RocketMQ key, bytes.
+pub const MAX_ROCKETMQ_KEY_BYTES: usize = 128;
+
+fn check_rocketmq_key(k: Option<&String>) -> Result<(), BrokerError> {
+    match k {
+        Some(k)
+            if k.is_empty()
+                || k.len() > MAX_ROCKETMQ_KEY_BYTES
+                || !k.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            Err(BrokerError::BadRequest(format!(
+                "a RocketMQ secret key is 1 to {MAX_ROCKETMQ_KEY_BYTES} printable ASCII bytes"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn parse_key(stored_key: &str) -> Result<[u8; KEY_BYTES], BrokerError> {
     unhex::<KEY_BYTES>(stored_key).ok_or_else(|| {
         BrokerError::BadRequest(format!("a stored key is {KEY_BYTES} bytes (64 hex digits)"))
@@ -169,6 +198,13 @@ impl Users {
     /// The stored key of `name`, if it exists.
     pub fn stored_key(&self, name: &str) -> Option<[u8; KEY_BYTES]> {
         self.read().get(name).map(|u| u.key)
+    }
+
+    /// The RocketMQ key of `name`, if it exists and has one.
+    pub fn rocketmq_key(&self, name: &str) -> Option<String> {
+        self.read()
+            .get(name)
+            .and_then(|u| u.user.rocketmq_key.clone())
     }
 
     /// Whether `name` exists and its policy allows `action` on `res`.
@@ -216,10 +252,14 @@ impl Users {
         let map = self.read();
         match c {
             Change::CreateUser {
-                name, stored_key, ..
+                name,
+                stored_key,
+                rocketmq_key,
+                ..
             } => {
                 check_user_name(name)?;
                 parse_key(stored_key)?;
+                check_rocketmq_key(rocketmq_key.as_ref())?;
                 if map.contains_key(name) {
                     return Err(BrokerError::UserExists(name.clone()));
                 }
@@ -252,8 +292,13 @@ impl Users {
                     return Err(BrokerError::UserNotFound(user.clone()));
                 }
             }
-            Change::Bootstrap { stored_key, .. } => {
+            Change::Bootstrap {
+                stored_key,
+                rocketmq_key,
+                ..
+            } => {
                 parse_key(stored_key)?;
+                check_rocketmq_key(rocketmq_key.as_ref())?;
             }
             Change::Replace { users } => {
                 for u in users {
@@ -281,11 +326,13 @@ impl Users {
                 name,
                 stored_key,
                 created_ms,
+                rocketmq_key,
             } => put.push(User {
                 name: name.clone(),
                 stored_key: stored_key.clone(),
                 created_ms: *created_ms,
                 rules: Vec::new(),
+                rocketmq_key: rocketmq_key.clone(),
             }),
             Change::DeleteUser { name } => removed.push(name.clone()),
             Change::Grant { user, rule } => {
@@ -318,6 +365,7 @@ impl Users {
             Change::Bootstrap {
                 stored_key,
                 created_ms,
+                rocketmq_key,
             } => {
                 let any_admin = map
                     .values()
@@ -335,6 +383,7 @@ impl Users {
                         stored_key: stored_key.clone(),
                         created_ms: *created_ms,
                         rules,
+                        rocketmq_key: rocketmq_key.clone(),
                     });
                 }
             }
@@ -401,6 +450,7 @@ mod tests {
             name: n.into(),
             stored_key: key(n),
             created_ms: 7,
+            rocketmq_key: None,
         };
         users.apply(&create("alice"), &meta).unwrap();
         assert!(matches!(
@@ -475,6 +525,7 @@ mod tests {
         let boot = |k: String| Change::Bootstrap {
             stored_key: k,
             created_ms: 1,
+            rocketmq_key: None,
         };
         users.apply(&boot(key("admin")), &meta).unwrap();
         assert!(users.has_admin());
@@ -497,6 +548,7 @@ mod tests {
                     name: "gone".into(),
                     stored_key: key("gone"),
                     created_ms: 1,
+                    rocketmq_key: None,
                 },
                 &meta2,
             )

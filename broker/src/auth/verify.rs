@@ -127,6 +127,11 @@ impl Verifier {
         &self.users
     }
 
+    /// The window of request times, ms either side of the clock.
+    pub fn max_age_ms(&self) -> u64 {
+        self.max_age_ms
+    }
+
     /// Checks the signature of a request to `path` at `now_ms`.
     ///
     /// # Errors
@@ -207,6 +212,7 @@ mod tests {
                     name: "alice".into(),
                     stored_key: stored_key_hex(&ck),
                     created_ms: 0,
+                    rocketmq_key: None,
                 },
                 &meta,
             )

@@ -81,6 +81,10 @@ impl Broker {
         Some(Change::Bootstrap {
             stored_key: stored_key_hex(&ck),
             created_ms: self.now_ms(),
+            rocketmq_key: Some(halfmq_proto::auth::rocketmq_secret_key(
+                crate::auth::users::ADMIN_USER,
+                secret.expose(),
+            )),
         })
     }
 

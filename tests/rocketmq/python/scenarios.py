@@ -264,6 +264,24 @@ def push_slow():
     result(seen=seen)
 
 
+def try_send():
+    """One send; its outcome: "ok" or the refusal's code."""
+    topic = ARGS[0]
+    p = Producer(CFG)
+    p.startup()
+    try:
+        p.send(message(topic, "try"))
+        out = "ok"
+    except Exception as e:  # noqa: BLE001
+        out = code_of(e)
+        if not isinstance(out, int):
+            cause = e.__cause__ or e.__context__
+            out = code_of(cause) if cause else out
+    finally:
+        p.shutdown()
+    result(outcome=out)
+
+
 def bad():
     """Bad input: each refusal's code, then a good send still works."""
     topic, big = ARGS[0], int(ARGS[1])
@@ -315,6 +333,7 @@ SCENARIOS = {
     "push-fail": push_fail,
     "push-ok": push_ok,
     "push-slow": push_slow,
+    "try-send": try_send,
     "bad": bad,
 }
 

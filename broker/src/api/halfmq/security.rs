@@ -107,6 +107,8 @@ impl pb::security_server::Security for Services {
                 name: r.name.clone(),
                 stored_key: halfmq_proto::auth::hex(&k),
                 created_ms: self.broker.now_ms(),
+                rocketmq_key: (!r.rocketmq_secret_key.is_empty())
+                    .then(|| r.rocketmq_secret_key.clone()),
             });
         let on = format!("user:{}", r.name);
         let status = self

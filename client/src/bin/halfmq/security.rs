@@ -112,11 +112,17 @@ pub async fn user(client: Client, cmd: UserCmd) -> anyhow::Result<()> {
     match cmd {
         UserCmd::Create { name, json } => {
             let secret = s.create_user(&name).await?;
+            // RocketMQ clients sign with their own key, derived from the secret.
+            let rocketmq = halfmq_proto::auth::rocketmq_secret_key(&name, &secret);
             if json {
-                out::line(json!({"user": name, "secret": secret}))?;
+                out::line(
+                    json!({"user": name, "secret": secret, "rocketmq_secret_key": rocketmq}),
+                )?;
             } else {
                 out::line(format!("created user {name}; its secret (shown once):"))?;
                 out::line(secret)?;
+                out::line("its secret key for RocketMQ clients (access key: the user name):")?;
+                out::line(rocketmq)?;
             }
         }
         UserCmd::Delete { name } => {

@@ -170,8 +170,11 @@ async fn delay(addr: &str, topic: &str, secs: i64) -> Res<()> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs() as i64;
-    p.send(MessageBuilder::delay_message_builder(topic, b"rust-delayed".to_vec(), now + secs).build()?)
-        .await?;
+    p.send(
+        MessageBuilder::delay_message_builder(topic, b"rust-delayed".to_vec(), now + secs)
+            .build()?,
+    )
+    .await?;
     p.shutdown().await?;
     result(json!({ "deliver_at": now + secs }));
     Ok(())
@@ -201,14 +204,24 @@ async fn bad(addr: &str, topic: &str, big: usize) -> Res<()> {
     let mut p = Producer::new(producer_option(topic), client_option(addr))?;
     p.start().await?;
     let oversized = match p
-        .send(MessageBuilder::builder().set_topic(topic).set_body(vec![b'x'; big]).build()?)
+        .send(
+            MessageBuilder::builder()
+                .set_topic(topic)
+                .set_body(vec![b'x'; big])
+                .build()?,
+        )
         .await
     {
         Ok(_) => "accepted".to_owned(),
         Err(e) => code_of(&e),
     };
-    p.send(MessageBuilder::builder().set_topic(topic).set_body(b"after-bad".to_vec()).build()?)
-        .await?;
+    p.send(
+        MessageBuilder::builder()
+            .set_topic(topic)
+            .set_body(b"after-bad".to_vec())
+            .build()?,
+    )
+    .await?;
     p.shutdown().await?;
     let mut bad_topic = Producer::new(producer_option("%reserved"), client_option(addr))?;
     let bad_topic = match bad_topic.start().await {
@@ -216,6 +229,30 @@ async fn bad(addr: &str, topic: &str, big: usize) -> Res<()> {
         Err(e) => code_of(&e),
     };
     result(json!({ "oversized": oversized, "bad_topic": bad_topic }));
+    Ok(())
+}
+
+/// One producer start and send; the outcome: "ok" or the refusal's code.
+async fn try_send(addr: &str, topic: &str) -> Res<()> {
+    let r: Result<(), rocketmq::error::ClientError> = async {
+        let mut p = Producer::new(producer_option(topic), client_option(addr))?;
+        p.start().await?;
+        p.send(
+            MessageBuilder::builder()
+                .set_topic(topic)
+                .set_body(b"try".to_vec())
+                .build()?,
+        )
+        .await?;
+        p.shutdown().await?;
+        Ok(())
+    }
+    .await;
+    let outcome = match r {
+        Ok(()) => "ok".to_owned(),
+        Err(e) => code_of(&e),
+    };
+    result(json!({ "outcome": outcome }));
     Ok(())
 }
 
@@ -233,6 +270,7 @@ async fn main() {
         "delay" => delay(&addr, &arg(3), num(4) as i64).await,
         "fifo-send" => fifo_send(&addr, &arg(3), num(4) as usize, num(5) as usize).await,
         "bad" => bad(&addr, &arg(3), num(4) as usize).await,
+        "try-send" => try_send(&addr, &arg(3)).await,
         other => Err(format!("unknown scenario {other:?}").into()),
     };
     if let Err(e) = r {
