@@ -79,10 +79,6 @@ impl Clients {
             .join("rust-target/debug/halfmq-rocketmq-rust-scenarios")
     }
 
-    fn command(&self, l: Lang, addr: &str, args: &[&str]) -> Command {
-        self.command_env(l, addr, args, &[])
-    }
-
     fn command_env(&self, l: Lang, addr: &str, args: &[&str], env: &[(&str, &str)]) -> Command {
         let scripts = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("rocketmq");
         let mut c = match l {
