@@ -31,6 +31,7 @@ fn auth_benches(c: &mut Criterion) {
         name: "app".into(),
         stored_key: key,
         created_ms: 0,
+        rocketmq_key: None,
     };
     users.apply(&create, &meta).unwrap();
     for (kind, pattern, action) in [
