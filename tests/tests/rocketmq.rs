@@ -354,6 +354,21 @@ fn transactions_commit_rollback_and_check_backs_with_each_client() {
     }
 }
 
+/// A half whose producer is gone is checked with another live producer
+/// that declared its topic, in another language.
+#[test]
+fn an_orphan_of_a_gone_producer_is_checked_with_another_producer_of_the_topic() {
+    let Some(c) = Clients::find() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path());
+    let a = b.addr.clone();
+    c.run(Lang::Python, &a, &["half", "handover", "left-to-commit"]);
+    let r = c.run(Lang::Rust, &a, &["checker", "handover", "1", "30"]);
+    assert_eq!(strings(&r, "checked"), vec!["left-to-commit"]);
+    let got = halfmq_consume(&b, "hq", "handover", 1, "3s");
+    assert_eq!(bodies(&got), vec!["left-to-commit"]);
+}
+
 #[test]
 fn delayed_and_fifo_messages() {
     let Some(c) = Clients::find() else { return };
@@ -389,6 +404,41 @@ fn delayed_and_fifo_messages() {
             .collect();
         assert_eq!(order, (0..8).collect::<Vec<_>>(), "group g{g}: {seen:?}");
     }
+}
+
+/// A FIFO push consumer retries in place, then forwards the message to
+/// the DLQ itself (ForwardMessageToDeadLetterQueue).
+#[test]
+fn a_fifo_push_consumer_forwards_what_keeps_failing_to_the_dlq() {
+    let Some(c) = Clients::find() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path());
+    let (ok, _, err) = b.cli(&["group", "create", "fifo-push", "--fifo"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = b.cli(&["send", "t-fifo-push", "doomed", "--message-group", "m"]);
+    assert!(ok, "{err}");
+    let running = c.spawn(
+        Lang::Python,
+        &b.addr,
+        &["push-fail", "fifo-push", "t-fifo-push", "10"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut dead = Vec::new();
+    while Instant::now() < deadline && dead.is_empty() {
+        let (ok, out, _) = b.cli(&["dlq", "list", "fifo-push", "--json"]);
+        assert!(ok);
+        dead = out
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .collect();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let r = running.finish();
+    assert_eq!(dead.len(), 1, "DLQ {dead:?}, attempts {r}");
+    assert!(
+        dead[0].to_string().contains("forwarded by the consumer"),
+        "{dead:?}"
+    );
 }
 
 #[test]

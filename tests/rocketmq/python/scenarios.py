@@ -148,6 +148,17 @@ def orphan():
     result(checked=sorted(Decide.checked))
 
 
+def half():
+    """Sends one half and exits without ending it (a producer that died)."""
+    topic, body = ARGS[0], ARGS[1]
+    # The client needs a checker to begin a transaction; it exits before
+    # any check comes (transaction_timeout_ms).
+    p = Producer(CFG, (topic,), checker=Decide())
+    p.startup()
+    r = p.send(message(topic, body), p.begin_transaction())
+    result(message_id=r.message_id)
+
+
 def delay():
     topic, secs = ARGS[0], int(ARGS[1])
     p = Producer(CFG, (topic,))
@@ -327,6 +338,7 @@ SCENARIOS = {
     "receive": receive,
     "tx": tx,
     "orphan": orphan,
+    "half": half,
     "delay": delay,
     "fifo-send": fifo_send,
     "fifo-consume": fifo_consume,

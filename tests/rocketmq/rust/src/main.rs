@@ -164,6 +164,40 @@ async fn orphan(addr: &str, topic: &str, wait_s: u64) -> Res<()> {
     Ok(())
 }
 
+/// A transactional producer of `topic` that sends nothing and answers the
+/// broker's checks (commit when the body ends in "commit") until it has
+/// answered `n` or `wait_s` passed.
+async fn checker(addr: &str, topic: &str, n: usize, wait_s: u64) -> Res<()> {
+    let checked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let seen = Arc::clone(&checked);
+    let mut p = Producer::new_transaction_producer(
+        producer_option(topic),
+        client_option(addr),
+        Box::new(move |_tid: String, m: MessageView| {
+            let body = String::from_utf8_lossy(m.body()).into_owned();
+            let r = if body.ends_with("commit") {
+                TransactionResolution::COMMIT
+            } else {
+                TransactionResolution::ROLLBACK
+            };
+            if let Ok(mut v) = seen.lock() {
+                v.push(body);
+            }
+            r
+        }),
+    )?;
+    p.start().await?;
+    let deadline = Instant::now() + Duration::from_secs(wait_s);
+    while Instant::now() < deadline && checked.lock().map(|v| v.len()).unwrap_or(0) < n {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    p.shutdown().await?;
+    let v = checked.lock().map(|v| v.clone()).unwrap_or_default();
+    result(json!({ "checked": v }));
+    Ok(())
+}
+
 async fn delay(addr: &str, topic: &str, secs: i64) -> Res<()> {
     let mut p = Producer::new(producer_option(topic), client_option(addr))?;
     p.start().await?;
@@ -271,6 +305,7 @@ async fn main() {
         "fifo-send" => fifo_send(&addr, &arg(3), num(4) as usize, num(5) as usize).await,
         "bad" => bad(&addr, &arg(3), num(4) as usize).await,
         "try-send" => try_send(&addr, &arg(3)).await,
+        "checker" => checker(&addr, &arg(3), num(4) as usize, num(5)).await,
         other => Err(format!("unknown scenario {other:?}").into()),
     };
     if let Err(e) = r {
