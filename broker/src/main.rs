@@ -59,6 +59,12 @@ struct Args {
     /// `auto_create_topics`: true or false.
     #[arg(long)]
     auto_create_topics: Option<bool>,
+    /// `rocketmq_enabled`: serve RocketMQ 5's gRPC API too, true or false.
+    #[arg(long)]
+    rocketmq_enabled: Option<bool>,
+    /// `rocketmq_max_clients`.
+    #[arg(long)]
+    rocketmq_max_clients: Option<u32>,
     /// `default_queues`.
     #[arg(long)]
     default_queues: Option<u32>,
@@ -261,6 +267,7 @@ fn load_config(args: &Args) -> anyhow::Result<BrokerConfig> {
         segment_bytes => segment_bytes, max_message_bytes => max_message_bytes,
         max_batch_messages => max_batch_messages, max_batch_bytes => max_batch_bytes,
         auto_create_topics => auto_create_topics, default_queues => default_queues,
+        rocketmq_enabled => rocketmq_enabled, rocketmq_max_clients => rocketmq_max_clients,
         max_queues => max_queues, max_topics => max_topics,
         default_invisible_duration => default_invisible_duration_ms,
         max_invisible_duration => max_invisible_duration_ms,
