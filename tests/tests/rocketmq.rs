@@ -233,6 +233,24 @@ fn halfmq_consume(b: &BrokerProcess, group: &str, topic: &str, n: usize, wait: &
         .collect()
 }
 
+/// `group`'s DLQ entries (`halfmq dlq list --json`) once it holds `n`,
+/// or after 30 s.
+fn dlq_until(b: &BrokerProcess, group: &str, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (ok, out, err) = b.cli(&["dlq", "list", group, "--json"]);
+        assert!(ok, "{err}");
+        let dead: Vec<Value> = out
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        if dead.len() >= n || Instant::now() >= deadline {
+            return dead;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn bodies(msgs: &[Value]) -> Vec<String> {
     let mut v: Vec<String> = msgs
         .iter()
@@ -422,17 +440,7 @@ fn a_fifo_push_consumer_forwards_what_keeps_failing_to_the_dlq() {
         &b.addr,
         &["push-fail", "fifo-push", "t-fifo-push", "10"],
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut dead = Vec::new();
-    while Instant::now() < deadline && dead.is_empty() {
-        let (ok, out, _) = b.cli(&["dlq", "list", "fifo-push", "--json"]);
-        assert!(ok);
-        dead = out
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .collect();
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let dead = dlq_until(&b, "fifo-push", 1);
     let r = running.finish();
     assert_eq!(dead.len(), 1, "DLQ {dead:?}, attempts {r}");
     assert!(
@@ -452,17 +460,7 @@ fn push_consumers_that_fail_send_messages_to_the_dlq() {
         let (ok, _, err) = b.cli(&["send", &topic, "doomed", "--count", "2"]);
         assert!(ok, "{err}");
         let running = c.spawn(l, &a, &["push-fail", g, &topic, "12"]);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut dead = Vec::new();
-        while Instant::now() < deadline && dead.len() < 2 {
-            let (ok, out, _) = b.cli(&["dlq", "list", g, "--json"]);
-            assert!(ok);
-            dead = out
-                .lines()
-                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                .collect();
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        let dead = dlq_until(&b, g, 2);
         let r = running.finish();
         assert_eq!(dead.len(), 2, "{l:?}: DLQ {dead:?}, attempts {r}");
         // Every delivery before the DLQ was seen, numbered from 1.

@@ -293,6 +293,54 @@ def try_send():
     result(outcome=out)
 
 
+def bench():
+    """Closed-loop load: CONC threads each sending (or, tx, sending a half
+    and committing it) one message of SIZE bytes at a time for SECS after
+    2 s of warm-up; ops/s and latency percentiles."""
+    topic, mode, secs, conc, size = ARGS[0], ARGS[1], float(ARGS[2]), int(ARGS[3]), int(ARGS[4])
+    tx = mode == "tx"
+    p = Producer(CFG, (topic,), checker=Decide() if tx else None)
+    p.startup()
+    start = time.time()
+    measure_from = start + 2
+    end = measure_from + secs
+    lat = []
+    lock = threading.Lock()
+    body = "x" * size
+
+    def run():
+        mine = []
+        while time.time() < end:
+            t0 = time.time()
+            try:
+                if tx:
+                    t = p.begin_transaction()
+                    p.send(message(topic, body), t)
+                    t.commit()
+                else:
+                    p.send(message(topic, body))
+            except Exception:  # noqa: BLE001
+                continue
+            t1 = time.time()
+            if t0 >= measure_from and t1 <= end:
+                mine.append(t1 - t0)
+        with lock:
+            lat.extend(mine)
+
+    threads = [threading.Thread(target=run) for _ in range(conc)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    p.shutdown()
+    lat.sort()
+
+    def pct(q):
+        return lat[min(int(len(lat) * q), len(lat) - 1)] * 1000 if lat else 0
+
+    result(ops_per_s=len(lat) / secs, p50_ms=pct(0.5), p99_ms=pct(0.99), ops=len(lat))
+
+
 def bad():
     """Bad input: each refusal's code, then a good send still works."""
     topic, big = ARGS[0], int(ARGS[1])
@@ -346,6 +394,7 @@ SCENARIOS = {
     "push-ok": push_ok,
     "push-slow": push_slow,
     "try-send": try_send,
+    "bench": bench,
     "bad": bad,
 }
 

@@ -45,14 +45,17 @@ pub(super) fn resource(name: &str) -> rmq::Resource {
     }
 }
 
+/// `seconds` and `nanos` in ms (negative = 0; saturating).
+fn ms_of(seconds: i64, nanos: i32) -> u64 {
+    u64::try_from(seconds).map_or(0, |s| {
+        s.saturating_mul(1000)
+            .saturating_add(u64::try_from(nanos).unwrap_or(0) / 1_000_000)
+    })
+}
+
 /// A duration in ms (negative ones are 0; saturating).
 pub(super) fn duration_ms(d: &prost_types::Duration) -> u64 {
-    if d.seconds < 0 {
-        return 0;
-    }
-    (d.seconds as u64)
-        .saturating_mul(1000)
-        .saturating_add(u64::try_from(d.nanos.max(0)).unwrap_or(0) / 1_000_000)
+    ms_of(d.seconds, d.nanos)
 }
 
 /// `ms` as a wire duration.
@@ -74,12 +77,7 @@ pub(super) fn timestamp(ms: u64) -> prost_types::Timestamp {
 
 /// A wire timestamp in ms since the epoch (before the epoch: 0).
 pub(super) fn timestamp_ms(t: &prost_types::Timestamp) -> u64 {
-    if t.seconds < 0 {
-        return 0;
-    }
-    (t.seconds as u64)
-        .saturating_mul(1000)
-        .saturating_add(u64::try_from(t.nanos.max(0)).unwrap_or(0) / 1_000_000)
+    ms_of(t.seconds, t.nanos)
 }
 
 /// The upper-case hex MD5 of a body (RocketMQ's body digest).

@@ -122,26 +122,33 @@ async fn tx(addr: &str, topic: &str) -> Res<()> {
     Ok(())
 }
 
+type Checked = Arc<Mutex<Vec<String>>>;
+
+/// A checker that commits a half whose body ends in "commit", rolls back
+/// the others, and records each body it was asked about in `seen`.
+fn deciding_checker(seen: Checked) -> Box<rocketmq::model::transaction::TransactionChecker> {
+    Box::new(move |_tid: String, m: MessageView| {
+        let body = String::from_utf8_lossy(m.body()).into_owned();
+        let r = if body.ends_with("commit") {
+            TransactionResolution::COMMIT
+        } else {
+            TransactionResolution::ROLLBACK
+        };
+        if let Ok(mut v) = seen.lock() {
+            v.push(body);
+        }
+        r
+    })
+}
+
 /// Sends two halves and ends neither; the checker commits the one whose
 /// body ends in "commit" and rolls back the other when the broker checks.
 async fn orphan(addr: &str, topic: &str, wait_s: u64) -> Res<()> {
-    let checked = Arc::new(Mutex::new(Vec::<String>::new()));
-    let seen = Arc::clone(&checked);
+    let checked: Checked = Arc::new(Mutex::new(Vec::new()));
     let mut p = Producer::new_transaction_producer(
         producer_option(topic),
         client_option(addr),
-        Box::new(move |_tid: String, m: MessageView| {
-            let body = String::from_utf8_lossy(m.body()).into_owned();
-            let r = if body.ends_with("commit") {
-                TransactionResolution::COMMIT
-            } else {
-                TransactionResolution::ROLLBACK
-            };
-            if let Ok(mut v) = seen.lock() {
-                v.push(body);
-            }
-            r
-        }),
+        deciding_checker(Arc::clone(&checked)),
     )?;
     p.start().await?;
     for body in ["rust-orphan-commit", "rust-orphan-rollback"] {
@@ -168,23 +175,11 @@ async fn orphan(addr: &str, topic: &str, wait_s: u64) -> Res<()> {
 /// broker's checks (commit when the body ends in "commit") until it has
 /// answered `n` or `wait_s` passed.
 async fn checker(addr: &str, topic: &str, n: usize, wait_s: u64) -> Res<()> {
-    let checked = Arc::new(Mutex::new(Vec::<String>::new()));
-    let seen = Arc::clone(&checked);
+    let checked: Checked = Arc::new(Mutex::new(Vec::new()));
     let mut p = Producer::new_transaction_producer(
         producer_option(topic),
         client_option(addr),
-        Box::new(move |_tid: String, m: MessageView| {
-            let body = String::from_utf8_lossy(m.body()).into_owned();
-            let r = if body.ends_with("commit") {
-                TransactionResolution::COMMIT
-            } else {
-                TransactionResolution::ROLLBACK
-            };
-            if let Ok(mut v) = seen.lock() {
-                v.push(body);
-            }
-            r
-        }),
+        deciding_checker(Arc::clone(&checked)),
     )?;
     p.start().await?;
     let deadline = Instant::now() + Duration::from_secs(wait_s);
@@ -290,6 +285,88 @@ async fn try_send(addr: &str, topic: &str) -> Res<()> {
     Ok(())
 }
 
+/// Closed-loop load: `conc` tasks each sending (or, `tx`, sending a half
+/// and committing it) one message of `size` bytes at a time for `secs`
+/// after 2 s of warm-up; ops/s and latency percentiles.
+async fn bench(
+    addr: &str,
+    topic: &str,
+    mode: &str,
+    secs: u64,
+    conc: usize,
+    size: usize,
+) -> Res<()> {
+    let tx = mode == "tx";
+    let mut p = if tx {
+        Producer::new_transaction_producer(
+            producer_option(topic),
+            client_option(addr),
+            Box::new(|_, _| TransactionResolution::COMMIT),
+        )?
+    } else {
+        Producer::new(producer_option(topic), client_option(addr))?
+    };
+    p.start().await?;
+    let p = Arc::new(p);
+    let start = Instant::now();
+    let measure_from = start + Duration::from_secs(2);
+    let end = measure_from + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for _ in 0..conc {
+        let p = Arc::clone(&p);
+        let topic = topic.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let body = vec![b'x'; size];
+            while Instant::now() < end {
+                let t0 = Instant::now();
+                let ok = if tx {
+                    match p
+                        .send_transaction_message(
+                            MessageBuilder::transaction_message_builder(&topic, body.clone())
+                                .build()
+                                .expect("message"),
+                        )
+                        .await
+                    {
+                        Ok(t) => t.commit().await.is_ok(),
+                        Err(_) => false,
+                    }
+                } else {
+                    let m = MessageBuilder::builder()
+                        .set_topic(&topic)
+                        .set_body(body.clone())
+                        .build()
+                        .expect("message");
+                    p.send(m).await.is_ok()
+                };
+                if ok && t0 >= measure_from && Instant::now() <= end {
+                    lat.push(t0.elapsed().as_micros() as u64);
+                }
+            }
+            lat
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await?);
+    }
+    all.sort_unstable();
+    let pct = |q: f64| {
+        all.get(((all.len() as f64 * q) as usize).min(all.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0) as f64
+            / 1000.0
+    };
+    result(json!({
+        "ops_per_s": all.len() as f64 / secs as f64,
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
+        "ops": all.len(),
+    }));
+    std::process::exit(0);
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -305,6 +382,17 @@ async fn main() {
         "fifo-send" => fifo_send(&addr, &arg(3), num(4) as usize, num(5) as usize).await,
         "bad" => bad(&addr, &arg(3), num(4) as usize).await,
         "try-send" => try_send(&addr, &arg(3)).await,
+        "bench" => {
+            bench(
+                &addr,
+                &arg(3),
+                &arg(4),
+                num(5),
+                num(6) as usize,
+                num(7) as usize,
+            )
+            .await
+        }
         "checker" => checker(&addr, &arg(3), num(4) as usize, num(5)).await,
         other => Err(format!("unknown scenario {other:?}").into()),
     };
