@@ -549,7 +549,8 @@ fn a_wiped_follower_catches_up_and_leads() {
         }
         assert!(
             Instant::now() < deadline,
-            "the wiped member never became the leader"
+            "the wiped member never became the leader: {:?}",
+            status(&rt)
         );
         if let Some(p) = g.procs[l].take() {
             p.kill9();

@@ -385,6 +385,17 @@ fn an_orphan_of_a_gone_producer_is_checked_with_another_producer_of_the_topic() 
     assert_eq!(strings(&r, "checked"), vec!["left-to-commit"]);
     let got = halfmq_consume(&b, "hq", "handover", 1, "3s");
     assert_eq!(bodies(&got), vec!["left-to-commit"]);
+    // While the sender lives, its halves are checked with it, not with the
+    // other producer of the topic.
+    let other = c.spawn(Lang::Rust, &a, &["checker", "prefer", "1", "15"]);
+    std::thread::sleep(Duration::from_secs(1));
+    let r = c.run(Lang::Python, &a, &["orphan", "prefer", "30"]);
+    assert_eq!(
+        strings(&r, "checked"),
+        vec!["py-orphan-commit", "py-orphan-rollback"]
+    );
+    let r = other.finish();
+    assert!(strings(&r, "checked").is_empty(), "checked elsewhere: {r}");
 }
 
 #[test]
