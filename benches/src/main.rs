@@ -427,6 +427,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             )?;
             let cfg = halfmq_broker::BrokerConfig {
                 listen: "127.0.0.1:0".into(),
+                http_listen: String::new(),
                 data_dir: dir.path().to_path_buf(),
                 flush: if args.flush == "async" {
                     halfmq_broker::FlushSetting::Async

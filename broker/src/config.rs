@@ -255,6 +255,11 @@ pub struct BrokerConfig {
     /// 1,000.
     #[serde(deserialize_with = "crate::units::ms")]
     pub raft_connect_timeout_ms: u64,
+    /// The HTTP endpoint (`/metrics`, `/healthz`, `/readyz`), `HOST:PORT`;
+    /// empty = off. Default `127.0.0.1:9081`.
+    pub http_listen: String,
+    /// With auth on, serve `/metrics` without credentials. Default false.
+    pub metrics_anonymous: bool,
     /// Serve RocketMQ 5's gRPC API (`apache.rocketmq.v2.MessagingService`)
     /// on the same listener, for the official RocketMQ clients. Default true.
     pub rocketmq_enabled: bool,
@@ -280,6 +285,8 @@ impl Default for BrokerConfig {
             max_batch_bytes: 16 << 20,
             auto_create_topics: true,
             rocketmq_enabled: true,
+            http_listen: "127.0.0.1:9081".to_owned(),
+            metrics_anonymous: false,
             rocketmq_max_clients: 10_000,
             default_queues: 4,
             max_queues: 256,

@@ -29,6 +29,7 @@ pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod error;
+pub mod http;
 pub mod logging;
 pub mod server;
 pub mod services;

@@ -59,6 +59,12 @@ struct Args {
     /// `auto_create_topics`: true or false.
     #[arg(long)]
     auto_create_topics: Option<bool>,
+    /// `http_listen`: the HTTP endpoint (/metrics, /healthz, /readyz), HOST:PORT; "" = off.
+    #[arg(long)]
+    http_listen: Option<String>,
+    /// `metrics_anonymous`: with auth on, serve /metrics without credentials.
+    #[arg(long)]
+    metrics_anonymous: Option<bool>,
     /// `rocketmq_enabled`: serve RocketMQ 5's gRPC API too, true or false.
     #[arg(long)]
     rocketmq_enabled: Option<bool>,
@@ -268,6 +274,7 @@ fn load_config(args: &Args) -> anyhow::Result<BrokerConfig> {
         max_batch_messages => max_batch_messages, max_batch_bytes => max_batch_bytes,
         auto_create_topics => auto_create_topics, default_queues => default_queues,
         rocketmq_enabled => rocketmq_enabled, rocketmq_max_clients => rocketmq_max_clients,
+        http_listen => http_listen, metrics_anonymous => metrics_anonymous,
         max_queues => max_queues, max_topics => max_topics,
         default_invisible_duration => default_invisible_duration_ms,
         max_invisible_duration => max_invisible_duration_ms,

@@ -201,6 +201,22 @@ pub async fn serve_member(
     shutdown: impl Future<Output = ()> + Send + 'static,
     node: Option<crate::cluster::NodeHandle>,
 ) -> Result<(), BrokerError> {
+    let http = crate::http::bind(&broker.config().http_listen).await?;
+    serve_with(broker, listener, http, shutdown, node).await
+}
+
+/// [`serve_member`] with the HTTP endpoint's listener already bound (or
+/// none).
+async fn serve_with(
+    broker: Arc<Broker>,
+    listener: TcpListener,
+    http: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    node: Option<crate::cluster::NodeHandle>,
+) -> Result<(), BrokerError> {
+    if let Some(h) = http {
+        crate::http::spawn(Arc::clone(&broker), h);
+    }
     let cfg = broker.config().clone();
     let tls = if cfg.tls.enabled() {
         Some(crate::auth::tls::acceptor(&cfg.tls)?)
@@ -459,6 +475,8 @@ impl RefusalLog {
 pub struct RunningBroker {
     /// The address it listens on.
     pub addr: SocketAddr,
+    /// The HTTP endpoint's address (`http_listen`), if on.
+    pub http_addr: Option<SocketAddr>,
     /// The broker.
     pub broker: Arc<Broker>,
     stop: Option<oneshot::Sender<()>>,
@@ -503,17 +521,26 @@ pub async fn start_with_clock(
     let addr = listener
         .local_addr()
         .map_err(|e| BrokerError::Internal(format!("local_addr: {e}")))?;
+    let http = crate::http::bind(&cfg.http_listen).await?;
+    let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
     let broker = tokio::task::spawn_blocking(move || Broker::open(cfg, clock))
         .await
         .map_err(|e| BrokerError::Internal(e.to_string()))??;
     broker.start_background();
     tracing::info!(%addr, "halfmq broker listening");
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let join = tokio::spawn(serve(Arc::clone(&broker), listener, async move {
-        let _ = stop_rx.await;
-    }));
+    let join = tokio::spawn(serve_with(
+        Arc::clone(&broker),
+        listener,
+        http,
+        async move {
+            let _ = stop_rx.await;
+        },
+        None,
+    ));
     Ok(RunningBroker {
         addr,
+        http_addr,
         broker,
         stop: Some(stop_tx),
         join: Some(join),

@@ -15,6 +15,8 @@ pub mod group;
 pub fn test_config(dir: &Path) -> BrokerConfig {
     BrokerConfig {
         listen: "127.0.0.1:0".into(),
+        // Tests run brokers side by side: each its own HTTP port.
+        http_listen: "127.0.0.1:0".into(),
         data_dir: dir.to_path_buf(),
         segment_bytes: 8 << 20,
         max_message_bytes: 64 * 1024,
@@ -103,8 +105,15 @@ impl BrokerProcess {
         } else {
             &["--listen", "127.0.0.1:0"]
         };
+        // Brokers run side by side: each its own HTTP port.
+        let http: &[&str] = if extra.contains(&"--http-listen") {
+            &[]
+        } else {
+            &["--http-listen", "127.0.0.1:0"]
+        };
         let mut child = Command::new(binary("halfmq-broker"))
             .args(listen)
+            .args(http)
             .arg("--data-dir")
             .arg(dir)
             .args(extra)

@@ -21,7 +21,13 @@ fn json_lines(out: &str) -> Vec<Value> {
 /// returns the process and the file's path.
 fn broker_logging(dir: &Path, log: &Path, extra: &[&str]) -> (std::process::Child, String) {
     let mut child = Command::new(binary("halfmq-broker"))
-        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(dir)
         .args(extra)
         .env("RUST_LOG", "info")
@@ -82,7 +88,13 @@ fn a_second_broker_on_the_same_data_dir_is_told_who_has_it() {
     let dir = tempfile::tempdir().unwrap();
     let first = BrokerProcess::start(dir.path(), &[]);
     let out = Command::new(binary("halfmq-broker"))
-        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(dir.path())
         .env("RUST_LOG", "error")
         .output()

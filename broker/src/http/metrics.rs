@@ -1,0 +1,185 @@
+//! `GET /metrics`: the broker's figures in the Prometheus text format
+//! (prometheus-client), read from the core's counters at each scrape, so
+//! that serving them costs the hot path nothing.
+//!
+//! Label cardinality: `group` and `topic` labels come from the (consumer
+//! group, topic) pairs with progress, at most `max_consumer_groups`.
+
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::core::Broker;
+
+/// The broker's figures at scrape time.
+#[derive(Debug)]
+struct BrokerCollector {
+    broker: Arc<Broker>,
+}
+
+fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    let c = ConstCounter::new(v);
+    c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    let g = ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
+    g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+/// The free bytes of the file system holding `dir` (0 when unknown).
+fn disk_free_bytes(dir: &std::path::Path) -> u64 {
+    rustix::fs::statvfs(dir).map_or(0, |s| s.f_bavail.saturating_mul(s.f_frsize))
+}
+
+impl Collector for BrokerCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let s = self.broker.stats();
+        // Counters (prometheus-client adds `_total`).
+        for (name, help, v) in [
+            (
+                "halfmq_messages_in",
+                "Messages stored by sends since start.",
+                s.messages_in,
+            ),
+            (
+                "halfmq_messages_out",
+                "Messages delivered since start, redeliveries included.",
+                s.messages_out,
+            ),
+            (
+                "halfmq_bytes_in",
+                "Body bytes stored by sends and half messages since start.",
+                s.bytes_in,
+            ),
+            (
+                "halfmq_bytes_out",
+                "Body bytes delivered since start.",
+                s.bytes_out,
+            ),
+            ("halfmq_acks", "Acks accepted since start.", s.acks),
+            (
+                "halfmq_redeliveries",
+                "Deliveries of expired or nacked leases since start.",
+                s.redeliveries,
+            ),
+            (
+                "halfmq_halves_in",
+                "Half messages stored since start.",
+                s.halves_in,
+            ),
+            (
+                "halfmq_transactions_committed",
+                "Transactions ended by commit since start.",
+                s.transactions_committed,
+            ),
+            (
+                "halfmq_transactions_rolled_back",
+                "Transactions ended by rollback since start.",
+                s.transactions_rolled_back,
+            ),
+            (
+                "halfmq_commit_log_fsyncs",
+                "fdatasyncs of the commit log since start.",
+                s.commit_log_fsyncs,
+            ),
+            (
+                "halfmq_duplicates",
+                "Sends answered as duplicates of an idempotency key since start.",
+                s.duplicates,
+            ),
+        ] {
+            counter(&mut e, name, help, v)?;
+        }
+        for (name, help, v) in [
+            (
+                "halfmq_pending_halves",
+                "Unresolved half messages, given-up ones included.",
+                s.pending_halves,
+            ),
+            (
+                "halfmq_delayed_messages",
+                "Delayed messages not yet due.",
+                s.delayed_messages,
+            ),
+            (
+                "halfmq_connections",
+                "Open client connections.",
+                s.connections,
+            ),
+            (
+                "halfmq_producer_sessions",
+                "Open producer sessions (check-back streams).",
+                s.producer_sessions,
+            ),
+            (
+                "halfmq_commit_log_bytes",
+                "Bytes in the commit log.",
+                s.commit_log_bytes,
+            ),
+            (
+                "halfmq_dedup_keys",
+                "Idempotency keys in the dedup index.",
+                s.dedup_keys,
+            ),
+            (
+                "halfmq_uptime_seconds",
+                "Seconds since the broker started.",
+                s.uptime_ms / 1000,
+            ),
+            (
+                "halfmq_disk_free_bytes",
+                "Free bytes of the file system holding the data directory.",
+                disk_free_bytes(&self.broker.config().data_dir),
+            ),
+        ] {
+            gauge(&mut e, name, help, v)?;
+        }
+        let mut lag = e.encode_descriptor(
+            "halfmq_consumer_lag",
+            "Visible messages not yet acked, per consumer group and topic.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for g in &s.groups {
+            let labels = [("group", g.group.as_str()), ("topic", g.topic.as_str())];
+            ConstGauge::new(i64::try_from(g.lag).unwrap_or(i64::MAX))
+                .encode(lag.encode_family(&labels)?)?;
+        }
+        drop(lag);
+        let mut inflight = e.encode_descriptor(
+            "halfmq_inflight",
+            "Messages delivered and not yet acked, per consumer group and topic.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for g in &s.groups {
+            let labels = [("group", g.group.as_str()), ("topic", g.topic.as_str())];
+            ConstGauge::new(i64::try_from(g.inflight).unwrap_or(i64::MAX))
+                .encode(inflight.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The registry of `broker`'s metrics.
+pub(super) fn registry(broker: Arc<Broker>) -> Registry {
+    let mut r = Registry::default();
+    r.register_collector(Box::new(BrokerCollector { broker }));
+    r
+}
+
+/// The text exposition of `r`.
+///
+/// # Errors
+/// A metric that cannot be written (none are expected).
+pub(super) fn render(r: &Registry) -> Result<String, std::fmt::Error> {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, r)?;
+    Ok(out)
+}

@@ -1,0 +1,183 @@
+//! The HTTP endpoint: `/healthz`, `/readyz`, and `/metrics` parsed by a
+//! Prometheus text parser while messages flow; with auth on, `/metrics`
+//! refuses anonymous scrapes unless `metrics_anonymous`.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use halfmq_client::{Client, ClientOptions, Consumer, Credentials, Message, Producer};
+use halfmq_tests::{start, test_config};
+
+/// A GET over HTTP/1.1: (status, body).
+fn get(addr: SocketAddr, path: &str, basic: Option<&str>) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let auth = basic.map_or(String::new(), |b| format!("Authorization: Basic {b}\r\n"));
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    // The bodies here are small: axum sends them with a length, not chunked.
+    (status, body.to_owned())
+}
+
+/// The value of `name` (counters with or without `_total`) with `labels`.
+fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    scrape
+        .samples
+        .iter()
+        .find(|s| {
+            (s.metric == name || s.metric == format!("{name}_total"))
+                && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
+        })
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => f64::NAN,
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_as_messages_flow() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = start(test_config(dir.path())).await;
+    let http = b.http_addr.expect("http_listen is on");
+    let (code, body) = tokio::task::spawn_blocking(move || get(http, "/healthz", None))
+        .await
+        .unwrap();
+    assert_eq!((code, body.as_str()), (200, "ok\n"));
+    let (code, _) = tokio::task::spawn_blocking(move || get(http, "/readyz", None))
+        .await
+        .unwrap();
+    assert_eq!(code, 200);
+    let scrape = move || get(http, "/metrics", None);
+    let (code, before) = tokio::task::spawn_blocking(scrape).await.unwrap();
+    assert_eq!(code, 200, "{before}");
+    assert_eq!(
+        value(&before, "halfmq_messages_in", &[]),
+        Some(0.0),
+        "{before}"
+    );
+    assert!(value(&before, "halfmq_disk_free_bytes", &[]).unwrap() > 0.0);
+
+    let c = Client::connect(&b.addr.to_string()).await.unwrap();
+    let p = Producer::new(c.clone());
+    for i in 0..3 {
+        p.send(Message::new("metered", format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    let cons = Consumer::new(c.clone(), "meter-g", "metered");
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        for m in cons
+            .receive(2 - got.len() as u32, Duration::from_secs(2))
+            .await
+            .unwrap()
+        {
+            cons.ack(&m).await.unwrap();
+            got.push(m);
+        }
+    }
+    let (_, after) = tokio::task::spawn_blocking(scrape).await.unwrap();
+    assert_eq!(
+        value(&after, "halfmq_messages_in", &[]),
+        Some(3.0),
+        "{after}"
+    );
+    assert_eq!(
+        value(&after, "halfmq_messages_out", &[]),
+        Some(2.0),
+        "{after}"
+    );
+    assert_eq!(value(&after, "halfmq_acks", &[]), Some(2.0), "{after}");
+    assert!(value(&after, "halfmq_bytes_in", &[]).unwrap() >= 6.0);
+    let labels = [("group", "meter-g"), ("topic", "metered")];
+    assert_eq!(
+        value(&after, "halfmq_consumer_lag", &labels),
+        Some(1.0),
+        "{after}"
+    );
+    assert_eq!(
+        value(&after, "halfmq_inflight", &labels),
+        Some(0.0),
+        "{after}"
+    );
+    assert!(value(&after, "halfmq_connections", &[]).unwrap() >= 1.0);
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_auth_metrics_need_an_admin_unless_anonymous_is_allowed() {
+    use base64::Engine as _;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    cfg.auth.enabled = true;
+    cfg.auth.admin_secret = Some(halfmq_broker::auth::config::SecretString::new(
+        "an admin secret of 16+ bytes",
+    ));
+    let b = start(cfg).await;
+    let http = b.http_addr.unwrap();
+    let enc = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let admin = enc("admin:an admin secret of 16+ bytes");
+    let wrong = enc("admin:not the secret at all");
+    let (anon, wrong_code, ok, health) = tokio::task::spawn_blocking(move || {
+        (
+            get(http, "/metrics", None).0,
+            get(http, "/metrics", Some(&wrong)).0,
+            get(http, "/metrics", Some(&admin)),
+            get(http, "/healthz", None).0,
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!((anon, wrong_code, health), (401, 401, 200));
+    assert_eq!(ok.0, 200);
+    assert!(value(&ok.1, "halfmq_messages_in", &[]).is_some());
+    // A user without admin on cluster is refused too.
+    let admin_client = Client::connect_with(
+        &b.addr.to_string(),
+        ClientOptions {
+            credentials: Some(Credentials::new("admin", "an admin secret of 16+ bytes")),
+            ..ClientOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    halfmq_client::Security::new(admin_client)
+        .create_user_with_secret("reader", "a reader secret 16+")
+        .await
+        .unwrap();
+    let reader = enc("reader:a reader secret 16+");
+    let code = tokio::task::spawn_blocking(move || get(http, "/metrics", Some(&reader)).0)
+        .await
+        .unwrap();
+    assert_eq!(code, 401);
+    b.shutdown().await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    cfg.auth.enabled = true;
+    cfg.auth.admin_secret = Some(halfmq_broker::auth::config::SecretString::new(
+        "an admin secret of 16+ bytes",
+    ));
+    cfg.metrics_anonymous = true;
+    let b = start(cfg).await;
+    let http = b.http_addr.unwrap();
+    let code = tokio::task::spawn_blocking(move || get(http, "/metrics", None).0)
+        .await
+        .unwrap();
+    assert_eq!(code, 200);
+}
