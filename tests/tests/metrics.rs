@@ -181,3 +181,58 @@ async fn with_auth_metrics_need_an_admin_unless_anonymous_is_allowed() {
         .unwrap();
     assert_eq!(code, 200);
 }
+
+/// Check-backs and dead letters show in `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_backs_and_dead_letters_are_counted() {
+    use halfmq_client::{TransactionProducer, TransactionResolution};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = halfmq_broker::BrokerConfig {
+        transaction_timeout_ms: 200,
+        check_interval_ms: 200,
+        max_reconsume_times: 1,
+        ..test_config(dir.path())
+    };
+    let b = start(cfg).await;
+    let http = b.http_addr.unwrap();
+    let c = Client::connect(&b.addr.to_string()).await.unwrap();
+    // A half left open: the producer's checker commits it when asked.
+    let p = TransactionProducer::new(c.clone(), "pg", |_| {
+        std::future::ready(TransactionResolution::Commit)
+    });
+    let tx = p.send_half(Message::new("checked", "h")).await.unwrap();
+    drop(tx);
+    // A message failed until it is dead-lettered.
+    Producer::new(c.clone())
+        .send(Message::new("doomed", "d"))
+        .await
+        .unwrap();
+    let cons = Consumer::new(c.clone(), "dg", "doomed");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let text = loop {
+        for m in cons.receive(1, Duration::from_millis(200)).await.unwrap() {
+            cons.nack(&m, "no", None).await.unwrap();
+        }
+        let text = tokio::task::spawn_blocking(move || get(http, "/metrics", None).1)
+            .await
+            .unwrap();
+        let answered = value(&text, "halfmq_checks_answered", &[]).unwrap_or(0.0);
+        let dead = value(&text, "halfmq_dlq_messages", &[("group", "dg")]).unwrap_or(0.0);
+        if answered >= 1.0 && dead >= 1.0 {
+            break text;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+    };
+    assert!(value(&text, "halfmq_checks_sent", &[]).unwrap() >= 1.0);
+    assert_eq!(
+        value(&text, "halfmq_transactions_committed", &[]),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(&text, "halfmq_pending_halves", &[]),
+        Some(0.0),
+        "{text}"
+    );
+    drop(p);
+}

@@ -20,6 +20,9 @@ pub(crate) struct Counters {
     pub(crate) transactions_committed: AtomicU64,
     pub(crate) transactions_rolled_back: AtomicU64,
     pub(crate) duplicates: AtomicU64,
+    pub(crate) checks_sent: AtomicU64,
+    pub(crate) checks_answered: AtomicU64,
+    pub(crate) check_timeouts: AtomicU64,
 }
 
 /// Per-group figures for `stats`.
@@ -81,6 +84,13 @@ pub struct Stats {
     pub dedup_keys: u64,
     /// Keys dropped early because of `max_dedup_keys`, since start.
     pub dedup_evicted: u64,
+    /// Check-backs sent to producer sessions since start.
+    pub checks_sent: u64,
+    /// Check-backs answered by the session they went to, since start.
+    pub checks_answered: u64,
+    /// Check-backs whose answer did not come within
+    /// `check_reply_timeout_ms`, since start.
+    pub check_timeouts: u64,
 }
 
 impl Broker {
@@ -140,6 +150,9 @@ impl Broker {
             duplicates: c.duplicates.load(Ordering::Relaxed),
             dedup_keys,
             dedup_evicted,
+            checks_sent: c.checks_sent.load(Ordering::Relaxed),
+            checks_answered: c.checks_answered.load(Ordering::Relaxed),
+            check_timeouts: c.check_timeouts.load(Ordering::Relaxed),
         }
     }
 

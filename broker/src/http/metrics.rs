@@ -32,6 +32,20 @@ fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt:
     g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
 }
 
+/// A gauge family: one value per label set.
+fn gauges(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[(Vec<(&'static str, String)>, u64)],
+) -> std::fmt::Result {
+    let mut m = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, v) in rows {
+        ConstGauge::new(i64::try_from(*v).unwrap_or(i64::MAX)).encode(m.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
 /// The free bytes of the file system holding `dir` (0 when unknown).
 fn disk_free_bytes(dir: &std::path::Path) -> u64 {
     rustix::fs::statvfs(dir).map_or(0, |s| s.f_bavail.saturating_mul(s.f_frsize))
@@ -93,6 +107,21 @@ impl Collector for BrokerCollector {
                 "Sends answered as duplicates of an idempotency key since start.",
                 s.duplicates,
             ),
+            (
+                "halfmq_checks_sent",
+                "Check-backs sent to producer sessions since start.",
+                s.checks_sent,
+            ),
+            (
+                "halfmq_checks_answered",
+                "Check-backs answered by the session they went to since start.",
+                s.checks_answered,
+            ),
+            (
+                "halfmq_checks_timeouts",
+                "Check-backs unanswered within check_reply_timeout_ms since start.",
+                s.check_timeouts,
+            ),
         ] {
             counter(&mut e, name, help, v)?;
         }
@@ -140,29 +169,35 @@ impl Collector for BrokerCollector {
         ] {
             gauge(&mut e, name, help, v)?;
         }
-        let mut lag = e.encode_descriptor(
+        let pair = |g: &crate::core::GroupStats| {
+            vec![("group", g.group.clone()), ("topic", g.topic.clone())]
+        };
+        let lag: Vec<_> = s.groups.iter().map(|g| (pair(g), g.lag)).collect();
+        gauges(
+            &mut e,
             "halfmq_consumer_lag",
             "Visible messages not yet acked, per consumer group and topic.",
-            None,
-            MetricType::Gauge,
+            &lag,
         )?;
-        for g in &s.groups {
-            let labels = [("group", g.group.as_str()), ("topic", g.topic.as_str())];
-            ConstGauge::new(i64::try_from(g.lag).unwrap_or(i64::MAX))
-                .encode(lag.encode_family(&labels)?)?;
-        }
-        drop(lag);
-        let mut inflight = e.encode_descriptor(
+        let inflight: Vec<_> = s.groups.iter().map(|g| (pair(g), g.inflight)).collect();
+        gauges(
+            &mut e,
             "halfmq_inflight",
             "Messages delivered and not yet acked, per consumer group and topic.",
-            None,
-            MetricType::Gauge,
+            &inflight,
         )?;
-        for g in &s.groups {
-            let labels = [("group", g.group.as_str()), ("topic", g.topic.as_str())];
-            ConstGauge::new(i64::try_from(g.inflight).unwrap_or(i64::MAX))
-                .encode(inflight.encode_family(&labels)?)?;
-        }
+        let dlq: Vec<_> = self
+            .broker
+            .dead_letter_counts()
+            .into_iter()
+            .map(|(g, n)| (vec![("group", g)], n))
+            .collect();
+        gauges(
+            &mut e,
+            "halfmq_dlq_messages",
+            "Live dead letters per consumer group.",
+            &dlq,
+        )?;
         Ok(())
     }
 }

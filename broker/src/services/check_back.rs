@@ -52,6 +52,7 @@ impl Broker {
                     handled += 1;
                     match due {
                         Due::ReplyTimedOut { offset } => {
+                            self.counters.check_timeouts.fetch_add(1, Ordering::Relaxed);
                             let holder = inner.outstanding.get(&offset).copied();
                             tx.release_outstanding(&mut inner, offset);
                             inner.dirty.insert(offset);
@@ -237,6 +238,7 @@ impl Broker {
         let mut inner = tx.inner.lock();
         match sent_to {
             (Some(sid), _) => {
+                self.counters.checks_sent.fetch_add(1, Ordering::Relaxed);
                 inner.sched.check_sent(offset, now);
                 inner.outstanding.insert(offset, sid);
                 inner.dirty.insert(offset);

@@ -592,6 +592,9 @@ impl Broker {
             return;
         }
         tx.session_answered(session_id);
+        self.counters
+            .checks_answered
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match resolution {
             Resolution::Commit | Resolution::Rollback => {
                 if let Err(e) = self
