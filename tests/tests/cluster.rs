@@ -217,11 +217,16 @@ fn leader_kills_lose_nothing_acknowledged() {
                                 .entry(body.clone())
                                 .or_default()
                                 .insert(m.message_id.clone());
-                            if !m.retry {
-                                l.offsets
-                                    .entry(m.queue_id)
-                                    .or_default()
-                                    .insert(m.queue_offset);
+                            // A retry names its place in the topic too: a
+                            // first delivery lost with a killed leader comes
+                            // back only as a retry.
+                            let place = if m.retry {
+                                m.original_queue_offset
+                            } else {
+                                Some(m.queue_offset)
+                            };
+                            if let Some(o) = place {
+                                l.offsets.entry(m.queue_id).or_default().insert(o);
                             }
                             if decision(&body) == Some(false) {
                                 l.rolled_back_delivered.push(body.clone());
