@@ -159,16 +159,23 @@ async fn orphan(addr: &str, topic: &str, wait_s: u64) -> Res<()> {
             )
             .await?;
     }
+    let v = answer_checks(p, &checked, 2, wait_s).await?;
+    result(json!({ "checked": v }));
+    Ok(())
+}
+
+/// Keeps `p` running until its checker answered `n` checks or `wait_s`
+/// passed, then shuts it down; the bodies checked, sorted.
+async fn answer_checks(p: Producer, checked: &Checked, n: usize, wait_s: u64) -> Res<Vec<String>> {
     let deadline = Instant::now() + Duration::from_secs(wait_s);
-    while Instant::now() < deadline && checked.lock().map(|v| v.len()).unwrap_or(0) < 2 {
+    while Instant::now() < deadline && checked.lock().map(|v| v.len()).unwrap_or(0) < n {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     p.shutdown().await?;
     let mut v = checked.lock().map(|v| v.clone()).unwrap_or_default();
     v.sort();
-    result(json!({ "checked": v }));
-    Ok(())
+    Ok(v)
 }
 
 /// A transactional producer of `topic` that sends nothing and answers the
@@ -182,13 +189,7 @@ async fn checker(addr: &str, topic: &str, n: usize, wait_s: u64) -> Res<()> {
         deciding_checker(Arc::clone(&checked)),
     )?;
     p.start().await?;
-    let deadline = Instant::now() + Duration::from_secs(wait_s);
-    while Instant::now() < deadline && checked.lock().map(|v| v.len()).unwrap_or(0) < n {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    p.shutdown().await?;
-    let v = checked.lock().map(|v| v.clone()).unwrap_or_default();
+    let v = answer_checks(p, &checked, n, wait_s).await?;
     result(json!({ "checked": v }));
     Ok(())
 }
