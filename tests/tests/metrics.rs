@@ -234,5 +234,51 @@ async fn check_backs_and_dead_letters_are_counted() {
         Some(0.0),
         "{text}"
     );
+    assert_eq!(
+        value(&text, "halfmq_given_up_halves", &[]),
+        Some(0.0),
+        "{text}"
+    );
+    drop(p);
+}
+
+/// A half whose checks all answer UNKNOWN is given up after `check_max`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_up_halves_are_counted() {
+    use halfmq_client::{TransactionProducer, TransactionResolution};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = halfmq_broker::BrokerConfig {
+        transaction_timeout_ms: 100,
+        check_interval_ms: 100,
+        check_max: 2,
+        ..test_config(dir.path())
+    };
+    let b = start(cfg).await;
+    let http = b.http_addr.unwrap();
+    let c = Client::connect(&b.addr.to_string()).await.unwrap();
+    let p = TransactionProducer::new(c.clone(), "pg", |_| {
+        std::future::ready(TransactionResolution::Unknown)
+    });
+    drop(p.send_half(Message::new("undecided", "h")).await.unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = tokio::task::spawn_blocking(move || get(http, "/metrics", None).1)
+            .await
+            .unwrap();
+        if value(&text, "halfmq_given_up_halves", &[]) == Some(1.0) {
+            assert_eq!(
+                value(&text, "halfmq_pending_halves", &[]),
+                Some(1.0),
+                "{text}"
+            );
+            assert!(
+                value(&text, "halfmq_checks_answered", &[]).unwrap() >= 2.0,
+                "{text}"
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     drop(p);
 }

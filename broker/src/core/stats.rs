@@ -84,6 +84,8 @@ pub struct Stats {
     pub dedup_keys: u64,
     /// Keys dropped early because of `max_dedup_keys`, since start.
     pub dedup_evicted: u64,
+    /// Given-up half messages (pending until resolved by hand).
+    pub given_up_halves: u64,
     /// Check-backs sent to producer sessions since start.
     pub checks_sent: u64,
     /// Check-backs answered by the session they went to, since start.
@@ -150,6 +152,7 @@ impl Broker {
             duplicates: c.duplicates.load(Ordering::Relaxed),
             dedup_keys,
             dedup_evicted,
+            given_up_halves: self.tx_state().given_up_count() as u64,
             checks_sent: c.checks_sent.load(Ordering::Relaxed),
             checks_answered: c.checks_answered.load(Ordering::Relaxed),
             check_timeouts: c.check_timeouts.load(Ordering::Relaxed),

@@ -150,6 +150,12 @@ impl CheckScheduler {
         self.halves.get(&offset)
     }
 
+    /// Given-up halves: the pending ones no group queue holds. O(groups).
+    pub fn given_up_count(&self) -> usize {
+        let queued: usize = self.queues.values().map(BTreeSet::len).sum();
+        self.halves.len().saturating_sub(queued)
+    }
+
     /// Halves of `group` that are not given up. O(1).
     pub fn queued_in(&self, group: u32) -> usize {
         self.queues.get(&group).map_or(0, BTreeSet::len)
@@ -453,7 +459,11 @@ mod tests {
             "given-up halves are never checked"
         );
         assert_eq!(s.len(), 1, "but still listed");
+        assert_eq!(s.given_up_count(), 1);
+        s.add(200, 1, 1, now);
+        assert_eq!(s.given_up_count(), 1, "a fresh half is not given up");
         assert!(s.remove(100).is_some(), "and can be resolved by hand");
+        assert_eq!(s.given_up_count(), 0);
     }
 
     #[test]

@@ -132,6 +132,11 @@ impl Collector for BrokerCollector {
                 s.pending_halves,
             ),
             (
+                "halfmq_given_up_halves",
+                "Half messages given up after check_max checks, pending until resolved by hand.",
+                s.given_up_halves,
+            ),
+            (
                 "halfmq_delayed_messages",
                 "Delayed messages not yet due.",
                 s.delayed_messages,

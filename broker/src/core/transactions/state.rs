@@ -570,6 +570,12 @@ impl TxState {
         (inner.sched.len() - delayed, delayed)
     }
 
+    /// Given-up half messages (pending until resolved by hand). O(producer
+    /// groups).
+    pub fn given_up_count(&self) -> usize {
+        self.inner.lock().sched.given_up_count()
+    }
+
     /// Pending (half messages, delayed messages) of `topic`. O(pending):
     /// for operator actions such as topic deletion.
     pub fn pending_in_topic(&self, topic: &str) -> (usize, usize) {
