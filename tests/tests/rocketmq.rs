@@ -24,6 +24,13 @@ enum Lang {
     Rust,
 }
 
+/// Each client, with the prefix its scenarios give bodies.
+const EACH: [(Lang, &str); 3] = [
+    (Lang::Python, "py"),
+    (Lang::Node, "node"),
+    (Lang::Rust, "rust"),
+];
+
 struct Clients {
     dir: PathBuf,
 }
@@ -266,11 +273,7 @@ fn messages_cross_between_each_client_and_halfmq() {
     let dir = tempfile::tempdir().unwrap();
     let b = broker(dir.path());
     let a = b.addr.clone();
-    for (l, name) in [
-        (Lang::Python, "py"),
-        (Lang::Node, "node"),
-        (Lang::Rust, "rust"),
-    ] {
+    for (l, name) in EACH {
         let topic = format!("from-{name}");
         let sent = c.run(l, &a, &["send", &topic, "2"]);
         let ids = strings(&sent, "ids");
@@ -329,11 +332,7 @@ fn transactions_commit_rollback_and_check_backs_with_each_client() {
     let dir = tempfile::tempdir().unwrap();
     let b = broker(dir.path());
     let a = b.addr.clone();
-    for (l, name) in [
-        (Lang::Python, "py"),
-        (Lang::Node, "node"),
-        (Lang::Rust, "rust"),
-    ] {
+    for (l, name) in EACH {
         // Commit delivers, rollback never does.
         let topic = format!("tx-{name}");
         c.run(l, &a, &["tx", &topic]);

@@ -37,6 +37,41 @@ pub fn audit_admin(user: &str, action: &str, resource: &str, outcome: &str) {
     tracing::info!(target: "halfmq::audit", user, action, resource, outcome, "admin action");
 }
 
+/// Whether `who` may do one of `actions` on `res` (always with auth off);
+/// nothing is logged. Listings show only what this allows.
+pub fn permits_any(
+    users: Option<&Users>,
+    who: Option<&Principal>,
+    actions: &[Action],
+    res: &Resource<'_>,
+) -> bool {
+    let Some(users) = users else {
+        return true;
+    };
+    match who {
+        Some(Principal::User(u)) => actions.iter().any(|a| users.allows(u, *a, res)),
+        _ => false,
+    }
+}
+
+/// [`authorize`] for one of `actions`: a denial names and logs the first.
+///
+/// # Errors
+/// As [`authorize`].
+pub fn authorize_any(
+    users: Option<&Users>,
+    who: Option<&Principal>,
+    actions: &[Action],
+    res: &Resource<'_>,
+    rpc: &str,
+) -> Result<(), BrokerError> {
+    if permits_any(users, who, actions, res) {
+        return Ok(());
+    }
+    let first = actions.first().copied().unwrap_or(Action::Admin);
+    authorize(users, who, first, res, rpc)
+}
+
 /// Whether `who` may do `action` on `res`; always with auth off (`users`
 /// `None`). Denials are logged.
 ///

@@ -113,6 +113,9 @@ pub fn sign(key: &[u8], msg: &[u8]) -> [u8; 20] {
     m.finalize().into_bytes().into()
 }
 
+/// `new_from_slice` cannot fail for HMAC: it takes keys of every length
+/// (longer ones are hashed, shorter ones padded, RFC 2104); the `Result`
+/// exists for fixed-key MACs.
 #[cold]
 fn unreachable_key() -> ! {
     panic!("HMAC-SHA1 accepts keys of every length")

@@ -193,13 +193,7 @@ impl Services {
         actions: &[Action],
         res: Resource<'_>,
     ) -> bool {
-        let Some(users) = self.broker.auth_users() else {
-            return true;
-        };
-        match who {
-            Some(Principal::User(u)) => actions.iter().any(|a| users.allows(u, *a, &res)),
-            _ => false,
-        }
+        crate::auth::permits_any(self.broker.auth_users(), who, actions, &res)
     }
 
     /// Whether `who` may do one of `actions` on `res`.
@@ -213,15 +207,8 @@ impl Services {
         res: Resource<'_>,
         rpc: &str,
     ) -> Result<(), tonic::Status> {
-        if self.sees(who, actions, res) {
-            return Ok(());
-        }
-        self.allow(
-            who,
-            actions.first().copied().unwrap_or(Action::Admin),
-            res,
-            rpc,
-        )
+        crate::auth::authorize_any(self.broker.auth_users(), who, actions, &res, rpc)
+            .map_err(denied)
     }
 
     /// Logs an admin action of `who` (target `halfmq::audit`).

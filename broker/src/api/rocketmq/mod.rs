@@ -205,20 +205,7 @@ impl RocketMq {
         res: Resource<'_>,
         rpc: &str,
     ) -> Result<(), BrokerError> {
-        let Some(users) = self.broker.auth_users() else {
-            return Ok(());
-        };
-        if let Some(Principal::User(u)) = &c.who {
-            if actions.iter().any(|a| users.allows(u, *a, &res)) {
-                return Ok(());
-            }
-        }
-        self.allow(
-            c,
-            actions.first().copied().unwrap_or(Action::Admin),
-            res,
-            rpc,
-        )
+        crate::auth::authorize_any(self.broker.auth_users(), c.who.as_ref(), actions, &res, rpc)
     }
 
     /// The address clients reach this broker at, for routes.
