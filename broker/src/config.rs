@@ -260,6 +260,13 @@ pub struct BrokerConfig {
     pub http_listen: String,
     /// With auth on, serve `/metrics` without credentials. Default false.
     pub metrics_anonymous: bool,
+    /// How long a web console login lasts, ms (then it asks again).
+    /// Default 28,800,000 (8 h).
+    #[serde(deserialize_with = "crate::units::ms")]
+    pub console_session_ttl_ms: u64,
+    /// Most web console sessions at once; the oldest is dropped for a new
+    /// one. Default 1,000.
+    pub console_max_sessions: u32,
     /// Serve RocketMQ 5's gRPC API (`apache.rocketmq.v2.MessagingService`)
     /// on the same listener, for the official RocketMQ clients. Default true.
     pub rocketmq_enabled: bool,
@@ -287,6 +294,8 @@ impl Default for BrokerConfig {
             rocketmq_enabled: true,
             http_listen: "127.0.0.1:9081".to_owned(),
             metrics_anonymous: false,
+            console_session_ttl_ms: 8 * 3600 * 1000,
+            console_max_sessions: 1000,
             rocketmq_max_clients: 10_000,
             default_queues: 4,
             max_queues: 256,
@@ -579,6 +588,12 @@ impl BrokerConfig {
         at_least(
             "rocketmq_max_clients",
             u64::from(self.rocketmq_max_clients),
+            1,
+        )?;
+        at_least("console_session_ttl_ms", self.console_session_ttl_ms, 1000)?;
+        at_least(
+            "console_max_sessions",
+            u64::from(self.console_max_sessions),
             1,
         )?;
         at_least(

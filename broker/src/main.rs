@@ -65,6 +65,12 @@ struct Args {
     /// `metrics_anonymous`: with auth on, serve /metrics without credentials.
     #[arg(long)]
     metrics_anonymous: Option<bool>,
+    /// `console_session_ttl_ms`: how long a web console login lasts (ms, or 8h).
+    #[arg(long, value_parser = duration_ms)]
+    console_session_ttl: Option<u64>,
+    /// `console_max_sessions`: most web console sessions at once.
+    #[arg(long)]
+    console_max_sessions: Option<u32>,
     /// `rocketmq_enabled`: serve RocketMQ 5's gRPC API too, true or false.
     #[arg(long)]
     rocketmq_enabled: Option<bool>,
@@ -275,6 +281,7 @@ fn load_config(args: &Args) -> anyhow::Result<BrokerConfig> {
         auto_create_topics => auto_create_topics, default_queues => default_queues,
         rocketmq_enabled => rocketmq_enabled, rocketmq_max_clients => rocketmq_max_clients,
         http_listen => http_listen, metrics_anonymous => metrics_anonymous,
+        console_session_ttl => console_session_ttl_ms, console_max_sessions => console_max_sessions,
         max_queues => max_queues, max_topics => max_topics,
         default_invisible_duration => default_invisible_duration_ms,
         max_invisible_duration => max_invisible_duration_ms,

@@ -214,8 +214,15 @@ async fn serve_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
     node: Option<crate::cluster::NodeHandle>,
 ) -> Result<(), BrokerError> {
+    // The hot path's histograms are recorded only when they can be read.
+    let recorders = http
+        .as_ref()
+        .map(|_| Arc::new(crate::http::Recorders::new()));
+    if let Some(r) = &recorders {
+        broker.store().log().set_flush_observer(Arc::clone(r) as _);
+    }
     if let Some(h) = http {
-        crate::http::spawn(Arc::clone(&broker), h);
+        crate::http::spawn(Arc::clone(&broker), h, recorders.clone(), node.clone());
     }
     let cfg = broker.config().clone();
     let tls = if cfg.tls.enabled() {
@@ -249,7 +256,12 @@ async fn serve_with(
     // limits refuse (tonic's default would cut every request at 4 MiB).
     let max_request = cfg.max_request_bytes();
     let result = tonic::transport::Server::builder()
-        .layer(AuthLayer::new(gate(&broker)))
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(crate::http::RequestTimerLayer::new(recorders))
+                .layer(AuthLayer::new(gate(&broker)))
+                .into_inner(),
+        )
         .concurrency_limit_per_connection(cfg.max_requests_per_connection as usize)
         // Clients learn the limit instead of having streams queue up.
         .max_concurrent_streams(Some(cfg.max_requests_per_connection))

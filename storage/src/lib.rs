@@ -45,7 +45,9 @@ pub mod record;
 pub mod retention;
 pub mod store;
 
-pub use commitlog::{CommitLog, CorruptRange, LogScan, RecoveryReport, ScanItem, SegmentInfo};
+pub use commitlog::{
+    CommitLog, CorruptRange, FlushObserver, LogScan, RecoveryReport, ScanItem, SegmentInfo,
+};
 pub use config::{FlushMode, StoreConfig};
 pub use consume_queue::{ConsumeQueue, CqEntry, Slot};
 pub use entry_index::{entry_marker, marker_pos, EntryIndex, EntryKind, EntryPos, StateFile};

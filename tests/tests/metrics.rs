@@ -282,3 +282,160 @@ async fn given_up_halves_are_counted() {
     }
     drop(p);
 }
+
+/// The count of histogram `name` with `labels` (its `+Inf` bucket).
+fn histogram_count(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .and_then(|s| match &s.value {
+            prometheus_parse::Value::Histogram(buckets) => buckets
+                .iter()
+                .find(|b| b.less_than == f64::INFINITY)
+                .map(|b| b.count),
+            _ => None,
+        })
+}
+
+/// The hot path's histograms fill as requests come, and a nack shows as a
+/// scheduled retry until the retry is acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn histograms_and_scheduled_retries() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = halfmq_broker::BrokerConfig {
+        retry_delays: "50ms".into(),
+        ..test_config(dir.path())
+    };
+    let b = start(cfg).await;
+    let http = b.http_addr.unwrap();
+    let scrape = move || get(http, "/metrics", None).1;
+    let before = tokio::task::spawn_blocking(scrape).await.unwrap();
+    let send = [("rpc", "halfmq.v1.Producer/Send")];
+    assert_eq!(
+        histogram_count(&before, "halfmq_request_seconds", &send),
+        Some(0.0),
+        "{before}"
+    );
+    let c = Client::connect(&b.addr.to_string()).await.unwrap();
+    let p = Producer::new(c.clone());
+    for i in 0..3 {
+        p.send(Message::new("timed", format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    let cons = Consumer::new(c.clone(), "tg", "timed");
+    let mut first = Vec::new();
+    while first.is_empty() {
+        first = cons.receive(1, Duration::from_secs(2)).await.unwrap();
+    }
+    cons.nack(&first[0], "later", None).await.unwrap();
+    let text = tokio::task::spawn_blocking(scrape).await.unwrap();
+    assert!(
+        histogram_count(&text, "halfmq_request_seconds", &send).unwrap() >= 3.0,
+        "{text}"
+    );
+    let nack = [("rpc", "halfmq.v1.Consumer/Nack")];
+    assert_eq!(
+        histogram_count(&text, "halfmq_request_seconds", &nack),
+        Some(1.0),
+        "{text}"
+    );
+    // Three sends and the nack's retry record, each made durable by a flush.
+    assert!(histogram_count(&text, "halfmq_fsync_seconds", &[]).unwrap() >= 1.0);
+    let scrape_sum = |text: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("halfmq_group_commit_records_sum "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    assert!(scrape_sum(&text).unwrap() >= 4.0, "{text}");
+    assert_eq!(
+        value(&text, "halfmq_retries_scheduled", &[]),
+        Some(1.0),
+        "{text}"
+    );
+    // The retry comes back; acked, nothing is scheduled any more.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    'retry: loop {
+        for m in cons.receive(3, Duration::from_millis(300)).await.unwrap() {
+            cons.ack(&m).await.unwrap();
+            if m.body == first[0].body {
+                break 'retry;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "no retry");
+    }
+    let text = tokio::task::spawn_blocking(scrape).await.unwrap();
+    assert_eq!(
+        value(&text, "halfmq_retries_scheduled", &[]),
+        Some(0.0),
+        "{text}"
+    );
+    b.shutdown().await.unwrap();
+}
+
+/// With `http_listen` empty nothing listens, and the broker still serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_http_listen_turns_the_endpoint_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = halfmq_broker::BrokerConfig {
+        http_listen: String::new(),
+        ..test_config(dir.path())
+    };
+    let b = start(cfg).await;
+    assert!(b.http_addr.is_none());
+    let c = Client::connect(&b.addr.to_string()).await.unwrap();
+    Producer::new(c)
+        .send(Message::new("quiet", "x"))
+        .await
+        .unwrap();
+    b.shutdown().await.unwrap();
+}
+
+/// A group member reports its Raft role and term.
+#[test]
+fn a_member_reports_its_raft_role_and_term() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = halfmq_tests::free_port();
+    let http_port = halfmq_tests::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let http_listen = format!("127.0.0.1:{http_port}");
+    let peers = format!("1={listen}");
+    let _b = halfmq_tests::BrokerProcess::start(
+        dir.path(),
+        &[
+            "--listen",
+            &listen,
+            "--http-listen",
+            &http_listen,
+            "--node-id",
+            "1",
+            "--peers",
+            &peers,
+        ],
+    );
+    let http: SocketAddr = http_listen.parse().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::net::TcpStream::connect(http)
+            .ok()
+            .map(|_| get(http, "/metrics", None).1)
+            .unwrap_or_default();
+        if value(&text, "halfmq_raft_role", &[("role", "leader")]) == Some(1.0) {
+            assert_eq!(
+                value(&text, "halfmq_raft_role", &[("role", "follower")]),
+                Some(0.0)
+            );
+            assert!(
+                value(&text, "halfmq_raft_term", &[]).unwrap() >= 1.0,
+                "{text}"
+            );
+            assert_eq!(value(&text, "halfmq_raft_leader_id", &[]), Some(1.0));
+            assert!(value(&text, "halfmq_raft_last_applied_index", &[]).unwrap() >= 1.0);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -62,7 +62,7 @@ use stats::Counters;
 use topics::{restore_topics, TopicState, TOPICS_SPACE};
 use transactions::TxState;
 
-pub use stats::{GroupStats, Stats};
+pub use stats::{GroupStats, QueueStats, Stats};
 pub use topics::TopicInfo;
 pub use types::{
     DeliveredMessage, OutgoingMessage, QueueChoice, Receipt, ReceiveRequest, SendReceipt,

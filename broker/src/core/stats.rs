@@ -38,6 +38,27 @@ pub struct GroupStats {
     pub lag: u64,
     /// Messages acked (consumer offsets summed plus acked above them).
     pub acked: u64,
+    /// Retries scheduled and not yet acked: entries of the group's retry
+    /// queues (`%RETRY%<group>%<topic>`, one per delay level) above their
+    /// acked offset, due or not.
+    pub retries_scheduled: u64,
+    /// The same figures per queue of the topic, by queue id.
+    pub queues: Vec<QueueStats>,
+}
+
+/// One queue's figures within [`GroupStats`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Queue id.
+    pub queue_id: u32,
+    /// The queue's next queue offset (messages ever stored in it).
+    pub max_offset: u64,
+    /// Messages of the queue the group acked.
+    pub acked: u64,
+    /// Messages of the queue in flight to the group.
+    pub inflight: u64,
+    /// `max_offset - acked`.
+    pub lag: u64,
 }
 
 /// A snapshot of the broker's counters.
@@ -113,13 +134,31 @@ impl Broker {
                     inflight: 0,
                     lag: 0,
                     acked: 0,
+                    retries_scheduled: 0,
+                    queues: Vec::with_capacity(g.queues.len()),
                 };
                 for (qid, p) in g.queues.iter().enumerate() {
                     let max = self.store.max_queue_offset(&topic, qid as u32);
-                    s.inflight += p.inflight() as u64;
                     let acked = p.ack_offset() + p.acked_count() as u64;
-                    s.acked += acked;
-                    s.lag += max.saturating_sub(acked);
+                    let q = QueueStats {
+                        queue_id: qid as u32,
+                        max_offset: max,
+                        acked,
+                        inflight: p.inflight() as u64,
+                        lag: max.saturating_sub(acked),
+                    };
+                    s.inflight += q.inflight;
+                    s.acked += q.acked;
+                    s.lag += q.lag;
+                    s.queues.push(q);
+                }
+                if !g.retry.is_empty() {
+                    let rt = super::redelivery::retry_topic(&s.group, &topic);
+                    for (level, p) in g.retry.iter().enumerate() {
+                        let max = self.store.max_queue_offset(&rt, level as u32);
+                        let acked = p.ack_offset() + p.acked_count() as u64;
+                        s.retries_scheduled += max.saturating_sub(acked);
+                    }
                 }
                 s
             })

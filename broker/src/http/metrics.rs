@@ -17,9 +17,18 @@ use prometheus_client::registry::Registry;
 use crate::core::Broker;
 
 /// The broker's figures at scrape time.
-#[derive(Debug)]
 struct BrokerCollector {
     broker: Arc<Broker>,
+    /// A group member's consensus, for the `halfmq_raft_*` figures.
+    node: Option<crate::cluster::NodeHandle>,
+}
+
+impl std::fmt::Debug for BrokerCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerCollector")
+            .field("member", &self.node.is_some())
+            .finish()
+    }
 }
 
 fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
@@ -142,6 +151,11 @@ impl Collector for BrokerCollector {
                 s.delayed_messages,
             ),
             (
+                "halfmq_retries_scheduled",
+                "Retries in the consumer groups' retry queues not yet acked, due or not.",
+                s.groups.iter().map(|g| g.retries_scheduled).sum(),
+            ),
+            (
                 "halfmq_connections",
                 "Open client connections.",
                 s.connections,
@@ -203,14 +217,77 @@ impl Collector for BrokerCollector {
             "Live dead letters per consumer group.",
             &dlq,
         )?;
+        if let Some(n) = &self.node {
+            raft(&mut e, &n.status())?;
+        }
         Ok(())
     }
 }
 
-/// The registry of `broker`'s metrics.
-pub(super) fn registry(broker: Arc<Broker>) -> Registry {
+/// A group member's `halfmq_raft_*` figures. Label cardinality: the
+/// group's members (`peer`) and the five roles.
+fn raft(e: &mut DescriptorEncoder, st: &halfmq_proto::raft::NodeStatus) -> std::fmt::Result {
+    gauge(e, "halfmq_raft_term", "Current Raft term.", st.term)?;
+    let roles: Vec<_> = ["leader", "follower", "candidate", "learner", "shutdown"]
+        .into_iter()
+        .map(|r| (vec![("role", r.to_owned())], u64::from(st.role == r)))
+        .collect();
+    gauges(
+        e,
+        "halfmq_raft_role",
+        "1 for this replica's Raft role, 0 for the others.",
+        &roles,
+    )?;
+    gauge(
+        e,
+        "halfmq_raft_leader_id",
+        "Node id of the leader this replica knows (0: none).",
+        st.leader_id.unwrap_or(0),
+    )?;
+    gauge(
+        e,
+        "halfmq_raft_last_log_index",
+        "Index of this replica's last Raft log entry.",
+        st.last_log_index,
+    )?;
+    gauge(
+        e,
+        "halfmq_raft_last_applied_index",
+        "Index of the last Raft entry this replica applied.",
+        st.last_applied,
+    )?;
+    // The leader knows how far each member's log matches its own.
+    let lag: Vec<_> = st
+        .matched
+        .iter()
+        .filter(|(id, _)| **id != st.node_id)
+        .map(|(id, m)| {
+            (
+                vec![("peer", id.to_string())],
+                st.last_log_index.saturating_sub(*m),
+            )
+        })
+        .collect();
+    gauges(
+        e,
+        "halfmq_raft_replica_lag_entries",
+        "On the leader: entries of its log each other member has not matched yet.",
+        &lag,
+    )
+}
+
+/// The registry of `broker`'s metrics, `recorders`' histograms and, for a
+/// group member, its consensus' figures.
+pub(super) fn registry(
+    broker: Arc<Broker>,
+    recorders: Option<&super::Recorders>,
+    node: Option<crate::cluster::NodeHandle>,
+) -> Registry {
     let mut r = Registry::default();
-    r.register_collector(Box::new(BrokerCollector { broker }));
+    r.register_collector(Box::new(BrokerCollector { broker, node }));
+    if let Some(rec) = recorders {
+        rec.register(&mut r);
+    }
     r
 }
 

@@ -1,14 +1,19 @@
 //! The broker's HTTP endpoint (`http_listen`, default `127.0.0.1:9081`;
 //! empty = off), served with axum: `GET /healthz` (the process is up),
 //! `GET /readyz` (storage open, accepting, a leader known) and
-//! `GET /metrics` (Prometheus text, `metrics.rs`).
+//! `GET /metrics` (Prometheus text, `metrics.rs`), and the web console on
+//! every other path (`console/`).
 //!
 //! With auth on, `/metrics` takes HTTP Basic credentials of a user with
 //! `admin` on `cluster` (user name and halfmq secret), unless
 //! `metrics_anonymous = true`; `/healthz` and `/readyz` are always open
 //! (they say nothing but up / ready).
 
+mod console;
 mod metrics;
+mod recorders;
+
+pub use recorders::{Recorders, RequestTimerLayer};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -55,18 +60,44 @@ pub async fn bind(http_listen: &str) -> Result<Option<tokio::net::TcpListener>, 
     Ok(Some(l))
 }
 
-/// Serves the endpoint on `listener` until the broker begins shutting down.
-pub fn spawn(broker: Arc<Broker>, listener: tokio::net::TcpListener) -> Option<SocketAddr> {
+/// Serves the endpoint on `listener` until the broker begins shutting down:
+/// the broker's figures, the histograms of `recorders`, and the replica's
+/// view of its group when `node` is a member's consensus.
+pub fn spawn(
+    broker: Arc<Broker>,
+    listener: tokio::net::TcpListener,
+    recorders: Option<Arc<Recorders>>,
+    node: Option<crate::cluster::NodeHandle>,
+) -> Option<SocketAddr> {
     let addr = listener.local_addr().ok();
     let state = AppState {
-        registry: Arc::new(metrics::registry(Arc::clone(&broker))),
+        registry: Arc::new(metrics::registry(
+            Arc::clone(&broker),
+            recorders.as_deref(),
+            node.clone(),
+        )),
         broker: Arc::clone(&broker),
+    };
+    let history = Arc::new(console::History::default());
+    console::spawn_sampler(Arc::clone(&broker), Arc::clone(&history));
+    let cfg = broker.config();
+    let console = console::Console {
+        sessions: Arc::new(console::Sessions::new(
+            cfg.console_session_ttl_ms,
+            cfg.console_max_sessions,
+        )),
+        broker: Arc::clone(&broker),
+        history,
+        node,
     };
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_page))
-        .with_state(state);
+        .with_state(state)
+        .merge(console::router(console))
+        // Form posts are small; nothing else is posted.
+        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024));
     let mut stop = broker.shutdown_signal();
     tokio::spawn(async move {
         let served = axum::serve(listener, app)

@@ -29,18 +29,28 @@ pub(super) fn poison(inner: &Inner, msg: String) {
 /// One flush: fdatasync the active segment up to the written offset, publish.
 /// Returns whether anything was flushed.
 pub(super) fn flush_once(inner: &Inner) -> Result<bool> {
-    let (seg, target) = {
+    let (seg, target, records) = {
         let w = lock(&inner.writer);
-        (Arc::clone(&w.active), inner.written.load(Ordering::Acquire))
+        (
+            Arc::clone(&w.active),
+            inner.written.load(Ordering::Acquire),
+            inner.records_written.load(Ordering::Relaxed),
+        )
     };
     if target <= inner.flushed.load(Ordering::Acquire) {
         return Ok(false);
     }
+    let observer = inner.flush_observer.get();
+    let started = observer.map(|_| std::time::Instant::now());
     if let Err(e) = seg.sync() {
         poison(inner, e.to_string());
         return Err(e);
     }
     inner.fsyncs.fetch_add(1, Ordering::Relaxed);
+    let before = inner.records_flushed.swap(records, Ordering::Relaxed);
+    if let (Some(o), Some(t)) = (observer, started) {
+        o.flushed(t.elapsed().as_secs_f64(), records.saturating_sub(before));
+    }
     inner.flushed.fetch_max(target, Ordering::AcqRel);
     inner
         .status

@@ -190,6 +190,13 @@ struct Inner {
     /// End of the data known to be on stable storage.
     flushed: AtomicU64,
     fsyncs: AtomicU64,
+    /// Records written (appended or replicated), counted under the writer
+    /// lock with `written`.
+    records_written: AtomicU64,
+    /// `records_written` as of the last fdatasync.
+    records_flushed: AtomicU64,
+    /// Told of every fdatasync of the active segment (metrics).
+    flush_observer: std::sync::OnceLock<Arc<dyn FlushObserver>>,
     control: Mutex<FlushControl>,
     wake: Condvar,
     /// Sync mode: the flusher is (about to be) waiting on `wake` for data.
@@ -200,6 +207,14 @@ struct Inner {
     tail: Mutex<TailCache>,
     /// Callbacks of [`CommitLog::on_durable`], by (end, registration number).
     durable_callbacks: Mutex<DurableCallbacks>,
+}
+
+/// Told of each group commit: one fdatasync of the active segment, how
+/// long it took and how many records it made durable (records written
+/// since the previous one). Runs on the flusher thread: keep it cheap.
+pub trait FlushObserver: Send + Sync {
+    /// One fdatasync took `seconds` and covered `records` records.
+    fn flushed(&self, seconds: f64, records: u64);
 }
 
 /// A callback run once the log is durable up to an offset (or failed).
@@ -353,6 +368,9 @@ impl CommitLog {
             written: AtomicU64::new(end),
             flushed: AtomicU64::new(end),
             fsyncs: AtomicU64::new(0),
+            records_written: AtomicU64::new(0),
+            records_flushed: AtomicU64::new(0),
+            flush_observer: std::sync::OnceLock::new(),
             control: Mutex::new(FlushControl::default()),
             wake: Condvar::new(),
             flusher_sleeping: AtomicBool::new(false),
@@ -470,6 +488,9 @@ impl CommitLog {
         }
         // Still under the writer lock: chunks enter the cache in log order.
         lock(&inner.tail).push(undo_end, &w.buf);
+        inner
+            .records_written
+            .fetch_add(sizes.len() as u64, Ordering::Relaxed);
         // SeqCst with the flusher's store of `flusher_sleeping` and load of
         // `written`: either it sees this end, or this sees it sleeping.
         inner.written.store(seg_end, Ordering::SeqCst);
@@ -715,6 +736,13 @@ impl CommitLog {
     /// Number of fdatasyncs of the active segment so far (for benches).
     pub fn fsync_count(&self) -> u64 {
         self.inner.fsyncs.load(Ordering::Relaxed)
+    }
+
+    /// Has `o` told of every later fdatasync of the active segment (its
+    /// duration and the records it covered). One observer per log: `false`
+    /// when one was set before.
+    pub fn set_flush_observer(&self, o: Arc<dyn FlushObserver>) -> bool {
+        self.inner.flush_observer.set(o).is_ok()
     }
 
     /// The segments, oldest first.
