@@ -31,11 +31,15 @@ const APP_SECRET: &str = "the application's secret";
 const XSS_BODY: &str = "<script>window.__pwned = 1</script>";
 const XSS_REASON: &str = "<img src=x onerror=\"window.__pwned = 2\">";
 
-/// chromedriver, killed on drop.
+/// chromedriver in a process group of its own, which is killed on drop
+/// with the Chromium it started (also when the test fails half-way).
 struct Driver(Child, u16);
 
 impl Drop for Driver {
     fn drop(&mut self) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.0.id() as i32) {
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -51,8 +55,10 @@ fn free_port() -> u16 {
 
 fn start_driver() -> Driver {
     let port = free_port();
+    use std::os::unix::process::CommandExt as _;
     let child = Command::new(CHROMEDRIVER)
         .arg(format!("--port={port}"))
+        .process_group(0)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -121,6 +127,33 @@ async fn text(b: &Browser, css: &str) -> String {
 /// Clicks `css` on the page (a link or a form's button).
 async fn click(b: &Browser, css: &str) {
     find(b, css).await.click().await.unwrap();
+}
+
+/// Waits until the browser is at `path` (a click's navigation may still
+/// be under way).
+async fn wait_path(b: &Browser, path: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = b.current_url().await.unwrap();
+        if now.path() == path {
+            return;
+        }
+        assert!(Instant::now() < deadline, "at {now}, not {path}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until `css` holds `want` (the next page may still be loading).
+async fn wait_text(b: &Browser, css: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = text(b, css).await;
+        if got.contains(want) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{css} is {got:?}, not {want:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A raw HTTP/1.1 POST: (status, Location header).
@@ -233,7 +266,7 @@ async fn an_operator_steers_the_broker_from_the_console() {
     let driver = start_driver();
     let web = browser(&driver, &dir.path().join("profile")).await;
     web.goto(&base).await.unwrap();
-    assert_eq!(web.current_url().await.unwrap().path(), "/login");
+    wait_path(&web, "/login").await;
     shot(&web, &shots, "login").await;
     web.find(Locator::Css("#user"))
         .await
@@ -262,8 +295,8 @@ async fn an_operator_steers_the_broker_from_the_console() {
         .await
         .unwrap();
     click(&web, "#login").await;
-    assert_eq!(web.current_url().await.unwrap().path(), "/");
-    assert_eq!(text(&web, "h1").await, "Overview");
+    wait_path(&web, "/").await;
+    wait_text(&web, "h1", "Overview").await;
     shot(&web, &shots, "overview").await;
 
     // Lag drops after a consume.
@@ -317,7 +350,7 @@ async fn an_operator_steers_the_broker_from_the_console() {
     .await;
     web.goto(&format!("{base}/dlq")).await.unwrap();
     click(&web, "#dlq-groups a").await;
-    assert_eq!(web.current_url().await.unwrap().path(), "/dlq/dg");
+    wait_path(&web, "/dlq/dg").await;
     let row = text(&web, "#dead-letters").await;
     assert!(row.contains(XSS_BODY), "{row}");
     assert!(row.contains(XSS_REASON), "{row}");
@@ -358,10 +391,10 @@ async fn an_operator_steers_the_broker_from_the_console() {
 
     // Redrive asks first; Cancel does nothing, Confirm redrives.
     click(&web, "#dead-letters td form button").await;
-    assert_eq!(text(&web, "h1").await, "Confirm");
+    wait_text(&web, "h1", "Confirm").await;
     shot(&web, &shots, "confirm").await;
     click(&web, "#cancel").await;
-    assert_eq!(web.current_url().await.unwrap().path(), "/dlq/dg");
+    wait_path(&web, "/dlq/dg").await;
     assert_eq!(b.broker.dead_letter_counts(), vec![("dg".to_owned(), 1)]);
     click(&web, "#dead-letters td form button").await;
     click(&web, "#confirm button").await;
@@ -401,7 +434,7 @@ async fn an_operator_steers_the_broker_from_the_console() {
     assert!(text(&web, &row).await.contains("given up"));
     shot(&web, &shots, "transactions").await;
     click(&web, &format!("{row} form button")).await; // Commit
-    assert!(text(&web, "main").await.contains("Commit transaction"));
+    wait_text(&web, "main", "Commit transaction").await;
     click(&web, "#confirm button").await;
     assert!(text(&web, "#outcome").await.contains("ended"));
     let pay = Consumer::new(c.clone(), "ledger", "payments");
@@ -425,9 +458,9 @@ async fn an_operator_steers_the_broker_from_the_console() {
 
     // Logging out ends the session.
     click(&web, "header form button").await;
-    assert_eq!(web.current_url().await.unwrap().path(), "/login");
+    wait_path(&web, "/login").await;
     web.goto(&format!("{base}/groups")).await.unwrap();
-    assert_eq!(web.current_url().await.unwrap().path(), "/login");
+    wait_path(&web, "/login").await;
     for page in [
         "login",
         "overview",
@@ -442,5 +475,169 @@ async fn an_operator_steers_the_broker_from_the_console() {
     }
     web.close().await.unwrap();
     drop(tp);
+    b.shutdown().await.unwrap();
+}
+
+/// A raw HTTP/1.1 request: (status, headers, body).
+fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    cookie: Option<&str>,
+    form: &str,
+) -> (u16, String, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let cookie = cookie.map_or(String::new(), |c| format!("Cookie: halfmq_session={c}\r\n"));
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{cookie}Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{form}",
+        form.len()
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_owned(), body.to_owned())
+}
+
+/// The console's forms without a browser, auth off: a visitor gets a
+/// session at once; an action without the session's token is refused;
+/// without `confirm=yes` it only asks; confirmed, it is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn actions_need_the_token_and_a_confirmation() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = halfmq_broker::BrokerConfig {
+        max_reconsume_times: 0,
+        ..test_config(dir.path())
+    };
+    let b = start(cfg).await;
+    let http = b.http_addr.unwrap();
+    let c = Client::connect(&b.addr.to_string()).await.unwrap();
+    let p = Producer::new(c.clone());
+    for i in 0..2 {
+        p.send(Message::new("bad", format!("b{i}"))).await.unwrap();
+    }
+    let cons = Consumer::new(c.clone(), "pg1", "bad");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while b.broker.dead_letter_counts() != vec![("pg1".to_owned(), 2)] {
+        for m in cons.receive(2, Duration::from_millis(200)).await.unwrap() {
+            cons.nack(&m, "no", None).await.unwrap();
+        }
+        assert!(Instant::now() < deadline, "not dead-lettered");
+    }
+    let http_call =
+        move |m: &'static str, path: &'static str, cookie: Option<String>, form: String| {
+            tokio::task::spawn_blocking(move || request(http, m, path, cookie.as_deref(), &form))
+        };
+    let (code, head, _) = http_call("GET", "/", None, String::new()).await.unwrap();
+    assert_eq!(code, 200);
+    let cookie = head
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: halfmq_session="))
+        .and_then(|v| v.split(';').next())
+        .expect("a session cookie")
+        .to_owned();
+    assert!(head.contains("HttpOnly; SameSite=Strict"), "{head}");
+    assert!(
+        head.contains("content-security-policy: default-src 'none'"),
+        "{head}"
+    );
+    let (_, _, page) = http_call("GET", "/dlq/pg1", Some(cookie.clone()), String::new())
+        .await
+        .unwrap();
+    let csrf = page
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect("a CSRF token in the form")
+        .to_owned();
+    let purge = |csrf: &str, confirm: bool| {
+        format!(
+            "csrf={csrf}&group=pg1{}",
+            if confirm { "&confirm=yes" } else { "" }
+        )
+    };
+    // No token, a wrong one, another session's: refused.
+    for (cookie, form) in [
+        (Some(cookie.clone()), "group=pg1&confirm=yes".to_owned()),
+        (Some(cookie.clone()), purge("0123", true)),
+        (None, purge(&csrf, true)),
+    ] {
+        let (code, _, _) = http_call("POST", "/actions/purge", cookie, form)
+            .await
+            .unwrap();
+        assert_eq!(code, 403);
+    }
+    assert_eq!(b.broker.dead_letter_counts(), vec![("pg1".to_owned(), 2)]);
+    // Unconfirmed: a question, nothing done.
+    let (code, _, page) = http_call(
+        "POST",
+        "/actions/purge",
+        Some(cookie.clone()),
+        purge(&csrf, false),
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        page.contains("Purge every dead letter of group pg1?"),
+        "{page}"
+    );
+    assert!(page.contains("name=\"confirm\" value=\"yes\""), "{page}");
+    assert_eq!(b.broker.dead_letter_counts(), vec![("pg1".to_owned(), 2)]);
+    // Redrive all, confirmed: both come back to the group.
+    let (code, _, page) = http_call(
+        "POST",
+        "/actions/redrive",
+        Some(cookie.clone()),
+        format!("csrf={csrf}&group=pg1&message_id=&confirm=yes"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 200, "{page}");
+    assert!(page.contains("Redrove 2 dead letter(s)"), "{page}");
+    let mut back = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while back < 2 {
+        for m in cons.receive(2, Duration::from_millis(300)).await.unwrap() {
+            cons.nack(&m, "still no", None).await.unwrap();
+            back += 1;
+        }
+        assert!(Instant::now() < deadline, "redriven letters not delivered");
+    }
+    // Dead-lettered again (max_reconsume_times 0), then purged for good.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while b.broker.dead_letter_counts() != vec![("pg1".to_owned(), 2)] {
+        assert!(Instant::now() < deadline, "not dead-lettered again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (code, _, page) = http_call(
+        "POST",
+        "/actions/purge",
+        Some(cookie.clone()),
+        purge(&csrf, true),
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 200, "{page}");
+    assert!(page.contains("Purged 2 dead letter(s)"), "{page}");
+    assert_eq!(b.broker.dead_letter_counts(), vec![("pg1".to_owned(), 0)]);
+    // A bad message id is a clear error, not a redrive of everything.
+    let (code, _, page) = http_call(
+        "POST",
+        "/actions/redrive",
+        Some(cookie),
+        format!("csrf={csrf}&group=pg1&message_id=zz&confirm=yes"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 400);
+    assert!(page.contains("is not 32 hex digits"), "{page}");
     b.shutdown().await.unwrap();
 }

@@ -55,7 +55,8 @@ pub(super) async fn overview(State(c): State<Console>, headers: HeaderMap) -> Re
         div.charts {
             @for series in c.history.series() {
                 div.chart {
-                    div.k { (series.name) ": " b { (format!("{:.0}", series.rates.last().copied().unwrap_or(0.0))) } }
+                    @let peak = series.rates.iter().copied().fold(0.0_f64, f64::max);
+                    div.k { (series.name) ": now " b { (format!("{:.0}", series.rates.last().copied().unwrap_or(0.0))) } ", peak " (format!("{peak:.0}")) }
                     @if series.rates.len() < 2 {
                         div.muted { "collecting…" }
                     } @else {
