@@ -407,6 +407,9 @@ fn main() -> std::process::ExitCode {
         let listener =
             halfmq_broker::server::bind(&cfg).with_context(|| format!("binding {}", cfg.listen))?;
         let addr = listener.local_addr()?;
+        // Bound before the store opens: a bad http_listen fails at once, and
+        // every port is taken before "listening on" is printed.
+        let http = halfmq_broker::http::bind(&cfg.http_listen).await?;
         let started = std::time::Instant::now();
         let cluster = cfg.cluster_config()?;
         let broker = tokio::task::spawn_blocking(move || {
@@ -438,7 +441,7 @@ fn main() -> std::process::ExitCode {
         );
         // Printed on stdout for scripts and tests that start the broker on port 0.
         println!("listening on {addr}");
-        halfmq_broker::serve_member(broker, listener, stop, node).await?;
+        halfmq_broker::server::serve_bound(broker, listener, http, stop, node).await?;
         Ok(())
     });
     rt.shutdown_timeout(Duration::from_secs(5));

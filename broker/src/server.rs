@@ -202,12 +202,16 @@ pub async fn serve_member(
     node: Option<crate::cluster::NodeHandle>,
 ) -> Result<(), BrokerError> {
     let http = crate::http::bind(&broker.config().http_listen).await?;
-    serve_with(broker, listener, http, shutdown, node).await
+    serve_bound(broker, listener, http, shutdown, node).await
 }
 
 /// [`serve_member`] with the HTTP endpoint's listener already bound (or
-/// none).
-async fn serve_with(
+/// none: off), so that a caller can bind every port before it says it
+/// listens.
+///
+/// # Errors
+/// As [`serve`].
+pub async fn serve_bound(
     broker: Arc<Broker>,
     listener: TcpListener,
     http: Option<TcpListener>,
@@ -541,7 +545,7 @@ pub async fn start_with_clock(
     broker.start_background();
     tracing::info!(%addr, "halfmq broker listening");
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let join = tokio::spawn(serve_with(
+    let join = tokio::spawn(serve_bound(
         Arc::clone(&broker),
         listener,
         http,

@@ -422,7 +422,10 @@ fn a_member_reports_its_raft_role_and_term() {
             .ok()
             .map(|_| get(http, "/metrics", None).1)
             .unwrap_or_default();
-        if value(&text, "halfmq_raft_role", &[("role", "leader")]) == Some(1.0) {
+        // Elected, and the leader's first entry of its term applied.
+        if value(&text, "halfmq_raft_role", &[("role", "leader")]) == Some(1.0)
+            && value(&text, "halfmq_raft_last_applied_index", &[]).unwrap_or(0.0) >= 1.0
+        {
             assert_eq!(
                 value(&text, "halfmq_raft_role", &[("role", "follower")]),
                 Some(0.0)
@@ -432,7 +435,7 @@ fn a_member_reports_its_raft_role_and_term() {
                 "{text}"
             );
             assert_eq!(value(&text, "halfmq_raft_leader_id", &[]), Some(1.0));
-            assert!(value(&text, "halfmq_raft_last_applied_index", &[]).unwrap() >= 1.0);
+            assert!(value(&text, "halfmq_raft_last_log_index", &[]).unwrap() >= 1.0);
             break;
         }
         assert!(std::time::Instant::now() < deadline, "{text}");
