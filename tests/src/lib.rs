@@ -324,3 +324,40 @@ pub fn table_checker(
         None => R::Unknown,
     })
 }
+
+/// A plain HTTP/1.1 request to the broker's HTTP endpoint, for the tests of
+/// `/metrics` and the console: `headers` are added as given (`Name: value`
+/// lines), `body` sent with its length. Returns (status, response head
+/// with lower-case header names as axum sends them, body).
+///
+/// # Panics
+/// When the endpoint cannot be reached or does not answer within 10 s.
+pub fn http_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[String],
+    body: &str,
+) -> (u16, String, String) {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the HTTP endpoint");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("set a read timeout");
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send the request");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read the response");
+    let (head, rest) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    // The bodies here are small: axum sends them with a length, not chunked.
+    (status, head.to_owned(), rest.to_owned())
+}

@@ -11,7 +11,6 @@
 //! `chromium`, `chromium-driver`) the test says so and passes, unless
 //! `HALFMQ_CONSOLE_REQUIRED=1` (CI sets it after installing them).
 
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -147,7 +146,11 @@ async fn wait_path(b: &Browser, path: &str) {
 async fn wait_text(b: &Browser, css: &str, want: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let got = text(b, css).await;
+        // The element may go stale under us while the next page loads.
+        let got = match b.find(Locator::Css(css)).await {
+            Ok(e) => e.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
         if got.contains(want) {
             return;
         }
@@ -156,25 +159,24 @@ async fn wait_text(b: &Browser, css: &str, want: &str) {
     }
 }
 
-/// A raw HTTP/1.1 POST: (status, Location header).
+/// A console request with the session cookie `cookie` and a form body:
+/// (status, response head, body).
+fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    cookie: Option<&str>,
+    form: &str,
+) -> (u16, String, String) {
+    let mut headers = vec!["Content-Type: application/x-www-form-urlencoded".to_owned()];
+    headers.extend(cookie.map(|c| format!("Cookie: halfmq_session={c}")));
+    halfmq_tests::http_request(addr, method, path, &headers, form)
+}
+
+/// A form post: (status, Location header).
 fn post(addr: SocketAddr, path: &str, cookie: Option<&str>, form: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let cookie = cookie.map_or(String::new(), |c| format!("Cookie: halfmq_session={c}\r\n"));
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\n{cookie}Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{form}",
-        form.len()
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let status = raw
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let location = raw
+    let (status, head, _) = request(addr, "POST", path, cookie, form);
+    let location = head
         .lines()
         .find_map(|l| l.strip_prefix("location: "))
         .unwrap_or("")
@@ -476,34 +478,6 @@ async fn an_operator_steers_the_broker_from_the_console() {
     web.close().await.unwrap();
     drop(tp);
     b.shutdown().await.unwrap();
-}
-
-/// A raw HTTP/1.1 request: (status, headers, body).
-fn request(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    cookie: Option<&str>,
-    form: &str,
-) -> (u16, String, String) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let cookie = cookie.map_or(String::new(), |c| format!("Cookie: halfmq_session={c}\r\n"));
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{cookie}Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{form}",
-        form.len()
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, head.to_owned(), body.to_owned())
 }
 
 /// The console's forms without a browser, auth off: a visitor gets a

@@ -2,7 +2,6 @@
 //! Prometheus text parser while messages flow; with auth on, `/metrics`
 //! refuses anonymous scrapes unless `metrics_anonymous`.
 
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -11,24 +10,12 @@ use halfmq_tests::{start, test_config};
 
 /// A GET over HTTP/1.1: (status, body).
 fn get(addr: SocketAddr, path: &str, basic: Option<&str>) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let auth = basic.map_or(String::new(), |b| format!("Authorization: Basic {b}\r\n"));
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    // The bodies here are small: axum sends them with a length, not chunked.
-    (status, body.to_owned())
+    let auth: Vec<String> = basic
+        .map(|b| format!("Authorization: Basic {b}"))
+        .into_iter()
+        .collect();
+    let (status, _, body) = halfmq_tests::http_request(addr, "GET", path, &auth, "");
+    (status, body)
 }
 
 /// The value of `name` (counters with or without `_total`) with `labels`.

@@ -159,6 +159,20 @@ impl TagFilter {
     }
 }
 
+/// A message id given as text: 32 hex digits, or empty for none (every
+/// message).
+///
+/// # Errors
+/// [`BrokerError::BadRequest`] naming the text.
+pub fn parse_message_id(s: &str) -> Result<Option<halfmq_storage::MessageId>, BrokerError> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    halfmq_storage::MessageId::from_hex(s)
+        .map(Some)
+        .ok_or_else(|| BrokerError::BadRequest(format!("message id {s:?} is not 32 hex digits")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -86,15 +86,7 @@ pub(super) fn status(e: &BrokerError) -> Option<pb::Status> {
     })
 }
 
-/// An optional message id: empty = none, else 32 hex digits.
-pub(super) fn parse_message_id(s: &str) -> Result<Option<halfmq_storage::MessageId>, BrokerError> {
-    if s.is_empty() {
-        return Ok(None);
-    }
-    halfmq_storage::MessageId::from_hex(s)
-        .map(Some)
-        .ok_or_else(|| BrokerError::BadRequest(format!("message id {s:?} is not 32 hex digits")))
-}
+pub(super) use crate::core::names::parse_message_id;
 
 pub(super) fn outgoing(m: pb::Message) -> OutgoingMessage {
     let queue = match m.queue {

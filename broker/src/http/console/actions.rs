@@ -117,15 +117,6 @@ pub(super) async fn end_transaction(
     done(&caller, back, r, back)
 }
 
-fn message_id(s: &str) -> Result<Option<halfmq_storage::MessageId>, BrokerError> {
-    if s.is_empty() {
-        return Ok(None);
-    }
-    halfmq_storage::MessageId::from_hex(s)
-        .map(Some)
-        .ok_or_else(|| BrokerError::BadRequest(format!("message id {s:?} is not 32 hex digits")))
-}
-
 pub(super) async fn redrive(
     State(c): State<Console>,
     headers: HeaderMap,
@@ -136,7 +127,7 @@ pub(super) async fn redrive(
         Err(r) => return *r,
     };
     let back = format!("/dlq/{}", f.group);
-    let id = match message_id(&f.message_id) {
+    let id = match crate::core::names::parse_message_id(&f.message_id) {
         Ok(id) => id,
         Err(e) => return done(&caller, "/dlq", Err(e), &back),
     };
