@@ -120,10 +120,13 @@ async fn with_auth_metrics_need_an_admin_unless_anonymous_is_allowed() {
     let enc = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
     let admin = enc("admin:an admin secret of 16+ bytes");
     let wrong = enc("admin:not the secret at all");
-    let (anon, wrong_code, ok, health) = tokio::task::spawn_blocking(move || {
+    let (anon, (wrong_code, wrong_took), ok, health) = tokio::task::spawn_blocking(move || {
         (
             get(http, "/metrics", None).0,
-            get(http, "/metrics", Some(&wrong)).0,
+            {
+                let t = std::time::Instant::now();
+                (get(http, "/metrics", Some(&wrong)).0, t.elapsed())
+            },
             get(http, "/metrics", Some(&admin)),
             get(http, "/healthz", None).0,
         )
@@ -131,6 +134,8 @@ async fn with_auth_metrics_need_an_admin_unless_anonymous_is_allowed() {
     .await
     .unwrap();
     assert_eq!((anon, wrong_code, health), (401, 401, 200));
+    // Wrong credentials are answered slowly, to slow guessing.
+    assert!(wrong_took >= Duration::from_millis(450), "{wrong_took:?}");
     assert_eq!(ok.0, 200);
     assert!(value(&ok.1, "halfmq_messages_in", &[]).is_some());
     // A user without admin on cluster is refused too.

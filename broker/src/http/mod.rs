@@ -134,41 +134,70 @@ async fn readyz(State(s): State<AppState>) -> Response {
     }
 }
 
-/// The user of HTTP Basic credentials (`user:secret`), if they check out
-/// against the users' stored keys (constant time).
-fn basic_user(s: &AppState, headers: &HeaderMap) -> Option<String> {
-    use base64::Engine as _;
-    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let b64 = v.strip_prefix("Basic ")?;
-    let raw = base64::engine::general_purpose::STANDARD
-        .decode(b64.trim())
-        .ok()?;
-    let text = String::from_utf8(raw).ok()?;
-    let (user, secret) = text.split_once(':')?;
-    let stored = s.broker.users().stored_key(user)?;
+/// Whether `user` with `secret` checks out against the users' stored
+/// keys (constant time) and holds `admin` on `cluster`. Runs PBKDF2: call
+/// it off the async workers.
+pub(crate) fn check_admin(
+    users: &crate::auth::users::Users,
+    user: &str,
+    secret: &str,
+) -> Result<(), &'static str> {
+    let Some(stored) = users.stored_key(user) else {
+        return Err("unknown user or wrong secret");
+    };
     let ck = halfmq_proto::auth::client_key(user, secret);
     let got = halfmq_proto::auth::stored_key(&ck);
     use subtle::ConstantTimeEq as _;
-    bool::from(got.ct_eq(&stored)).then(|| user.to_owned())
+    if !bool::from(got.ct_eq(&stored)) {
+        return Err("unknown user or wrong secret");
+    }
+    if !users.allows(user, Action::Admin, &Resource::Cluster) {
+        return Err("this user has no admin on cluster");
+    }
+    Ok(())
+}
+
+/// A refused credential check is answered after this long (PBKDF2 already
+/// costs one check's time; this slows guessing further).
+pub(crate) const AUTH_FAILURE_DELAY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Whether the HTTP Basic credentials (`user:secret`) of `headers` belong
+/// to a user with `admin` on `cluster`.
+async fn basic_admin(s: &AppState, headers: &HeaderMap) -> bool {
+    use base64::Engine as _;
+    let Some((user, secret)) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b| {
+            base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .ok()
+        })
+        .and_then(|raw| String::from_utf8(raw).ok())
+        .and_then(|t| t.split_once(':').map(|(u, p)| (u.to_owned(), p.to_owned())))
+    else {
+        return false;
+    };
+    let users = Arc::clone(s.broker.users());
+    tokio::task::spawn_blocking(move || check_admin(&users, &user, &secret).is_ok())
+        .await
+        .unwrap_or(false)
 }
 
 async fn metrics_page(State(s): State<AppState>, headers: HeaderMap) -> Response {
     let cfg = s.broker.config();
-    if cfg.auth.enabled && !cfg.metrics_anonymous {
-        let allowed = basic_user(&s, &headers).filter(|u| {
-            s.broker
-                .users()
-                .allows(u, Action::Admin, &Resource::Cluster)
-        });
-        if allowed.is_none() {
-            tracing::warn!(target: "halfmq::audit", path = "/metrics", "HTTP request refused: no admin credentials");
-            return (
-                StatusCode::UNAUTHORIZED,
-                [(header::WWW_AUTHENTICATE, "Basic realm=\"halfmq\"")],
-                "authentication required: HTTP Basic user:secret of a user with admin on cluster (or metrics_anonymous = true)\n",
-            )
-                .into_response();
+    if cfg.auth.enabled && !cfg.metrics_anonymous && !basic_admin(&s, &headers).await {
+        tracing::warn!(target: "halfmq::audit", path = "/metrics", "HTTP request refused: no admin credentials");
+        if headers.contains_key(header::AUTHORIZATION) {
+            tokio::time::sleep(AUTH_FAILURE_DELAY).await;
         }
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Basic realm=\"halfmq\"")],
+            "authentication required: HTTP Basic user:secret of a user with admin on cluster (or metrics_anonymous = true)\n",
+        )
+            .into_response();
     }
     match metrics::render(&s.registry) {
         Ok(text) => (

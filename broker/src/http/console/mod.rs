@@ -36,10 +36,6 @@ pub(super) use history::{spawn_sampler, History};
 /// The session cookie's name.
 const COOKIE: &str = "halfmq_session";
 
-/// A failed login is answered after this long (PBKDF2 already costs one
-/// check's time; this slows guessing further).
-const LOGIN_FAILURE_DELAY: Duration = Duration::from_millis(500);
-
 /// One console session.
 #[derive(Debug, Clone)]
 struct Session {
@@ -297,18 +293,13 @@ async fn login(State(c): State<Console>, Form(f): Form<LoginForm>) -> Response {
     let (user, secret) = (f.user.clone(), f.secret);
     // PBKDF2 off the async workers.
     let checked = tokio::task::spawn_blocking(move || {
-        let Some(stored) = users.stored_key(&user) else {
-            return Err("unknown user or wrong secret");
-        };
-        let ck = halfmq_proto::auth::client_key(&user, &secret);
-        let got = halfmq_proto::auth::stored_key(&ck);
-        if !ct_eq(&got, &stored) {
-            return Err("unknown user or wrong secret");
-        }
-        if !users.allows(&user, Action::Admin, &Resource::Cluster) {
-            return Err("this user has no admin on cluster, which the console needs");
-        }
-        Ok(())
+        super::check_admin(&users, &user, &secret).map_err(|e| {
+            if e.starts_with("this user") {
+                "this user has no admin on cluster, which the console needs"
+            } else {
+                e
+            }
+        })
     })
     .await
     .unwrap_or(Err("the check failed"));
@@ -324,7 +315,7 @@ async fn login(State(c): State<Console>, Form(f): Form<LoginForm>) -> Response {
         }
         Err(why) => {
             tracing::warn!(target: "halfmq::audit", user = %f.user, reason = why, "console login refused");
-            tokio::time::sleep(LOGIN_FAILURE_DELAY).await;
+            tokio::time::sleep(super::AUTH_FAILURE_DELAY).await;
             page_response(None, StatusCode::UNAUTHORIZED, view::login(Some(why)))
         }
     }
