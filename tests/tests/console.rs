@@ -128,6 +128,13 @@ async fn click(b: &Browser, css: &str) {
     find(b, css).await.click().await.unwrap();
 }
 
+/// Fills the login form and submits it.
+async fn log_in(b: &Browser, user: &str, secret: &str) {
+    find(b, "#user").await.send_keys(user).await.unwrap();
+    find(b, "#secret").await.send_keys(secret).await.unwrap();
+    click(b, "#login").await;
+}
+
 /// Waits until the browser is at `path` (a click's navigation may still
 /// be under way).
 async fn wait_path(b: &Browser, path: &str) {
@@ -270,33 +277,9 @@ async fn an_operator_steers_the_broker_from_the_console() {
     web.goto(&base).await.unwrap();
     wait_path(&web, "/login").await;
     shot(&web, &shots, "login").await;
-    web.find(Locator::Css("#user"))
-        .await
-        .unwrap()
-        .send_keys("admin")
-        .await
-        .unwrap();
-    web.find(Locator::Css("#secret"))
-        .await
-        .unwrap()
-        .send_keys("not the secret")
-        .await
-        .unwrap();
-    click(&web, "#login").await;
+    log_in(&web, "admin", "not the secret").await;
     assert!(text(&web, ".error").await.contains("wrong secret"));
-    web.find(Locator::Css("#user"))
-        .await
-        .unwrap()
-        .send_keys("admin")
-        .await
-        .unwrap();
-    web.find(Locator::Css("#secret"))
-        .await
-        .unwrap()
-        .send_keys(SECRET)
-        .await
-        .unwrap();
-    click(&web, "#login").await;
+    log_in(&web, "admin", SECRET).await;
     wait_path(&web, "/").await;
     wait_text(&web, "h1", "Overview").await;
     shot(&web, &shots, "overview").await;

@@ -52,6 +52,22 @@ fn done(c: &Caller, active: &str, r: Result<String, BrokerError>, back: &str) ->
     )
 }
 
+/// The confirmation page of an action not yet confirmed.
+fn ask(
+    c: &Caller,
+    active: &str,
+    question: &str,
+    action: &str,
+    fields: &[(&str, &str)],
+    back: &str,
+) -> Response {
+    page_response(
+        Some(c),
+        StatusCode::OK,
+        confirm(c, active, question, action, fields, back),
+    )
+}
+
 fn audit(c: &Caller, action: &str, res: &str, r: &Result<String, BrokerError>) {
     let outcome = match r {
         Ok(_) => "OK".to_owned(),
@@ -97,11 +113,7 @@ pub(super) async fn end_transaction(
             ("transaction_id", f.transaction_id.as_str()),
             ("resolution", f.resolution.as_str()),
         ];
-        return page_response(
-            Some(&caller),
-            StatusCode::OK,
-            confirm(&caller, back, &q, "/actions/end-transaction", &fields, back),
-        );
+        return ask(&caller, back, &q, "/actions/end-transaction", &fields, back);
     }
     let r = c
         .broker
@@ -146,11 +158,7 @@ pub(super) async fn redrive(
             ("group", f.group.as_str()),
             ("message_id", f.message_id.as_str()),
         ];
-        return page_response(
-            Some(&caller),
-            StatusCode::OK,
-            confirm(&caller, "/dlq", &q, "/actions/redrive", &fields, &back),
-        );
+        return ask(&caller, "/dlq", &q, "/actions/redrive", &fields, &back);
     }
     let r = c
         .broker
@@ -181,18 +189,8 @@ pub(super) async fn purge(
             "Purge every dead letter of group {}? They are gone for good.",
             f.group
         );
-        return page_response(
-            Some(&caller),
-            StatusCode::OK,
-            confirm(
-                &caller,
-                "/dlq",
-                &q,
-                "/actions/purge",
-                &[("group", f.group.as_str())],
-                &back,
-            ),
-        );
+        let fields = [("group", f.group.as_str())];
+        return ask(&caller, "/dlq", &q, "/actions/purge", &fields, &back);
     }
     let r = c
         .broker
