@@ -20,9 +20,9 @@
 //!
 //! # Example
 //! ```
-//! # #[tokio::main(flavor = "current_thread")] async fn main() -> halfmq_storage::Result<()> {
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use halfmq_storage::{Record, Store, StoreConfig};
-//! let dir = tempfile::tempdir().unwrap();
+//! let dir = tempfile::tempdir()?;
 //! let store = Store::open(StoreConfig::new(dir.path()))?;
 //! let receipt = store
 //!     .append_durable(vec![Record { topic: "orders".into(), body: "hi".into(), ..Record::default() }])

@@ -116,6 +116,12 @@ pub struct Stats {
     pub check_timeouts: u64,
 }
 
+/// Messages of a queue a group acked: its consumer offset plus those
+/// acked above it.
+fn acked_total(p: &super::delivery::QueueProgress) -> u64 {
+    p.ack_offset() + p.acked_count() as u64
+}
+
 impl Broker {
     /// Counters and per-group figures.
     pub fn stats(&self) -> Stats {
@@ -139,7 +145,7 @@ impl Broker {
                 };
                 for (qid, p) in g.queues.iter().enumerate() {
                     let max = self.store.max_queue_offset(&topic, qid as u32);
-                    let acked = p.ack_offset() + p.acked_count() as u64;
+                    let acked = acked_total(p);
                     let q = QueueStats {
                         queue_id: qid as u32,
                         max_offset: max,
@@ -156,8 +162,7 @@ impl Broker {
                     let rt = super::redelivery::retry_topic(&s.group, &topic);
                     for (level, p) in g.retry.iter().enumerate() {
                         let max = self.store.max_queue_offset(&rt, level as u32);
-                        let acked = p.ack_offset() + p.acked_count() as u64;
-                        s.retries_scheduled += max.saturating_sub(acked);
+                        s.retries_scheduled += max.saturating_sub(acked_total(p));
                     }
                 }
                 s

@@ -56,7 +56,7 @@ fn gauges(
 }
 
 /// The free bytes of the file system holding `dir` (0 when unknown).
-fn disk_free_bytes(dir: &std::path::Path) -> u64 {
+pub(super) fn disk_free_bytes(dir: &std::path::Path) -> u64 {
     rustix::fs::statvfs(dir).map_or(0, |s| s.f_bavail.saturating_mul(s.f_frsize))
 }
 

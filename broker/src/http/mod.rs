@@ -110,7 +110,7 @@ pub fn spawn(
         }
     });
     if let Some(a) = addr {
-        tracing::info!(addr = %a, "HTTP endpoint listening (/metrics, /healthz, /readyz)");
+        tracing::info!(addr = %a, "HTTP endpoint listening (/metrics, /healthz, /readyz, console at /)");
     }
     addr
 }

@@ -164,7 +164,12 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+    /// Off (or a path that is not an RPC): the inner future as it is, no
+    /// allocation; on: boxed with its timer.
+    type Future = futures_util::future::Either<
+        S::Future,
+        Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -177,14 +182,14 @@ where
             .and_then(|r| r.request(req.uri().path()).cloned());
         let fut = self.inner.call(req);
         match h {
-            None => Box::pin(fut),
+            None => futures_util::future::Either::Left(fut),
             Some(h) => {
                 let started = Instant::now();
-                Box::pin(async move {
+                futures_util::future::Either::Right(Box::pin(async move {
                     let r = fut.await;
                     h.observe(started.elapsed().as_secs_f64());
                     r
-                })
+                }))
             }
         }
     }

@@ -33,8 +33,7 @@ pub(super) async fn overview(State(c): State<Console>, headers: HeaderMap) -> Re
         Err(r) => return *r,
     };
     let s = c.broker.stats();
-    let disk = rustix::fs::statvfs(&c.broker.config().data_dir)
-        .map_or(0, |v| v.f_bavail.saturating_mul(v.f_frsize));
+    let disk = super::super::metrics::disk_free_bytes(&c.broker.config().data_dir);
     let dlq: u64 = c.broker.dead_letter_counts().iter().map(|(_, n)| n).sum();
     let retries: u64 = s.groups.iter().map(|g| g.retries_scheduled).sum();
     let lag: u64 = s.groups.iter().map(|g| g.lag).sum();
@@ -164,9 +163,13 @@ pub(super) async fn transactions(State(c): State<Console>, headers: HeaderMap) -
         Err(r) => return *r,
     };
     let b = Arc::clone(&c.broker);
-    let listed = tokio::task::spawn_blocking(move || b.list_transactions(LIST_LIMIT))
-        .await
-        .unwrap_or_default();
+    let listed = match tokio::task::spawn_blocking(move || b.list_transactions(LIST_LIMIT)).await {
+        Ok(v) => v,
+        Err(e) => {
+            let body = html! { p.error { "listing transactions failed: " (e.to_string()) } };
+            return render(&caller, "/transactions", "Transactions", body);
+        }
+    };
     let given_up = listed.iter().filter(|t| t.given_up).count();
     let body = html! {
         p.muted { (listed.len()) " pending halves listed (at most " (LIST_LIMIT) "), " (given_up) " given up. A given-up half waits for an operator: commit delivers it once, roll back discards it." }
